@@ -1,0 +1,79 @@
+"""Plain configuration records, validated once at start-up.
+
+`ModelConfig` describes an architecture in Hugging Face terms, whatever file it came from: every
+checkpoint reader (GGUF, safetensors) produces one, and every model file consumes one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from quill.errors import InvalidRequestError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # one of SUPPORTED_ARCHITECTURES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    # Hugging Face-style rope scaling dict ({"rope_type": "linear"|"llama3"|..., "factor": ...}) or None.
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has biases on q/k/v projections
+    hidden_act: str = "silu"  # "silu" or "gelu_pytorch_tanh"
+    # Per-layer attention kind, "full" or "sliding"; empty means every layer is "full".
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+    # Gemma 3: sliding layers use their own RoPE base and no scaling.
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 when set
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            kind = "sliding" if self.sliding_window else "full"
+            object.__setattr__(self, "layer_types", (kind,) * self.num_layers)
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+
+    @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+
+@dataclass
+class EngineConfig:
+    """How the engine runs a model: memory budgets, batching limits, precision, device."""
+
+    max_model_len: int | None = None  # defaults to the model's context window
+    dtype: str = "float32"  # "float32" or "bfloat16": compute dtype of activations and weights
+    device: str = "cpu"
+    block_size: int = 16  # tokens per KV-cache block
+    kv_cache_memory: int | None = None  # bytes for the KV cache; None: sized from the model
+    max_num_seqs: int = 64  # sequences in the running batch
+    max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise InvalidRequestError(f"unsupported dtype {self.dtype!r}; use float32 or bfloat16")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise InvalidRequestError(f"max_model_len must be positive, got {self.max_model_len}")

@@ -1,0 +1,35 @@
+"""Checkpoint readers. Every reader returns a `Checkpoint`: a `ModelConfig` plus tensors named and
+laid out exactly as in Hugging Face `transformers` (so model code has one convention to follow)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quill.config import ModelConfig
+from quill.errors import ModelLoadError
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]  # Hugging Face names and conventions
+    path: Path
+    format: str  # "gguf" or "safetensors"
+    metadata: dict[str, Any] = field(default_factory=dict)  # GGUF key/values; config.json for HF
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a `.gguf` file or a Hugging Face directory (config.json + *.safetensors)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model path does not exist: {path}")
+    if path.is_dir():
+        from quill.weights.safetensors import load_hf_directory
+
+        return load_hf_directory(path)
+    from quill.weights.gguf import load_gguf
+
+    return load_gguf(path)

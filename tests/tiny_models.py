@@ -1,0 +1,77 @@
+"""Tiny random-weight Hugging Face models, built and saved by the tests themselves.
+
+Each builder returns a saved directory (config.json + model.safetensors) that both
+`transformers` (the reference) and Quill can load. Sizes are chosen to exercise the
+interesting paths (GQA, several layers, Gemma 3's sliding/global mix) while staying fast.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _save(model, path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_llama(path: Path, *, seed: int = 0, rope_scaling: dict | None = None, tie: bool = False) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope_scaling:
+        rope = {**rope, **rope_scaling}
+    config = LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=tie,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return _save(LlamaForCausalLM(config).eval(), path)
+
+
+def build_qwen2(path: Path, *, seed: int = 0) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # random init leaves biases at zero; make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return _save(model, path)
+
+
+def build_gemma3(path: Path, *, seed: int = 0, sliding_window: int = 8) -> Path:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+        rms_norm_eps=1e-6, query_pre_attn_scalar=32, sliding_window=sliding_window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # zero-initialised norms would hide a missing "1 +"
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0, 0.3)
+    return _save(model, path)
+
+
+BUILDERS = {"llama": build_llama, "qwen2": build_qwen2, "gemma3": build_gemma3}
