@@ -1,0 +1,196 @@
+"""The synchronous engine core. `step()` is the heartbeat: schedule, run the model once, sample,
+append, detokenize, emit outputs, free finished requests. Everything else drives this."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quill.config import EngineConfig, ModelConfig
+from quill.engine.detokenizer import IncrementalDetokenizer
+from quill.engine.kv_cache import KVCacheManager
+from quill.engine.request import Request
+from quill.engine.runner import ModelRunner, kv_bytes_per_token
+from quill.engine.sampler import sample
+from quill.engine.scheduler import Scheduler
+from quill.errors import ContextLengthError, InvalidRequestError
+from quill.outputs import RequestOutput
+from quill.sampling_params import SamplingParams
+
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_hit_rate: float
+    num_prompt_tokens: int  # processed by the model (prefix-cache hits excluded)
+    num_generated_tokens: int
+    num_preemptions: int
+
+
+class Engine:
+    def __init__(self, model: nn.Module, model_config: ModelConfig, tokenizer, config: EngineConfig) -> None:
+        """`tokenizer` may be None for a token-ids-only engine (no text, no stop strings)."""
+        config.validate()
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.config = config
+        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings)
+        dtype = getattr(torch, config.dtype)
+        per_token = kv_bytes_per_token(model_config, dtype)
+        kv_bytes = config.kv_cache_memory or self._default_kv_cache_bytes(per_token)
+        num_blocks = max(1, kv_bytes // (per_token * config.block_size))
+        self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, model_config, num_blocks=num_blocks, block_size=config.block_size,
+                                  dtype=dtype, device=torch.device(config.device),
+                                  batch_invariant=config.batch_invariant)
+        self.requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._seed_source = torch.Generator().manual_seed(config.seed)
+        self._ids = itertools.count()
+        self._num_prompt_tokens = 0
+        self._num_generated_tokens = 0
+        self._num_preemptions = 0
+
+    def _default_kv_cache_bytes(self, bytes_per_token: int) -> int:
+        """Room for every sequence slot at full length, capped at 1 GiB, but never less than
+        one full-length sequence."""
+        full_length = bytes_per_token * self.max_model_len
+        return max(full_length, min(DEFAULT_KV_CACHE_BYTES, full_length * self.config.max_num_seqs))
+
+    # ----------------------------------------------------------------- requests in and out
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this engine has no tokenizer: pass token ids")
+            prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            prompt_text, prompt_ids = None, list(prompt)
+        self._check_prompt(prompt_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_source))
+        request = Request(request_id, prompt_ids, params, torch.Generator().manual_seed(seed), prompt_text)
+        if self.tokenizer is not None:
+            self._detokenizers[request_id] = IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+        elif params.stop:
+            raise InvalidRequestError("stop strings need a tokenizer")
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len} "
+                f"and at least one token must be left to generate"
+            )
+        needed = self.kv_cache.blocks_needed(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
+        if needed > self.kv_cache.num_blocks:
+            raise ContextLengthError(
+                f"the request needs {needed} KV blocks but the cache only has {self.kv_cache.num_blocks}; "
+                f"shorten the prompt or max_tokens, or raise the KV-cache memory"
+            )
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks. Unknown or finished ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            request.finish_reason = "abort"
+            self.scheduler.finish(request)
+            self._detokenizers.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ----------------------------------------------------------------------------- the step
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        self._num_preemptions += batch.num_preempted
+        if not batch:
+            return []
+        to_sample, logits = self.runner.execute(batch.requests, batch.num_new_tokens)
+        now = time.perf_counter()
+        for request, num_new in zip(batch.requests, batch.num_new_tokens):
+            request.num_computed_tokens += num_new
+            self.kv_cache.cache_computed_blocks(request)
+            if request.num_computed_tokens <= request.num_prompt_tokens:
+                self._num_prompt_tokens += num_new
+        outputs = []
+        for request, token_id in zip(to_sample, sample(logits, to_sample)):
+            outputs.append(self._append_token(request, token_id, now))
+        return outputs
+
+    def _append_token(self, request: Request, token_id: int, now: float) -> RequestOutput:
+        request.token_ids.append(token_id)
+        self._num_generated_tokens += 1
+        metrics = request.metrics
+        metrics.num_generated_tokens += 1
+        metrics.first_token_time = metrics.first_token_time or now
+        metrics.last_token_time = now
+        delta = ""
+        detokenizer = self._detokenizers.get(request.request_id)
+        if detokenizer is not None:
+            delta = detokenizer.add(token_id)
+        finish_reason = self._finish_reason(request, token_id, detokenizer)
+        if finish_reason is not None:
+            if detokenizer is not None and not detokenizer.stopped:
+                delta += detokenizer.flush()
+            request.finish_reason = finish_reason
+            metrics.finished_time = now
+            self.scheduler.finish(request)
+            self.requests.pop(request.request_id, None)
+            self._detokenizers.pop(request.request_id, None)
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids, token_ids=request.output_token_ids,
+            text=detokenizer.text if detokenizer is not None else "", delta=delta,
+            finished=finish_reason is not None, finish_reason=finish_reason,
+            metrics=metrics, new_token_ids=[token_id],
+        )
+
+    def _finish_reason(self, request: Request, token_id: int, detokenizer) -> str | None:
+        params = request.params
+        if detokenizer is not None and detokenizer.stopped:
+            return "stop"
+        if token_id in params.stop_token_ids:
+            return "stop"
+        if not params.ignore_eos and self.tokenizer is not None and token_id in self.tokenizer.eos_token_ids:
+            return "stop"
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def stats(self) -> EngineStats:
+        kv = self.kv_cache.stats()
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_kv_blocks=kv.num_blocks, num_free_kv_blocks=kv.num_free_blocks, kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+            prefix_cache_hit_rate=kv.hit_rate, num_prompt_tokens=self._num_prompt_tokens,
+            num_generated_tokens=self._num_generated_tokens, num_preemptions=self._num_preemptions,
+        )

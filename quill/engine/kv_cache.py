@@ -1,0 +1,142 @@
+"""Paged KV-cache bookkeeping: a pool of fixed-size blocks, reference-counted, with a prefix cache.
+
+The tensors themselves live in the model runner; this class only decides which block ids each
+request owns. A full block is identified by a hash chained over its tokens and its parent block's
+hash, so equal prefixes map to equal hashes. Blocks nobody references stay in the cache, in LRU
+order, until a new allocation needs them.
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from quill.engine.request import Request
+
+
+def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
+    """A collision-resistant hash of a block's tokens and everything before it."""
+    digest = hashlib.blake2b(parent_hash or b"root", digest_size=16)
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
+
+
+@dataclass
+class KVCacheStats:
+    num_blocks: int
+    num_free_blocks: int  # not referenced by any request (cached or empty)
+    prefix_cache_queries: int  # prompt tokens looked up
+    prefix_cache_hits: int  # of those, tokens found in the cache
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    @property
+    def hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.cached_blocks: dict[bytes, int] = {}  # hash -> block id
+        # Unreferenced blocks, least recently used first; empty blocks are simply the oldest.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Block ids holding the longest cached prefix of the request's tokens.
+
+        At least one token is always left to compute, because the model must run on the last
+        token to produce the next one's logits.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        blocks: list[int] = []
+        parent = None
+        for i in range(max_blocks):
+            parent = hash_block(parent, request.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            block_id = self.cached_blocks.get(parent)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+        self.prefix_cache_queries += request.num_tokens
+        self.prefix_cache_hits += len(blocks) * self.block_size
+        return blocks
+
+    def allocate(self, request: Request, num_new_tokens: int, cached_prefix: list[int] = ()) -> bool:
+        """Give the request blocks for `num_new_tokens` more tokens (after its cached prefix, if any).
+
+        Returns False, changing nothing, when the pool cannot supply them.
+        """
+        num_computed = request.num_computed_tokens + len(cached_prefix) * self.block_size
+        needed = self.blocks_needed(num_computed + num_new_tokens) - len(request.block_ids) - len(cached_prefix)
+        reusable_free = sum(1 for b in cached_prefix if self.ref_counts[b] == 0)
+        if needed > self.num_free_blocks - reusable_free:
+            return False
+        for block_id in cached_prefix:
+            self._reference(block_id)
+            request.block_hashes.append(self.block_hash[block_id])
+        request.block_ids.extend(cached_prefix)
+        request.block_ids.extend(self._take_free_block() for _ in range(max(needed, 0)))
+        request.num_computed_tokens = num_computed
+        return True
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Register every block of the request that is now full and computed."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = request.num_computed_tokens // self.block_size
+        for i in range(len(request.block_hashes), num_full):
+            parent = request.block_hashes[-1] if request.block_hashes else None
+            block_hash = hash_block(parent, request.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            request.block_hashes.append(block_hash)
+            block_id = request.block_ids[i]
+            if block_hash not in self.cached_blocks:  # an identical block may already be cached
+                self.cached_blocks[block_hash] = block_id
+                self.block_hash[block_id] = block_hash
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks. Tail blocks become the first eviction candidates."""
+        for block_id in reversed(request.block_ids):
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free_blocks[block_id] = None
+                if self.block_hash[block_id] is None:  # holds nothing reusable: hand it out first
+                    self.free_blocks.move_to_end(block_id, last=False)
+        request.block_ids = []
+        request.block_hashes = []
+        request.num_computed_tokens = 0
+
+    def stats(self) -> KVCacheStats:
+        return KVCacheStats(self.num_blocks, self.num_free_blocks, self.prefix_cache_queries, self.prefix_cache_hits)
+
+    def _reference(self, block_id: int) -> None:
+        if self.ref_counts[block_id] == 0:
+            del self.free_blocks[block_id]
+        self.ref_counts[block_id] += 1
+
+    def _take_free_block(self) -> int:
+        block_id, _ = self.free_blocks.popitem(last=False)
+        evicted = self.block_hash[block_id]
+        if evicted is not None:
+            if self.cached_blocks.get(evicted) == block_id:
+                del self.cached_blocks[evicted]
+            self.block_hash[block_id] = None
+        self.ref_counts[block_id] = 1
+        return block_id

@@ -1,0 +1,59 @@
+"""A request as the engine tracks it: its tokens, how many have KV in the cache, its blocks."""
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from quill.outputs import RequestMetrics
+from quill.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 generator: torch.Generator, prompt: str | None = None) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.generator = generator  # per request, so a seeded request is independent of the batch
+        # Every token of the sequence; those past the prompt are outputs. The last one may not
+        # have its KV computed yet (it was just sampled).
+        self.token_ids = list(prompt_token_ids)
+        self.num_computed_tokens = 0  # tokens whose keys/values are in the cache
+        self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []  # hashes of this request's full, cached blocks
+        self.status = RequestStatus.WAITING
+        self.finish_reason: str | None = None
+        self.metrics = RequestMetrics(arrival_time=time.perf_counter())
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+                f"status={self.status.value})")

@@ -1,0 +1,78 @@
+"""The model runner: the one place where scheduler decisions become tensors.
+
+It owns the KV-cache tensors, flattens a scheduled batch into one forward pass (token ids,
+positions, cache slots), and returns logits only for the requests whose last known token was
+processed this step (a partial prefill chunk has nothing to sample yet).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quill.config import ModelConfig
+from quill.engine.request import Request
+from quill.layers.attention import AttentionMetadata, PagedAttention
+from quill.layers.linear import BATCH_INVARIANT_ROW_MULTIPLE, Linear
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element_size
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, config: ModelConfig, *, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device, batch_invariant: bool) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        num_slots = num_blocks * block_size
+        for module in model.modules():
+            if isinstance(module, PagedAttention):
+                shape = (num_slots, module.num_kv_heads, module.head_dim)
+                module.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+                module.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+            if isinstance(module, Linear):
+                module.row_multiple = BATCH_INVARIANT_ROW_MULTIPLE if batch_invariant else 1
+        self._block_offsets = torch.arange(block_size, device=device)
+
+    def _slots(self, request: Request, start: int, end: int) -> torch.Tensor:
+        """Cache slots of the request's token positions [start, end)."""
+        first_block, last_block = start // self.block_size, -(-end // self.block_size)
+        blocks = torch.tensor(request.block_ids[first_block:last_block], device=self.device)
+        slots = (blocks[:, None] * self.block_size + self._block_offsets).flatten()
+        offset = first_block * self.block_size
+        return slots[start - offset:end - offset]
+
+    @torch.inference_mode()
+    def execute(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[list[Request], torch.Tensor]:
+        """Run one forward pass. Returns the requests to sample for, and their logits [n, vocab]."""
+        token_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slot_mapping: list[torch.Tensor] = []
+        context_slots: list[torch.Tensor] = []
+        context_lens: list[int] = []
+        sample_rows: list[int] = []
+        to_sample: list[Request] = []
+        row = 0
+        for request, num_new in zip(requests, num_new_tokens):
+            start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+            token_ids.extend(request.token_ids[start:end])
+            positions.append(torch.arange(start, end, device=self.device))
+            slots = self._slots(request, 0, end)
+            context_slots.append(slots)
+            slot_mapping.append(slots[start:end])
+            context_lens.append(end)
+            row += num_new
+            if end == request.num_tokens:
+                sample_rows.append(row - 1)
+                to_sample.append(request)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_mapping), query_lens=list(num_new_tokens),
+            context_lens=context_lens, context_slots=context_slots,
+        )
+        input_ids = torch.tensor(token_ids, device=self.device)
+        hidden = self.model(input_ids, torch.cat(positions), meta)
+        if not to_sample:
+            return [], hidden.new_empty((0, 0))
+        return to_sample, self.model.compute_logits(hidden[sample_rows])

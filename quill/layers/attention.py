@@ -1,0 +1,82 @@
+"""Attention over a paged KV cache.
+
+The runner hands every layer the same `AttentionMetadata`: where each new token's key/value goes
+(`slot_mapping`) and, per sequence, which cache slots hold its whole context (`context_slots`).
+Each sequence is attended separately, so a row's result never depends on what else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
+    query_lens: list[int]  # new tokens per sequence, in batch order
+    context_lens: list[int]  # tokens in the cache per sequence once this step's are written
+    context_slots: list[torch.Tensor]  # per sequence: cache slots of its context, in position order
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, logit_softcap: float | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.logit_softcap = logit_softcap
+        # [num_slots, num_kv_heads, head_dim]; bound by the runner once the cache is sized.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads * dim]."""
+        self.k_cache.index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.index_copy_(0, meta.slot_mapping, v)
+        outputs = []
+        start = 0
+        for query_len, context_len, slots in zip(meta.query_lens, meta.context_lens, meta.context_slots):
+            q_seq = q[start:start + query_len]
+            if query_len == context_len:  # nothing cached before: use this step's keys directly
+                k_seq, v_seq = k[start:start + query_len], v[start:start + query_len]
+            else:
+                k_seq, v_seq = self.k_cache[slots], self.v_cache[slots]
+            outputs.append(self._attend(q_seq, k_seq, v_seq))
+            start += query_len
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return out.reshape(out.shape[0], self.num_heads * self.head_dim)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        query_len, context_len = q.shape[0], k.shape[0]
+        mask = self._mask(query_len, context_len, q.device)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, len, dim]
+        if self.logit_softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        else:
+            out = self._softcapped(q, k, v, mask)
+        return out.transpose(0, 1)
+
+    def _mask(self, query_len: int, context_len: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean [query, key] mask (True = attend): causal, plus the sliding window if any."""
+        window = self.sliding_window
+        if query_len == 1 and (window is None or context_len <= window):
+            return None
+        query_pos = torch.arange(context_len - query_len, context_len, device=device)[:, None]
+        key_pos = torch.arange(context_len, device=device)[None, :]
+        mask = key_pos <= query_pos
+        if window is not None:
+            mask &= query_pos - key_pos < window
+        return mask
+
+    def _softcapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+        scores = (q.float() @ k.float().transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(-1) @ v.float()).to(q.dtype)

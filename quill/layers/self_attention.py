@@ -1,0 +1,45 @@
+"""The attention block of a decoder layer: fused QKV projection, optional per-head norms
+(Gemma 3), rotary embeddings, paged attention, output projection."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quill.config import ModelConfig
+from quill.layers.attention import AttentionMetadata, PagedAttention
+from quill.layers.linear import Linear
+from quill.layers.norm import RMSNorm
+from quill.layers.rotary import RotaryEmbedding
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding,
+                 *, qk_norm_offset: float | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        hidden = config.hidden_size
+        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, hidden, bias=False)
+        self.q_norm = self.k_norm = None
+        if qk_norm_offset is not None:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, weight_offset=qk_norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, weight_offset=qk_norm_offset)
+        self.rotary = rotary
+        sliding = config.layer_types[layer_index] == "sliding"
+        self.attn = PagedAttention(
+            self.num_heads, self.num_kv_heads, self.head_dim, config.attention_scale,
+            sliding_window=config.sliding_window if sliding else None,
+            logit_softcap=config.attn_logit_softcapping,
+        )
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, meta))

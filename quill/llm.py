@@ -1,0 +1,85 @@
+"""The offline Python API: load a model once, then generate, chat or stream."""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from quill.config import EngineConfig
+from quill.engine.engine import Engine
+from quill.models import build_model
+from quill.outputs import RequestOutput
+from quill.sampling_params import SamplingParams
+from quill.tokenizer import Tokenizer, load_tokenizer
+from quill.weights import load_checkpoint
+from quill.weights.hub import resolve_model
+
+Messages = list[dict]
+
+
+class LLM:
+    def __init__(self, model: str | Path, *, dtype: str = "float32", max_model_len: int | None = None,
+                 chat_template: str | None = None, **engine_options) -> None:
+        """`model`: a .gguf file, a Hugging Face directory, or a known name (pulled on first use).
+        `engine_options` are `EngineConfig` fields (block_size, kv_cache_memory, max_num_seqs, ...)."""
+        started = time.perf_counter()
+        self.path = resolve_model(model)
+        checkpoint = load_checkpoint(self.path)
+        self.config = checkpoint.config
+        self.tokenizer: Tokenizer = load_tokenizer(self.path)
+        self.chat_template = chat_template
+        engine_config = EngineConfig(dtype=dtype, max_model_len=max_model_len, **engine_options)
+        engine_config.validate()
+        network = build_model(checkpoint.config, checkpoint.tensors, getattr(torch, dtype))
+        del checkpoint  # the float tensors now live in the model; drop the loader's references
+        self.engine = Engine(network, self.config, self.tokenizer, engine_config)
+        self.load_seconds = time.perf_counter() - started
+
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion, batched; outputs come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [self.engine.add_request(p, params) for p in prompts]
+        return self._run_to_completion(ids)
+
+    def chat(self, messages: Messages, params: SamplingParams | None = None,
+             chat_template: str | None = None) -> RequestOutput:
+        """Answer one conversation (a list of {"role", "content"} messages)."""
+        return self._run_to_completion([self.engine.add_request(self._chat_prompt(messages, chat_template), params)])[0]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield an output each time the request produces text (see `RequestOutput.delta`)."""
+        request_id = self.engine.add_request(prompt, params)
+        try:
+            while True:
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        yield output
+                        if output.finished:
+                            return
+        finally:
+            self.engine.abort(request_id)  # a consumer that stops early frees the request's blocks
+
+    def stream_chat(self, messages: Messages, params: SamplingParams | None = None,
+                    chat_template: str | None = None) -> Iterator[RequestOutput]:
+        return self.stream(self._chat_prompt(messages, chat_template), params)
+
+    def _chat_prompt(self, messages: Messages, chat_template: str | None) -> list[int]:
+        return self.tokenizer.encode_chat(messages, chat_template=chat_template or self.chat_template)
+
+    def _run_to_completion(self, request_ids: list[str]) -> list[RequestOutput]:
+        final: dict[str, RequestOutput] = {}
+        pending = set(request_ids)
+        try:
+            while pending:
+                for output in self.engine.step():
+                    if output.finished and output.request_id in pending:
+                        final[output.request_id] = output
+                        pending.discard(output.request_id)
+        finally:
+            for request_id in pending:
+                self.engine.abort(request_id)
+        return [final[i] for i in request_ids]

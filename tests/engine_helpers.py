@@ -1,0 +1,58 @@
+"""Helpers for driving the engine and the bare model on tiny test models."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from quill.config import EngineConfig
+from quill.engine.engine import Engine
+from quill.layers.attention import AttentionMetadata, PagedAttention
+from quill.models import build_model
+from quill.sampling_params import SamplingParams
+from quill.weights import load_checkpoint
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32):
+    checkpoint = load_checkpoint(path)
+    return build_model(checkpoint.config, checkpoint.tensors, dtype), checkpoint.config
+
+
+def tiny_engine(path: Path, **engine_options) -> Engine:
+    model, config = load_model(path)
+    return Engine(model, config, None, EngineConfig(**engine_options))
+
+
+@torch.inference_mode()
+def all_position_logits(model, config, token_ids: list[int]) -> torch.Tensor:
+    """Logits at every position of one prompt, computed in a single prefill on a scratch cache."""
+    n = len(token_ids)
+    for module in model.modules():
+        if isinstance(module, PagedAttention):
+            module.k_cache = torch.zeros(n, config.num_kv_heads, config.head_dim)
+            module.v_cache = torch.zeros(n, config.num_kv_heads, config.head_dim)
+    positions = torch.arange(n)
+    meta = AttentionMetadata(slot_mapping=positions, query_lens=[n], context_lens=[n], context_slots=[positions])
+    return model.compute_logits(model(torch.tensor(token_ids), positions, meta))
+
+
+def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 *, arrive_every: int = 0) -> list[list[int]]:
+    """Generate for every prompt; with arrive_every=k, one new prompt joins every k steps.
+    Returns the generated token ids in prompt order."""
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    pending = list(enumerate(prompts))
+    index_of: dict[str, int] = {}
+    results: dict[int, list[int]] = {}
+    step = 0
+    while pending or engine.has_unfinished():
+        if pending and (arrive_every == 0 or step % arrive_every == 0):
+            arriving = pending if arrive_every == 0 else pending[:1]
+            for i, prompt in arriving:
+                index_of[engine.add_request(prompt, params_list[i])] = i
+            pending = pending[len(arriving):]
+        for output in engine.step():
+            if output.finished:
+                results[index_of[output.request_id]] = output.token_ids
+        step += 1
+    return [results[i] for i in range(len(prompts))]

@@ -1,0 +1,144 @@
+"""The engine's fast paths against the plain path: batching, prefix caching, chunked prefill and
+preemption must give exactly the tokens that one request alone gives, and never leak blocks."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine_helpers import run_requests, tiny_engine
+from quill.engine.runner import kv_bytes_per_token
+from quill.errors import ContextLengthError, InvalidRequestError
+from quill.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def _prompts(seed: int = 0, count: int = 10) -> list[list[int]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(320) for _ in range(rng.randint(3, 60))] for _ in range(count)]
+    shared = prompts[0][:40]  # long shared prefixes exercise the prefix cache
+    return prompts + [shared + [5, 6, 7], shared[:33] + [9], list(shared)]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def reference(arch, tiny_model_dir):
+    """Each prompt generated alone, with every fast path off: the plain path."""
+    path = tiny_model_dir(arch)
+    engine = tiny_engine(path, enable_prefix_caching=False)
+    return path, [run_requests(engine, [p], GREEDY)[0] for p in _prompts()]
+
+
+def _assert_no_leaks(engine) -> None:
+    assert not engine.has_unfinished()
+    assert engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
+    assert all(count == 0 for count in engine.kv_cache.ref_counts)
+
+
+@pytest.mark.parametrize("options, arrive_every", [
+    ({}, 0),  # everything at once
+    ({}, 3),  # continuous batching: requests join a running batch
+    ({"enable_prefix_caching": False}, 2),
+    ({"max_num_batched_tokens": 7}, 0),  # chunked prefill
+    ({"max_num_seqs": 3}, 1),
+])
+def test_fast_paths_match_single_request(reference, options, arrive_every):
+    path, expected = reference
+    engine = tiny_engine(path, **options)
+    assert run_requests(engine, _prompts(), GREEDY, arrive_every=arrive_every) == expected
+    _assert_no_leaks(engine)
+
+
+def test_prefix_cache_hits_and_matches(reference):
+    path, expected = reference
+    engine = tiny_engine(path)
+    prompts = _prompts()
+    first = run_requests(engine, prompts, GREEDY)
+    hits_before = engine.stats().prefix_cache_hits
+    second = run_requests(engine, prompts, GREEDY)  # everything is cached now
+    assert first == second == expected
+    full_blocks = sum((len(p) - 1) // engine.kv_cache.block_size for p in prompts)
+    assert engine.stats().prefix_cache_hits - hits_before == full_blocks * engine.kv_cache.block_size
+    _assert_no_leaks(engine)
+
+
+def test_preemption_when_blocks_run_out(reference, arch):
+    path, expected = reference
+    probe = tiny_engine(path)
+    per_token = kv_bytes_per_token(probe.model_config, torch.float32)
+    engine = tiny_engine(path, kv_cache_memory=per_token * 16 * 8)  # 8 blocks of 16 tokens
+    assert engine.kv_cache.num_blocks == 8
+    assert run_requests(engine, _prompts(), GREEDY) == expected
+    assert engine.stats().num_preemptions > 0
+    _assert_no_leaks(engine)
+
+
+def test_seeded_sampling_is_batch_independent(reference):
+    path, _ = reference
+    seeded = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    prompts = _prompts()
+    alone = run_requests(tiny_engine(path), [prompts[0]], seeded)[0]
+    noise = SamplingParams(max_tokens=10, temperature=0.8, ignore_eos=True)
+    busy = run_requests(tiny_engine(path), prompts, [seeded] + [noise] * (len(prompts) - 1), arrive_every=1)[0]
+    assert alone == busy
+    other_seed = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=99, ignore_eos=True)
+    assert run_requests(tiny_engine(path), [prompts[0]], other_seed)[0] != alone
+
+
+@pytest.mark.parametrize("abort_after_steps", [0, 1, 3, 8])
+def test_abort_frees_blocks(reference, abort_after_steps):
+    path, _ = reference
+    engine = tiny_engine(path, max_num_batched_tokens=16)  # long prompts stay in prefill for a while
+    ids = [engine.add_request(p, GREEDY) for p in _prompts()]
+    for _ in range(abort_after_steps):
+        engine.step()
+    for request_id in ids[::2]:
+        engine.abort(request_id)
+    while engine.has_unfinished():
+        engine.step()
+    _assert_no_leaks(engine)
+
+
+def test_stop_token_ids_and_max_tokens(reference):
+    path, expected = reference
+    engine = tiny_engine(path)
+    target = expected[0][4]
+    first_hit = expected[0].index(target)
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[target])
+    engine.add_request(_prompts()[0], params)
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert outputs[-1].finish_reason == "stop"
+    assert outputs[-1].token_ids == expected[0][:first_hit + 1]
+    engine.add_request(_prompts()[0], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    while engine.has_unfinished():
+        last = engine.step()
+    assert last[-1].finish_reason == "length" and len(last[-1].token_ids) == 3
+
+
+def test_bad_requests_are_clear_errors(reference):
+    path, _ = reference
+    engine = tiny_engine(path, max_model_len=64)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.add_request([], GREEDY)
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        engine.add_request([1, 2, 10_000], GREEDY)
+    with pytest.raises(ContextLengthError, match="64"):
+        engine.add_request(list(range(64)), GREEDY)
+    with pytest.raises(InvalidRequestError, match="tokenizer"):
+        engine.add_request("text needs a tokenizer", GREEDY)
+    _assert_no_leaks(engine)
+
+
+def test_max_model_len_ends_generation(reference):
+    path, _ = reference
+    engine = tiny_engine(path, max_model_len=40)
+    out = run_requests(engine, [list(range(1, 31))], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    assert len(out[0]) == 10  # 30 prompt tokens + 10 generated fill the 40-token window

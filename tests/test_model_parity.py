@@ -1,0 +1,59 @@
+"""Logits of every architecture against Hugging Face transformers on tiny random models, loaded
+from the Hugging Face directory and from a GGUF file written from it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_helpers import all_position_logits, load_model, run_requests, tiny_engine
+from quill.sampling_params import SamplingParams
+from quill.weights import load_checkpoint
+from quill.weights.gguf_export import write_gguf
+
+PROMPT = [1, 17, 250, 3, 99, 42, 7, 7, 7, 310, 64, 128, 5, 200, 33, 18, 91, 0, 4, 150, 260, 11, 76, 9]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def reference_logits(arch, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dir(arch)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return path, model(torch.tensor([PROMPT])).logits[0]
+
+
+@pytest.fixture(scope="module")
+def gguf_copy(reference_logits, tmp_path_factory):
+    path, _ = reference_logits
+    checkpoint = load_checkpoint(path)
+    out = tmp_path_factory.mktemp("gguf") / "model.gguf"
+    write_gguf(out, checkpoint.config, checkpoint.tensors)
+    return out
+
+
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_logits_match_transformers(reference_logits, gguf_copy, source):
+    path, expected = reference_logits
+    model, config = load_model(path if source == "hf" else gguf_copy)
+    logits = all_position_logits(model, config, PROMPT)
+    torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_incremental_decode_matches_full_forward(reference_logits):
+    """Greedy tokens from the engine (prefill then one token per step through the paged cache)
+    are the reference model's argmax at every position of the resulting sequence."""
+    from transformers import AutoModelForCausalLM
+
+    path, _ = reference_logits
+    generated = run_requests(tiny_engine(path), [PROMPT], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT + generated])).logits[0]
+    expected = logits[len(PROMPT) - 1:-1].argmax(-1).tolist()
+    assert generated == expected

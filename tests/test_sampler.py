@@ -1,0 +1,70 @@
+"""Sampling filters: only allowed tokens are ever drawn, and the draw follows the distribution."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quill.engine.sampler import filtered_probabilities
+from quill.errors import InvalidRequestError
+from quill.sampling_params import SamplingParams
+
+
+def _probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    rows = logits.shape[0]
+    return filtered_probabilities(
+        logits, temperature=torch.full((rows,), temperature), top_k=torch.full((rows,), top_k),
+        top_p=torch.full((rows,), top_p), min_p=torch.full((rows,), min_p),
+    )
+
+
+LOGITS = torch.log(torch.tensor([[0.4, 0.3, 0.15, 0.1, 0.05]]))
+
+
+def _draw(probs: torch.Tensor, n: int = 20000) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.multinomial(probs[0], n, replacement=True, generator=generator)
+
+
+def test_top_k_samples_only_the_k_best():
+    draws = _draw(_probs(LOGITS, top_k=2))
+    assert set(draws.tolist()) == {0, 1}
+    assert abs((draws == 0).float().mean().item() - 0.4 / 0.7) < 0.02
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # 0.4 + 0.3 = 0.7 < 0.8, so the third token is needed; the rest are never drawn.
+    draws = _draw(_probs(LOGITS, top_p=0.8))
+    assert set(draws.tolist()) == {0, 1, 2}
+
+
+def test_min_p_drops_unlikely_tokens():
+    # threshold 0.3 * 0.4 = 0.12: tokens with p 0.1 and 0.05 are removed
+    draws = _draw(_probs(LOGITS, min_p=0.3))
+    assert set(draws.tolist()) == {0, 1, 2}
+    expected = torch.tensor([0.4, 0.3, 0.15]) / 0.85
+    observed = torch.bincount(draws, minlength=3)[:3].float() / len(draws)
+    assert torch.allclose(observed, expected, atol=0.015)
+
+
+def test_temperature_sharpens():
+    cold = _probs(LOGITS, temperature=0.5)[0]
+    assert cold[0] > 0.4 and torch.isclose(cold.sum(), torch.tensor(1.0))
+    expected = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]) ** 2
+    assert torch.allclose(cold, expected / expected.sum(), atol=1e-6)
+
+
+def test_rows_use_their_own_parameters():
+    logits = LOGITS.repeat(2, 1)
+    probs = filtered_probabilities(logits, temperature=torch.tensor([1.0, 1.0]), top_k=torch.tensor([1, 0]),
+                                   top_p=torch.tensor([1.0, 1.0]), min_p=torch.tensor([0.0, 0.0]))
+    assert probs[0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert torch.allclose(probs[1], torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]), atol=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", 0), ("max_tokens", -5), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5),
+    ("min_p", 2.0), ("top_k", -3), ("seed", "x"), ("stop", [""]), ("stop_token_ids", [-1]),
+])
+def test_invalid_sampling_params_raise(field, value):
+    with pytest.raises(InvalidRequestError, match=field):
+        SamplingParams(**{field: value})
