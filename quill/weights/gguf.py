@@ -1,27 +1,399 @@
-"""GGUF reader: metadata, config mapping, tensors (dequantized to float for now)."""
+"""GGUF reader: metadata, config mapping, and tensors dequantized to float32 in Hugging Face layout.
+
+llama.cpp's converter changes three things on the way from Hugging Face to GGUF, and this reader
+undoes each of them so that model code sees one convention whatever the file:
+- names (`blk.0.attn_q.weight` <- `model.layers.0.self_attn.q_proj.weight`), see `_BLOCK_NAMES`;
+- llama q/k projection rows are permuted from rotate-half to interleaved RoPE order;
+- Gemma norm weights are stored as `1 + w` (Gemma computes `x * (1 + w)`).
+
+The header is parsed here rather than with `gguf.GGUFReader`, which reads every element of the
+tokenizer arrays separately (about 10 s for Gemma 3's 262,144 tokens) and fails on damaged files
+with raw numpy/struct errors. Dequantization uses `gguf.quants`.
+"""
 from __future__ import annotations
 
+import math
+import mmap
+import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import gguf
 import numpy as np
+import torch
 
-from quill.errors import ModelLoadError
+from quill.config import ModelConfig
+from quill.errors import ModelLoadError, UnsupportedModelError
+from quill.weights import Checkpoint
+from quill.weights.layout import check_shapes, expected_shapes
+
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")  # llama.cpp writes Mistral as "llama"
+
+_MAGIC = b"GGUF"
+_DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+# GGUF metadata value types (gguf.GGUFValueType) with a fixed size, as little-endian struct formats.
+_FIXED_TYPES = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                10: "<Q", 11: "<q", 12: "<d"}
+_FLOAT32, _STRING, _ARRAY = 6, 8, 9
+
+# llama.cpp tensor names -> Hugging Face names. `ffn_norm` is the norm before the MLP: Llama calls
+# it post_attention_layernorm, while Gemma has four norms per block and uses that name elsewhere.
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_COMMON_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_BLOCK_NAMES = {
+    "llama": {**_COMMON_BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"},
+    "qwen2": {**_COMMON_BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"},
+    "gemma3": {
+        **_COMMON_BLOCK_NAMES,
+        "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
+_GEMMA3_GLOBAL_EVERY = 6  # llama.cpp hard-codes Gemma 3's pattern: five sliding layers, then one full
+_LLAMA3_LOW_FREQ_FACTOR, _LLAMA3_HIGH_FREQ_FACTOR = 1.0, 4.0  # what Llama 3.x use; see _rope_scaling
 
 
-def _field_value(field: Any) -> Any:
-    value = field.contents()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def hf_to_gguf_name(architecture: str, name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight` (llama.cpp's names)."""
+    stem, _, suffix = name.rpartition(".")
+    for gguf_stem, hf_stem in _GLOBAL_NAMES.items():
+        if stem == hf_stem:
+            return f"{gguf_stem}.{suffix}"
+    _, _, layer, rest = stem.split(".", 3)  # model.layers.{i}.{rest}
+    for gguf_stem, hf_stem in _BLOCK_NAMES[architecture].items():
+        if rest == hf_stem:
+            return f"blk.{layer}.{gguf_stem}.{suffix}"
+    raise KeyError(f"no GGUF name for {name} in architecture {architecture}")
+
+
+def llama3_rope_factors(head_dim: int, rope_theta: float, rope_scaling: dict[str, Any]) -> np.ndarray:
+    """Per-frequency divisors of Llama 3 RoPE scaling, as llama.cpp stores them in `rope_freqs.weight`
+    (same formula as its converter and as transformers' `_compute_llama3_parameters`)."""
+    factor = rope_scaling["factor"]
+    low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+    old_context = rope_scaling["original_max_position_embeddings"]
+    freqs = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    factors = np.where(
+        wavelen < old_context / high, 1.0,
+        np.where(wavelen > old_context / low, factor, 1 / ((1 - smooth) / factor + smooth)),
+    )
+    return factors.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    shape: tuple[int, ...]  # torch order: ggml's ne[] reversed, so ne[0] (the fastest dim) is last
+    type_id: int  # gguf.GGMLQuantizationType value (unknown types are kept as plain ints)
+    offset: int  # absolute position of the data in the file
+    nbytes: int | None  # None when the type is unknown
+
+
+class _HeaderParser:
+    """Bounds-checked little-endian reader over the mapped file, so damage reads as a clear error."""
+
+    def __init__(self, buf: mmap.mmap, path: Path):
+        self.buf, self.path, self.pos = buf, path, 0
+
+    def fail(self, what: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.path.name}: {what} (at byte {self.pos}); the file is corrupt or truncated")
+
+    def take(self, n: int) -> int:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise self.fail(f"header needs {n} more bytes but the file ends at byte {len(self.buf)}")
+        start, self.pos = self.pos, self.pos + n
+        return start
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        start = self.take(self.unpack("<Q"))
+        try:
+            return self.buf[start:self.pos].decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail("a string is not valid UTF-8") from None
+
+    def value(self, type_id: int) -> Any:
+        if type_id == _STRING:
+            return self.string()
+        if type_id == _ARRAY:
+            return self.array()
+        if type_id not in _FIXED_TYPES:
+            raise self.fail(f"unknown metadata value type {type_id}")
+        value = self.unpack(_FIXED_TYPES[type_id])
+        if type_id == _FLOAT32:  # shortest decimal that round-trips in float32, so 1e-5 reads back as 1e-5
+            return float(str(np.float32(value)))
+        return value
+
+    def array(self) -> list[Any]:
+        item_type, count = self.unpack("<I"), self.unpack("<Q")
+        if item_type in _FIXED_TYPES:
+            dtype = np.dtype(_FIXED_TYPES[item_type])
+            start = self.take(count * dtype.itemsize)
+            return np.frombuffer(self.buf[start:self.pos], dtype).tolist()
+        if count * 8 > len(self.buf) - self.pos:  # every string or array item takes at least 8 bytes
+            raise self.fail(f"an array claims {count} items, more than the file can hold")
+        if item_type == _STRING:  # the hot loop for tokenizer vocabularies: kept free of method calls
+            items, buf, pos, end = [], self.buf, self.pos, len(self.buf)
+            for _ in range(count):
+                if pos + 8 > end:
+                    break
+                (length,) = struct.unpack_from("<Q", buf, pos)
+                pos += 8
+                if pos + length > end:
+                    break
+                items.append(buf[pos:pos + length])
+                pos += length
+            self.pos = pos
+            if len(items) < count:
+                raise self.fail("a string array runs past the end of the file")
+            try:
+                return [item.decode("utf-8") for item in items]
+            except UnicodeDecodeError:
+                raise self.fail("a string is not valid UTF-8") from None
+        return [self.value(item_type) for _ in range(count)]
+
+
+def _tensor_nbytes(shape: tuple[int, ...], type_id: int) -> int | None:
+    try:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
+    except (ValueError, KeyError):
+        return None
+    if shape[-1] % block_size:
+        return None  # a row that is not whole blocks cannot be decoded; reported as unsupported later
+    return math.prod(shape) // block_size * type_size  # Python ints: corrupt dims cannot overflow
+
+
+def _parse_header(buf: mmap.mmap, path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
+    p = _HeaderParser(buf, path)
+    if len(buf) < 24 or buf[:4] != _MAGIC:
+        raise ModelLoadError(f"{path.name} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    p.pos = 4
+    version = p.unpack("<I")
+    if version & 0xFFFF == 0:
+        raise UnsupportedModelError(f"{path.name} is a big-endian GGUF file; only little-endian files are supported")
+    if version not in (2, 3):
+        raise UnsupportedModelError(f"{path.name} is GGUF version {version}; versions 2 and 3 are supported")
+    tensor_count, kv_count = p.unpack("<Q"), p.unpack("<Q")
+
+    metadata: dict[str, Any] = {}
+    for _ in range(kv_count):
+        key = p.string()
+        if key in metadata:
+            raise p.fail(f"metadata key {key} appears twice")
+        metadata[key] = p.value(p.unpack("<I"))
+
+    raw_infos = []
+    for _ in range(tensor_count):
+        name = p.string()
+        n_dims = p.unpack("<I")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise p.fail(f"tensor {name} claims {n_dims} dimensions")
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, p.take(8 * n_dims))
+        if 0 in dims:
+            raise p.fail(f"tensor {name} has an empty dimension")
+        type_id, offset = p.unpack("<I"), p.unpack("<Q")
+        raw_infos.append((name, tuple(reversed(dims)), type_id, offset))
+
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise p.fail(f"general.alignment {alignment!r} is not a power of two")
+    data_start = -(-p.pos // alignment) * alignment
+
+    tensors: dict[str, GGUFTensorInfo] = {}
+    for name, shape, type_id, offset in raw_infos:
+        if name in tensors:
+            raise p.fail(f"tensor {name} appears twice")
+        nbytes = _tensor_nbytes(shape, type_id)
+        info = GGUFTensorInfo(name, shape, type_id, data_start + offset, nbytes)
+        if nbytes is not None and info.offset + nbytes > len(buf):
+            raise ModelLoadError(
+                f"{path.name}: data of tensor {name} ends at byte {info.offset + nbytes} but the file has "
+                f"only {len(buf)} bytes; the file is truncated (an interrupted download?)"
+            )
+        tensors[name] = info
+    return metadata, tensors
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
+    try:
+        with open(path, "rb") as f:
+            if Path(path).stat().st_size == 0:
+                raise ModelLoadError(f"{path.name} is empty, not a GGUF file")
+            # Only slices and struct reads touch the map (no numpy views), so it always closes cleanly.
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _parse_header(buf, path)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """All key/value pairs of a GGUF file as plain Python values (str, int, float, bool, lists)."""
-    import gguf
+    return _read_header(Path(path))[0]
 
+
+def _dequantize(f: BinaryIO, info: GGUFTensorInfo, path: Path) -> torch.Tensor:
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... on bad files
-        raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from exc
-    return {name: _field_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+        qtype = gguf.GGMLQuantizationType(info.type_id)
+    except ValueError:
+        raise UnsupportedModelError(f"{path.name}: tensor {info.name} has unknown GGML type {info.type_id}") from None
+    if info.nbytes is None:
+        raise UnsupportedModelError(
+            f"{path.name}: tensor {info.name} has shape {info.shape}, which is not whole {qtype.name} blocks"
+        )
+    raw = np.empty(info.nbytes, dtype=np.uint8)
+    f.seek(info.offset)
+    if f.readinto(raw) != info.nbytes:
+        raise ModelLoadError(f"{path.name}: tensor {info.name} is cut short; the file is truncated")
+    rows = raw.reshape(math.prod(info.shape[:-1]), -1)
+    try:
+        values = gguf.quants.dequantize(rows, qtype)
+    except NotImplementedError:
+        raise UnsupportedModelError(
+            f"{path.name}: tensor {info.name} has type {qtype.name}, which Quill cannot dequantize"
+        ) from None
+    return torch.from_numpy(values.astype(np.float32, copy=False).reshape(info.shape))
+
+
+def _unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation: per head it interleaves the two rotate-half halves
+    (rows 0, d/2, 1, d/2+1, ...) so that RoPE pairs adjacent rows; this restores HF's order."""
+    shape = weight.shape
+    return weight.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def _config(metadata: dict[str, Any], tensors: dict[str, GGUFTensorInfo], rope_freqs: np.ndarray | None,
+            path: Path) -> ModelConfig:
+    arch = metadata.get("general.architecture")
+    if arch is None:
+        raise ModelLoadError(f"{path.name}: metadata key general.architecture is missing")
+    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{path.name}: GGUF architecture {arch!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
+        )
+    required = object()
+
+    def key(name: str, default: Any = required) -> Any:
+        if f"{arch}.{name}" in metadata:
+            return metadata[f"{arch}.{name}"]
+        if default is required:
+            raise ModelLoadError(f"{path.name}: metadata key {arch}.{name} is missing")
+        return default
+
+    if "token_embd.weight" not in tensors:
+        raise ModelLoadError(f"{path.name}: tensor token_embd.weight is missing")
+    hidden, heads, layers = int(key("embedding_length")), int(key("attention.head_count")), int(key("block_count"))
+    if not 0 < layers <= len(tensors):  # a corrupt count must not make us build billions of layer records
+        raise ModelLoadError(f"{path.name}: block_count {layers} does not fit the {len(tensors)} tensors in the file")
+    head_dim = int(key("attention.key_length", key("rope.dimension_count", hidden // heads)))
+    rope_theta = float(key("rope.freq_base", 10000.0))
+    gemma = arch == "gemma3"
+    window = key("attention.sliding_window", None) if gemma else None
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=tensors["token_embd.weight"].shape[0],
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        max_position_embeddings=int(key("context_length")),
+        rope_theta=rope_theta,
+        rope_scaling=_rope_scaling(key, head_dim, rope_theta, rope_freqs, path),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        hidden_act="gelu_pytorch_tanh" if gemma else "silu",
+        layer_types=_gemma3_layer_types(key, layers, window) if gemma else (),
+        sliding_window=int(window) if window else None,
+        rope_local_theta=float(key("rope.freq_base_swa", 10000.0)) if gemma else None,
+        # llama.cpp scales Gemma 3 attention by head_dim ** -0.5, except 27B (62 layers): hidden / heads
+        query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim) if gemma else None,
+        attn_logit_softcapping=key("attn_logit_softcapping", None),
+        final_logit_softcapping=key("final_logit_softcapping", None),
+    )
+
+
+def _gemma3_layer_types(key, layers: int, window: int | None) -> tuple[str, ...]:
+    pattern = key("attention.sliding_window_pattern", _GEMMA3_GLOBAL_EVERY)
+    if isinstance(pattern, list):  # one bool per layer, True = sliding (as llama.cpp's swa_layers)
+        sliding = [bool(s) for s in pattern]
+    else:  # llama.cpp's set_swa_pattern(n): the last layer of every n is full attention
+        sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(layers)]
+    return tuple("sliding" if is_sliding and window else "full" for is_sliding in sliding)
+
+
+def _rope_scaling(key, head_dim: int, rope_theta: float, rope_freqs: np.ndarray | None, path: Path) -> dict | None:
+    original_context = key("rope.scaling.original_context_length", None)
+    if rope_freqs is not None:
+        # llama.cpp stores Llama 3 scaling only as the resulting per-frequency divisors. Those depend
+        # on the low/high frequency factors only through ratios, so assume Llama 3's (1, 4) and check.
+        scaling = {
+            "rope_type": "llama3",
+            "factor": float(str(rope_freqs.max())),
+            "low_freq_factor": _LLAMA3_LOW_FREQ_FACTOR,
+            "high_freq_factor": _LLAMA3_HIGH_FREQ_FACTOR,
+            "original_max_position_embeddings": int(original_context or 8192),  # llama.cpp's default
+        }
+        if rope_freqs.shape != (head_dim // 2,) or not np.allclose(
+            llama3_rope_factors(head_dim, rope_theta, scaling), rope_freqs, rtol=1e-4
+        ):
+            raise UnsupportedModelError(f"{path.name}: rope_freqs.weight does not follow Llama 3 RoPE scaling")
+        return scaling
+    kind, factor = key("rope.scaling.type", None), key("rope.scaling.factor", None)
+    if kind in (None, "none") and factor in (None, 1.0):
+        return None
+    if kind in (None, "linear"):  # llama.cpp's default type when only a factor is given
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original_context)}
+    raise UnsupportedModelError(f"{path.name}: RoPE scaling type {kind!r} is not supported")
+
+
+def load_gguf(path: str | Path) -> Checkpoint:
+    """Read a GGUF file into float32 tensors with Hugging Face names, layout and conventions."""
+    path = Path(path)
+    metadata, infos = _read_header(path)
+    try:
+        with open(path, "rb") as f:
+            rope_freqs = infos.get("rope_freqs.weight")
+            if rope_freqs is not None:  # needed for the config (Llama 3 RoPE scaling)
+                rope_freqs = _dequantize(f, rope_freqs, path).numpy()
+            try:
+                config = _config(metadata, infos, rope_freqs, path)
+            except (TypeError, ValueError, ZeroDivisionError) as exc:  # metadata of the wrong type or inconsistent
+                raise ModelLoadError(f"{path.name}: invalid model metadata: {exc}") from exc
+            # Check names and shapes before dequantizing anything; tensors the model does not use are skipped.
+            wanted = {hf_to_gguf_name(config.architecture, name): (name, shape)
+                      for name, shape in expected_shapes(config).items()}
+            check_shapes({name: shape for name, (_, shape) in wanted.items()},
+                         {name: info.shape for name, info in infos.items()}, path.name)
+            tensors = {hf_name: _to_hf_convention(config, name, _dequantize(f, infos[name], path))
+                       for name, (hf_name, _) in wanted.items()}
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return Checkpoint(config=config, tensors=tensors, path=path, format="gguf", metadata=metadata)
+
+
+def _to_hf_convention(config: ModelConfig, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+    if config.architecture == "llama" and ".attn_q." in gguf_name:
+        return _unpermute_qk(tensor, config.num_heads)
+    if config.architecture == "llama" and ".attn_k." in gguf_name:
+        return _unpermute_qk(tensor, config.num_kv_heads)
+    if config.architecture == "gemma3" and gguf_name.endswith("norm.weight"):
+        return tensor - 1.0
+    return tensor

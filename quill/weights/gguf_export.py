@@ -1,0 +1,173 @@
+"""GGUF writer: the exact inverse of `load_gguf`, following llama.cpp's converter conventions
+(tensor names, llama q/k row permutation, Gemma's `1 + w` norms, metadata keys), so that llama.cpp
+and transformers can read what Quill writes. Used by the tests and by `quill quantize`.
+
+Two things GGUF cannot say are dropped, as llama.cpp drops them: Mistral is written as "llama"
+(and loses its sliding window), and Gemma 3's attention scale must be llama.cpp's fixed rule.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import gguf
+import numpy as np
+import torch
+
+from quill.config import ModelConfig
+from quill.errors import UnsupportedModelError
+from quill.weights.gguf import hf_to_gguf_name, llama3_rope_factors
+from quill.weights.layout import check_tensors
+
+# Chooses the GGML type of one tensor from its GGUF name and float32 values (already in GGUF layout).
+TensorTypeHook = Callable[[str, np.ndarray], gguf.GGMLQuantizationType]
+
+_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}
+_TOKENIZER_ARRAY_TYPES = {  # what llama.cpp expects; other arrays get their type from their items
+    "tokenizer.ggml.token_type": gguf.GGUFValueType.INT32,
+    "tokenizer.ggml.scores": gguf.GGUFValueType.FLOAT32,
+}
+
+
+def float_tensor_types(dtype: str) -> TensorTypeHook:
+    """llama.cpp's policy for float files: matrices in `dtype`, vectors (norms, biases) in F32."""
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"dtype must be 'f32' or 'f16', got {dtype!r}")
+    matrix_type = gguf.GGMLQuantizationType.F16 if dtype == "f16" else gguf.GGMLQuantizationType.F32
+    return lambda name, values: matrix_type if values.ndim == 2 else gguf.GGMLQuantizationType.F32
+
+
+def write_gguf(
+    path: str | Path,
+    config: ModelConfig,
+    tensors: dict[str, torch.Tensor],
+    tokenizer_metadata: dict[str, Any] | None = None,
+    dtype: str = "f32",
+    tensor_type: TensorTypeHook | None = None,
+) -> None:
+    """Write a checkpoint (Hugging Face names and conventions) as a GGUF file.
+
+    `tokenizer_metadata` holds `tokenizer.*` keys (as `read_gguf_metadata` returns them) to copy
+    over. `tensor_type` overrides `dtype` per tensor; any type `gguf.quants.quantize` supports works.
+    """
+    if config.architecture not in _GGUF_ARCHITECTURE:
+        raise UnsupportedModelError(f"cannot write architecture {config.architecture!r} as GGUF")
+    arch = _GGUF_ARCHITECTURE[config.architecture]
+    tensors = check_tensors(config, tensors, "write_gguf")
+    choose_type = tensor_type or float_tensor_types(dtype)
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    _add_model_metadata(writer, arch, config)
+    for key, value in (tokenizer_metadata or {}).items():
+        _add_tokenizer_value(writer, key, value)
+
+    if config.rope_scaling and config.rope_scaling["rope_type"] == "llama3":
+        # llama.cpp has no llama3 scaling type: it stores the per-frequency divisors as a tensor.
+        factors = llama3_rope_factors(config.head_dim, config.rope_theta, config.rope_scaling)
+        writer.add_tensor("rope_freqs.weight", factors, raw_dtype=gguf.GGMLQuantizationType.F32)
+    for hf_name, tensor in tensors.items():
+        name = hf_to_gguf_name(arch, hf_name)
+        values = _to_gguf_convention(arch, config, hf_name, tensor.detach().to("cpu", torch.float32).numpy())
+        qtype = choose_type(name, values)
+        writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _to_gguf_convention(arch: str, config: ModelConfig, hf_name: str, values: np.ndarray) -> np.ndarray:
+    if arch == "llama" and ".q_proj." in hf_name:
+        return _permute_qk(values, config.num_heads)
+    if arch == "llama" and ".k_proj." in hf_name:
+        return _permute_qk(values, config.num_kv_heads)
+    if arch == "gemma3" and hf_name.endswith("norm.weight"):
+        return values + np.float32(1.0)
+    return values
+
+
+def _permute_qk(values: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's `permute`: per head, rotate-half row order -> interleaved pairs."""
+    shape = values.shape
+    return values.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _add_model_metadata(writer: gguf.GGUFWriter, arch: str, config: ModelConfig) -> None:
+    c = config
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_heads)
+    writer.add_head_count_kv(c.num_kv_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_vocab_size(c.vocab_size)
+    if arch == "llama":
+        writer.add_rope_dimension_count(c.head_dim)  # llama.cpp and transformers read head_dim from it
+    if arch == "gemma3":
+        if c.query_pre_attn_scalar != (c.hidden_size // c.num_heads if c.num_layers == 62 else c.head_dim):
+            raise UnsupportedModelError(
+                f"GGUF cannot store Gemma 3 query_pre_attn_scalar={c.query_pre_attn_scalar}; llama.cpp derives it"
+            )
+        if c.sliding_window:
+            writer.add_sliding_window(c.sliding_window)
+        # llama.cpp assumes every 6th layer is global; the explicit per-layer list keeps other patterns.
+        writer.add_sliding_window_pattern([kind == "sliding" for kind in c.layer_types])
+        writer.add_rope_freq_base_swa(c.rope_local_theta or 10000.0)
+    if c.attn_logit_softcapping is not None:
+        writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
+    if c.final_logit_softcapping is not None:
+        writer.add_final_logit_softcapping(c.final_logit_softcapping)
+    _add_rope_scaling(writer, arch, config)
+
+
+def _add_rope_scaling(writer: gguf.GGUFWriter, arch: str, config: ModelConfig) -> None:
+    scaling = config.rope_scaling
+    if not scaling:
+        return
+    kind = scaling["rope_type"]
+    if kind == "llama3" and arch == "llama":
+        if (scaling["low_freq_factor"], scaling["high_freq_factor"]) != (1.0, 4.0):
+            # the reader recovers these only up to their ratio to the original context (see gguf.py)
+            raise UnsupportedModelError("GGUF stores Llama 3 RoPE scaling only with low/high frequency factors 1 and 4")
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    elif kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(scaling["factor"])
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+    else:
+        raise UnsupportedModelError(f"cannot write RoPE scaling {kind!r} for {arch} as GGUF")
+
+
+def _add_tokenizer_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    if not key.startswith("tokenizer."):
+        raise ValueError(f"tokenizer metadata key {key!r} does not start with 'tokenizer.'")
+    value_type = gguf.GGUFValueType
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return  # GGUF cannot store an empty array; readers treat an absent key the same way
+        first = value[0]
+        item_type = _TOKENIZER_ARRAY_TYPES.get(key) or (
+            value_type.STRING if isinstance(first, str) else value_type.BOOL if isinstance(first, bool)
+            else value_type.INT32 if isinstance(first, int) else value_type.FLOAT32
+        )
+        writer.add_key_value(key, list(value), value_type.ARRAY, sub_type=item_type)
+    elif isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)  # token ids
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_key_value(key, value, value_type.STRING)  # add_string would drop "" silently
+    else:
+        raise ValueError(f"cannot write tokenizer metadata {key!r} of type {type(value).__name__}")
