@@ -39,7 +39,8 @@ class LLM:
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Run every prompt to completion, batched; outputs come back in prompt order."""
+        """Run every prompt to completion, batched. Outputs come back in prompt order; with
+        `params.n` > 1, each prompt's n completions are consecutive (see `RequestOutput.index`)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self.engine.add_request(p, params) for p in prompts]
@@ -51,15 +52,16 @@ class LLM:
         return self._run_to_completion([self.engine.add_request(self._chat_prompt(messages, chat_template), params)])[0]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield an output each time the request produces text (see `RequestOutput.delta`)."""
+        """Yield an output each time the request produces a token (see `RequestOutput.delta`);
+        with `params.n` > 1, outputs of the n completions interleave (see `RequestOutput.index`)."""
         request_id = self.engine.add_request(prompt, params)
+        remaining = (params or SamplingParams()).n
         try:
-            while True:
+            while remaining:
                 for output in self.engine.step():
                     if output.request_id == request_id:
+                        remaining -= output.finished
                         yield output
-                        if output.finished:
-                            return
         finally:
             self.engine.abort(request_id)  # a consumer that stops early frees the request's blocks
 
@@ -71,15 +73,14 @@ class LLM:
         return self.tokenizer.encode_chat(messages, chat_template=chat_template or self.chat_template)
 
     def _run_to_completion(self, request_ids: list[str]) -> list[RequestOutput]:
-        final: dict[str, RequestOutput] = {}
-        pending = set(request_ids)
+        """Step until every request is done. With n > 1, a request's n outputs come in index order."""
+        final: dict[str, dict[int, RequestOutput]] = {request_id: {} for request_id in request_ids}
         try:
-            while pending:
+            while self.engine.has_unfinished():
                 for output in self.engine.step():
-                    if output.finished and output.request_id in pending:
-                        final[output.request_id] = output
-                        pending.discard(output.request_id)
+                    if output.finished and output.request_id in final:
+                        final[output.request_id][output.index] = output
         finally:
-            for request_id in pending:
-                self.engine.abort(request_id)
-        return [final[i] for i in request_ids]
+            for request_id in request_ids:
+                self.engine.abort(request_id)  # no-op unless interrupted
+        return [final[r][i] for r in request_ids for i in sorted(final[r])]

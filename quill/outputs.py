@@ -56,6 +56,8 @@ class RequestOutput:
     metrics: RequestMetrics
     prompt: str | None = None
     new_token_ids: list[int] = field(default_factory=list)
+    index: int = 0  # which of the prompt's n completions this is
+    logprobs: list | None = None  # TokenLogprob per output token, when requested
 
     @property
     def num_prompt_tokens(self) -> int:

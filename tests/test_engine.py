@@ -142,3 +142,65 @@ def test_max_model_len_ends_generation(reference):
     engine = tiny_engine(path, max_model_len=40)
     out = run_requests(engine, [list(range(1, 31))], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
     assert len(out[0]) == 10  # 30 prompt tokens + 10 generated fill the 40-token window
+
+
+def test_n_completions_share_the_prompt_blocks(reference):
+    path, _ = reference
+    prompt = _prompts()[1]
+    engine = tiny_engine(path)
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=7, n=3, ignore_eos=True)
+    request_id = engine.add_request(prompt, params)
+    finished = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            assert output.request_id == request_id
+            if output.finished:
+                finished[output.index] = output.token_ids
+    assert sorted(finished) == [0, 1, 2]
+    # The siblings waited for the first one's prefill and then reused its full blocks.
+    assert engine.stats().prefix_cache_hits == 2 * ((len(prompt) - 1) // engine.kv_cache.block_size) * 16
+    # Completion i is the same as a lone request seeded with seed + i.
+    for index, tokens in finished.items():
+        alone = SamplingParams(max_tokens=8, temperature=1.0, seed=7 + index, ignore_eos=True)
+        assert run_requests(tiny_engine(path), [prompt], alone)[0] == tokens
+    _assert_no_leaks(engine)
+
+
+def test_logprobs_are_the_models_distribution(reference, arch, tiny_model_dir):
+    from engine_helpers import all_position_logits, load_model
+
+    path, expected = reference
+    prompt = _prompts()[2]
+    engine = tiny_engine(path)
+    engine.add_request(prompt, SamplingParams(max_tokens=3, temperature=0, logprobs=4, ignore_eos=True))
+    while engine.has_unfinished():
+        outputs = engine.step()
+    logprobs = outputs[-1].logprobs
+    model, config = load_model(path)
+    reference_logprobs = torch.log_softmax(all_position_logits(model, config, prompt)[-1], -1)
+    first = logprobs[0]
+    assert first.token_id == expected[2][0] == int(reference_logprobs.argmax())
+    assert abs(first.logprob - float(reference_logprobs.max())) < 1e-4
+    assert [t for t, _ in first.top] == reference_logprobs.topk(4).indices.tolist()
+    assert len(logprobs) == 3
+
+
+def test_penalties_bias_and_min_tokens(reference):
+    path, expected = reference
+    prompt = _prompts()[0]
+    greedy_first = expected[0][0]
+    engine = tiny_engine(path)
+    banned = SamplingParams(max_tokens=4, temperature=0, logit_bias={greedy_first: -100.0}, ignore_eos=True)
+    assert run_requests(engine, [prompt], banned)[0][0] != greedy_first
+    forced = SamplingParams(max_tokens=4, temperature=0, logit_bias={17: 100.0}, ignore_eos=True)
+    assert run_requests(engine, [prompt], forced)[0] == [17] * 4
+    # A strong frequency penalty forbids repeating a token that the bias would otherwise force.
+    no_repeats = SamplingParams(max_tokens=4, temperature=0, logit_bias={17: 3.0}, frequency_penalty=2.0,
+                                presence_penalty=2.0, ignore_eos=True)
+    tokens = run_requests(engine, [prompt], no_repeats)[0]
+    assert tokens[0] == 17 and 17 not in tokens[1:]
+    # min_tokens suppresses a stop token id until enough tokens exist.
+    stop_at_first = SamplingParams(max_tokens=6, temperature=0, stop_token_ids=[greedy_first], min_tokens=3)
+    out = run_requests(engine, [prompt], stop_at_first)[0]
+    assert len(out) >= 3 and greedy_first not in out[:3]
+    _assert_no_leaks(engine)

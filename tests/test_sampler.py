@@ -68,3 +68,41 @@ def test_rows_use_their_own_parameters():
 def test_invalid_sampling_params_raise(field, value):
     with pytest.raises(InvalidRequestError, match=field):
         SamplingParams(**{field: value})
+
+
+def _request(prompt, outputs, **params):
+    from quill.engine.request import Request
+
+    request = Request("r", prompt, SamplingParams(**params), torch.Generator())
+    request.token_ids.extend(outputs)
+    return request
+
+
+def test_penalties_follow_the_reference_formulas():
+    from quill.engine.sampler import apply_logit_processors
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0]])
+    # token 0 in the prompt, token 1 once and token 3 twice in the output
+    request = _request([0], [1, 3, 3], repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25,
+                       logit_bias={4: 10.0})
+    out = apply_logit_processors(logits, [request], frozenset())[0]
+    expected = torch.tensor([
+        2.0 / 2,                  # seen in prompt: positive logit divided
+        -1.0 * 2 - 0.5 - 0.25,    # seen once in output: negative logit multiplied, then penalties
+        0.5,                      # never seen
+        3.0 / 2 - 0.5 - 2 * 0.25,  # seen twice
+        1.0 + 10.0,               # biased
+    ])
+    assert torch.allclose(out, expected)
+    assert torch.equal(logits, torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0]]))  # input untouched
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    from quill.engine.sampler import apply_logit_processors
+
+    logits = torch.zeros(1, 5)
+    early = _request([0], [1], min_tokens=2, stop_token_ids=[3])
+    masked = apply_logit_processors(logits, [early], frozenset({4}))[0]
+    assert masked[3] == masked[4] == float("-inf") and masked[:3].eq(0).all()
+    done = _request([0], [1, 2], min_tokens=2, stop_token_ids=[3])
+    assert apply_logit_processors(logits, [done], frozenset({4})).eq(0).all()

@@ -14,7 +14,7 @@ from quill.engine.detokenizer import IncrementalDetokenizer
 from quill.engine.kv_cache import KVCacheManager
 from quill.engine.request import Request
 from quill.engine.runner import ModelRunner, kv_bytes_per_token
-from quill.engine.sampler import sample
+from quill.engine.sampler import TokenLogprob, sample
 from quill.engine.scheduler import Scheduler
 from quill.errors import ContextLengthError, InvalidRequestError
 from quill.outputs import RequestOutput
@@ -57,7 +57,8 @@ class Engine:
         self.runner = ModelRunner(model, model_config, num_blocks=num_blocks, block_size=config.block_size,
                                   dtype=dtype, device=torch.device(config.device),
                                   batch_invariant=config.batch_invariant)
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # unfinished requests by internal id
+        self._groups: dict[str, list[str]] = {}  # user-facing request id -> internal ids
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._seed_source = torch.Generator().manual_seed(config.seed)
         self._ids = itertools.count()
@@ -83,20 +84,33 @@ class Engine:
             prompt_text, prompt_ids = None, list(prompt)
         self._check_prompt(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self.requests:
+        if request_id in self._groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        seed = params.seed if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seed_source))
-        request = Request(request_id, prompt_ids, params, torch.Generator().manual_seed(seed), prompt_text)
-        if self.tokenizer is not None:
-            self._detokenizers[request_id] = IncrementalDetokenizer(
-                self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
-                stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
-            )
-        elif params.stop:
+        if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer")
-        self.requests[request_id] = request
-        self.scheduler.add(request)
+        members = []
+        for index in range(params.n):
+            internal_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            request = Request(internal_id, prompt_ids, params, self._generator(params, index), prompt_text,
+                              group_id=request_id, index=index)
+            if self.tokenizer is not None:
+                self._detokenizers[internal_id] = IncrementalDetokenizer(
+                    self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+                )
+            self.requests[internal_id] = request
+            self.scheduler.add(request)
+            members.append(internal_id)
+        self._groups[request_id] = members
         return request_id
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator:
+        """A private generator: seeded requests (and each of their n completions) are reproducible."""
+        if params.seed is not None:
+            seed = params.seed + index
+        else:
+            seed = int(torch.randint(2**62, (1,), generator=self._seed_source))
+        return torch.Generator().manual_seed(seed)
 
     def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -104,6 +118,8 @@ class Engine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(t >= vocab for t in params.logit_bias):
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
             raise ContextLengthError(
                 f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len} "
@@ -117,12 +133,14 @@ class Engine:
             )
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now and free its KV blocks. Unknown or finished ids are ignored."""
-        request = self.requests.pop(request_id, None)
-        if request is not None:
-            request.finish_reason = "abort"
-            self.scheduler.finish(request)
-            self._detokenizers.pop(request_id, None)
+        """Stop a request (all its n completions) now and free its KV blocks. Unknown or
+        finished ids are ignored."""
+        for internal_id in self._groups.pop(request_id, ()):
+            request = self.requests.pop(internal_id, None)
+            if request is not None:
+                request.finish_reason = "abort"
+                self.scheduler.finish(request)
+                self._detokenizers.pop(internal_id, None)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -140,13 +158,14 @@ class Engine:
             self.kv_cache.cache_computed_blocks(request)
             if request.num_computed_tokens <= request.num_prompt_tokens:
                 self._num_prompt_tokens += num_new
-        outputs = []
-        for request, token_id in zip(to_sample, sample(logits, to_sample)):
-            outputs.append(self._append_token(request, token_id, now))
-        return outputs
+        eos_ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
+        tokens, logprobs = sample(logits, to_sample, eos_ids)
+        return [self._append_token(r, t, lp, now) for r, t, lp in zip(to_sample, tokens, logprobs)]
 
-    def _append_token(self, request: Request, token_id: int, now: float) -> RequestOutput:
+    def _append_token(self, request: Request, token_id: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
         request.token_ids.append(token_id)
+        if logprob is not None:
+            request.logprobs.append(logprob)
         self._num_generated_tokens += 1
         metrics = request.metrics
         metrics.num_generated_tokens += 1
@@ -160,18 +179,25 @@ class Engine:
         if finish_reason is not None:
             if detokenizer is not None and not detokenizer.stopped:
                 delta += detokenizer.flush()
-            request.finish_reason = finish_reason
-            metrics.finished_time = now
-            self.scheduler.finish(request)
-            self.requests.pop(request.request_id, None)
-            self._detokenizers.pop(request.request_id, None)
+            self._finish(request, finish_reason, now)
         return RequestOutput(
-            request_id=request.request_id, prompt=request.prompt,
+            request_id=request.group_id, index=request.index, prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids, token_ids=request.output_token_ids,
             text=detokenizer.text if detokenizer is not None else "", delta=delta,
             finished=finish_reason is not None, finish_reason=finish_reason,
             metrics=metrics, new_token_ids=[token_id],
+            logprobs=request.logprobs if request.params.logprobs is not None else None,
         )
+
+    def _finish(self, request: Request, finish_reason: str, now: float) -> None:
+        request.finish_reason = finish_reason
+        request.metrics.finished_time = now
+        self.scheduler.finish(request)
+        self.requests.pop(request.request_id, None)
+        self._detokenizers.pop(request.request_id, None)
+        group = self._groups.get(request.group_id)
+        if group is not None and all(member not in self.requests for member in group):
+            del self._groups[request.group_id]
 
     def _finish_reason(self, request: Request, token_id: int, detokenizer) -> str | None:
         params = request.params

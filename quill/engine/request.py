@@ -18,10 +18,15 @@ class RequestStatus(enum.Enum):
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 generator: torch.Generator, prompt: str | None = None) -> None:
+                 generator: torch.Generator, prompt: str | None = None, *,
+                 group_id: str | None = None, index: int = 0) -> None:
         self.request_id = request_id
+        # With n > 1, the n completions of one prompt are separate requests of one group.
+        self.group_id = group_id or request_id
+        self.index = index
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
+        self.prompt_key = hash(tuple(prompt_token_ids))  # a scheduling hint only; collisions are harmless
         self.params = params
         self.generator = generator  # per request, so a seeded request is independent of the batch
         # Every token of the sequence; those past the prompt are outputs. The last one may not
@@ -32,6 +37,7 @@ class Request:
         self.block_hashes: list[bytes] = []  # hashes of this request's full, cached blocks
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
+        self.logprobs: list = []  # one TokenLogprob per output token, when requested
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
 
     @property
@@ -49,6 +55,10 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -1,35 +1,85 @@
 """Turns logits into next tokens with each request's own sampling parameters.
 
-Filtering (temperature, top-k, top-p, min-p) is vectorised over the batch; the draw itself uses
-each request's private generator, so a seeded request gets the same tokens whatever else runs.
+Order, as in vLLM: logit bias and min-tokens masking, then repetition/presence/frequency
+penalties, then greedy argmax or temperature + top-k/top-p/min-p filtering and a draw. Filtering is
+vectorised over the batch; the draw uses each request's private generator, so a seeded request
+gets the same tokens whatever else runs. Logprobs are those of the model's own distribution
+(before any processing), as OpenAI reports them.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from quill.engine.request import Request
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
-    """logits: [len(requests), vocab] float32. Returns one token id per request."""
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely alternatives, best first
+
+
+def sample(logits: torch.Tensor, requests: list[Request],
+           eos_token_ids: frozenset[int] = frozenset()) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: [len(requests), vocab] float32. Returns one token id (and logprob record) per request."""
     if not requests:
-        return []
-    greedy = logits.argmax(dim=-1)
+        return [], []
+    raw_logits = logits
+    logits = apply_logit_processors(logits, requests, eos_token_ids)
+    tokens = logits.argmax(dim=-1).tolist()
     sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
-    if not sampled_rows:
-        return greedy.tolist()
-    tokens = greedy.tolist()
-    params = [requests[i].params for i in sampled_rows]
-    probs = filtered_probabilities(
-        logits[sampled_rows],
-        temperature=torch.tensor([p.temperature for p in params]),
-        top_k=torch.tensor([p.top_k for p in params]),
-        top_p=torch.tensor([p.top_p for p in params]),
-        min_p=torch.tensor([p.min_p for p in params]),
-    )
-    for row, i in enumerate(sampled_rows):
-        tokens[i] = int(torch.multinomial(probs[row], 1, generator=requests[i].generator))
-    return tokens
+    if sampled_rows:
+        params = [requests[i].params for i in sampled_rows]
+        probs = filtered_probabilities(
+            logits[sampled_rows],
+            temperature=torch.tensor([p.temperature for p in params]),
+            top_k=torch.tensor([p.top_k for p in params]),
+            top_p=torch.tensor([p.top_p for p in params]),
+            min_p=torch.tensor([p.min_p for p in params]),
+        )
+        for row, i in enumerate(sampled_rows):
+            tokens[i] = int(torch.multinomial(probs[row], 1, generator=requests[i].generator))
+    return tokens, _logprobs(raw_logits, requests, tokens)
+
+
+def apply_logit_processors(logits: torch.Tensor, requests: list[Request], eos_token_ids: frozenset[int]) -> torch.Tensor:
+    """Logit bias, min_tokens and penalties, applied only to the rows that ask for them."""
+    rows = [i for i, r in enumerate(requests) if _needs_processing(r)]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for i in rows:
+        request, row = requests[i], logits[i]
+        params = request.params
+        for token_id, bias in params.logit_bias.items():
+            if token_id < vocab:
+                row[token_id] += bias
+        if request.num_output_tokens < params.min_tokens:
+            banned = [t for t in (*params.stop_token_ids, *([] if params.ignore_eos else eos_token_ids)) if t < vocab]
+            row[banned] = float("-inf")
+        if params.has_penalties:
+            _apply_penalties(row, request)
+    return logits
+
+
+def _needs_processing(request: Request) -> bool:
+    params = request.params
+    return bool(params.logit_bias) or params.has_penalties or request.num_output_tokens < params.min_tokens
+
+
+def _apply_penalties(row: torch.Tensor, request: Request) -> None:
+    params = request.params
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(request.token_ids)), dtype=torch.long)
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and request.num_output_tokens:
+        counts = torch.bincount(torch.tensor(request.output_token_ids), minlength=row.shape[0])[: row.shape[0]]
+        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
 
 
 def filtered_probabilities(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -50,3 +100,18 @@ def filtered_probabilities(logits: torch.Tensor, *, temperature: torch.Tensor, t
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     filtered = torch.full_like(logits, float("-inf")).scatter(-1, sorted_ids, sorted_logits)
     return filtered.softmax(dim=-1)
+
+
+def _logprobs(raw_logits: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[TokenLogprob | None]:
+    rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+    records: list[TokenLogprob | None] = [None] * len(requests)
+    if not rows:
+        return records
+    logprobs = torch.log_softmax(raw_logits[rows], dim=-1)
+    max_top = max(requests[i].params.logprobs for i in rows)
+    top_values, top_ids = logprobs.topk(max(max_top, 1), dim=-1)
+    for row, i in enumerate(rows):
+        k = requests[i].params.logprobs
+        top = list(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist()))
+        records[i] = TokenLogprob(tokens[i], float(logprobs[row, tokens[i]]), top)
+    return records

@@ -66,6 +66,8 @@ class Scheduler:
             return batch  # memory is tight: admit nobody new this step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if self._same_prompt_prefilling(request):
+                break  # wait one step, then reuse its blocks through the prefix cache
             cached_prefix = self.kv_cache.find_cached_prefix(request)
             num_cached = len(cached_prefix) * self.kv_cache.block_size
             num_new = min(request.num_tokens - num_cached, budget)
@@ -81,6 +83,13 @@ class Scheduler:
             batch.num_new_tokens.append(num_new)
             budget -= num_new
         return batch
+
+    def _same_prompt_prefilling(self, request: Request) -> bool:
+        """Whether a running request with the same prompt (e.g. a sibling of an n > 1 request) is
+        still computing it; admitting this one now would compute the same blocks twice."""
+        return self.kv_cache.enable_prefix_caching and any(
+            other.prompt_key == request.prompt_key and other.is_prefilling for other in self.running
+        )
 
     def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
         """Allocate for a running request, preempting the newest others until it fits.
