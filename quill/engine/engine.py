@@ -145,6 +145,10 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def is_unfinished(self, request_id: str) -> bool:
+        """Whether the request (any of its n completions) is still waiting or running."""
+        return request_id in self._groups
+
     # ----------------------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
