@@ -44,7 +44,7 @@ def main() -> int:
     parser.add_argument("--peer-python", default=sys.executable,
                         help="interpreter that can `import llama_cpp` (default: this one)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine and model (best shown)")
-    parser.add_argument("--dtype", default="float32", help="Quill's compute dtype (default: %(default)s)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="Quill's compute dtype (default: %(default)s)")
     parser.add_argument("--json", metavar="OUT", type=Path, help="also write the results here")
     parser.add_argument("--worker", choices=["quill", "llama.cpp"], help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)

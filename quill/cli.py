@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument("model", help=MODEL_HELP)
-    options.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    options.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                          help="compute precision (default: %(default)s)")
     options.add_argument("--max-model-len", type=int, metavar="N",
                          help="context length limit (default: the model's own)")

@@ -59,7 +59,9 @@ class EngineConfig:
     """How the engine runs a model: memory budgets, batching limits, precision, device."""
 
     max_model_len: int | None = None  # defaults to the model's context window
-    dtype: str = "float32"  # "float32" or "bfloat16": compute dtype of activations and weights
+    # Compute dtype of weights, activations and the KV cache. bfloat16 is 2-4x faster here (AMX,
+    # half the bytes per token); float32 is the exact reference.
+    dtype: str = "bfloat16"
     device: str = "cpu"
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_memory: int | None = None  # bytes for the KV cache; None: sized from the model

@@ -20,7 +20,7 @@ Messages = list[dict]
 
 
 class LLM:
-    def __init__(self, model: str | Path, *, dtype: str = "float32", max_model_len: int | None = None,
+    def __init__(self, model: str | Path, *, dtype: str = "bfloat16", max_model_len: int | None = None,
                  chat_template: str | None = None, **engine_options) -> None:
         """`model`: a .gguf file, a Hugging Face directory, or a known name (pulled on first use).
         `engine_options` are `EngineConfig` fields (block_size, kv_cache_memory, max_num_seqs, ...)."""

@@ -18,9 +18,9 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
     return build_model(checkpoint.config, checkpoint.tensors, dtype), checkpoint.config
 
 
-def tiny_engine(path: Path, **engine_options) -> Engine:
-    model, config = load_model(path)
-    return Engine(model, config, None, EngineConfig(**engine_options))
+def tiny_engine(path: Path, dtype: str = "float32", **engine_options) -> Engine:
+    model, config = load_model(path, getattr(torch, dtype))
+    return Engine(model, config, None, EngineConfig(dtype=dtype, **engine_options))
 
 
 @torch.inference_mode()

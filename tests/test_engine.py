@@ -55,6 +55,14 @@ def test_fast_paths_match_single_request(reference, options, arrive_every):
     _assert_no_leaks(engine)
 
 
+def test_bfloat16_batching_matches_single_request(reference):
+    path, _ = reference
+    bf16 = [run_requests(tiny_engine(path, dtype="bfloat16"), [p], GREEDY)[0] for p in _prompts()]
+    engine = tiny_engine(path, dtype="bfloat16", max_num_batched_tokens=32)
+    assert run_requests(engine, _prompts(), GREEDY, arrive_every=2) == bf16
+    _assert_no_leaks(engine)
+
+
 def test_prefix_cache_hits_and_matches(reference):
     path, expected = reference
     engine = tiny_engine(path)
