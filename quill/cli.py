@@ -96,6 +96,9 @@ def _model_options() -> argparse.ArgumentParser:
                          help="compute precision (default: %(default)s)")
     options.add_argument("--max-model-len", type=int, metavar="N",
                          help="context length limit (default: the model's own)")
+    options.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
+                         help="memory for the paged KV cache, e.g. 512MiB or 2GiB (default: room for "
+                              "64 full-length sequences, at most 1GiB)")
     options.add_argument("--chat-template", metavar="FILE",
                          help="Jinja2 chat template to use instead of the model's own")
     options.add_argument("--system", metavar="TEXT", help="system message for chat mode")
@@ -197,7 +200,23 @@ def _load_llm(args: argparse.Namespace):
     """Build the `LLM` for a command; tests replace this with a fake."""
     from quill import LLM  # torch loads here, so --help, pull and models stay quick
 
-    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    return LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "kb": 10**3, "mib": 2**20, "mb": 10**6, "gib": 2**30, "gb": 10**9}
+
+
+def _byte_size(text: str) -> int:
+    """'512MiB', '2GiB', '1.5GB' or a plain number of bytes."""
+    number = text.rstrip("KMGiBkmgib")
+    unit = text[len(number):].lower()
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB or 2GiB)") from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
 
 
 def _read_chat_template(args: argparse.Namespace) -> str | None:

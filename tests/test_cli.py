@@ -206,3 +206,21 @@ def test_chat_ends_on_eof(fake_llm, monkeypatch):
     monkeypatch.setattr("builtins.input", eof)
     assert cli.main(["chat", "smollm2"]) == 0
     assert fake_llm.calls == []
+
+
+@pytest.mark.parametrize("text, size", [("512MiB", 512 * 2**20), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000),
+                                        ("4096", 4096)])
+def test_kv_cache_memory_sizes(text, size):
+    from quill.cli import _byte_size
+
+    assert _byte_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "12XB", "-1GiB", "0"])
+def test_bad_kv_cache_memory_is_rejected(text):
+    import argparse
+
+    from quill.cli import _byte_size
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        _byte_size(text)

@@ -30,8 +30,10 @@ class ModelRunner:
         for module in model.modules():
             if isinstance(module, PagedAttention):
                 shape = (num_slots, module.num_kv_heads, module.head_dim)
-                module.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-                module.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+                # Uninitialised on purpose: attention only ever reads slots already written, and
+                # untouched pages of a large budget then cost no resident memory.
+                module.k_cache = torch.empty(shape, dtype=dtype, device=device)
+                module.v_cache = torch.empty(shape, dtype=dtype, device=device)
             if isinstance(module, Linear):
                 module.row_multiple = BATCH_INVARIANT_ROW_MULTIPLE if batch_invariant else 1
         self._block_offsets = torch.arange(block_size, device=device)

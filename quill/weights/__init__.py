@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError
+
+if TYPE_CHECKING:  # torch is only needed once a checkpoint is actually read
+    import torch
 
 
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    tensors: dict[str, torch.Tensor]  # Hugging Face names and conventions
+    tensors: dict[str, "torch.Tensor"]  # Hugging Face names and conventions
     path: Path
     format: str  # "gguf" or "safetensors"
     metadata: dict[str, Any] = field(default_factory=dict)  # GGUF key/values; config.json for HF

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import tempfile
@@ -292,46 +291,10 @@ def _hf_architecture(directory: Path) -> str | None:
         return None
 
 
-# GGUF value type -> size in bytes, for skipping values; 8 is a string, 9 an array.
-_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-
 def _gguf_architecture(path: Path) -> str | None:
-    """`general.architecture` of a GGUF file, scanning only the header.
+    from quill.weights.gguf import read_gguf_metadata  # imports torch: keep `quill --help` quick
 
-    `read_gguf_metadata` parses every key, which takes ~10 s for Gemma 3's 262k-token vocabulary;
-    `quill models` only needs this one string, which writers put first."""
     try:
-        with path.open("rb") as f:
-            magic, version, _, kv_count = struct.unpack("<4sIQQ", f.read(24))
-            if magic != b"GGUF" or version < 2:
-                return None
-            for _ in range(kv_count):
-                key = _read_gguf_string(f)
-                (value_type,) = struct.unpack("<I", f.read(4))
-                if key == "general.architecture" and value_type == 8:
-                    return _read_gguf_string(f)
-                _skip_gguf_value(f, value_type)
-    except (OSError, struct.error, UnicodeDecodeError, KeyError):
-        pass
-    return None
-
-
-def _read_gguf_string(f: io.BufferedReader) -> str:
-    (length,) = struct.unpack("<Q", f.read(8))
-    return f.read(length).decode("utf-8")
-
-
-def _skip_gguf_value(f: io.BufferedReader, value_type: int) -> None:
-    if value_type == 8:
-        (length,) = struct.unpack("<Q", f.read(8))
-        f.seek(length, io.SEEK_CUR)
-    elif value_type == 9:
-        item_type, count = struct.unpack("<IQ", f.read(12))
-        if item_type in _GGUF_SCALAR_SIZES:
-            f.seek(count * _GGUF_SCALAR_SIZES[item_type], io.SEEK_CUR)
-        else:
-            for _ in range(count):
-                _skip_gguf_value(f, item_type)
-    else:
-        f.seek(_GGUF_SCALAR_SIZES[value_type], io.SEEK_CUR)
+        return read_gguf_metadata(path).get("general.architecture")
+    except ModelLoadError:
+        return None
