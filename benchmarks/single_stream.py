@@ -70,6 +70,7 @@ def main() -> int:
             results.append({"model": model, "engine": engine, **result})
     _print_table(results)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"host": _host(), "prompt_tokens": PROMPT_TOKENS,
                                          "decode_tokens": DECODE_TOKENS, "repeats": args.repeats,
                                          "quill_dtype": args.dtype, "results": results}, indent=2) + "\n")

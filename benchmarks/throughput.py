@@ -80,6 +80,7 @@ def main() -> int:
             results["peer_single_stream_decode_tokens_per_s"] = peer["decode_tokens_per_s"]
     _print_report(results)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

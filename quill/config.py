@@ -37,7 +37,6 @@ class ModelConfig:
     # Gemma 3: sliding layers use their own RoPE base and no scaling.
     rope_local_theta: float | None = None
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 when set
-    attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
 
     def __post_init__(self) -> None:

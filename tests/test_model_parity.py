@@ -13,7 +13,7 @@ from quill.weights.gguf_export import write_gguf
 PROMPT = [1, 17, 250, 3, 99, 42, 7, 7, 7, 310, 64, 128, 5, 200, 33, 18, 91, 0, 4, 150, 260, 11, 76, 9]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3", "gemma3-softcap"])
 def arch(request):
     return request.param
 
@@ -23,7 +23,8 @@ def reference_logits(arch, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     path = tiny_model_dir(arch)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # Eager attention: transformers' SDPA path ignores attention logit soft-capping.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         return path, model(torch.tensor([PROMPT])).logits[0]
 
@@ -52,7 +53,7 @@ def test_incremental_decode_matches_full_forward(reference_logits):
 
     path, _ = reference_logits
     generated = run_requests(tiny_engine(path), [PROMPT], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))[0]
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
         logits = model(torch.tensor([PROMPT + generated])).logits[0]
     expected = logits[len(PROMPT) - 1:-1].argmax(-1).tolist()

@@ -51,7 +51,7 @@ def build_qwen2(path: Path, *, seed: int = 0) -> Path:
     return _save(model, path)
 
 
-def build_gemma3(path: Path, *, seed: int = 0, sliding_window: int = 8) -> Path:
+def build_gemma3(path: Path, *, seed: int = 0, sliding_window: int = 8, softcap: bool = False) -> Path:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
@@ -65,6 +65,9 @@ def build_gemma3(path: Path, *, seed: int = 0, sliding_window: int = 8) -> Path:
             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
         },
         tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        # Final-logit soft-capping (a small cap, so that it bites). Gemma 3 configs may also carry
+        # attn_logit_softcapping, but the Gemma 3 graph (transformers and llama.cpp) ignores it.
+        final_logit_softcapping=0.5 if softcap else None,
     )
     model = Gemma3ForCausalLM(config).eval()
     with torch.no_grad():  # zero-initialised norms would hide a missing "1 +"
@@ -74,4 +77,9 @@ def build_gemma3(path: Path, *, seed: int = 0, sliding_window: int = 8) -> Path:
     return _save(model, path)
 
 
-BUILDERS = {"llama": build_llama, "qwen2": build_qwen2, "gemma3": build_gemma3}
+BUILDERS = {
+    "llama": build_llama,
+    "qwen2": build_qwen2,
+    "gemma3": build_gemma3,
+    "gemma3-softcap": lambda path: build_gemma3(path, softcap=True),
+}

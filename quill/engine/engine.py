@@ -13,7 +13,7 @@ from quill.config import EngineConfig, ModelConfig
 from quill.engine.detokenizer import IncrementalDetokenizer
 from quill.engine.kv_cache import KVCacheManager
 from quill.engine.request import Request
-from quill.engine.runner import ModelRunner, kv_bytes_per_token
+from quill.engine.runner import ModelRunner, kv_bytes_per_token, kv_cache_dtype
 from quill.engine.sampler import TokenLogprob, sample
 from quill.engine.scheduler import Scheduler
 from quill.errors import ContextLengthError, InvalidRequestError
@@ -48,7 +48,7 @@ class Engine:
         self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings)
         dtype = getattr(torch, config.dtype)
-        per_token = kv_bytes_per_token(model_config, dtype)
+        per_token = kv_bytes_per_token(model_config, kv_cache_dtype(dtype, torch.device(config.device)))
         kv_bytes = config.kv_cache_memory or self._default_kv_cache_bytes(per_token)
         num_blocks = max(1, kv_bytes // (per_token * config.block_size))
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)

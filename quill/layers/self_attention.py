@@ -30,8 +30,7 @@ class SelfAttention(nn.Module):
         sliding = config.layer_types[layer_index] == "sliding"
         self.attn = PagedAttention(
             self.num_heads, self.num_kv_heads, self.head_dim, config.attention_scale,
-            sliding_window=config.sliding_window if sliding else None,
-            logit_softcap=config.attn_logit_softcapping,
+            sliding_window=config.sliding_window if sliding else None
         )
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

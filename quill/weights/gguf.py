@@ -323,7 +323,6 @@ def _config(metadata: dict[str, Any], tensors: dict[str, GGUFTensorInfo], rope_f
         rope_local_theta=float(key("rope.freq_base_swa", 10000.0)) if gemma else None,
         # llama.cpp scales Gemma 3 attention by head_dim ** -0.5, except 27B (62 layers): hidden / heads
         query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim) if gemma else None,
-        attn_logit_softcapping=key("attn_logit_softcapping", None),
         final_logit_softcapping=key("final_logit_softcapping", None),
     )
 

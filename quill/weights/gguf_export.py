@@ -118,8 +118,6 @@ def _add_model_metadata(writer: gguf.GGUFWriter, arch: str, config: ModelConfig)
         # llama.cpp assumes every 6th layer is global; the explicit per-layer list keeps other patterns.
         writer.add_sliding_window_pattern([kind == "sliding" for kind in c.layer_types])
         writer.add_rope_freq_base_swa(c.rope_local_theta or 10000.0)
-    if c.attn_logit_softcapping is not None:
-        writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
     if c.final_logit_softcapping is not None:
         writer.add_final_logit_softcapping(c.final_logit_softcapping)
     _add_rope_scaling(writer, arch, config)

@@ -92,7 +92,6 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         **_attention_pattern(arch, cfg, layers),
         rope_local_theta=_rope(cfg, "sliding_attention")[0] if gemma else None,
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)) if gemma else None,
-        attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
     )
 
