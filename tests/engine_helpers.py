@@ -29,10 +29,11 @@ def all_position_logits(model, config, token_ids: list[int]) -> torch.Tensor:
     n = len(token_ids)
     for module in model.modules():
         if isinstance(module, PagedAttention):
-            module.k_cache = torch.zeros(n, config.num_kv_heads, config.head_dim)
-            module.v_cache = torch.zeros(n, config.num_kv_heads, config.head_dim)
+            module.k_cache = torch.zeros(config.num_kv_heads, n, config.head_dim)
+            module.v_cache = torch.zeros(config.num_kv_heads, n, config.head_dim)
     positions = torch.arange(n)
-    meta = AttentionMetadata(slot_mapping=positions, query_lens=[n], context_lens=[n], context_slots=[positions])
+    meta = AttentionMetadata(slot_mapping=positions, query_lens=[n], context_lens=[n],
+                             cached_context_slots=torch.empty(0, dtype=torch.long))
     return model.compute_logits(model(torch.tensor(token_ids), positions, meta))
 
 

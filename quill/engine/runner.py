@@ -37,7 +37,7 @@ class ModelRunner:
         cache_dtype = kv_cache_dtype(dtype, device)
         for module in model.modules():
             if isinstance(module, PagedAttention):
-                shape = (num_slots, module.num_kv_heads, module.head_dim)
+                shape = (module.num_kv_heads, num_slots, module.head_dim)
                 # Uninitialised on purpose: attention only ever reads slots already written, and
                 # untouched pages of a large budget then cost no resident memory.
                 module.k_cache = torch.empty(shape, dtype=cache_dtype, device=device)
@@ -60,7 +60,7 @@ class ModelRunner:
         token_ids: list[int] = []
         positions: list[torch.Tensor] = []
         slot_mapping: list[torch.Tensor] = []
-        context_slots: list[torch.Tensor] = []
+        cached_context_slots: list[torch.Tensor] = []
         context_lens: list[int] = []
         sample_rows: list[int] = []
         to_sample: list[Request] = []
@@ -70,16 +70,18 @@ class ModelRunner:
             token_ids.extend(request.token_ids[start:end])
             positions.append(torch.arange(start, end, device=self.device))
             slots = self._slots(request, 0, end)
-            context_slots.append(slots)
             slot_mapping.append(slots[start:end])
+            if start > 0:  # part of the context is already cached: attention reads it all from there
+                cached_context_slots.append(slots)
             context_lens.append(end)
             row += num_new
             if end == request.num_tokens:
                 sample_rows.append(row - 1)
                 to_sample.append(request)
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_mapping), query_lens=list(num_new_tokens),
-            context_lens=context_lens, context_slots=context_slots,
+            slot_mapping=torch.cat(slot_mapping), query_lens=list(num_new_tokens), context_lens=context_lens,
+            cached_context_slots=torch.cat(cached_context_slots) if cached_context_slots
+            else torch.empty(0, dtype=torch.long, device=self.device),
         )
         input_ids = torch.tensor(token_ids, device=self.device)
         hidden = self.model(input_ids, torch.cat(positions), meta)

@@ -18,7 +18,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
     query_lens: list[int]  # new tokens per sequence, in batch order
     context_lens: list[int]  # tokens in the cache per sequence once this step's are written
-    context_slots: list[torch.Tensor]  # per sequence: cache slots of its context, in position order
+    # Cache slots of every context that must be read from the cache (all sequences except those
+    # prefilling from scratch), concatenated in batch order; one gather per layer reads them all.
+    cached_context_slots: torch.Tensor
 
 
 class PagedAttention(nn.Module):
@@ -28,7 +30,8 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
-        # [num_slots, num_kv_heads, head_dim]; bound by the runner once the cache is sized.
+        # [num_kv_heads, num_slots, head_dim], head-major so that a gather yields the layout
+        # attention wants; bound by the runner once the cache is sized.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -36,30 +39,33 @@ class PagedAttention(nn.Module):
         """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads * dim],
         in q's dtype; attention itself runs in the cache's dtype."""
         out_dtype = q.dtype
-        q, k, v = q.to(self.k_cache.dtype), k.to(self.k_cache.dtype), v.to(self.k_cache.dtype)
-        self.k_cache.index_copy_(0, meta.slot_mapping, k)
-        self.v_cache.index_copy_(0, meta.slot_mapping, v)
+        # [heads, tokens, dim] from here on
+        q, k, v = (t.transpose(0, 1).to(self.k_cache.dtype) for t in (q, k, v))
+        self.k_cache.index_copy_(1, meta.slot_mapping, k)
+        self.v_cache.index_copy_(1, meta.slot_mapping, v)
+        cached_k = self.k_cache.index_select(1, meta.cached_context_slots)
+        cached_v = self.v_cache.index_select(1, meta.cached_context_slots)
         outputs = []
-        start = 0
-        for query_len, context_len, slots in zip(meta.query_lens, meta.context_lens, meta.context_slots):
-            q_seq = q[start:start + query_len]
+        start = cached_start = 0
+        for query_len, context_len in zip(meta.query_lens, meta.context_lens):
             if query_len == context_len:  # nothing cached before: use this step's keys directly
-                k_seq, v_seq = k[start:start + query_len], v[start:start + query_len]
+                k_seq, v_seq = k[:, start:start + query_len], v[:, start:start + query_len]
             else:
-                k_seq, v_seq = self.k_cache[slots], self.v_cache[slots]
-            outputs.append(self._attend(q_seq, k_seq, v_seq))
+                k_seq = cached_k[:, cached_start:cached_start + context_len]
+                v_seq = cached_v[:, cached_start:cached_start + context_len]
+                cached_start += context_len
+            outputs.append(self._attend(q[:, start:start + query_len], k_seq, v_seq))
             start += query_len
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        return out.reshape(out.shape[0], self.num_heads * self.head_dim).to(out_dtype)
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        return out.transpose(0, 1).reshape(-1, self.num_heads * self.head_dim).to(out_dtype)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        query_len, context_len = q.shape[0], k.shape[0]
-        mask = self._mask(query_len, context_len, q.device)
-        # [1, heads, len, dim]: PyTorch's fused CPU kernel takes 4-D inputs (3-D ones fall back to a
-        # path about 3x slower for long prompts).
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        return out[0].transpose(0, 1)
+        """q: [heads, queries, dim]; k, v: [kv_heads, keys, dim]. PyTorch's fused CPU kernel takes
+        4-D inputs (3-D ones fall back to a path about 3x slower for long prompts)."""
+        mask = self._mask(q.shape[1], k.shape[1], q.device)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=self.scale,
+                                             enable_gqa=True)
+        return out[0]
 
     def _mask(self, query_len: int, context_len: int, device: torch.device) -> torch.Tensor | None:
         """Boolean [query, key] mask (True = attend): causal, plus the sliding window if any."""
