@@ -13,7 +13,8 @@ from quill.weights.gguf_export import write_gguf
 PROMPT = [1, 17, 250, 3, 99, 42, 7, 7, 7, 310, 64, 128, 5, 200, 33, 18, 91, 0, 4, 150, 260, 11, 76, 9]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3", "gemma3-softcap"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3", "gemma3-softcap", "llama-rope-llama3",
+                                        "llama-rope-linear"])
 def arch(request):
     return request.param
 

@@ -82,4 +82,10 @@ BUILDERS = {
     "qwen2": build_qwen2,
     "gemma3": build_gemma3,
     "gemma3-softcap": lambda path: build_gemma3(path, softcap=True),
+    # max_position_embeddings is 256, so original_max_position_embeddings 64 puts the 24-token
+    # test prompt's frequencies in all three llama3 bands (kept, smoothed, scaled).
+    "llama-rope-llama3": lambda path: build_llama(path, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64}),
+    "llama-rope-linear": lambda path: build_llama(path, rope_scaling={"rope_type": "linear", "factor": 4.0}),
 }
