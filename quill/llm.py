@@ -26,7 +26,7 @@ class LLM:
         `engine_options` are `EngineConfig` fields (block_size, kv_cache_memory, max_num_seqs, ...)."""
         started = time.perf_counter()
         self.path = resolve_model(model)
-        checkpoint = load_checkpoint(self.path)
+        checkpoint = load_checkpoint(self.path, getattr(torch, dtype))
         self.config = checkpoint.config
         self.tokenizer: Tokenizer = load_tokenizer(self.path)
         self.chat_template = chat_template

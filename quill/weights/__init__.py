@@ -22,15 +22,18 @@ class Checkpoint:
     metadata: dict[str, Any] = field(default_factory=dict)  # GGUF key/values; config.json for HF
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a `.gguf` file or a Hugging Face directory (config.json + *.safetensors)."""
+def load_checkpoint(path: str | Path, dtype: "torch.dtype | None" = None) -> Checkpoint:
+    """Load a `.gguf` file or a Hugging Face directory (config.json + *.safetensors).
+
+    Float tensors come back as float32, or as `dtype` when given: converting each tensor as it
+    is read keeps the peak memory of loading near the size of the final model."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model path does not exist: {path}")
     if path.is_dir():
         from quill.weights.safetensors import load_hf_directory
 
-        return load_hf_directory(path)
+        return load_hf_directory(path, dtype)
     from quill.weights.gguf import load_gguf
 
-    return load_gguf(path)
+    return load_gguf(path, dtype)

@@ -363,8 +363,9 @@ def _rope_scaling(key, head_dim: int, rope_theta: float, rope_freqs: np.ndarray 
     raise UnsupportedModelError(f"{path.name}: RoPE scaling type {kind!r} is not supported")
 
 
-def load_gguf(path: str | Path) -> Checkpoint:
-    """Read a GGUF file into float32 tensors with Hugging Face names, layout and conventions."""
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
+    """Read a GGUF file into float32 (or `dtype`) tensors with Hugging Face names, layout and
+    conventions."""
     path = Path(path)
     metadata, infos = _read_header(path)
     try:
@@ -381,7 +382,7 @@ def load_gguf(path: str | Path) -> Checkpoint:
                       for name, shape in expected_shapes(config).items()}
             check_shapes({name: shape for name, (_, shape) in wanted.items()},
                          {name: info.shape for name, info in infos.items()}, path.name)
-            tensors = {hf_name: _to_hf_convention(config, name, _dequantize(f, infos[name], path))
+            tensors = {hf_name: _to_hf_convention(config, name, _dequantize(f, infos[name], path)).to(dtype or torch.float32)
                        for name, (hf_name, _) in wanted.items()}
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from exc

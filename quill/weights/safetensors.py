@@ -34,8 +34,8 @@ _NESTED_PREFIXES = {
 }
 
 
-def load_hf_directory(path: str | Path) -> Checkpoint:
-    """Load a Hugging Face model directory into float32 tensors with their Hugging Face names."""
+def load_hf_directory(path: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
+    """Load a Hugging Face model directory into float32 (or `dtype`) tensors with their Hugging Face names."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model directory does not exist: {path}")
@@ -59,7 +59,7 @@ def load_hf_directory(path: str | Path) -> Checkpoint:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():
                     tensor = f.get_tensor(name)
-                    tensors[_unnest(name)] = tensor.float() if tensor.is_floating_point() else tensor
+                    tensors[_unnest(name)] = tensor.to(dtype or torch.float32) if tensor.is_floating_point() else tensor
         except (OSError, SafetensorError) as exc:
             raise ModelLoadError(f"{file}: not a readable safetensors file: {exc}") from exc
     tensors = check_tensors(config, tensors, str(path))
