@@ -7,6 +7,10 @@ from quill.errors import InvalidRequestError
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+# Temperatures and top_p below this leave only the most likely token: greedy decoding (as in
+# vLLM). Dividing logits by a vanishing temperature would overflow the sampler instead.
+SAMPLING_EPS = 1e-5
+MIN_REPETITION_PENALTY = 0.01  # dividing logits by less overflows them
 
 
 @dataclass
@@ -39,6 +43,8 @@ class SamplingParams:
             self.top_k = 0
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         self._check()
+        if self.temperature < SAMPLING_EPS or self.top_p < SAMPLING_EPS:
+            self.temperature, self.top_p = 0.0, 1.0
 
     def _check(self) -> None:
         def bad(name: str, rule: str) -> InvalidRequestError:
@@ -64,8 +70,8 @@ class SamplingParams:
             raise bad("n", f"an integer in [1, {MAX_N}]")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise bad("min_tokens", "an integer in [0, max_tokens]")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise bad("repetition_penalty", "in (0, 2]")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2.0:
+            raise bad("repetition_penalty", f"in [{MIN_REPETITION_PENALTY}, 2]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "in [-2, 2]")

@@ -81,3 +81,20 @@ def test_cancelled_and_abandoned_streams_free_blocks(async_engine):
     stats = async_engine.stats()
     assert stats.num_running == stats.num_waiting == 0
     assert stats.num_free_kv_blocks == stats.num_kv_blocks
+
+
+def test_external_abort_ends_the_stream(async_engine):
+    long = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
+
+    async def main():
+        received = []
+        async for output in async_engine.generate(PROMPTS[2], long, request_id="victim"):
+            received.append(output)
+            if len(received) == 2:
+                async_engine.abort("victim")
+        return received
+
+    received = asyncio.run(asyncio.wait_for(main(), timeout=30))
+    assert 2 <= len(received) < 500 and not received[-1].finished
+    _wait_idle(async_engine)
+    assert async_engine.stats().num_free_kv_blocks == async_engine.stats().num_kv_blocks

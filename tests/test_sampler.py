@@ -106,3 +106,20 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     assert masked[3] == masked[4] == float("-inf") and masked[:3].eq(0).all()
     done = _request([0], [1, 2], min_tokens=2, stop_token_ids=[3])
     assert apply_logit_processors(logits, [done], frozenset({4})).eq(0).all()
+
+
+@pytest.mark.parametrize("fields", [{"temperature": 1e-300}, {"top_p": 1e-300}, {"temperature": 1e-6, "top_k": 2**62}])
+def test_degenerate_values_become_greedy_instead_of_overflowing(fields):
+    params = SamplingParams(**fields)
+    assert params.greedy
+
+
+def test_huge_top_k_and_tiny_top_p_still_sample():
+    from quill.engine.request import Request
+    from quill.engine.sampler import sample
+
+    logits = LOGITS.repeat(2, 1)
+    requests = [Request("a", [0], SamplingParams(top_k=2**62), torch.Generator().manual_seed(0)),
+                Request("b", [0], SamplingParams(top_p=2e-5), torch.Generator().manual_seed(0))]
+    tokens, _ = sample(logits, requests)
+    assert 0 <= tokens[0] < 5 and tokens[1] == 0

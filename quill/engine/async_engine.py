@@ -30,8 +30,11 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+    def put(self, item: RequestOutput | BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+            pass
 
 
 class AsyncEngine:
@@ -58,6 +61,8 @@ class AsyncEngine:
         try:
             while remaining:
                 item = await stream.queue.get()
+                if item is None:  # aborted
+                    return
                 if isinstance(item, BaseException):
                     raise item
                 remaining -= item.finished
@@ -109,7 +114,9 @@ class AsyncEngine:
             done.set_result(request_id)
         elif kind == "abort":
             self.engine.abort(payload)
-            self._streams.pop(payload, None)
+            stream = self._streams.pop(payload, None)
+            if stream is not None:  # aborted by someone other than its consumer: end the stream
+                stream.put(None)
 
     def _step(self) -> None:
         try:

@@ -36,7 +36,7 @@ def sample(logits: torch.Tensor, requests: list[Request],
         probs = filtered_probabilities(
             logits[sampled_rows],
             temperature=torch.tensor([p.temperature for p in params]),
-            top_k=torch.tensor([p.top_k for p in params]),
+            top_k=torch.tensor([min(p.top_k, logits.shape[-1]) for p in params]),  # huge k: no limit
             top_p=torch.tensor([p.top_p for p in params]),
             min_p=torch.tensor([p.min_p for p in params]),
         )
@@ -95,6 +95,7 @@ def filtered_probabilities(logits: torch.Tensor, *, temperature: torch.Tensor, t
     # top-p: keep the smallest prefix whose mass reaches p (the first token always stays).
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     remove |= mass_before >= top_p.to(logits)[:, None]
+    remove[:, 0] = False  # the most likely token always survives, whatever the filters say
     # min-p: drop tokens less likely than min_p times the most likely one.
     remove |= sorted_probs < min_p.to(logits)[:, None] * sorted_probs[:, :1]
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
