@@ -1,7 +1,7 @@
 # Set-up in one command each. Stamp files in .venv make every target fast when nothing changed.
 #   make install  .venv with the CPU build of torch and Quill (editable)
 #   make test     install + test dependencies, pull the real models, run the whole test suite
-#   make run      install, pull SmolLM2, chat with it
+#   make run      install, pull SmolLM2, serve it over the OpenAI-compatible HTTP API
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -33,4 +33,8 @@ test: $(VENV)/.installed-test
 
 run: install
 	$(BIN)/quill pull smollm2
-	$(BIN)/quill chat smollm2
+	@echo "Quill serves SmolLM2 on http://127.0.0.1:8000/v1 (Ctrl-C stops it). From another terminal:"
+	@echo "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"model\": \"smollm2\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 64}'"
+	@echo "or any OpenAI client with base_url=http://127.0.0.1:8000/v1 (add \"stream\": true to stream)."
+	$(BIN)/quill serve smollm2

@@ -1,0 +1,112 @@
+"""Prometheus metrics of one server, named like vLLM's with a `quill:` prefix.
+
+Each app has its own `CollectorRegistry`, so several servers in one process (tests) never clash.
+Per-request numbers (latencies, tokens, outcomes) are recorded by the routes as requests end;
+engine-wide numbers (running/waiting requests, KV usage, prefix cache) are read from the
+engine's latest stats snapshot at scrape time, so the engine thread is never touched.
+"""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# No `*_created` series next to every counter and histogram (vLLM drops them too). This is a
+# process-wide switch in prometheus-client; nothing else in Quill wants those series.
+disable_created_metrics()
+
+# Endpoints that get their own label value; anything else (404 probes, fuzzers) is "other", so
+# the label's cardinality stays bounded.
+KNOWN_ENDPOINTS = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
+    "/health", "/version", "/metrics", "/openapi.json", "/docs",
+})
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+_TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                          0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+_TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
+def endpoint_label(path: str) -> str:
+    if path in KNOWN_ENDPOINTS:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    return "other"
+
+
+class _EngineCollector:
+    """Engine-wide gauges and counters, from `AsyncEngine.stats()` at scrape time."""
+
+    def __init__(self, engine, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def collect(self):
+        stats = self.engine.stats()
+        label = [self.model_name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(label, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric(label, value)
+            return family
+
+        yield gauge("quill:num_requests_running", "Sequences in the engine's running batch.", stats.num_running)
+        yield gauge("quill:num_requests_waiting", "Sequences waiting to be scheduled.", stats.num_waiting)
+        yield gauge("quill:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", stats.kv_cache_usage)
+        yield gauge("quill:num_kv_blocks", "KV-cache blocks in the engine.", stats.num_kv_blocks)
+        yield counter("quill:prefix_cache_queries", "Prefix-cache lookups.", stats.prefix_cache_queries)
+        yield counter("quill:prefix_cache_hits", "Prefix-cache lookups that hit.", stats.prefix_cache_hits)
+        yield counter("quill:num_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions)
+        yield counter("quill:engine_prompt_tokens", "Prompt tokens the model computed (prefix-cache hits excluded).",
+                      stats.num_prompt_tokens)
+
+
+class ServerMetrics:
+    def __init__(self, engine, model_name: str) -> None:
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.http_requests = Counter("quill:http_requests", "HTTP requests by endpoint and status code.",
+                                     ["endpoint", "status"], registry=registry)
+        self.request_success = Counter("quill:request_success", "Finished sequences by finish reason.",
+                                       ["model_name", "finished_reason"], registry=registry)
+        self.prompt_tokens = Counter("quill:prompt_tokens", "Prompt tokens of admitted requests.",
+                                     ["model_name"], registry=registry)
+        self.generation_tokens = Counter("quill:generation_tokens", "Generated tokens.",
+                                         ["model_name"], registry=registry)
+        self.time_to_first_token = Histogram("quill:time_to_first_token_seconds", "Time to first token.",
+                                             ["model_name"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.e2e_latency = Histogram("quill:e2e_request_latency_seconds", "End-to-end latency of a sequence.",
+                                     ["model_name"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.queue_time = Histogram("quill:request_queue_time_seconds", "Time a sequence waited to be scheduled.",
+                                    ["model_name"], buckets=_LATENCY_BUCKETS, registry=registry)
+        self.inter_token_latency = Histogram("quill:inter_token_latency_seconds", "Time between output tokens.",
+                                             ["model_name"], buckets=_TOKEN_LATENCY_BUCKETS, registry=registry)
+        self.request_prompt_tokens = Histogram("quill:request_prompt_tokens", "Prompt length of a request.",
+                                               ["model_name"], buckets=_TOKEN_COUNT_BUCKETS, registry=registry)
+        self.request_generation_tokens = Histogram("quill:request_generation_tokens", "Tokens generated per sequence.",
+                                                   ["model_name"], buckets=_TOKEN_COUNT_BUCKETS, registry=registry)
+        registry.register(_EngineCollector(engine, model_name))
+
+    def observe_sequence(self, metrics, finish_reason: str | None, num_tokens: int) -> None:
+        """Record one finished (or aborted) sequence from its engine-side `RequestMetrics`."""
+        name = self.model_name
+        self.request_success.labels(name, finish_reason or "abort").inc()
+        self.request_generation_tokens.labels(name).observe(num_tokens)
+        if metrics is None:
+            return
+        for histogram, value in ((self.time_to_first_token, metrics.ttft), (self.queue_time, metrics.queue_time),
+                                 (self.e2e_latency, metrics.e2e_latency)):
+            if value is not None:
+                histogram.labels(name).observe(max(0.0, value))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
