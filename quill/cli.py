@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser(
         "run",
-        parents=[_model_options(), _sampling_options()],
+        parents=[_model_options(), _chat_options(), _sampling_options()],
         help="answer one prompt, streaming to stdout",
         description="Answer one prompt and stream the answer to stdout; a stats line goes to stderr. "
         "The prompt goes through the model's chat template when it has one, else it is completed as plain text.",
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser(
         "chat",
-        parents=[_model_options(), _sampling_options()],
+        parents=[_model_options(), _chat_options(), _sampling_options()],
         help="chat interactively with a model",
         description="Multi-turn chat in the terminal. Each answer streams, then TTFT, decode speed and token "
         "counts are shown on stderr. Type /reset to start over, /exit or Ctrl-D to quit. "
@@ -89,13 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
+        parents=[_model_options()],
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over HTTP with the OpenAI API (/v1/chat/completions, /v1/completions, "
         "/v1/models) plus /tokenize, /detokenize, /health, /version and /metrics. SIGTERM or Ctrl-C stops "
         "accepting requests and gives in-flight ones --shutdown-grace seconds. One JSON line per request is "
         "logged to stderr.",
     )
-    serve.add_argument("model", help=MODEL_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     serve.add_argument("--api-key", metavar="KEY",
@@ -111,15 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
     serve.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                        help="time in-flight requests get to finish at shutdown (default: %(default)s)")
-    serve.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                       help="compute precision (default: %(default)s)")
-    serve.add_argument("--max-model-len", type=int, metavar="N",
-                       help="context length limit (default: the model's own)")
-    serve.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
-                       help="memory for the paged KV cache, e.g. 512MiB or 2GiB (default: room for "
-                            "64 full-length sequences, at most 1GiB)")
-    serve.add_argument("--chat-template", metavar="FILE",
-                       help="Jinja2 chat template to use instead of the model's own")
     serve.set_defaults(func=_cmd_serve)
     return parser
 
@@ -136,6 +127,11 @@ def _model_options() -> argparse.ArgumentParser:
                               "64 full-length sequences, at most 1GiB)")
     options.add_argument("--chat-template", metavar="FILE",
                          help="Jinja2 chat template to use instead of the model's own")
+    return options
+
+
+def _chat_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
     options.add_argument("--system", metavar="TEXT", help="system message for chat mode")
     return options
 
