@@ -189,6 +189,15 @@ def default_model_file(model: str) -> Path:
 # ---------------------------------------------------------------------------- main
 
 
+def measure_started(name: str, command: list[str], port: int, ready_path: str, log: Path,
+                    args: argparse.Namespace) -> dict:
+    """Start a server, run the load against it once it answers `ready_path`, stop it."""
+    url = f"http://127.0.0.1:{port}"
+    print(f"starting {name} on {url} ...", file=sys.stderr, flush=True)
+    with started_server(command, url, ready_path, log):
+        return asyncio.run(run_load(url, args))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-url", action="append", default=[], metavar="URL",
@@ -216,19 +225,14 @@ def main() -> int:
         results[url] = asyncio.run(run_load(url.rstrip("/"), args))
     if args.start_quill:
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        print(f"starting quill serve {args.start_quill} on {url} ...", file=sys.stderr, flush=True)
-        with started_server(quill_command(args.start_quill, port, args), url, "/health",
-                            args.log_dir / "serve_load_quill.log"):
-            results["quill"] = asyncio.run(run_load(url, args))
+        results["quill"] = measure_started(f"quill serve {args.start_quill}", quill_command(args.start_quill, port, args),
+                                           port, "/health", args.log_dir / "serve_load_quill.log", args)
     if args.start_llama_cpp:
         model_file = Path(args.model_file) if args.model_file else default_model_file(args.start_quill or "smollm2")
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        print(f"starting llama-cpp-python's server on {url} ...", file=sys.stderr, flush=True)
-        with started_server(llama_cpp_command(args.start_llama_cpp, model_file, port), url, "/v1/models",
-                            args.log_dir / "serve_load_llama_cpp.log"):
-            results["llama.cpp"] = asyncio.run(run_load(url, args))
+        results["llama.cpp"] = measure_started("llama-cpp-python's server",
+                                               llama_cpp_command(args.start_llama_cpp, model_file, port),
+                                               port, "/v1/models", args.log_dir / "serve_load_llama_cpp.log", args)
 
     print_table(results)
     if args.json:
