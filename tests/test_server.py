@@ -24,7 +24,9 @@ import pytest
 
 from engine_helpers import tiny_engine
 from quill.server import BackgroundServer, ServerConfig, create_app
-from quill.server.app import _TokenText, _timings, _validation_error
+from quill.server.errors import validation_error
+from quill.server.logprobs import TokenText
+from quill.server.runs import timings
 from quill.outputs import RequestMetrics
 
 # ------------------------------------------------------------------------------ helpers
@@ -89,24 +91,24 @@ def sse_events(response: httpx.Response) -> list:
 
 
 def test_validation_errors_name_the_field():
-    error = _validation_error([{"type": "greater_than_equal", "loc": ("body", "max_tokens"), "msg": "too small"}])
+    error = validation_error([{"type": "greater_than_equal", "loc": ("body", "max_tokens"), "msg": "too small"}])
     assert (error.status, error.param) == (400, "max_tokens")
-    error = _validation_error([{"type": "literal_error", "loc": ("body", "messages", 0, "role"), "msg": "bad role"}])
+    error = validation_error([{"type": "literal_error", "loc": ("body", "messages", 0, "role"), "msg": "bad role"}])
     assert error.param == "messages[0].role"
-    error = _validation_error([{"type": "json_invalid", "loc": ("body", 3), "msg": "x", "ctx": {"error": "oops"}}])
+    error = validation_error([{"type": "json_invalid", "loc": ("body", 3), "msg": "x", "ctx": {"error": "oops"}}])
     assert (error.status, error.param, error.code) == (400, None, "invalid_json")
-    error = _validation_error([{"type": "string_type", "loc": ("body", "prompt", "str"), "msg": "x"},
-                               {"type": "list_type", "loc": ("body", "prompt", "list[int]"), "msg": "x"}])
+    error = validation_error([{"type": "string_type", "loc": ("body", "prompt", "str"), "msg": "x"},
+                              {"type": "list_type", "loc": ("body", "prompt", "list[int]"), "msg": "x"}])
     assert error.param == "prompt" and "list of token ids" in error.message
 
 
 def test_timings_of_one_choice_are_its_metrics():
     metrics = RequestMetrics(arrival_time=10.0, first_scheduled_time=10.5, first_token_time=11.0,
                              last_token_time=13.0, finished_time=13.0, num_generated_tokens=5)
-    timings = _timings([metrics], completion_tokens=5)
-    assert timings == {"queue_time": 0.5, "time_to_first_token": 1.0, "generation_time": 2.0,
-                       "tokens_per_second": 2.0, "e2e_latency": 3.0}
-    assert _timings([], 0)["time_to_first_token"] is None
+    result = timings([metrics], completion_tokens=5)
+    assert result == {"queue_time": 0.5, "time_to_first_token": 1.0, "generation_time": 2.0,
+                      "tokens_per_second": 2.0, "e2e_latency": 3.0}
+    assert timings([], 0)["time_to_first_token"] is None
 
 
 def test_token_bytes_for_logprobs():
@@ -114,12 +116,12 @@ def test_token_bytes_for_logprobs():
     from quill.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_gguf_metadata(tiny_sentencepiece_metadata())
-    text = _TokenText(tokenizer)
+    text = TokenText(tokenizer)
     pieces = {tokenizer.backend.id_to_token(i): i for i in range(tokenizer.vocab_size)}
     assert text.bytes(pieces["<0x0A>"]) == b"\n" and text.bytes(pieces["<0xE2>"]) == b"\xe2"
     assert text.text(pieces["▁Hello"]) == " Hello"
     assert text.bytes(2) == b"" and text.text(2, skip_special=False) == "</s>"  # EOS
-    assert _TokenText(None).text(7) == "token_id:7"  # an engine without a tokenizer
+    assert TokenText(None).text(7) == "token_id:7"  # an engine without a tokenizer
 
 
 def test_serve_command_options():
@@ -345,6 +347,10 @@ def test_tiny_request_log(tiny):
         client.post("/v1/completions", json=_tiny_completion(max_tokens=0))
         with configured(app, log_prompts=True):
             client.post("/v1/completions", json=_tiny_completion())
+            # The line is written once the response has been sent, so it can trail the client.
+            deadline = time.monotonic() + 5
+            while len(captured.messages) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
     finally:
         logger.removeHandler(captured)
         logger.setLevel(level)
@@ -517,7 +523,7 @@ def test_real_errors(client, real, llm, monkeypatch):
 
 @pytest.mark.real_model
 def test_byte_level_token_bytes_reassemble_the_text(llm):
-    text = _TokenText(llm.tokenizer)
+    text = TokenText(llm.tokenizer)
     for sample in ("Hello world", "café ☃ naïve 日本語"):
         ids = llm.tokenizer.encode(sample)
         assert b"".join(text.bytes(i) for i in ids) == sample.encode()

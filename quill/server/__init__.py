@@ -1,4 +1,5 @@
 """The OpenAI-compatible HTTP server (`quill serve`): see `app.py`."""
-from quill.server.app import BackgroundServer, ServerConfig, create_app, serve
+from quill.server.app import ServerConfig, create_app
+from quill.server.runner import BackgroundServer, serve
 
 __all__ = ["BackgroundServer", "ServerConfig", "create_app", "serve"]

@@ -1,0 +1,145 @@
+"""The ASGI middleware in front of every request (`Gate`): the API-key check, the request body
+size limit (read and drained before the 413), the `X-Request-Id` header, the HTTP request counter
+and the one-line JSON request log. It also makes the JSON endpoints read their body as JSON
+whatever Content-Type the client sent.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from quill.server.errors import APIError
+from quill.server.metrics import endpoint_label
+
+if TYPE_CHECKING:
+    from quill.server.app import QuillServer
+
+request_log = logging.getLogger("quill.requests")
+
+# Paths that stay open when an API key is set: probes and scrapers rarely carry keys.
+OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+# POST endpoints whose body is JSON whatever Content-Type the client sent (curl -d sends a form type).
+JSON_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"})
+# Bodies past the limit are read and dropped up to this many bytes before the 413, so the client
+# can read the answer instead of a connection reset; beyond it the connection is just closed.
+_DRAIN_LIMIT = 64 << 20
+
+
+class Gate:
+    """Pure ASGI middleware around every request: API key, body size limit, request id, the HTTP
+    request counter and the one-line JSON request log."""
+
+    def __init__(self, app, server: QuillServer) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        config = self.server.config
+        path, method = scope["path"], scope["method"]
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        details: dict[str, Any] = {}
+        scope["quill"] = details
+        scope["quill.request_id"] = request_id
+        status = 500
+
+        async def send_with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            if config.api_key and path not in OPEN_PATHS and not self._authorized(scope, config.api_key):
+                error = APIError(401, "Incorrect or missing API key. Send it as `Authorization: Bearer KEY`.",
+                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                details["error"] = error.message
+                return await error.response()(scope, receive, send_with_id)
+            if method in ("POST", "PUT", "PATCH"):
+                body, too_large = await self._read_body(scope, receive, config.max_body_bytes)
+                if body is None:  # the client left while sending
+                    status = 499
+                    return
+                if too_large:
+                    error = APIError(413, f"The request body is larger than the limit of {config.max_body_bytes} bytes.",
+                                     code="request_too_large")
+                    details["error"] = error.message
+                    return await error.response()(scope, receive, send_with_id)
+                if path in JSON_PATHS:
+                    _force_json_content_type(scope)
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.server.metrics.http_requests.labels(endpoint_label(path), str(status)).inc()
+            if method == "POST" and path in JSON_PATHS:
+                self._log(request_id, path, status, started, details)
+
+    @staticmethod
+    def _authorized(scope, api_key: str) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+        return False
+
+    @staticmethod
+    async def _read_body(scope, receive, limit: int) -> tuple[bytes | None, bool]:
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > _DRAIN_LIMIT:
+                    return b"", True  # too big to drain: answer now
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, False
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > _DRAIN_LIMIT:
+                return b"", True
+            if not message.get("more_body", False):
+                break
+        return (b"", True) if size > limit else (b"".join(chunks), False)
+
+    def _log(self, request_id: str, path: str, status: int, started: float, details: dict) -> None:
+        if not request_log.isEnabledFor(logging.INFO):
+            return
+        record = {"id": details.pop("response_id", request_id), "endpoint": path, "status": status}
+        if not self.server.config.log_prompts:
+            details.pop("prompt", None)
+        record.update(details)
+        record["duration"] = round(time.perf_counter() - started, 6)
+        request_log.info(json.dumps(record, ensure_ascii=False, default=str))
+
+
+def _force_json_content_type(scope) -> None:
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+    scope["headers"] = [*headers, (b"content-type", b"application/json")]
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that hands the app the body read by the gate, then the client's later events
+    (the disconnect the routes watch for)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
