@@ -39,6 +39,7 @@ TOPICS = ["a lighthouse keeper", "a dragon who cannot fly", "a lost robot", "the
           "a river that flows uphill", "a chess prodigy", "a haunted library", "a deep-sea explorer", "a tiny village baker",
           "a time-travelling cat", "a mountain rescue team", "an old sailing ship", "a desert caravan", "a secret garden",
           "a jazz musician", "a volcano observatory", "a forgotten king", "a polar research station", "a street magician"]
+NOTE_WORDS = " ".join(TOPICS).split()
 
 
 @dataclass
@@ -53,9 +54,13 @@ class StreamResult:
 
 async def one_stream(client: httpx.AsyncClient, model: str, index: int, args: argparse.Namespace) -> StreamResult:
     topic = TOPICS[index % len(TOPICS)]
+    request = f"Write a long, detailed story about {topic} (story {index})."
+    if args.prompt_words:  # a long prompt, distinct from its first words on so no prefix is shared
+        notes = " ".join(NOTE_WORDS[(index * 7 + i) % len(NOTE_WORDS)] for i in range(args.prompt_words))
+        request = f"Reader {index} took these notes: {notes}. {request}"
     body = {
         "model": model, "stream": True, "max_tokens": args.max_tokens, "temperature": args.temperature,
-        "messages": [{"role": "user", "content": f"Write a long, detailed story about {topic} (story {index})."}],
+        "messages": [{"role": "user", "content": request}],
         "stream_options": {"include_usage": True},
     }
     if args.ignore_eos:
@@ -209,6 +214,8 @@ def main() -> int:
                                              "else SmolLM2's)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent streams (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=128, help="output tokens per stream (default: %(default)s)")
+    parser.add_argument("--prompt-words", type=int, default=0, metavar="N",
+                        help="prepend N words of notes to each prompt (400 give SmolLM2 prompts of ~512 tokens)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                         help="let Quill stop at EOS (by default it is asked to ignore it)")
