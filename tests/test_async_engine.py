@@ -98,3 +98,26 @@ def test_external_abort_ends_the_stream(async_engine):
     assert 2 <= len(received) < 500 and not received[-1].finished
     _wait_idle(async_engine)
     assert async_engine.stats().num_free_kv_blocks == async_engine.stats().num_kv_blocks
+
+
+def test_callers_cancelled_while_their_request_is_added_leak_nothing(async_engine):
+    """A client may vanish between submitting and the engine thread adding its request; the
+    engine thread must survive and the request must not be left running."""
+    busy = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+
+    async def main():
+        background = asyncio.create_task(_collect(async_engine, PROMPTS[5], busy))
+        await asyncio.sleep(0.05)
+        for delay in [0, 0, 0.001, 0.002, 0.005, 0.01, 0.02] * 3:
+            task = asyncio.create_task(_collect(async_engine, PROMPTS[1], busy))
+            await asyncio.sleep(delay)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await background
+        return await _collect(async_engine, PROMPTS[0])  # the engine thread is still serving
+
+    assert len(asyncio.run(asyncio.wait_for(main(), timeout=60))) == GREEDY.max_tokens
+    _wait_idle(async_engine)
+    stats = async_engine.stats()
+    assert stats.num_running == stats.num_waiting == 0
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks

@@ -11,6 +11,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -53,12 +54,15 @@ class AsyncEngine:
         """Submit a request and yield its outputs as they are produced. Invalid requests raise
         before anything is yielded; leaving the loop early (or being cancelled) aborts it."""
         params = params or SamplingParams()
+        # The id is fixed here, not by the engine, so that a caller cancelled while the engine
+        # is still adding the request can abort it all the same.
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         added: concurrent.futures.Future[str] = concurrent.futures.Future()
         self._commands.put(("add", (prompt, params, request_id, stream), added))
-        request_id = await asyncio.wrap_future(added)
         remaining = params.n
         try:
+            await asyncio.wrap_future(added)
             while remaining:
                 item = await stream.queue.get()
                 if item is None:  # aborted
@@ -68,7 +72,8 @@ class AsyncEngine:
                 remaining -= item.finished
                 yield item
         finally:
-            if remaining:
+            rejected = added.done() and (added.cancelled() or added.exception() is not None)
+            if remaining and not rejected:  # never abort another request that owns a clashing id
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
@@ -97,13 +102,18 @@ class AsyncEngine:
         try:
             command = self._commands.get(block=block)
             while True:
-                self._run_command(*command)
+                try:
+                    self._run_command(*command)
+                except Exception:  # one bad command must not stop the engine thread
+                    log.exception("engine command %r failed", command[0])
                 command = self._commands.get_nowait()
         except queue.Empty:
             pass
 
     def _run_command(self, kind: str, payload, done: concurrent.futures.Future | None) -> None:
         if kind == "add":
+            if not done.set_running_or_notify_cancel():  # the caller gave up before we got here
+                return
             prompt, params, request_id, stream = payload
             try:
                 request_id = self.engine.add_request(prompt, params, request_id)
