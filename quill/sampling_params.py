@@ -11,6 +11,9 @@ MAX_LOGPROBS = 20
 # vLLM). Dividing logits by a vanishing temperature would overflow the sampler instead.
 SAMPLING_EPS = 1e-5
 MIN_REPETITION_PENALTY = 0.01  # dividing logits by less overflows them
+# Stop strings are matched against held-back text on every token, on the engine thread: bound them.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_LENGTH = 256
 
 
 @dataclass
@@ -62,8 +65,10 @@ class SamplingParams:
             raise bad("min_p", "in [0, 1]")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise bad("seed", "an integer or None")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise bad("stop", "a list of non-empty strings")
+        if len(self.stop) > MAX_STOP_STRINGS or any(
+                not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_STRING_LENGTH for s in self.stop):
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                              f"{MAX_STOP_STRING_LENGTH} characters")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative integers")
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
