@@ -43,7 +43,14 @@ class LLM:
         `params.n` > 1, each prompt's n completions are consecutive (see `RequestOutput.index`)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        ids = [self.engine.add_request(p, params) for p in prompts]
+        ids: list[str] = []
+        try:
+            for prompt in prompts:
+                ids.append(self.engine.add_request(prompt, params))
+        except Exception:  # one bad prompt: withdraw the ones already queued
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
         return self._run_to_completion(ids)
 
     def chat(self, messages: Messages, params: SamplingParams | None = None,

@@ -101,6 +101,13 @@ def test_bad_prompts_are_clear_errors(smollm2):
         smollm2.generate([1] * (smollm2.engine.max_model_len + 5), GREEDY)
 
 
+def test_one_bad_prompt_in_a_batch_leaves_nothing_queued(smollm2):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        smollm2.generate(["The sky is", ""], GREEDY)
+    assert not smollm2.engine.has_unfinished()
+    assert smollm2.engine.kv_cache.num_free_blocks == smollm2.engine.kv_cache.num_blocks
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError):
         LLM(tmp_path / "nope.gguf")
