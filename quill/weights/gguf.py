@@ -358,8 +358,6 @@ def _rope_scaling(key, head_dim: int, rope_theta: float, rope_freqs: np.ndarray 
         return None
     if kind in (None, "linear"):  # llama.cpp's default type when only a factor is given
         return {"rope_type": "linear", "factor": float(factor)}
-    if kind == "yarn":
-        return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original_context)}
     raise UnsupportedModelError(f"{path.name}: RoPE scaling type {kind!r} is not supported")
 
 

@@ -136,10 +136,6 @@ def _add_rope_scaling(writer: gguf.GGUFWriter, arch: str, config: ModelConfig) -
     elif kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
-    elif kind == "yarn":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(scaling["factor"])
-        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     else:
         raise UnsupportedModelError(f"cannot write RoPE scaling {kind!r} for {arch} as GGUF")
 
