@@ -136,11 +136,9 @@ class Engine:
         """Stop a request (all its n completions) now and free its KV blocks. Unknown or
         finished ids are ignored."""
         for internal_id in self._groups.pop(request_id, ()):
-            request = self.requests.pop(internal_id, None)
+            request = self.requests.get(internal_id)
             if request is not None:
-                request.finish_reason = "abort"
-                self.scheduler.finish(request)
-                self._detokenizers.pop(internal_id, None)
+                self._finish(request, "abort", time.perf_counter())
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -75,9 +75,13 @@ class KVCacheManager:
             if block_id is None:
                 break
             blocks.append(block_id)
-        self.prefix_cache_queries += request.num_tokens
-        self.prefix_cache_hits += len(blocks) * self.block_size
         return blocks
+
+    def record_prefix_lookup(self, num_tokens: int, num_cached_tokens: int) -> None:
+        """Count one admitted request's lookup (not retries of a request that did not fit)."""
+        if self.enable_prefix_caching:
+            self.prefix_cache_queries += num_tokens
+            self.prefix_cache_hits += num_cached_tokens
 
     def allocate(self, request: Request, num_new_tokens: int, cached_prefix: list[int] = ()) -> bool:
         """Give the request blocks for `num_new_tokens` more tokens (after its cached prefix, if any).

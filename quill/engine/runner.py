@@ -46,13 +46,10 @@ class ModelRunner:
                 module.row_multiple = BATCH_INVARIANT_ROW_MULTIPLE if batch_invariant else 1
         self._block_offsets = torch.arange(block_size, device=device)
 
-    def _slots(self, request: Request, start: int, end: int) -> torch.Tensor:
-        """Cache slots of the request's token positions [start, end)."""
-        first_block, last_block = start // self.block_size, -(-end // self.block_size)
-        blocks = torch.tensor(request.block_ids[first_block:last_block], device=self.device)
-        slots = (blocks[:, None] * self.block_size + self._block_offsets).flatten()
-        offset = first_block * self.block_size
-        return slots[start - offset:end - offset]
+    def _context_slots(self, request: Request, num_tokens: int) -> torch.Tensor:
+        """Cache slots of the request's first `num_tokens` positions."""
+        blocks = torch.tensor(request.block_ids[:-(-num_tokens // self.block_size)], device=self.device)
+        return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:num_tokens]
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[list[Request], torch.Tensor]:
@@ -69,7 +66,7 @@ class ModelRunner:
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
             token_ids.extend(request.token_ids[start:end])
             positions.append(torch.arange(start, end, device=self.device))
-            slots = self._slots(request, 0, end)
+            slots = self._context_slots(request, end)
             slot_mapping.append(slots[start:end])
             if start > 0:  # part of the context is already cached: attention reads it all from there
                 cached_context_slots.append(slots)

@@ -38,7 +38,6 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -55,14 +54,12 @@ class Scheduler:
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new):
+            if not self._allocate_or_preempt(request, num_new, batch):
                 continue
             batch.requests.append(request)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
-        batch.num_preempted = self.num_preemptions
         if batch.num_preempted:
-            self.num_preemptions = 0
             return batch  # memory is tight: admit nobody new this step
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
@@ -73,6 +70,7 @@ class Scheduler:
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv_cache.allocate(request, num_new, cached_prefix):
                 break
+            self.kv_cache.record_prefix_lookup(request.num_tokens, num_cached)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             if request.metrics.first_scheduled_time is None:
@@ -91,7 +89,7 @@ class Scheduler:
             other.prompt_key == request.prompt_key and other.is_prefilling for other in self.running
         )
 
-    def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
+    def _allocate_or_preempt(self, request: Request, num_new: int, batch: ScheduledBatch) -> bool:
         """Allocate for a running request, preempting the newest others until it fits.
 
         Returns False if the request itself had to be preempted.
@@ -99,6 +97,7 @@ class Scheduler:
         while not self.kv_cache.allocate(request, num_new):
             victim = self.running[-1]
             self._preempt(victim)
+            batch.num_preempted += 1
             if victim is request:
                 return False
         return True
@@ -108,7 +107,6 @@ class Scheduler:
         self.kv_cache.free(request)
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
-        self.num_preemptions += 1
 
     def finish(self, request: Request) -> None:
         """Remove a finished or aborted request, wherever it is, and free its blocks."""
