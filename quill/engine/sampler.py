@@ -86,6 +86,8 @@ def filtered_probabilities(logits: torch.Tensor, *, temperature: torch.Tensor, t
                            top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Per-row probabilities after temperature, top-k (0 = off), top-p and min-p filtering."""
     logits = logits / temperature.to(logits)[:, None]
+    if (top_k == 0).all() and (top_p >= 1.0).all() and (min_p == 0.0).all():
+        return logits.softmax(dim=-1)  # nothing to filter: skip sorting the whole vocabulary
     vocab = logits.shape[-1]
     sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab)[None, :]

@@ -48,32 +48,43 @@ class PagedAttention(nn.Module):
         outputs = []
         start = cached_start = 0
         for query_len, context_len in zip(meta.query_lens, meta.context_lens):
+            first_key = self._first_visible_key(query_len, context_len)
             if query_len == context_len:  # nothing cached before: use this step's keys directly
-                k_seq, v_seq = k[:, start:start + query_len], v[:, start:start + query_len]
+                k_seq, v_seq = k[:, start + first_key:start + query_len], v[:, start + first_key:start + query_len]
             else:
-                k_seq = cached_k[:, cached_start:cached_start + context_len]
-                v_seq = cached_v[:, cached_start:cached_start + context_len]
+                k_seq = cached_k[:, cached_start + first_key:cached_start + context_len]
+                v_seq = cached_v[:, cached_start + first_key:cached_start + context_len]
                 cached_start += context_len
-            outputs.append(self._attend(q[:, start:start + query_len], k_seq, v_seq))
+            outputs.append(self._attend(q[:, start:start + query_len], k_seq, v_seq, first_key))
             start += query_len
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return out.transpose(0, 1).reshape(-1, self.num_heads * self.head_dim).to(out_dtype)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [heads, queries, dim]; k, v: [kv_heads, keys, dim]. PyTorch's fused CPU kernel takes
-        4-D inputs (3-D ones fall back to a path about 3x slower for long prompts)."""
-        mask = self._mask(q.shape[1], k.shape[1], q.device)
+    def _first_visible_key(self, query_len: int, context_len: int) -> int:
+        """Position of the oldest key any of these queries can see: a sliding-window layer never
+        needs to look further back than its window."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, context_len - query_len - self.sliding_window + 1)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_key: int) -> torch.Tensor:
+        """q: [heads, queries, dim]; k, v: [kv_heads, keys, dim], the keys from position
+        `first_key` on. PyTorch's fused CPU kernel takes 4-D inputs (3-D ones fall back to a path
+        about 3x slower for long prompts)."""
+        context_len = first_key + k.shape[1]
+        mask = self._mask(q.shape[1], context_len, first_key, q.device)
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=self.scale,
                                              enable_gqa=True)
         return out[0]
 
-    def _mask(self, query_len: int, context_len: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean [query, key] mask (True = attend): causal, plus the sliding window if any."""
+    def _mask(self, query_len: int, context_len: int, first_key: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean [query, key] mask (True = attend) over keys first_key..context_len-1: causal,
+        plus the sliding window if any."""
         window = self.sliding_window
-        if query_len == 1 and (window is None or context_len <= window):
+        if query_len == 1 and (window is None or context_len - first_key <= window):
             return None
         query_pos = torch.arange(context_len - query_len, context_len, device=device)[:, None]
-        key_pos = torch.arange(context_len, device=device)[None, :]
+        key_pos = torch.arange(first_key, context_len, device=device)[None, :]
         mask = key_pos <= query_pos
         if window is not None:
             mask &= query_pos - key_pos < window
