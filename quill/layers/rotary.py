@@ -47,22 +47,28 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Ten
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin tables indexed by absolute position."""
+    """cos/sin of position x frequency, computed for the positions at hand.
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
+    No table by position: for a long context it would cost hundreds of MB (Gemma 3: 32k positions
+    x 256 dims, twice) to save a few microseconds. The values are the same float32 products the
+    reference computes."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()
-        # Explicit CPU tensors: models are instantiated on the meta device, but these tables
-        # are computed here, not loaded from the checkpoint.
-        inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
-        freqs = torch.arange(max_positions, dtype=torch.float32, device="cpu")[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # An explicit CPU tensor: models are instantiated on the meta device, but this one is
+        # computed here, not loaded from the checkpoint.
+        self.register_buffer("inv_freq", rope_inverse_frequencies(head_dim, theta, scaling), persistent=False)
+        # Every layer of one forward pass gets the same positions tensor: compute cos/sin once.
+        self._positions: torch.Tensor | None = None
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]; positions: [tokens]."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
+        if positions is not self._positions:
+            freqs = positions.float()[:, None] * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+            self._positions, self._cos_sin = positions, (emb.cos(), emb.sin())
+        cos, sin = self._cos_sin
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

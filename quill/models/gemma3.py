@@ -38,9 +38,8 @@ class Gemma3ForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        max_pos = config.max_position_embeddings
-        global_rotary = RotaryEmbedding(config.head_dim, max_pos, config.rope_theta, config.rope_scaling)
-        local_rotary = RotaryEmbedding(config.head_dim, max_pos, config.rope_local_theta or config.rope_theta, None)
+        global_rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        local_rotary = RotaryEmbedding(config.head_dim, config.rope_local_theta or config.rope_theta, None)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(config, i, local_rotary if kind == "sliding" else global_rotary)
