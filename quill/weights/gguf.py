@@ -25,6 +25,7 @@ import torch
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
+from quill.layers.rotary import rope_inverse_frequencies
 from quill.weights import Checkpoint
 from quill.weights.layout import check_shapes, expected_shapes
 
@@ -76,19 +77,11 @@ def hf_to_gguf_name(architecture: str, name: str) -> str:
 
 
 def llama3_rope_factors(head_dim: int, rope_theta: float, rope_scaling: dict[str, Any]) -> np.ndarray:
-    """Per-frequency divisors of Llama 3 RoPE scaling, as llama.cpp stores them in `rope_freqs.weight`
-    (same formula as its converter and as transformers' `_compute_llama3_parameters`)."""
-    factor = rope_scaling["factor"]
-    low, high = rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
-    old_context = rope_scaling["original_max_position_embeddings"]
-    freqs = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * np.pi / freqs
-    smooth = (old_context / wavelen - low) / (high - low)
-    factors = np.where(
-        wavelen < old_context / high, 1.0,
-        np.where(wavelen > old_context / low, factor, 1 / ((1 - smooth) / factor + smooth)),
-    )
-    return factors.astype(np.float32)
+    """Per-frequency divisors of Llama 3 RoPE scaling, as llama.cpp stores them in `rope_freqs.weight`.
+    Derived from the runtime's own RoPE formula, so the file and the model cannot disagree."""
+    default = rope_inverse_frequencies(head_dim, rope_theta, None)
+    scaled = rope_inverse_frequencies(head_dim, rope_theta, {**rope_scaling, "rope_type": "llama3"})
+    return (default / scaled).numpy()
 
 
 @dataclass(frozen=True)
