@@ -21,12 +21,13 @@ Messages = list[dict]
 
 class LLM:
     def __init__(self, model: str | Path, *, dtype: str = "bfloat16", max_model_len: int | None = None,
-                 chat_template: str | None = None, **engine_options) -> None:
+                 chat_template: str | None = None, dequantize: bool = False, **engine_options) -> None:
         """`model`: a .gguf file, a Hugging Face directory, or a known name (pulled on first use).
-        `engine_options` are `EngineConfig` fields (block_size, kv_cache_memory, max_num_seqs, ...)."""
+        Quantized GGUF weights run natively unless `dequantize` expands them all to `dtype` (the
+        reference path). `engine_options` are `EngineConfig` fields (block_size, kv_cache_memory, ...)."""
         started = time.perf_counter()
         self.path = resolve_model(model)
-        checkpoint = load_checkpoint(self.path, getattr(torch, dtype))
+        checkpoint = load_checkpoint(self.path, getattr(torch, dtype), keep_quantized=not dequantize)
         self.config = checkpoint.config
         self.tokenizer: Tokenizer = load_tokenizer(self.path)
         self.chat_template = chat_template

@@ -13,6 +13,7 @@ from quill.config import ModelConfig
 from quill.engine.request import Request
 from quill.layers.attention import AttentionMetadata, PagedAttention
 from quill.layers.linear import BATCH_INVARIANT_ROW_MULTIPLE, Linear
+from quill.layers.quantized import DENSE_MIN_ROWS, QuantizedLinear
 
 
 def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -42,8 +43,10 @@ class ModelRunner:
                 # untouched pages of a large budget then cost no resident memory.
                 module.k_cache = torch.empty(shape, dtype=cache_dtype, device=device)
                 module.v_cache = torch.empty(shape, dtype=cache_dtype, device=device)
-            if isinstance(module, Linear):
+            if isinstance(module, (Linear, QuantizedLinear)):
                 module.row_multiple = BATCH_INVARIANT_ROW_MULTIPLE if batch_invariant else 1
+            if isinstance(module, QuantizedLinear):  # switching kernels by batch size breaks invariance
+                module.dense_min_rows = None if batch_invariant else DENSE_MIN_ROWS
         self._block_offsets = torch.arange(block_size, device=device)
 
     def _context_slots(self, request: Request, num_tokens: int) -> torch.Tensor:

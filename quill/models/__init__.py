@@ -1,13 +1,19 @@
 """Model registry: architecture name -> model class, and loading checkpoint tensors into it."""
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 import torch
 from torch import nn
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
+from quill.layers.quantized import QuantizedWeight, quantized_linear
 from quill.models.gemma3 import Gemma3ForCausalLM
 from quill.models.llama import LlamaForCausalLM
+
+log = logging.getLogger("quill")
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "llama": LlamaForCausalLM,
@@ -23,8 +29,9 @@ _FUSED = {
 }
 
 
-def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Instantiate the architecture and fill it with checkpoint tensors (Hugging Face names)."""
+def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Instantiate the architecture and fill it with checkpoint tensors (Hugging Face names).
+    `QuantizedWeight`s become native quantized layers where a kernel takes their format."""
     if config.architecture not in MODEL_CLASSES:
         raise UnsupportedModelError(
             f"architecture {config.architecture!r} is not supported (supported: {', '.join(MODEL_CLASSES)})"
@@ -32,6 +39,7 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: to
     with torch.device("meta"):
         model = MODEL_CLASSES[config.architecture](config)
     params = _quill_tensors(tensors, config.tie_word_embeddings)
+    _install_quantized_layers(model, params, dtype)
     expected = {name for name, _ in model.named_parameters()}  # tied lm_head appears once, as embed_tokens
     missing = sorted(expected - params.keys())
     unexpected = sorted(params.keys() - expected - {"lm_head.weight"})
@@ -44,7 +52,32 @@ def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: to
     return model.eval().requires_grad_(False)
 
 
-def _quill_tensors(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
+def _install_quantized_layers(model: nn.Module, params: dict, dtype: torch.dtype) -> None:
+    """Swap in a quantized layer for each `QuantizedWeight` (in place of the meta `Linear`); a
+    format with no kernel is expanded to `dtype`, and the load log says which and how many."""
+    native, expanded = Counter(), Counter()
+    for name in [name for name, value in params.items() if isinstance(value, QuantizedWeight)]:
+        weight = params[name]
+        layer_name = name.removesuffix(".weight")
+        bias = params.get(layer_name + ".bias")
+        layer = quantized_linear(weight, None if bias is None else bias.to(dtype))
+        if layer is None:
+            params[name] = weight.dequantize(dtype)
+            expanded[weight.source] += 1
+        else:
+            del params[name]
+            model.set_submodule(layer_name, layer)
+            native[f"{weight.source} as {type(layer).__name__}"] += 1
+    if native or expanded:
+        log.info("quantized weights: %s run natively; %s have no native kernel and were expanded to %s",
+                 _counts(native), _counts(expanded), str(dtype).removeprefix("torch."))
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{n} {what}" for what, n in sorted(counter.items())) or "none"
+
+
+def _quill_tensors(tensors: dict, tied: bool) -> dict:
     """Rename Hugging Face tensors to Quill's module names, fusing q/k/v and gate/up."""
     out: dict[str, torch.Tensor] = {}
     shards: dict[str, dict[int, torch.Tensor]] = {}
@@ -59,6 +92,16 @@ def _quill_tensors(tensors: dict[str, torch.Tensor], tied: bool) -> dict[str, to
         else:
             out[name] = tensor
     for name, pieces in shards.items():
-        out[name] = torch.cat([pieces[i] for i in sorted(pieces)])
+        out[name] = _concat([pieces[i] for i in sorted(pieces)])
     return out
+
+
+def _concat(parts: list) -> torch.Tensor | QuantizedWeight:
+    """Fuse shards along the output dimension; quantized shards stay quantized when they share a
+    format, and are expanded (then fused as floats) when they do not."""
+    if all(isinstance(p, QuantizedWeight) for p in parts):
+        fused = QuantizedWeight.concat(parts)
+        if fused is not None:
+            return fused
+    return torch.cat([p.dequantize() if isinstance(p, QuantizedWeight) else p for p in parts])
 

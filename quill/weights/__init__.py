@@ -16,17 +16,18 @@ if TYPE_CHECKING:  # torch is only needed once a checkpoint is actually read
 @dataclass
 class Checkpoint:
     config: ModelConfig
-    tensors: dict[str, "torch.Tensor"]  # Hugging Face names and conventions
+    tensors: dict[str, Any]  # Hugging Face names and conventions: torch.Tensor, or QuantizedWeight
     path: Path
     format: str  # "gguf" or "safetensors"
     metadata: dict[str, Any] = field(default_factory=dict)  # GGUF key/values; config.json for HF
 
 
-def load_checkpoint(path: str | Path, dtype: "torch.dtype | None" = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, dtype: "torch.dtype | None" = None, *, keep_quantized: bool = False) -> Checkpoint:
     """Load a `.gguf` file or a Hugging Face directory (config.json + *.safetensors).
 
     Float tensors come back as float32, or as `dtype` when given: converting each tensor as it
-    is read keeps the peak memory of loading near the size of the final model."""
+    is read keeps the peak memory of loading near the size of the final model. With
+    `keep_quantized`, GGUF weights in a natively supported format stay quantized."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model path does not exist: {path}")
@@ -36,4 +37,4 @@ def load_checkpoint(path: str | Path, dtype: "torch.dtype | None" = None) -> Che
         return load_hf_directory(path, dtype)
     from quill.weights.gguf import load_gguf
 
-    return load_gguf(path, dtype)
+    return load_gguf(path, dtype, keep_quantized=keep_quantized)

@@ -1,4 +1,5 @@
-"""GGUF reader: metadata, config mapping, and tensors dequantized to float32 in Hugging Face layout.
+"""GGUF reader: metadata, config mapping, and tensors in Hugging Face layout (dequantized to floats,
+or kept quantized where Quill has a native kernel: see `gguf_quant.py`).
 
 llama.cpp's converter changes three things on the way from Hugging Face to GGUF, and this reader
 undoes each of them so that model code sees one convention whatever the file:
@@ -25,8 +26,10 @@ import torch
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
+from quill.layers.quantized import QuantizedWeight
 from quill.layers.rotary import rope_inverse_frequencies
 from quill.weights import Checkpoint
+from quill.weights.gguf_quant import CODES, NATIVE_GGML_TYPES, OFFSETS, SCALES, quill_quantized, repack_ggml
 from quill.weights.layout import check_shapes, expected_shapes
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")  # llama.cpp writes Mistral as "llama"
@@ -237,20 +240,36 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     return _read_header(Path(path))[0]
 
 
-def _dequantize(f: BinaryIO, info: GGUFTensorInfo, path: Path) -> torch.Tensor:
-    try:
-        qtype = gguf.GGMLQuantizationType(info.type_id)
-    except ValueError:
-        raise UnsupportedModelError(f"{path.name}: tensor {info.name} has unknown GGML type {info.type_id}") from None
+def _read_raw(f: BinaryIO, info: GGUFTensorInfo, path: Path) -> np.ndarray:
+    """The tensor's bytes as uint8 [rows, bytes per row]."""
     if info.nbytes is None:
         raise UnsupportedModelError(
-            f"{path.name}: tensor {info.name} has shape {info.shape}, which is not whole {qtype.name} blocks"
+            f"{path.name}: tensor {info.name} has shape {info.shape}, which is not whole {_type_name(info)} blocks"
         )
     raw = np.empty(info.nbytes, dtype=np.uint8)
     f.seek(info.offset)
     if f.readinto(raw) != info.nbytes:
         raise ModelLoadError(f"{path.name}: tensor {info.name} is cut short; the file is truncated")
-    rows = raw.reshape(math.prod(info.shape[:-1]), -1)
+    return raw.reshape(math.prod(info.shape[:-1]), -1)
+
+
+def _ggml_type(info: GGUFTensorInfo, path: Path) -> gguf.GGMLQuantizationType:
+    try:
+        return gguf.GGMLQuantizationType(info.type_id)
+    except ValueError:
+        raise UnsupportedModelError(f"{path.name}: tensor {info.name} has unknown GGML type {info.type_id}") from None
+
+
+def _type_name(info: GGUFTensorInfo) -> str:
+    try:
+        return gguf.GGMLQuantizationType(info.type_id).name
+    except ValueError:
+        return str(info.type_id)
+
+
+def _dequantize(f: BinaryIO, info: GGUFTensorInfo, path: Path) -> torch.Tensor:
+    qtype = _ggml_type(info, path)
+    rows = _read_raw(f, info, path)
     try:
         values = gguf.quants.dequantize(rows, qtype)
     except NotImplementedError:
@@ -354,9 +373,10 @@ def _rope_scaling(key, head_dim: int, rope_theta: float, rope_freqs: np.ndarray 
     raise UnsupportedModelError(f"{path.name}: RoPE scaling type {kind!r} is not supported")
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None, *, keep_quantized: bool = False) -> Checkpoint:
     """Read a GGUF file into float32 (or `dtype`) tensors with Hugging Face names, layout and
-    conventions."""
+    conventions. With `keep_quantized`, weights in a format Quill multiplies natively (see
+    `gguf_quant.py`) come back as `QuantizedWeight`s instead; the embedding table stays float."""
     path = Path(path)
     metadata, infos = _read_header(path)
     try:
@@ -368,23 +388,73 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
                 config = _config(metadata, infos, rope_freqs, path)
             except (TypeError, ValueError, ZeroDivisionError) as exc:  # metadata of the wrong type or inconsistent
                 raise ModelLoadError(f"{path.name}: invalid model metadata: {exc}") from exc
-            # Check names and shapes before dequantizing anything; tensors the model does not use are skipped.
+            # Check names and shapes before reading anything; tensors the model does not use are skipped.
             wanted = {hf_to_gguf_name(config.architecture, name): (name, shape)
                       for name, shape in expected_shapes(config).items()}
-            check_shapes({name: shape for name, (_, shape) in wanted.items()},
-                         {name: info.shape for name, info in infos.items()}, path.name)
-            tensors = {hf_name: _to_hf_convention(config, name, _dequantize(f, infos[name], path)).to(dtype or torch.float32)
-                       for name, (hf_name, _) in wanted.items()}
+            reader = _TensorReader(f, path, metadata, infos, keep_quantized)
+            check_shapes({name: shape for name, (_, shape) in wanted.items()}, reader.shapes(), path.name)
+            tensors = {}
+            for name, (hf_name, _) in wanted.items():
+                tensor = _to_hf_convention(config, name, reader.read(name))
+                tensors[hf_name] = tensor if isinstance(tensor, QuantizedWeight) else tensor.to(dtype or torch.float32)
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from exc
     return Checkpoint(config=config, tensors=tensors, path=path, format="gguf", metadata=metadata)
 
 
-def _to_hf_convention(config: ModelConfig, gguf_name: str, tensor: torch.Tensor) -> torch.Tensor:
-    if config.architecture == "llama" and ".attn_q." in gguf_name:
-        return _unpermute_qk(tensor, config.num_heads)
-    if config.architecture == "llama" and ".attn_k." in gguf_name:
-        return _unpermute_qk(tensor, config.num_kv_heads)
+class _TensorReader:
+    """Reads one tensor at a time: GGML tensors, and Quill's own int4/int8 triples (`W.codes`,
+    `W.scales`, `W.offsets`), which stand for one weight `W`."""
+
+    def __init__(self, f: BinaryIO, path: Path, metadata: dict[str, Any], infos: dict[str, GGUFTensorInfo],
+                 keep_quantized: bool) -> None:
+        self.f, self.path, self.infos, self.keep_quantized = f, path, infos, keep_quantized
+        self.quill_type = metadata.get("quill.quantization.type")
+        self.group_size = metadata.get("quill.quantization.group_size")
+        self.quill_weights = {name.removesuffix(CODES) for name in infos if name.endswith(CODES)}
+        if self.quill_weights and not (isinstance(self.group_size, int) and self.group_size > 0):
+            raise ModelLoadError(f"{path.name}: has Quill-quantized tensors but no valid quill.quantization.group_size")
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {name: info.shape for name, info in self.infos.items()}
+        for name in self.quill_weights:
+            scales = self._info(name + SCALES)
+            shapes[name] = (scales.shape[0], scales.shape[1] * self.group_size)
+        return shapes
+
+    def _info(self, name: str) -> GGUFTensorInfo:
+        if name not in self.infos:
+            raise ModelLoadError(f"{self.path.name}: tensor {name} is missing")
+        return self.infos[name]
+
+    def _floats(self, name: str) -> np.ndarray:
+        info = self._info(name)
+        if info.type_id != gguf.GGMLQuantizationType.F32:
+            raise ModelLoadError(f"{self.path.name}: tensor {name} must be F32, not {_type_name(info)}")
+        return _read_raw(self.f, info, self.path).view(np.float32).reshape(info.shape)
+
+    def read(self, name: str) -> torch.Tensor | QuantizedWeight:
+        if name in self.quill_weights:
+            codes = self._info(name + CODES)
+            try:
+                weight = quill_quantized(_read_raw(self.f, codes, self.path), self._floats(name + SCALES),
+                                         self._floats(name + OFFSETS), self.quill_type)
+            except ValueError as exc:
+                raise ModelLoadError(f"{self.path.name}: tensor {name}: {exc}") from exc
+            return weight if self.keep_quantized else weight.dequantize()
+        info = self.infos[name]
+        if (self.keep_quantized and info.type_id in NATIVE_GGML_TYPES and len(info.shape) == 2
+                and name != "token_embd.weight"):  # an embedding is a lookup table, not a matmul
+            return repack_ggml(_read_raw(self.f, info, self.path), gguf.GGMLQuantizationType(info.type_id), info.shape)
+        return _dequantize(self.f, info, self.path)
+
+
+def _to_hf_convention(config: ModelConfig, gguf_name: str, tensor: torch.Tensor | QuantizedWeight):
+    if config.architecture == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
+        heads = config.num_heads if ".attn_q." in gguf_name else config.num_kv_heads
+        if isinstance(tensor, QuantizedWeight):  # rows move whole: permute them by index
+            return tensor.select_rows(_unpermute_qk(torch.arange(tensor.shape[0]), heads))
+        return _unpermute_qk(tensor, heads)
     if config.architecture == "gemma3" and gguf_name.endswith("norm.weight"):
         return tensor - 1.0
     return tensor

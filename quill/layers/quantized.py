@@ -1,0 +1,161 @@
+"""Weight-only quantized linear layers: weights stay small in memory and are multiplied natively.
+
+On a CPU, decoding is limited by the bytes of weights read per token, so a 4-bit weight read
+through PyTorch's int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations) is several times
+faster than a float one for a few rows. For many rows (a long prefill) the kernel is compute
+bound and slower than bf16 on AMX; there the layer can expand its weight to bf16 for that call
+instead (`dense_min_rows`). Expanding depends on the row count, so it is off whenever batch
+invariance is on (see `linear.py`): the same row must meet the same kernel in every batch.
+
+`QuantizedWeight` is the one format every reader produces: unsigned integer codes with a scale
+and an offset per group of consecutive input columns. GGUF's Q4_0/Q4_1/Q4_K blocks and
+`quill quantize`'s int4/int8 map onto it exactly; `quantized_linear` picks the kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
+_INT4_BLOCK_N = 64  # the CPU packing interleaves output rows in blocks of 64 (see Int4Linear.dequantize)
+# Row count from which expanding to bf16 beats the int4 kernel (prefill-sized batches), measured
+# on this machine: the kernel costs ~5 us a row for a 576x1536 weight, expanding ~0.6 ms once.
+DENSE_MIN_ROWS = 192
+
+
+@dataclass
+class QuantizedWeight:
+    """w[n, k] = scales[n, k // group_size] * codes[n, k] + offsets[n, k // group_size]."""
+
+    codes: torch.Tensor  # uint8 [out, in], each < 2**bits
+    scales: torch.Tensor  # float32 [out, in // group_size]
+    offsets: torch.Tensor  # float32 [out, in // group_size]
+    bits: int
+    group_size: int
+    source: str  # the format it came from ("Q4_1", "int8", ...), for load logs
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out, inp = self.codes.shape
+        groups = self.codes.view(out, inp // self.group_size, self.group_size).float()
+        values = groups * self.scales[..., None] + self.offsets[..., None]
+        return values.view(out, inp).to(dtype)
+
+    def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
+        """The weight with its output rows reordered (groups run along the input, so rows move whole)."""
+        return QuantizedWeight(self.codes[index], self.scales[index], self.offsets[index],
+                               self.bits, self.group_size, self.source)
+
+    @staticmethod
+    def concat(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
+        """Stack along the output dimension (fused q/k/v or gate/up); None when the parts are
+        quantized differently and so cannot share one kernel."""
+        first = parts[0]
+        if any((p.bits, p.group_size) != (first.bits, first.group_size) for p in parts):
+            return None
+        sources = sorted({p.source for p in parts})
+        return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                               torch.cat([p.offsets for p in parts]), first.bits, first.group_size,
+                               "+".join(sources))
+
+
+class QuantizedLinear(nn.Module):
+    """Shared plumbing: bias, batch-invariant row padding, and the bf16 expansion for big batches."""
+
+    row_multiple: int = 1  # set by the runner, as for `Linear`
+    dense_min_rows: int | None = None  # set by the runner when batch invariance is off
+
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if self.dense_min_rows is not None and rows >= self.dense_min_rows:
+            return F.linear(x, self.dequantize(x.dtype), self.bias)
+        pad = -rows % self.row_multiple
+        padded = F.pad(x, (0, 0, 0, pad)) if pad else x
+        y = self._matmul(padded.to(torch.bfloat16))[:rows].to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int4Linear(QuantizedLinear):
+    """Group-wise asymmetric 4-bit weights in PyTorch's packed CPU layout."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        out, inp = weight.shape
+        super().__init__(out, inp, bias)
+        self.group_size = weight.group_size
+        # The kernel computes (q - 8) * scale + zero; ours is q * scale + offset.
+        scales, zeros = weight.scales, weight.offsets + 8 * weight.scales
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.int(), 1))
+        self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1)
+                             .to(torch.bfloat16).contiguous())
+
+    @staticmethod
+    def supports(weight: QuantizedWeight) -> bool:
+        out, inp = weight.shape
+        return (weight.bits == 4 and weight.group_size in INT4_GROUP_SIZES and out % _INT4_BLOCK_N == 0
+                and inp % weight.group_size == 0)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+
+    def codes(self) -> torch.Tensor:
+        """Unpack the kernel's layout back to uint8 codes [out, in]. Per block of 64 output rows it
+        stores, for each input column, 32 bytes: rows 0-31 in the low nibbles, 32-63 in the high
+        ones (tests pin this against `_convert_weight_to_int4pack_for_cpu`)."""
+        blocks = self.packed.view(self.out_features // _INT4_BLOCK_N, self.in_features, _INT4_BLOCK_N // 2)
+        nibbles = torch.stack([blocks & 15, blocks >> 4], dim=1)  # [blocks, 2, in, 32]
+        return nibbles.permute(0, 1, 3, 2).reshape(self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        out, inp, group = self.out_features, self.in_features, self.group_size
+        scales, zeros = self.scales_and_zeros.to(dtype).unbind(-1)  # [in // group, out] each
+        values = self.codes().view(out, inp // group, group).to(dtype).sub_(8)
+        return values.mul_(scales.t()[..., None]).add_(zeros.t()[..., None]).view(out, inp)
+
+
+class Int8Linear(QuantizedLinear):
+    """Per-output-channel symmetric 8-bit weights (`_weight_int8pack_mm`)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        out, inp = weight.shape
+        super().__init__(out, inp, bias)
+        self.register_buffer("weight_int8", (weight.codes.short() - 128).to(torch.int8))
+        self.register_buffer("scales", weight.scales[:, 0].to(torch.bfloat16).contiguous())
+
+    @staticmethod
+    def supports(weight: QuantizedWeight) -> bool:
+        return (weight.bits == 8 and weight.group_size == weight.shape[1]
+                and torch.equal(weight.offsets, -128 * weight.scales))
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x, self.weight_int8, self.scales)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
+
+
+def quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantizedLinear | None:
+    """The native layer for `weight` on the CPU, or None when no kernel takes its format."""
+    for layer in (Int4Linear, Int8Linear):
+        if layer.supports(weight):
+            return layer(weight, bias)
+    return None
