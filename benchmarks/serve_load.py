@@ -1,5 +1,9 @@
 """Serving load: N concurrent streaming chat clients against an OpenAI-compatible server.
 
+(`quill bench` is the general tool: sweeps of concurrency or request rate, percentiles, goodput,
+cost, plots. This script keeps the one-shot measurement behind the README's serving tables; it
+sends the same requests with the same client, `quill.bench`.)
+
 Each client sends one streaming chat request (a distinct prompt that invites a long answer) and
 reads it to the end. Reported per server: aggregate output tokens/s over the whole run (first
 request sent to last stream finished), time to first token p50/p99, end-to-end latency p50, and
@@ -20,175 +24,55 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import math
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
 
-TOPICS = ["a lighthouse keeper", "a dragon who cannot fly", "a lost robot", "the first city on Mars", "a clockmaker",
-          "a river that flows uphill", "a chess prodigy", "a haunted library", "a deep-sea explorer", "a tiny village baker",
-          "a time-travelling cat", "a mountain rescue team", "an old sailing ship", "a desert caravan", "a secret garden",
-          "a jazz musician", "a volcano observatory", "a forgotten king", "a polar research station", "a street magician"]
-NOTE_WORDS = " ".join(TOPICS).split()
-
-
-@dataclass
-class StreamResult:
-    ok: bool
-    ttft: float | None = None  # seconds from sending to the first content
-    e2e: float | None = None
-    tokens: int = 0  # from the usage chunk when the server sends one, else content chunks
-    finish_reason: str | None = None
-    error: str | None = None
-
-
-async def one_stream(client: httpx.AsyncClient, model: str, index: int, args: argparse.Namespace) -> StreamResult:
-    topic = TOPICS[index % len(TOPICS)]
-    request = f"Write a long, detailed story about {topic} (story {index})."
-    if args.prompt_words:  # a long prompt, distinct from its first words on so no prefix is shared
-        notes = " ".join(NOTE_WORDS[(index * 7 + i) % len(NOTE_WORDS)] for i in range(args.prompt_words))
-        request = f"Reader {index} took these notes: {notes}. {request}"
-    body = {
-        "model": model, "stream": True, "max_tokens": args.max_tokens, "temperature": args.temperature,
-        "messages": [{"role": "user", "content": request}],
-        "stream_options": {"include_usage": True},
-    }
-    if args.ignore_eos:
-        body["ignore_eos"] = True  # a Quill extension; other servers ignore unknown fields
-    started = time.perf_counter()
-    result = StreamResult(ok=False)
-    chunks = 0
-    try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
-                if event.get("usage"):
-                    result.tokens = event["usage"].get("completion_tokens", 0)
-                for choice in event.get("choices") or []:
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        chunks += 1
-                        if result.ttft is None:
-                            result.ttft = time.perf_counter() - started
-                    if choice.get("finish_reason"):
-                        result.finish_reason = choice["finish_reason"]
-    except httpx.HTTPError as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-        return result
-    result.e2e = time.perf_counter() - started
-    result.tokens = result.tokens or chunks
-    result.ok = result.finish_reason is not None
-    return result
+from quill.bench.client import Target, fetch_model, send_request
+from quill.bench.report import percentile
+from quill.bench.servers import free_port, llama_cpp_command, quill_serve_command, started_server
+from quill.bench.workload import RequestSpec, synthetic_workload
+from quill.table import format_table
+from quill.weights.hub import resolve_model  # pulls a known model on first use
 
 
 async def run_load(base_url: str, args: argparse.Namespace) -> dict:
     timeout = httpx.Timeout(args.timeout, connect=30)
     limits = httpx.Limits(max_connections=args.clients + 4)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
-        models = (await client.get("/v1/models")).json()["data"]
-        model = models[0]["id"]
-        # warm-up: one short request, not measured
-        warm = argparse.Namespace(**{**vars(args), "max_tokens": 4})
-        await one_stream(client, model, 0, warm)
+        model = await fetch_model(client)
+        # Quill is asked to ignore EOS (an extension; other servers ignore unknown fields)
+        target = Target(base_url, model, temperature=args.temperature,
+                        extra_body={"ignore_eos": True} if args.ignore_eos else {})
+        specs = synthetic_workload(args.clients, args.prompt_words, args.max_tokens)
+        await send_request(client, target, RequestSpec(max_tokens=4, messages=specs[0].messages))  # warm-up
         started = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, model, i, args) for i in range(args.clients)))
+        results = await asyncio.gather(*(send_request(client, target, spec) for spec in specs))
         wall = time.perf_counter() - started
     ok = [r for r in results if r.ok]
-    tokens = sum(r.tokens for r in ok)
-    ttfts = sorted(r.ttft for r in ok if r.ttft is not None)
-    e2es = sorted(r.e2e for r in ok if r.e2e is not None)
+    tokens = sum(r.output_tokens for r in ok)
+    ttfts = [r.ttft for r in ok if r.ttft is not None]
     return {
         "model": model, "clients": args.clients, "completed": len(ok), "failed": len(results) - len(ok),
         "errors": sorted({r.error for r in results if r.error})[:5],
         "output_tokens": tokens, "mean_tokens_per_stream": tokens / len(ok) if ok else 0.0,
         "wall_seconds": wall, "output_tokens_per_second": tokens / wall if wall else 0.0,
         "ttft_p50": percentile(ttfts, 0.50), "ttft_p99": percentile(ttfts, 0.99),
-        "e2e_p50": percentile(e2es, 0.50),
+        "e2e_p50": percentile([r.e2e for r in ok if r.e2e is not None], 0.50),
         "finish_reasons": {reason: sum(r.finish_reason == reason for r in ok)
                            for reason in sorted({r.finish_reason for r in ok})},
-        "streams": [asdict(r) for r in results],
+        "streams": [{k: v for k, v in asdict(r).items() if k != "itls"} for r in results],
     }
 
 
-def percentile(values: list[float], fraction: float) -> float | None:
-    """Nearest-rank percentile of sorted values."""
-    if not values:
-        return None
-    return values[max(0, math.ceil(fraction * len(values)) - 1)]
-
-
-# ------------------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def started_server(command: list[str], base_url: str, ready_path: str, log_path: Path, timeout: float = 180.0):
-    """Start a server process, wait until `ready_path` answers 200, stop it (SIGTERM) afterwards."""
-    log = open(log_path, "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with status {process.returncode}; see {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base_url + ready_path, timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {timeout:.0f} s; see {log_path}")
-            time.sleep(0.5)
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
-
-
 def quill_command(model: str, port: int, args: argparse.Namespace) -> list[str]:
-    command = [sys.executable, "-m", "quill.cli", "serve", model, "--port", str(port),
-               "--max-queue", str(max(256, args.clients * 2))]
-    return command + (["--dtype", args.dtype] if args.dtype else [])
-
-
-def llama_cpp_command(python: str, model_file: Path, port: int) -> list[str]:
-    return [python, "-m", "llama_cpp.server", "--model", str(model_file), "--n_threads", "2",
-            "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
-
-
-def default_model_file(model: str) -> Path:
-    if model.endswith(".gguf"):
-        return Path(model)
-    from quill.weights.hub import resolve_model  # pulls on first use
-
-    return resolve_model(model)
+    return quill_serve_command(model, port, *(["--dtype", args.dtype] if args.dtype else []))
 
 
 # ---------------------------------------------------------------------------- main
@@ -199,7 +83,7 @@ def measure_started(name: str, command: list[str], port: int, ready_path: str, l
     """Start a server, run the load against it once it answers `ready_path`, stop it."""
     url = f"http://127.0.0.1:{port}"
     print(f"starting {name} on {url} ...", file=sys.stderr, flush=True)
-    with started_server(command, url, ready_path, log):
+    with started_server(command, url, ready_path, log, timeout=180.0):
         return asyncio.run(run_load(url, args))
 
 
@@ -235,7 +119,7 @@ def main() -> int:
         results["quill"] = measure_started(f"quill serve {args.start_quill}", quill_command(args.start_quill, port, args),
                                            port, "/health", args.log_dir / "serve_load_quill.log", args)
     if args.start_llama_cpp:
-        model_file = Path(args.model_file) if args.model_file else default_model_file(args.start_quill or "smollm2")
+        model_file = Path(args.model_file) if args.model_file else resolve_model(args.start_quill or "smollm2")
         port = free_port()
         results["llama.cpp"] = measure_started("llama-cpp-python's server",
                                                llama_cpp_command(args.start_llama_cpp, model_file, port),
@@ -260,9 +144,7 @@ def print_table(results: dict[str, dict]) -> None:
     rows = [(name, str(r["clients"]), str(r["completed"]), str(r["output_tokens"]),
              f"{r['mean_tokens_per_stream']:.0f}", f"{r['wall_seconds']:.1f}", f"{r['output_tokens_per_second']:.1f}",
              ms(r["ttft_p50"]), ms(r["ttft_p99"]), ms(r["e2e_p50"])) for name, r in results.items()]
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print("  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths))))
+    print(format_table(header, rows, numeric=True))
     for name, r in results.items():
         if r["errors"]:
             print(f"{name}: {r['failed']} failed, e.g. {r['errors'][0]}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""The `quill` command: pull and list models, answer one prompt, or chat interactively.
+"""The `quill` command: pull and list models, answer one prompt, chat interactively, serve a model,
+measure a server (`bench`, in `quill.bench`) and report what its traffic cost (`cost`).
 
 The engine (and torch with it) is imported only by the commands that run a model, inside `_load_llm`,
 which tests replace with a fake.
@@ -12,9 +13,12 @@ from pathlib import Path
 from typing import Iterator, TextIO
 
 from quill import __version__
+from quill.bench.options import DESCRIPTION as BENCH_DESCRIPTION, EPILOG as BENCH_EPILOG, add_bench_arguments
+from quill.cost import DEFAULT_HOURLY_COST, comparison_lines, load_price_file, usage_table
 from quill.errors import ChatTemplateError, InvalidRequestError, QuillError
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
+from quill.table import format_table
 from quill.weights import hub
 
 MODEL_HELP = (
@@ -111,7 +115,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
     serve.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                        help="time in-flight requests get to finish at shutdown (default: %(default)s)")
+    serve.add_argument("--hourly-cost", type=float, default=DEFAULT_HOURLY_COST, metavar="USD",
+                       help="what this machine costs per hour; with the throughput the server measures it gives "
+                            "the self-hosted price per 1K tokens (default: $%(default)s, about a 2-vCPU on-demand "
+                            "cloud VM such as AWS m7i.large)")
+    serve.add_argument("--price-file", metavar="FILE",
+                       help="reference API prices per 1K tokens to compare with, as JSON or TOML, e.g. "
+                            "[gpt-4o] input_per_1k = 0.0025, output_per_1k = 0.01 (default: GPT-4o and "
+                            "Claude 3.5 Sonnet's list prices)")
     serve.set_defaults(func=_cmd_serve)
+
+    bench = commands.add_parser("bench", help="measure an OpenAI-compatible server under load",
+                                description=BENCH_DESCRIPTION, epilog=BENCH_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
+
+    cost = commands.add_parser(
+        "cost",
+        help="what a running server's traffic cost, and would have cost on hosted APIs",
+        description="Print a Quill server's traffic since it started (GET /v1/usage): per model, requests, "
+        "tokens, the self-hosted cost (its --hourly-cost over the throughput it measured) and what the same "
+        "tokens would have cost on each reference API.",
+    )
+    cost.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL (default: %(default)s)")
+    cost.add_argument("--api-key", metavar="KEY", help="the server's API key (default: $QUILL_API_KEY)")
+    cost.add_argument("--json", action="store_true", help="print the raw report as JSON")
+    cost.set_defaults(func=_cmd_cost)
     return parser
 
 
@@ -161,7 +191,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     models = hub.list_local_models()
     if models:
         rows = [(m.name, m.architecture or "?", _human_size(m.size), str(m.path)) for m in models]
-        _print_table(("NAME", "ARCHITECTURE", "SIZE", "PATH"), rows)
+        print(format_table(("NAME", "ARCHITECTURE", "SIZE", "PATH"), rows))
     else:
         print(f"No models in {hub.models_dir()} yet.")
     local = {m.name for m in models}
@@ -237,6 +267,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--max-queue must be >= 0, got {args.max_queue}")
     if args.max_tokens_cap is not None and args.max_tokens_cap < 1:
         raise InvalidRequestError(f"--max-tokens-cap must be >= 1, got {args.max_tokens_cap}")
+    if args.hourly_cost < 0:
+        raise InvalidRequestError(f"--hourly-cost must be >= 0, got {args.hourly_cost}")
+    reference_prices = load_price_file(args.price_file) if args.price_file else None
     template = _read_chat_template(args)
     _configure_server_logging()
     # The engine runs on its own thread (AsyncEngine). If this thread also ran multi-threaded torch
@@ -255,6 +288,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or args.model, api_key=args.api_key or os.environ.get("QUILL_API_KEY"),
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
         log_prompts=args.log_prompts, chat_template=template, shutdown_grace=args.shutdown_grace,
+        hourly_cost=args.hourly_cost, reference_prices=reference_prices,
     )
     app = create_app(llm, config)
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -262,6 +296,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "serving %s as %r on http://%s:%d/v1 (API key %s)", llm.path, config.served_model_name, host, args.port,
         "required" if config.api_key else "not required")
     serve(app, host=args.host, port=args.port, shutdown_grace=args.shutdown_grace)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from quill.bench.command import run_bench  # httpx, and matplotlib when plotting
+
+    return run_bench(args)
+
+
+def _cmd_cost(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    import httpx
+
+    api_key = args.api_key or os.environ.get("QUILL_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(args.url.rstrip("/") + "/v1/usage", headers=headers, timeout=30)
+        response.raise_for_status()
+        report = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise QuillError(f"cannot read {args.url}/v1/usage: {exc}") from None
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif not report["data"]:
+        print("No requests served yet.")
+    else:
+        print(format_table(*usage_table(report), numeric=True))
+        print("\n".join(comparison_lines(report)))
     return 0
 
 
@@ -366,12 +430,6 @@ def _human_size(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.2f} GiB"
-
-
-def _print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    for row in (header, *rows):
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ class RequestMetrics:
     finished_time: float | None = None
     num_generated_tokens: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    max_inter_token_latency: float | None = None  # longest gap between two output tokens
 
     @property
     def queue_time(self) -> float | None:

@@ -57,3 +57,14 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
                 results[index_of[output.request_id]] = output.token_ids
         step += 1
     return [results[i] for i in range(len(prompts))]
+
+
+def tiny_text_engine(path: Path, **engine_options) -> Engine:
+    """A tiny engine with a tiny SentencePiece tokenizer, for text prompts and chat. Its 278 tokens
+    are fewer than the model's 320: ids past them decode to nothing, so some tokens carry no text."""
+    from tokenizer_helpers import tiny_sentencepiece_metadata
+    from quill.tokenizer import Tokenizer
+
+    model, config = load_model(path)
+    tokenizer = Tokenizer.from_gguf_metadata(tiny_sentencepiece_metadata())
+    return Engine(model, config, tokenizer, EngineConfig(dtype="float32", **engine_options))

@@ -105,9 +105,11 @@ def test_validation_errors_name_the_field():
 def test_timings_of_one_choice_are_its_metrics():
     metrics = RequestMetrics(arrival_time=10.0, first_scheduled_time=10.5, first_token_time=11.0,
                              last_token_time=13.0, finished_time=13.0, num_generated_tokens=5)
+    metrics.max_inter_token_latency = 0.75
     result = timings([metrics], completion_tokens=5)
     assert result == {"queue_time": 0.5, "time_to_first_token": 1.0, "generation_time": 2.0,
-                      "tokens_per_second": 2.0, "e2e_latency": 3.0}
+                      "tokens_per_second": 2.0, "inter_token_latency_mean": 0.5, "inter_token_latency_max": 0.75,
+                      "e2e_latency": 3.0}
     assert timings([], 0)["time_to_first_token"] is None
 
 
@@ -167,7 +169,7 @@ def test_tiny_token_id_completion(tiny):
     usage = body["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (7, 32, 39)
     assert set(usage["quill"]) == {"queue_time", "time_to_first_token", "generation_time", "tokens_per_second",
-                                   "e2e_latency"}
+                                   "inter_token_latency_mean", "inter_token_latency_max", "e2e_latency", "cost"}
     assert usage["quill"]["time_to_first_token"] > 0
     wait_idle(app)
 
@@ -359,6 +361,7 @@ def test_tiny_request_log(tiny):
     assert ok["status"] == 200 and ok["id"].startswith("cmpl-") and ok["endpoint"] == "/v1/completions"
     assert (ok["prompt_tokens"], ok["completion_tokens"], ok["user"]) == (4, 8, "u1")
     assert ok["finish_reasons"] == ["length"] and ok["ttft"] > 0 and ok["e2e"] > 0
+    assert ok["itl_max"] > 0 and ok["itl_mean"] > 0 and ok["cost_usd"] > 0
     assert "prompt" not in ok
     assert bad["status"] == 400 and "max_tokens" in bad["error"]
     assert logged["prompt"] == [1, 5, 9, 13]

@@ -136,6 +136,8 @@ class AsyncEngine:
             for request_id in list(self._streams):
                 self._fail(request_id, EngineStepError(f"engine step failed: {exc}"))
             return
+        # Before the outputs go out, so a finished request never sees stats that miss its last step.
+        self._stats = self.engine.stats()
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:

@@ -36,6 +36,10 @@ class EngineStats:
     num_prompt_tokens: int  # processed by the model (prefix-cache hits excluded)
     num_generated_tokens: int
     num_preemptions: int
+    # Seconds the engine spent in steps, split between prompt (prefill) and output (decode)
+    # tokens by their share of each step's rows: the basis of the measured cost per token.
+    prefill_seconds: float
+    decode_seconds: float
 
 
 class Engine:
@@ -65,6 +69,8 @@ class Engine:
         self._num_prompt_tokens = 0
         self._num_generated_tokens = 0
         self._num_preemptions = 0
+        self._prefill_seconds = 0.0
+        self._decode_seconds = 0.0
 
     def _default_kv_cache_bytes(self, bytes_per_token: int) -> int:
         """Room for every sequence slot at full length, capped at 1 GiB, but never less than
@@ -149,20 +155,32 @@ class Engine:
 
     # ----------------------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         self._num_preemptions += batch.num_preempted
         if not batch:
             return []
         to_sample, logits = self.runner.execute(batch.requests, batch.num_new_tokens)
         now = time.perf_counter()
+        num_prefill = 0
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += num_new
             self.kv_cache.cache_computed_blocks(request)
             if request.num_computed_tokens <= request.num_prompt_tokens:
-                self._num_prompt_tokens += num_new
+                num_prefill += num_new
+        self._num_prompt_tokens += num_prefill
         eos_ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
         tokens, logprobs = sample(logits, to_sample, eos_ids)
-        return [self._append_token(r, t, lp, now) for r, t, lp in zip(to_sample, tokens, logprobs)]
+        outputs = [self._append_token(r, t, lp, now) for r, t, lp in zip(to_sample, tokens, logprobs)]
+        self._account_step_time(time.perf_counter() - started, num_prefill, batch.total_tokens)
+        return outputs
+
+    def _account_step_time(self, seconds: float, num_prefill: int, num_tokens: int) -> None:
+        """Split a step's time between prefill and decode in proportion to their rows: every row
+        of the flattened batch goes through every weight, which dominates a step's cost."""
+        prefill = seconds * num_prefill / num_tokens
+        self._prefill_seconds += prefill
+        self._decode_seconds += seconds - prefill
 
     def _append_token(self, request: Request, token_id: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
         request.token_ids.append(token_id)
@@ -171,6 +189,9 @@ class Engine:
         self._num_generated_tokens += 1
         metrics = request.metrics
         metrics.num_generated_tokens += 1
+        if metrics.last_token_time is not None:
+            gap = now - metrics.last_token_time
+            metrics.max_inter_token_latency = max(metrics.max_inter_token_latency or 0.0, gap)
         metrics.first_token_time = metrics.first_token_time or now
         metrics.last_token_time = now
         delta = ""
@@ -221,4 +242,5 @@ class Engine:
             prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
             prefix_cache_hit_rate=kv.hit_rate, num_prompt_tokens=self._num_prompt_tokens,
             num_generated_tokens=self._num_generated_tokens, num_preemptions=self._num_preemptions,
+            prefill_seconds=self._prefill_seconds, decode_seconds=self._decode_seconds,
         )

@@ -6,7 +6,8 @@ the engine, and comes back as a stream of `RequestOutput`s. What happens here is
 window) and shaping outputs into OpenAI's JSON and server-sent events. The rest lives beside it:
 `middleware.py` (API key, body limit, request log), `errors.py` (OpenAI-shaped errors),
 `runs.py` (a request's engine streams, SSE and cleanup: a request whose client goes away is
-aborted at once so its KV blocks are freed), `logprobs.py` and `metrics.py`.
+aborted at once so its KV blocks are freed), `logprobs.py` and `metrics.py`. Each request is
+priced by `quill.cost.CostModel`; `GET /v1/usage` reports the totals.
 
 Build an app with `create_app(llm, ServerConfig(...))`; `runner.serve()` runs it with uvicorn
 (what `quill serve` does) and `runner.BackgroundServer` runs it on a loopback port in a thread (tests).
@@ -24,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from quill import __version__
+from quill.cost import DEFAULT_HOURLY_COST, CostModel, Price
 from quill.engine.async_engine import AsyncEngine
 from quill.errors import InvalidRequestError, QuillError
 from quill.sampling_params import SamplingParams
@@ -51,6 +53,8 @@ class ServerConfig:
     chat_template: str | None = None  # Jinja2 source overriding the model's own template
     shutdown_grace: float = 10.0  # seconds in-flight requests get to finish at shutdown
     retry_after: int = 1  # seconds, sent with 429
+    hourly_cost: float = DEFAULT_HOURLY_COST  # dollars per hour of this machine: the self-hosted price
+    reference_prices: dict[str, Price] | None = None  # hosted APIs to compare with (default: quill.cost's)
 
 
 # ---------------------------------------------------------------------------------- app
@@ -113,6 +117,10 @@ def _add_routes(app: FastAPI, server: QuillServer) -> None:
     async def version():
         return {"version": __version__}
 
+    @app.get("/v1/usage", response_model=protocol.UsageReport, responses={401: errors[401]})
+    async def usage():
+        return server.costs.report({server.model_name: server.costs.self_hosted_price(server.engine.stats())})
+
     @app.get("/metrics", response_class=Response)
     async def metrics():
         body, content_type = server.metrics.render()
@@ -139,7 +147,8 @@ class QuillServer:
         path = getattr(model, "path", None)
         self.model_name = config.served_model_name or (Path(path).stem if path else "quill")
         self.created = int(time.time())
-        self.metrics = ServerMetrics(self.engine, self.model_name)
+        self.costs = CostModel(config.hourly_cost, config.reference_prices)
+        self.metrics = ServerMetrics(self.engine, self.model_name, self.costs)
         self.token_text = TokenText(self.tokenizer)
         self.waiting = 0  # sequences admitted that have not produced their first token
         self.active_tasks: set[asyncio.Task] = set()

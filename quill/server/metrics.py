@@ -3,13 +3,16 @@
 Each app has its own `CollectorRegistry`, so several servers in one process (tests) never clash.
 Per-request numbers (latencies, tokens, outcomes) are recorded by the routes as requests end;
 engine-wide numbers (running/waiting requests, KV usage, prefix cache) are read from the
-engine's latest stats snapshot at scrape time, so the engine thread is never touched.
+engine's latest stats snapshot at scrape time, so the engine thread is never touched. Cost
+(`quill/cost.py`) shows as cumulative dollars per price and as the live price per 1K tokens.
 """
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from quill.cost import SELF_HOSTED, CostModel
 
 # No `*_created` series next to every counter and histogram (vLLM drops them too). This is a
 # process-wide switch in prometheus-client; nothing else in Quill wants those series.
@@ -19,7 +22,7 @@ disable_created_metrics()
 # the label's cardinality stays bounded.
 KNOWN_ENDPOINTS = frozenset({
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
-    "/health", "/version", "/metrics", "/openapi.json", "/docs",
+    "/health", "/version", "/metrics", "/openapi.json", "/docs", "/v1/usage",
 })
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -40,9 +43,10 @@ def endpoint_label(path: str) -> str:
 class _EngineCollector:
     """Engine-wide gauges and counters, from `AsyncEngine.stats()` at scrape time."""
 
-    def __init__(self, engine, model_name: str) -> None:
+    def __init__(self, engine, model_name: str, costs: CostModel) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.costs = costs
 
     def collect(self):
         stats = self.engine.stats()
@@ -67,10 +71,28 @@ class _EngineCollector:
         yield counter("quill:num_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions)
         yield counter("quill:engine_prompt_tokens", "Prompt tokens the model computed (prefix-cache hits excluded).",
                       stats.num_prompt_tokens)
+        yield counter("quill:engine_prefill_seconds", "Engine step time attributed to prompt tokens.",
+                      stats.prefill_seconds)
+        yield counter("quill:engine_decode_seconds", "Engine step time attributed to output tokens.",
+                      stats.decode_seconds)
+        yield self._prices(stats)
+
+    def _prices(self, stats) -> GaugeMetricFamily:
+        family = GaugeMetricFamily("quill:price_per_1k_tokens_dollars",
+                                   "Dollars per 1K tokens: self-hosted (measured) and reference APIs.",
+                                   labels=["model_name", "price", "token_type"])
+        prices = dict(self.costs.reference_prices)
+        measured = self.costs.self_hosted_price(stats)
+        if measured is not None:
+            prices[SELF_HOSTED] = measured
+        for name, price in prices.items():
+            family.add_metric([self.model_name, name, "input"], price.input_per_1k)
+            family.add_metric([self.model_name, name, "output"], price.output_per_1k)
+        return family
 
 
 class ServerMetrics:
-    def __init__(self, engine, model_name: str) -> None:
+    def __init__(self, engine, model_name: str, costs: CostModel) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         registry = self.registry
@@ -94,7 +116,10 @@ class ServerMetrics:
                                                ["model_name"], buckets=_TOKEN_COUNT_BUCKETS, registry=registry)
         self.request_generation_tokens = Histogram("quill:request_generation_tokens", "Tokens generated per sequence.",
                                                    ["model_name"], buckets=_TOKEN_COUNT_BUCKETS, registry=registry)
-        registry.register(_EngineCollector(engine, model_name))
+        self.cost = Counter("quill:request_cost_dollars",
+                            "Cost of the tokens served: self-hosted at the measured price, and at reference API prices.",
+                            ["model_name", "price"], registry=registry)
+        registry.register(_EngineCollector(engine, model_name, costs))
 
     def observe_sequence(self, metrics, finish_reason: str | None, num_tokens: int) -> None:
         """Record one finished (or aborted) sequence from its engine-side `RequestMetrics`."""
@@ -107,6 +132,13 @@ class ServerMetrics:
                                  (self.e2e_latency, metrics.e2e_latency)):
             if value is not None:
                 histogram.labels(name).observe(max(0.0, value))
+
+    def observe_cost(self, cost: dict) -> None:
+        """Add one request's cost (`CostModel.charge`) to the cumulative counters."""
+        name = self.model_name
+        self.cost.labels(name, SELF_HOSTED).inc(cost["self_hosted_usd"] or 0.0)
+        for price, dollars in cost["reference_usd"].items():
+            self.cost.labels(name, price).inc(dollars)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

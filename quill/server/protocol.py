@@ -120,14 +120,31 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int
 
 
+class PricePer1K(BaseModel):
+    input_per_1k: float
+    output_per_1k: float
+
+
+class QuillCost(BaseModel):
+    """A request's cost in US dollars: self-hosted at the price the server measured (null until it
+    has measured one), and what the same tokens cost on each reference API."""
+
+    self_hosted_usd: float | None
+    self_hosted_price: PricePer1K | None
+    reference_usd: dict[str, float]
+
+
 class QuillUsage(BaseModel):
-    """Quill's timings for this request, in seconds (null when not measured)."""
+    """Quill's timings for this request, in seconds (null when not measured), and its cost."""
 
     queue_time: float | None
     time_to_first_token: float | None
     generation_time: float | None
     tokens_per_second: float | None
+    inter_token_latency_mean: float | None
+    inter_token_latency_max: float | None
     e2e_latency: float | None
+    cost: QuillCost
 
 
 class Usage(BaseModel):
@@ -219,6 +236,29 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class ReferenceUsage(PricePer1K):
+    usd: float
+
+
+class ModelUsage(BaseModel):
+    model: str
+    requests: int
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+    self_hosted_usd: float
+    self_hosted_price: PricePer1K | None
+    reference: dict[str, ReferenceUsage]
+
+
+class UsageReport(BaseModel):
+    """Traffic and cost since the server started, per model (`GET /v1/usage`)."""
+
+    object: Literal["usage"] = "usage"
+    hourly_cost_usd: float
+    data: list[ModelUsage]
 
 
 class HealthResponse(BaseModel):

@@ -1,7 +1,7 @@
 """One HTTP request's run through the engine and its delivery: `Run` submits a request's prompts,
 merges their output streams into per-choice state (`Choice`), keeps the server's queue and token
-metrics, always aborts what is unfinished when the request ends, and reports usage with Quill's
-timings (`timings`); `sse` and `sse_response` turn a run's events into a server-sent event stream.
+metrics, always aborts what is unfinished when the request ends, and settles usage with Quill's
+timings (`timings`) and the request's cost; `sse` and `sse_response` turn a run's events into a server-sent event stream.
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ class Run:
         self.engine_ids = [response_id if len(prompts) == 1 else f"{response_id}-{i}" for i in range(len(prompts))]
         self._unfinished = [n] * len(prompts)
         self._closed = False
+        self._usage: dict | None = None
         self._outputs: AsyncIterator | None = None
         server.admit(len(self.choices))
         server.waiting += len(self.choices)
@@ -189,31 +190,46 @@ class Run:
                 server.waiting -= 1
             if choice.finish_reason is None:
                 server.metrics.observe_sequence(choice.metrics, "abort", len(choice.token_ids))
-        usage = self.usage()
-        timings = usage["quill"]
+        self._usage = usage = self._settle_usage()
+        quill = usage["quill"]
         self.details.update(
             completion_tokens=usage["completion_tokens"], cached_tokens=usage["prompt_tokens_details"]["cached_tokens"],
-            finish_reasons=[c.finish_reason or "abort" for c in self.choices], queue_time=timings["queue_time"],
-            ttft=timings["time_to_first_token"], e2e=timings["e2e_latency"],
+            finish_reasons=[c.finish_reason or "abort" for c in self.choices], queue_time=quill["queue_time"],
+            ttft=quill["time_to_first_token"], itl_mean=quill["inter_token_latency_mean"],
+            itl_max=quill["inter_token_latency_max"], e2e=quill["e2e_latency"],
+            cost_usd=quill["cost"]["self_hosted_usd"],
         )
 
     def usage(self) -> dict:
+        """Tokens, timings and cost of the whole request; settled once, when the run closes (which
+        it has by the time a response or the final stream chunk is written)."""
+        if self._usage is None:
+            raise RuntimeError("a run's usage is settled when it closes")
+        return self._usage
+
+    def _settle_usage(self) -> dict:
+        """Count the request's tokens and charge it (aborted requests too: their tokens were computed)."""
+        server = self.server
         prompt_tokens = sum(len(p) for p in self.prompts)
         completion_tokens = sum(len(c.token_ids) for c in self.choices)
         n = self.params.n
         cached = sum(self.choices[i * n].metrics.num_cached_prompt_tokens
                      for i in range(len(self.prompts)) if self.choices[i * n].metrics is not None)
+        cost = server.costs.charge(server.model_name, server.engine.stats(), prompt_tokens, cached, completion_tokens)
+        server.metrics.observe_cost(cost)
+        quill = timings([c.metrics for c in self.choices if c.metrics is not None], completion_tokens)
         return {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached},
-            "quill": timings([c.metrics for c in self.choices if c.metrics is not None], completion_tokens),
+            "quill": {**quill, "cost": cost},
         }
 
 
 def timings(all_metrics: list, completion_tokens: int) -> dict:
-    """Queue time, TTFT, generation time (first to last token) and decode tokens/second, over all
-    choices: for one choice these are exactly its `RequestMetrics` values."""
+    """Queue time, TTFT, generation time (first to last token), decode tokens/second, mean and
+    longest inter-token latency, over all choices: for one choice these are exactly its
+    `RequestMetrics` values."""
     def first(values):
         values = [v for v in values if v is not None]
         return min(values) if values else None
@@ -227,11 +243,15 @@ def timings(all_metrics: list, completion_tokens: int) -> dict:
     generation_time = None if first_token is None or last_token is None else last_token - first_token
     decoded = completion_tokens - sum(1 for m in all_metrics if m.first_token_time is not None)
     rate = decoded / generation_time if generation_time and decoded > 0 else None
+    # Per choice, not 1 / rate: n choices decode side by side, each at its own pace.
+    gaps = [1 / r for r in (m.decode_tokens_per_second for m in all_metrics) if r]
     values = {
         "queue_time": first(m.queue_time for m in all_metrics),
         "time_to_first_token": first(m.ttft for m in all_metrics),
         "generation_time": generation_time,
         "tokens_per_second": rate,
+        "inter_token_latency_mean": sum(gaps) / len(gaps) if gaps else None,
+        "inter_token_latency_max": last(m.max_inter_token_latency for m in all_metrics),
         "e2e_latency": last(m.e2e_latency for m in all_metrics),
     }
     return {k: None if v is None else round(v, 6) for k, v in values.items()}

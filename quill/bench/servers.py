@@ -1,0 +1,66 @@
+"""Start a server to measure, wait until it answers, and stop it afterwards (SIGTERM)."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from quill.errors import QuillError
+
+
+class ServerStartError(QuillError):
+    """A server that exited or never became ready."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def started_server(command: list[str], base_url: str, ready_path: str, log_path: Path,
+                   timeout: float = 300.0) -> Iterator[subprocess.Popen]:
+    """Run `command`, wait until `base_url + ready_path` answers 200, and stop it when done."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    raise ServerStartError(f"the server exited with status {process.returncode}; see {log_path}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(base_url + ready_path, timeout=2).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise ServerStartError(f"the server was not ready after {timeout:.0f} s; see {log_path}")
+                time.sleep(0.5)
+            yield process
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+
+def quill_serve_command(model: str, port: int, *options: str) -> list[str]:
+    """`quill serve MODEL` on a loopback port, with a queue long enough for any benchmark level."""
+    return [sys.executable, "-m", "quill.cli", "serve", model, "--port", str(port), "--max-queue", "4096", *options]
+
+
+def llama_cpp_command(python: str, model_file: Path, port: int) -> list[str]:
+    """llama-cpp-python's OpenAI server on two threads. By default it cancels the stream in
+    progress when a new request arrives; --interrupt_requests False makes it queue them instead."""
+    return [python, "-m", "llama_cpp.server", "--model", str(model_file), "--n_threads", "2",
+            "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
