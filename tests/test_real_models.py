@@ -1,11 +1,16 @@
-"""The two packaged real models: they answer correctly, and greedy output matches transformers
-running the same GGUF file in float32."""
+"""The two packaged real models: they answer correctly, greedy output matches transformers
+running the same GGUF file in float32, and the native quantized path matches the expanded one."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from engine_helpers import all_position_logits
 from quill import LLM, SamplingParams
+from quill.layers.quantized import Int4Linear
+from quill.models import build_model
+from quill.tokenizer import load_tokenizer
+from quill.weights import load_checkpoint
 from quill.errors import ChatTemplateError, ContextLengthError, InvalidRequestError, ModelLoadError
 
 pytestmark = pytest.mark.real_model
@@ -134,7 +139,7 @@ def test_greedy_matches_transformers_on_same_gguf(gguf_fixture, request):
     from transformers import AutoModelForCausalLM
 
     path = request.getfixturevalue(gguf_fixture)
-    llm = LLM(path, dtype="float32")  # the reference runs in float32 too
+    llm = LLM(path, dtype="float32", dequantize=True)  # the reference runs in float32 on expanded weights too
     reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     steps = 24
     for prompt in PARITY_PROMPTS:
@@ -147,3 +152,41 @@ def test_greedy_matches_transformers_on_same_gguf(gguf_fixture, request):
             assert margins[first] < NEAR_TIE, (
                 f"{prompt!r}: diverged at token {first} with reference margin {margins[first]:.4f}")
             print(f"near-tie tolerated for {prompt!r} at token {first} (margin {margins[first]:.2e})")
+
+
+PARITY_TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+               "combined movable metal type, oil-based ink and a wooden press adapted from wine making. Within "
+               "fifty years printing shops had spread to more than two hundred cities across Europe.")
+QUANTIZATION_TIE = 0.1  # top-2 margin under which bf16 rounding may pick either token
+
+
+@pytest.mark.parametrize("gguf_fixture", ["smollm2_gguf", "gemma3_gguf"])
+def test_native_quantized_logits_match_the_dequantized_path(gguf_fixture, request):
+    """Running Q4 weights natively (bf16 activations and scales) must be no further from the
+    float32 reference than expanding them to bf16 is."""
+    path = request.getfixturevalue(gguf_fixture)
+    logits = {}
+    for label, dtype, native in [("float32", torch.float32, False), ("bfloat16", torch.bfloat16, False),
+                                 ("native", torch.bfloat16, True)]:
+        checkpoint = load_checkpoint(path, dtype, keep_quantized=native)
+        model = build_model(checkpoint.config, checkpoint.tensors, dtype)
+        assert any(isinstance(m, Int4Linear) for m in model.modules()) == native
+        logits[label] = all_position_logits(model, checkpoint.config, load_tokenizer(path).encode(PARITY_TEXT))
+    reference = logits["float32"]
+    bf16_error = (logits["bfloat16"] - reference).abs().mean()
+    native_error = (logits["native"] - reference).abs().mean()
+    assert native_error <= 1.5 * bf16_error, (native_error, bf16_error)
+    assert (logits["native"].argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("gguf_fixture", ["smollm2_gguf", "gemma3_gguf"])
+def test_native_quantized_greedy_output_matches_the_dequantized_path(gguf_fixture, request):
+    path = request.getfixturevalue(gguf_fixture)
+    reference, native = LLM(path, dtype="float32", dequantize=True), LLM(path)
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True, logprobs=2)
+    for prompt in PARITY_PROMPTS:
+        expected, ours = (llm.generate(prompt, params)[0] for llm in (reference, native))
+        if ours.token_ids != expected.token_ids:
+            first = next(i for i, (a, b) in enumerate(zip(ours.token_ids, expected.token_ids)) if a != b)
+            (_, best), (_, second) = expected.logprobs[first].top[:2]
+            assert best - second < QUANTIZATION_TIE, f"{prompt!r}: diverged at token {first}, margin {best - second:.3f}"
