@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--api-key", metavar="KEY", help="the server's API key (default: $QUILL_API_KEY)")
     cost.add_argument("--json", action="store_true", help="print the raw report as JSON")
     cost.set_defaults(func=_cmd_cost)
+
+    _add_quantize_command(commands)
+    _add_eval_command(commands)
     return parser
 
 
@@ -434,6 +437,102 @@ def _human_size(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.2f} GiB"
+
+
+# --- quantize and eval ----------------------------------------------------------------------------
+
+def _add_quantize_command(commands) -> None:
+    from quill.optimize import EMBEDDING_TYPES, QUANT_TYPES
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="quantize a float checkpoint into a smaller GGUF file",
+        description="Weight-only quantization of a float checkpoint (a Hugging Face directory or an F32/F16/BF16 "
+        "GGUF file) into a GGUF file. q8_0, q4_0 and q4_1 are GGML's standard block types (32 weights a block), "
+        "which llama.cpp loads too; int8 (one scale per output row) and int4 (a scale and offset per group of "
+        "--group-size columns) are Quill's own format, run by PyTorch's int8/int4 kernels. Norms and biases stay "
+        "F32. A Hugging Face source's tokenizer is not carried into the GGUF file.",
+    )
+    quantize.add_argument("source", metavar="SRC", help="float checkpoint: a Hugging Face directory or a .gguf file")
+    quantize.add_argument("-o", "--output", required=True, metavar="OUT", help="the GGUF file to write")
+    quantize.add_argument("--type", required=True, choices=QUANT_TYPES, dest="qtype",
+                          help="quantization type of the weight matrices")
+    quantize.add_argument("--group-size", type=int, metavar="N",
+                          help="int4 only: input columns sharing a scale and offset, 32/64/128/256 (default: 32); "
+                               "a matrix whose width N does not divide is stored as Q8_0")
+    quantize.add_argument("--embeddings", choices=EMBEDDING_TYPES,
+                          help="type of the token embedding and an untied LM head; 'same' uses --type "
+                               "(default: q8_0 with q8_0/q4_0/q4_1, f16 with int8/int4)")
+    quantize.add_argument("--allow-requantize", action="store_true",
+                          help="accept an already-quantized GGUF source (its rounding errors add up with the new ones)")
+    quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    quantize.set_defaults(func=_cmd_quantize)
+
+
+def _add_eval_command(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="measure perplexity, and greedy agreement with a reference model",
+        description="Perplexity of MODEL over a text corpus (by default the held-out split of the English corpus "
+        "shipped with Quill), scored in windows of --window tokens that overlap by half, so that every token after "
+        "the first is predicted once with at least half a window of context. With --reference, also the greedy "
+        "agreement: the fraction of positions where both models' most likely next token is the same (for a "
+        "quantized model, against the float model it came from). Both models must share a tokenizer.",
+    )
+    evaluate.add_argument("model", help=MODEL_HELP)
+    evaluate.add_argument("--reference", metavar="MODEL", help="model to compare greedy next tokens with")
+    evaluate.add_argument("--corpus", metavar="FILE", help="UTF-8 text file (default: Quill's held-out corpus)")
+    evaluate.add_argument("--max-tokens", type=int, metavar="N", help="score only the corpus's first N tokens")
+    evaluate.add_argument("--window", type=int, default=512, metavar="N",
+                          help="tokens per forward pass (default: %(default)s)")
+    evaluate.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                          help="compute precision of both models (default: %(default)s)")
+    evaluate.add_argument("--dequantize", action="store_true",
+                          help="expand MODEL's quantized weights to --dtype instead of running them natively")
+    evaluate.set_defaults(func=_cmd_eval)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from quill.optimize.quantize import quantize_checkpoint
+
+    summary = quantize_checkpoint(args.source, args.output, args.qtype, group_size=args.group_size,
+                                  embeddings=args.embeddings, allow_requantize=args.allow_requantize,
+                                  progress=not args.quiet)
+    print(f"wrote {summary.output}")
+    print(f"  size: {_human_size(summary.source_bytes)} -> {_human_size(summary.output_bytes)} "
+          f"({summary.ratio:.2f}x smaller)")
+    print("  tensors: " + ", ".join(f"{n} {kind}" for kind, n in summary.tensor_types.most_common()))
+    for change, n in sorted(summary.fallbacks.items()):
+        print(f"  {n} matrices {change}: their width is not a multiple of the group")
+    if not summary.has_tokenizer:
+        print("  note: no tokenizer in the file (a Hugging Face tokenizer.json is not converted)", file=sys.stderr)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from quill.optimize.evaluate import corpus_path, load_scoring_model, score, tokenize_corpus
+
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise InvalidRequestError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    corpus = Path(args.corpus) if args.corpus else corpus_path()
+    results = []  # (model, tokens, scores); one model in memory at a time
+    for name, dequantize in [(args.model, args.dequantize)] + ([(args.reference, False)] if args.reference else []):
+        scoring = load_scoring_model(name, args.dtype, dequantize)
+        tokens = tokenize_corpus(scoring.tokenizer, corpus, args.max_tokens)
+        if results and tokens != results[0][1]:
+            raise InvalidRequestError(f"{args.model} and {args.reference} tokenize the corpus differently; "
+                                      "greedy agreement needs a shared tokenizer")
+        results.append((name, tokens, score(scoring.model, scoring.config, tokens, args.window, progress=True)))
+        del scoring
+    print(f"corpus: {corpus} ({len(results[0][1]):,} tokens, window {args.window})")
+    for name, _, scores in results:
+        print(f"{name}: perplexity {scores.perplexity:.4f} (mean NLL {scores.mean_nll:.4f} nats "
+              f"over {scores.tokens_scored:,} tokens)")
+    if args.reference:
+        model_scores, reference_scores = results[0][2], results[1][2]
+        print(f"greedy agreement with {args.reference}: {model_scores.agreement(reference_scores):.2%} "
+              f"of {model_scores.tokens_scored:,} positions")
+    return 0
 
 
 if __name__ == "__main__":

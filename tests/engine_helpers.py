@@ -7,7 +7,6 @@ import torch
 
 from quill.config import EngineConfig
 from quill.engine.engine import Engine
-from quill.layers.attention import AttentionMetadata, PagedAttention
 from quill.models import build_model
 from quill.sampling_params import SamplingParams
 from quill.weights import load_checkpoint
@@ -21,20 +20,6 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
 def tiny_engine(path: Path, dtype: str = "float32", **engine_options) -> Engine:
     model, config = load_model(path, getattr(torch, dtype))
     return Engine(model, config, None, EngineConfig(dtype=dtype, **engine_options))
-
-
-@torch.inference_mode()
-def all_position_logits(model, config, token_ids: list[int]) -> torch.Tensor:
-    """Logits at every position of one prompt, computed in a single prefill on a scratch cache."""
-    n = len(token_ids)
-    for module in model.modules():
-        if isinstance(module, PagedAttention):
-            module.k_cache = torch.zeros(config.num_kv_heads, n, config.head_dim)
-            module.v_cache = torch.zeros(config.num_kv_heads, n, config.head_dim)
-    positions = torch.arange(n)
-    meta = AttentionMetadata(slot_mapping=positions, query_lens=[n], context_lens=[n],
-                             cached_context_slots=torch.empty(0, dtype=torch.long))
-    return model.compute_logits(model(torch.tensor(token_ids), positions, meta))
 
 
 def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine_helpers import all_position_logits, run_requests, tiny_engine
+from engine_helpers import run_requests
+from quill.optimize.evaluate import all_position_logits
 from quill.engine.engine import Engine
 from quill.config import EngineConfig
 from quill.layers.linear import Linear

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import all_position_logits
+from quill.optimize.evaluate import all_position_logits
 from quill import LLM, SamplingParams
 from quill.layers.quantized import Int4Linear
 from quill.models import build_model

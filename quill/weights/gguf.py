@@ -240,6 +240,11 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     return _read_header(Path(path))[0]
 
 
+def read_gguf_tensor_types(path: str | Path) -> dict[str, str]:
+    """The GGML type name of every tensor in a GGUF file ("F16", "Q4_1", ...), from its header."""
+    return {name: _type_name(info) for name, info in _read_header(Path(path))[1].items()}
+
+
 def _read_raw(f: BinaryIO, info: GGUFTensorInfo, path: Path) -> np.ndarray:
     """The tensor's bytes as uint8 [rows, bytes per row]."""
     if info.nbytes is None:
@@ -410,16 +415,15 @@ class _TensorReader:
                  keep_quantized: bool) -> None:
         self.f, self.path, self.infos, self.keep_quantized = f, path, infos, keep_quantized
         self.quill_type = metadata.get("quill.quantization.type")
-        self.group_size = metadata.get("quill.quantization.group_size")
         self.quill_weights = {name.removesuffix(CODES) for name in infos if name.endswith(CODES)}
-        if self.quill_weights and not (isinstance(self.group_size, int) and self.group_size > 0):
-            raise ModelLoadError(f"{path.name}: has Quill-quantized tensors but no valid quill.quantization.group_size")
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {name: info.shape for name, info in self.infos.items()}
+        codes_per_byte = 2 if self.quill_type == "int4" else 1
         for name in self.quill_weights:
-            scales = self._info(name + SCALES)
-            shapes[name] = (scales.shape[0], scales.shape[1] * self.group_size)
+            # From the codes: int8's group is a whole row, so no one group size gives every width.
+            codes = self._info(name + CODES)
+            shapes[name] = (codes.shape[0], codes.shape[1] * codes_per_byte)
         return shapes
 
     def _info(self, name: str) -> GGUFTensorInfo:

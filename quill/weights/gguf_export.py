@@ -1,6 +1,7 @@
 """GGUF writer: the exact inverse of `load_gguf`, following llama.cpp's converter conventions
 (tensor names, llama q/k row permutation, Gemma's `1 + w` norms, metadata keys), so that llama.cpp
-and transformers can read what Quill writes. Used by the tests and by `quill quantize`.
+and transformers can read what Quill writes. Used by the tests and by `quill quantize`, whose
+int4/int8 weights are written in Quill's own tensor format (see `gguf_quant.py`).
 
 Two things GGUF cannot say are dropped, as llama.cpp drops them: Mistral is written as "llama"
 (and loses its sliding window), and Gemma 3's attention scale must be llama.cpp's fixed rule.
@@ -16,11 +17,14 @@ import torch
 
 from quill.config import ModelConfig
 from quill.errors import UnsupportedModelError
+from quill.layers.quantized import QuantizedWeight
 from quill.weights.gguf import hf_to_gguf_name, llama3_rope_factors
+from quill.weights.gguf_quant import CODES, OFFSETS, SCALES
 from quill.weights.layout import check_tensors
 
-# Chooses the GGML type of one tensor from its GGUF name and float32 values (already in GGUF layout).
-TensorTypeHook = Callable[[str, np.ndarray], gguf.GGMLQuantizationType]
+# Chooses how one tensor is stored from its GGUF name and float32 values (already in GGUF layout):
+# a GGML type (gguf-py quantizes), or the values already quantized in Quill's int4/int8 format.
+TensorTypeHook = Callable[[str, np.ndarray], "gguf.GGMLQuantizationType | QuantizedWeight"]
 
 _GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}
 _TOKENIZER_ARRAY_TYPES = {  # what llama.cpp expects; other arrays get their type from their items
@@ -48,7 +52,8 @@ def write_gguf(
     """Write a checkpoint (Hugging Face names and conventions) as a GGUF file.
 
     `tokenizer_metadata` holds `tokenizer.*` keys (as `read_gguf_metadata` returns them) to copy
-    over. `tensor_type` overrides `dtype` per tensor; any type `gguf.quants.quantize` supports works.
+    over. `tensor_type` overrides `dtype` per tensor: any type `gguf.quants.quantize` supports, or
+    a `QuantizedWeight` of Quill's int4/int8 format (one format per file, as its metadata says).
     """
     if config.architecture not in _GGUF_ARCHITECTURE:
         raise UnsupportedModelError(f"cannot write architecture {config.architecture!r} as GGUF")
@@ -65,16 +70,47 @@ def write_gguf(
         # llama.cpp has no llama3 scaling type: it stores the per-frequency divisors as a tensor.
         factors = llama3_rope_factors(config.head_dim, config.rope_theta, config.rope_scaling)
         writer.add_tensor("rope_freqs.weight", factors, raw_dtype=gguf.GGMLQuantizationType.F32)
+    quill_formats = set()
     for hf_name, tensor in tensors.items():
         name = hf_to_gguf_name(arch, hf_name)
         values = _to_gguf_convention(arch, config, hf_name, tensor.detach().to("cpu", torch.float32).numpy())
         qtype = choose_type(name, values)
-        writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        if isinstance(qtype, QuantizedWeight):
+            quill_formats.add((qtype.source, qtype.group_size if qtype.bits == 4 else None))
+            for suffix, array in _quill_tensor_arrays(qtype).items():
+                writer.add_tensor(name + suffix, array)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+    if quill_formats:
+        _add_quill_quantization(writer, quill_formats)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _quill_tensor_arrays(weight: QuantizedWeight) -> dict[str, np.ndarray]:
+    """The inverse of `gguf_quant.quill_quantized`: codes as I8 (int8: code - 128; int4: two codes a
+    byte, low nibble first), scales and offsets as F32."""
+    codes = weight.codes.numpy()
+    if weight.source == "int8" and weight.bits == 8:
+        stored = codes ^ 0x80  # code - 128 in two's complement
+    elif weight.source == "int4" and weight.bits == 4:
+        stored = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    else:
+        raise ValueError(f"cannot write a {weight.bits}-bit {weight.source} weight in Quill's format")
+    return {CODES: stored.astype(np.uint8).view(np.int8), SCALES: weight.scales.numpy().astype(np.float32),
+            OFFSETS: weight.offsets.numpy().astype(np.float32)}
+
+
+def _add_quill_quantization(writer: gguf.GGUFWriter, formats: set[tuple[str, int | None]]) -> None:
+    if len(formats) > 1:
+        raise ValueError(f"one GGUF file holds one Quill quantization format, got {sorted(formats, key=str)}")
+    (qtype, group_size), = formats
+    writer.add_string("quill.quantization.type", qtype)
+    if group_size is not None:  # int8 has one group per output row, whatever its width
+        writer.add_uint32("quill.quantization.group_size", group_size)
 
 
 def _to_gguf_convention(arch: str, config: ModelConfig, hf_name: str, values: np.ndarray) -> np.ndarray:

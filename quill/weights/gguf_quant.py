@@ -12,7 +12,8 @@ the second half in the high nibbles (per 32-value half of a Q4_K 64-value run).
 
 Quill's own format (`quill quantize --type int4|int8`) stores a weight `W` as three tensors:
 `W.codes` (I8: the codes minus 128 for int8; two 4-bit codes per byte, low nibble first, for
-int4), `W.scales` and `W.offsets` (F32, one per group), with `quill.quantization.group_size`.
+int4), `W.scales` and `W.offsets` (F32, one per group), with `quill.quantization.group_size` (int4;
+an int8 group is a whole row).
 """
 from __future__ import annotations
 

@@ -1,0 +1,6 @@
+"""Tools that make new checkpoints from old ones (quantize) and measure what that cost (evaluate).
+
+The option values live here, free of torch, so that the CLI can list them without loading it."""
+
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "int8", "int4")  # see quantize.py's docstring
+EMBEDDING_TYPES = ("f16", "q8_0", "same")  # for the token embedding and an untied LM head

@@ -1,0 +1,138 @@
+"""What a model (or a quantized copy of it) makes of a text: perplexity and greedy agreement.
+
+The corpus is tokenized once and cut into windows of `window` tokens that overlap by half: the
+first window scores all its tokens, each later one only its second half, so every token after
+the first is scored exactly once, with at least `window // 2` tokens of context once there are
+that many. Each window is one forward pass of the bare model over all its positions (no engine,
+no sampling), so the numbers depend on the weights alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from quill.config import ModelConfig
+from quill.errors import InvalidRequestError
+from quill.layers.attention import AttentionMetadata, PagedAttention
+from quill.layers.quantized import DENSE_MIN_ROWS, QuantizedLinear
+from quill.models import build_model
+from quill.tokenizer import Tokenizer, load_tokenizer
+from quill.weights import load_checkpoint
+from quill.weights.hub import resolve_model
+
+DEFAULT_WINDOW = 512
+
+
+def corpus_path(split: str = "heldout") -> Path:
+    """The evaluation corpus shipped with Quill: "heldout" (for reported numbers) or "dev"."""
+    return Path(str(resources.files("quill") / "data" / "eval" / f"{split}.txt"))
+
+
+@dataclass
+class ScoringModel:
+    model: torch.nn.Module
+    config: ModelConfig
+    tokenizer: Tokenizer
+
+
+def load_scoring_model(model: str | Path, dtype: str = "bfloat16", dequantize: bool = False) -> ScoringModel:
+    """The bare network and tokenizer of a checkpoint, loaded as `LLM` would load them (quantized
+    weights native unless `dequantize`), without an engine or KV cache of its own."""
+    path = resolve_model(model)
+    checkpoint = load_checkpoint(path, getattr(torch, dtype), keep_quantized=not dequantize)
+    network = build_model(checkpoint.config, checkpoint.tensors, getattr(torch, dtype))
+    for module in network.modules():
+        if isinstance(module, QuantizedLinear):  # whole windows are prefill-sized: as the engine's runner does
+            module.dense_min_rows = DENSE_MIN_ROWS
+    return ScoringModel(network, checkpoint.config, load_tokenizer(path))
+
+
+def tokenize_corpus(tokenizer: Tokenizer, path: str | Path, max_tokens: int | None = None) -> list[int]:
+    """The corpus file's tokens (all of them, or the first `max_tokens`)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read corpus {path}: {exc}") from exc
+    return tokenizer.encode(text)[:max_tokens]
+
+
+@torch.inference_mode()
+def all_position_logits(model, config: ModelConfig, token_ids: list[int]) -> torch.Tensor:
+    """Logits at every position of one sequence, from a single forward pass on a scratch KV cache.
+    It rebinds the model's attention caches, so never call it on a model an engine is running."""
+    n = len(token_ids)
+    cache_dtype = model.embed_tokens.weight.dtype  # what the engine would use for this model
+    for module in model.modules():
+        if isinstance(module, PagedAttention):
+            module.k_cache = torch.zeros(config.num_kv_heads, n, config.head_dim, dtype=cache_dtype)
+            module.v_cache = torch.zeros(config.num_kv_heads, n, config.head_dim, dtype=cache_dtype)
+    positions = torch.arange(n)
+    meta = AttentionMetadata(slot_mapping=positions, query_lens=[n], context_lens=[n],
+                             cached_context_slots=torch.empty(0, dtype=torch.long))
+    return model.compute_logits(model(torch.tensor(token_ids), positions, meta))
+
+
+def windows(num_tokens: int, window: int) -> Iterator[tuple[int, int, int]]:
+    """(start, end, first_scored): the forward pass sees tokens[start:end] and scores the
+    predictions of tokens[first_scored:end], each from the tokens before it in the window."""
+    if window < 2:
+        raise InvalidRequestError(f"the window must hold at least 2 tokens, got {window}")
+    stride = window // 2
+    scored_until, start = 1, 0  # token 0 has no context to be predicted from
+    while scored_until < num_tokens:
+        end = min(start + window, num_tokens)
+        yield start, end, scored_until
+        scored_until, start = end, start + stride
+
+
+@dataclass
+class Scores:
+    """A model's predictions over a corpus: per scored token, its negative log-likelihood
+    (nats) and the model's own greedy choice of that token."""
+
+    nll: torch.Tensor  # float64 [tokens scored]
+    greedy: torch.Tensor  # int64 [tokens scored]: argmax of the logits that predicted each token
+
+    @property
+    def tokens_scored(self) -> int:
+        return len(self.nll)
+
+    @property
+    def mean_nll(self) -> float:
+        return float(self.nll.mean())
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+    def agreement(self, reference: Scores) -> float:
+        """Fraction of positions where both models' greedy next token is the same."""
+        if reference.tokens_scored != self.tokens_scored:
+            raise InvalidRequestError(f"cannot compare scores over {self.tokens_scored} and "
+                                      f"{reference.tokens_scored} tokens: use the same corpus, window and tokenizer")
+        return float((self.greedy == reference.greedy).double().mean())
+
+
+def score(model, config: ModelConfig, token_ids: list[int], window: int = DEFAULT_WINDOW,
+          progress: bool = False) -> Scores:
+    """Score every token of `token_ids` after the first (see the module docstring)."""
+    if len(token_ids) < 2:
+        raise InvalidRequestError("the corpus must hold at least 2 tokens to score")
+    if min(window, len(token_ids)) > config.max_position_embeddings:
+        raise InvalidRequestError(f"window {window} is longer than the model's context "
+                                  f"({config.max_position_embeddings} tokens)")
+    targets = torch.tensor(token_ids)
+    nll, greedy = [], []
+    spans = list(windows(len(token_ids), window))
+    for start, end, first in tqdm(spans, unit="window", desc="scoring", disable=not progress, leave=False):
+        logits = all_position_logits(model, config, token_ids[start:end])[first - start - 1:end - start - 1]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        nll.append(-log_probs.gather(1, targets[first:end, None])[:, 0].double())
+        greedy.append(logits.argmax(dim=-1))
+    return Scores(torch.cat(nll), torch.cat(greedy))

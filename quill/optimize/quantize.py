@@ -1,0 +1,185 @@
+"""Weight-only quantization of a float checkpoint into a GGUF file (`quill quantize`).
+
+Types:
+- q8_0, q4_0, q4_1: GGML's own block formats (32 weights a block), quantized by gguf-py's
+  reference code, so llama.cpp loads the file too.
+- int8: one symmetric scale per output row (`Int8Linear`'s kernel); int4: an asymmetric scale and
+  offset per group of 32..256 input columns (`Int4Linear`'s kernel). Quill's own tensor format
+  (see `weights/gguf_quant.py`); only Quill reads it.
+
+What stays unquantized follows llama.cpp's practice: vectors (norms, biases) stay F32, since they
+are tiny and errors in them hit every activation. The token embedding and an untied LM head get
+`--embeddings`: by default Q8_0 next to a GGML type (llama.cpp keeps small models' token_embd at
+Q8_0 or better; the vocabulary is a large share of their weights), and F16 next to int4/int8
+(Quill reads an embedding as floats anyway, so only the file grows). A
+matrix whose width the type cannot split into groups keeps a wider type (see `_fallback`).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from quill.errors import QuillError
+from quill.layers.quantized import INT4_GROUP_SIZES, QuantizedWeight
+from quill.optimize import EMBEDDING_TYPES, QUANT_TYPES
+from quill.weights import load_checkpoint
+from quill.weights.gguf import read_gguf_tensor_types
+from quill.weights.gguf_export import write_gguf
+
+Q = gguf.GGMLQuantizationType
+GGML_TYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "f16": Q.F16}
+_FLOAT_TYPES = {"F32", "F16", "BF16"}
+_EMBEDDING_NAMES = ("token_embd.weight", "output.weight")  # the LM head shares the vocabulary's policy
+_GGML_BLOCK = 32  # values per block of every GGML type used here
+
+
+class QuantizationError(QuillError):
+    """A quantization the user asked for cannot be done (bad option, already-quantized source)."""
+
+
+@dataclass
+class QuantizeSummary:
+    source: Path
+    output: Path
+    source_bytes: int
+    output_bytes: int
+    has_tokenizer: bool  # False for a Hugging Face source: its tokenizer.json is not converted
+    tensor_types: Counter = field(default_factory=Counter)  # stored type -> number of tensors
+    fallbacks: Counter = field(default_factory=Counter)  # "int4 g128 -> Q8_0" -> number of matrices
+
+    @property
+    def ratio(self) -> float:
+        return self.source_bytes / self.output_bytes
+
+
+def quantize_int8(values: np.ndarray) -> QuantizedWeight:
+    """Symmetric, one scale per output row: w = scale * (code - 128), |code - 128| <= 127."""
+    w = torch.from_numpy(values)
+    scales = w.abs().amax(dim=1, keepdim=True) / 127
+    codes = torch.round(w / torch.where(scales > 0, scales, 1)).clamp_(-127, 127) + 128
+    return QuantizedWeight(codes.to(torch.uint8), scales, -128 * scales, bits=8, group_size=w.shape[1], source="int8")
+
+
+def quantize_int4(values: np.ndarray, group_size: int) -> QuantizedWeight:
+    """Asymmetric per group of `group_size` input columns: its min and max map to codes 0 and 15."""
+    rows, cols = values.shape
+    w = torch.from_numpy(values).view(rows, cols // group_size, group_size)
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales = (high - low) / 15
+    steps = torch.where(scales > 0, scales, 1)[..., None]
+    codes = torch.round((w - low[..., None]) / steps).clamp_(0, 15).to(torch.uint8)
+    return QuantizedWeight(codes.view(rows, cols), scales, low, bits=4, group_size=group_size, source="int4")
+
+
+class _TensorPolicy:
+    """The `write_gguf` hook: decides (and performs, for int4/int8) each tensor's quantization,
+    counting what it chose and advancing the progress bar."""
+
+    def __init__(self, qtype: str, group_size: int, embeddings: str, progress: tqdm) -> None:
+        self.qtype, self.group_size, self.embeddings, self.progress = qtype, group_size, embeddings, progress
+        self.tensor_types: Counter = Counter()
+        self.fallbacks: Counter = Counter()
+
+    def __call__(self, name: str, values: np.ndarray) -> Q | QuantizedWeight:
+        self.progress.update()
+        if values.ndim != 2:
+            return self._record(Q.F32)
+        wanted = self.embeddings if name in _EMBEDDING_NAMES and self.embeddings != "same" else self.qtype
+        if not self._fits(wanted, values.shape[1]):
+            fallback = _fallback(values.shape[1])
+            self.fallbacks[f"{self._label(wanted)} -> {fallback.name}"] += 1
+            return self._record(fallback)
+        if wanted == "int8":
+            return self._record(quantize_int8(values))
+        if wanted == "int4":
+            return self._record(quantize_int4(values, self.group_size))
+        return self._record(GGML_TYPES[wanted])
+
+    def _fits(self, qtype: str, width: int) -> bool:
+        if qtype == "int4":
+            return width % self.group_size == 0
+        return qtype in ("int8", "f16") or width % _GGML_BLOCK == 0
+
+    def _label(self, choice: str | Q | QuantizedWeight) -> str:
+        """"Q4_0", "F32", "int8", "int4 g32" for a type name, a GGML type or a quantized weight."""
+        name = choice.source if isinstance(choice, QuantizedWeight) else choice
+        if isinstance(name, Q):
+            return name.name
+        if name in GGML_TYPES:
+            return GGML_TYPES[name].name
+        return f"int4 g{self.group_size}" if name == "int4" else name
+
+    def _record(self, choice: Q | QuantizedWeight) -> Q | QuantizedWeight:
+        self.tensor_types[self._label(choice)] += 1
+        return choice
+
+
+def _fallback(width: int) -> Q:
+    """For a matrix the chosen type cannot group (width not a multiple of its group): Q8_0 where
+    blocks of 32 fit (small error, read by both Quill and llama.cpp), else F16."""
+    return Q.Q8_0 if width % _GGML_BLOCK == 0 else Q.F16
+
+
+def quantize_checkpoint(source: str | Path, output: str | Path, qtype: str, *, group_size: int | None = None,
+                        embeddings: str | None = None, allow_requantize: bool = False,
+                        progress: bool = True) -> QuantizeSummary:
+    """Quantize a float checkpoint (Hugging Face directory or GGUF file) into the GGUF file `output`."""
+    source, output = Path(source), Path(output)
+    group_size = _check_options(source, output, qtype, group_size, embeddings, allow_requantize)
+    checkpoint = load_checkpoint(source)
+    tokenizer_metadata = {k: v for k, v in checkpoint.metadata.items() if k.startswith("tokenizer.")}
+    if embeddings is None:
+        embeddings = "f16" if qtype in ("int8", "int4") else "q8_0"
+    with tqdm(total=len(checkpoint.tensors), unit="tensor", desc=f"quantizing to {qtype}", disable=not progress,
+              leave=False) as bar:
+        policy = _TensorPolicy(qtype, group_size, embeddings, bar)
+        partial = output.with_name(output.name + ".partial")  # a crash must not leave a plausible file
+        try:
+            write_gguf(partial, checkpoint.config, checkpoint.tensors, tokenizer_metadata, tensor_type=policy)
+            partial.replace(output)
+        finally:
+            partial.unlink(missing_ok=True)
+    return QuantizeSummary(source, output, _size(source), output.stat().st_size, bool(tokenizer_metadata),
+                           policy.tensor_types, policy.fallbacks)
+
+
+def _check_options(source: Path, output: Path, qtype: str, group_size: int | None, embeddings: str | None,
+                   allow_requantize: bool) -> int:
+    """Validate everything before the (slow) load; returns the int4 group size to use."""
+    if qtype not in QUANT_TYPES:
+        raise QuantizationError(f"unknown quantization type {qtype!r}; choose one of {', '.join(QUANT_TYPES)}")
+    if embeddings is not None and embeddings not in EMBEDDING_TYPES:
+        raise QuantizationError(f"--embeddings must be one of {', '.join(EMBEDDING_TYPES)}, got {embeddings!r}")
+    if embeddings == "same" and qtype in ("int8", "int4"):
+        # The GGUF reader finds the vocabulary (and whether the LM head is tied) by GGML tensor names.
+        raise QuantizationError(f"--embeddings same is for GGML types; with {qtype} use f16 or q8_0")
+    if group_size is not None and qtype != "int4":
+        raise QuantizationError(f"--group-size applies to int4 only ({qtype} has a fixed grouping)")
+    group_size = group_size or 32
+    if group_size not in INT4_GROUP_SIZES:
+        raise QuantizationError(f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))} "
+                                f"(what PyTorch's int4 kernel takes), got {group_size}")
+    if not source.exists():
+        raise QuantizationError(f"source checkpoint does not exist: {source}")
+    if output.resolve() == source.resolve():
+        raise QuantizationError("the output would overwrite the source checkpoint")
+    if source.is_file():
+        quantized = sorted({t for t in read_gguf_tensor_types(source).values() if t not in _FLOAT_TYPES})
+        if quantized and not allow_requantize:
+            raise QuantizationError(
+                f"{source.name} is already quantized ({', '.join(quantized)}); quantizing it again compounds "
+                "both rounding errors. Start from a float checkpoint, or pass --allow-requantize to accept that")
+    return group_size
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
