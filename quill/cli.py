@@ -153,6 +153,8 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument("model", help=MODEL_HELP)
     options.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                          help="compute precision (default: %(default)s)")
+    options.add_argument("--device", default="auto", metavar="DEVICE",
+                         help="cpu, cuda, cuda:N, or auto: the first CUDA GPU when there is one (default: %(default)s)")
     options.add_argument("--dequantize", action="store_true",
                          help="expand quantized GGUF weights to --dtype at load instead of running Q4_0/Q4_1/Q4_K "
                               "and int4/int8 weights natively (more memory, slower decoding; the reference path)")
@@ -357,8 +359,8 @@ def _load_llm(args: argparse.Namespace):
     """Build the `LLM` for a command; tests replace this with a fake."""
     from quill import LLM  # torch loads here, so --help, pull and models stay quick
 
-    return LLM(args.model, dtype=args.dtype, dequantize=args.dequantize, max_model_len=args.max_model_len,
-               kv_cache_memory=args.kv_cache_memory)
+    return LLM(args.model, dtype=args.dtype, device=args.device, dequantize=args.dequantize,
+               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory)
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "kb": 10**3, "mib": 2**20, "mb": 10**6, "gib": 2**30, "gb": 10**9}

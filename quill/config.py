@@ -61,7 +61,7 @@ class EngineConfig:
     # Compute dtype of weights, activations and the KV cache. bfloat16 is 2-4x faster here (AMX,
     # half the bytes per token); float32 is the exact reference.
     dtype: str = "bfloat16"
-    device: str = "cpu"
+    device: str = "auto"  # where `LLM` places the model: "cpu", "cuda", "cuda:N", or "auto" (CUDA when present)
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_memory: int | None = None  # bytes for the KV cache; None: sized from the model
     max_num_seqs: int = 64  # sequences in the running batch
@@ -79,5 +79,7 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise InvalidRequestError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise InvalidRequestError(f"max_model_len must be positive, got {self.max_model_len}")

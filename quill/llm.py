@@ -9,6 +9,7 @@ import torch
 
 from quill.config import EngineConfig
 from quill.engine.engine import Engine
+from quill.errors import InvalidRequestError
 from quill.models import build_model
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
@@ -19,6 +20,16 @@ from quill.weights.hub import resolve_model
 Messages = list[dict]
 
 
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> the first CUDA GPU when PyTorch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError(f"device {name!r} was asked for, but PyTorch sees no CUDA GPU")
+    return device
+
+
 class LLM:
     def __init__(self, model: str | Path, *, dtype: str = "bfloat16", max_model_len: int | None = None,
                  chat_template: str | None = None, dequantize: bool = False, **engine_options) -> None:
@@ -26,14 +37,17 @@ class LLM:
         Quantized GGUF weights run natively unless `dequantize` expands them all to `dtype` (the
         reference path). `engine_options` are `EngineConfig` fields (block_size, kv_cache_memory, ...)."""
         started = time.perf_counter()
+        engine_config = EngineConfig(dtype=dtype, max_model_len=max_model_len, **engine_options)
+        engine_config.validate()  # before the slow part
+        self.device = resolve_device(engine_config.device)
         self.path = resolve_model(model)
-        checkpoint = load_checkpoint(self.path, getattr(torch, dtype), keep_quantized=not dequantize)
+        # The quantized kernels are CPU ones; on a GPU, bf16 weights are what its matmuls want.
+        native = not dequantize and self.device.type == "cpu"
+        checkpoint = load_checkpoint(self.path, getattr(torch, dtype), keep_quantized=native)
         self.config = checkpoint.config
         self.tokenizer: Tokenizer = load_tokenizer(self.path)
         self.chat_template = chat_template
-        engine_config = EngineConfig(dtype=dtype, max_model_len=max_model_len, **engine_options)
-        engine_config.validate()
-        network = build_model(checkpoint.config, checkpoint.tensors, getattr(torch, dtype))
+        network = build_model(checkpoint.config, checkpoint.tensors, getattr(torch, dtype)).to(self.device)
         del checkpoint  # the float tensors now live in the model; drop the loader's references
         self.engine = Engine(network, self.config, self.tokenizer, engine_config)
         self.load_seconds = time.perf_counter() - started

@@ -87,4 +87,5 @@ class ModelRunner:
         hidden = self.model(input_ids, torch.cat(positions), meta)
         if not to_sample:
             return [], hidden.new_empty((0, 0))
-        return to_sample, self.model.compute_logits(hidden[sample_rows])
+        # The sampler works on the CPU: per-request Python logic over a few rows of logits.
+        return to_sample, self.model.compute_logits(hidden[sample_rows]).cpu()

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from quill.config import ModelConfig
 from quill.errors import InvalidRequestError
+from quill.engine.runner import kv_cache_dtype
 from quill.layers.attention import AttentionMetadata, PagedAttention
 from quill.layers.quantized import DENSE_MIN_ROWS, QuantizedLinear
 from quill.models import build_model
@@ -67,15 +68,16 @@ def all_position_logits(model, config: ModelConfig, token_ids: list[int]) -> tor
     """Logits at every position of one sequence, from a single forward pass on a scratch KV cache.
     It rebinds the model's attention caches, so never call it on a model an engine is running."""
     n = len(token_ids)
-    cache_dtype = model.embed_tokens.weight.dtype  # what the engine would use for this model
+    weight = model.embed_tokens.weight
+    cache_dtype, device = kv_cache_dtype(weight.dtype, weight.device), weight.device  # as the engine's
     for module in model.modules():
         if isinstance(module, PagedAttention):
-            module.k_cache = torch.zeros(config.num_kv_heads, n, config.head_dim, dtype=cache_dtype)
-            module.v_cache = torch.zeros(config.num_kv_heads, n, config.head_dim, dtype=cache_dtype)
-    positions = torch.arange(n)
+            module.k_cache = torch.zeros(config.num_kv_heads, n, config.head_dim, dtype=cache_dtype, device=device)
+            module.v_cache = torch.zeros(config.num_kv_heads, n, config.head_dim, dtype=cache_dtype, device=device)
+    positions = torch.arange(n, device=device)
     meta = AttentionMetadata(slot_mapping=positions, query_lens=[n], context_lens=[n],
-                             cached_context_slots=torch.empty(0, dtype=torch.long))
-    return model.compute_logits(model(torch.tensor(token_ids), positions, meta))
+                             cached_context_slots=torch.empty(0, dtype=torch.long, device=device))
+    return model.compute_logits(model(torch.tensor(token_ids, device=device), positions, meta))
 
 
 def windows(num_tokens: int, window: int) -> Iterator[tuple[int, int, int]]:
