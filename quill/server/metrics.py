@@ -3,7 +3,8 @@
 Each app has its own `CollectorRegistry`, so several servers in one process (tests) never clash.
 Per-request numbers (latencies, tokens, outcomes) are recorded by the routes as requests end;
 engine-wide numbers (running/waiting requests, KV usage, prefix cache) are read from the
-engine's latest stats snapshot at scrape time, so the engine thread is never touched.
+engine's latest stats snapshot at scrape time, so the engine thread is never touched; so are the
+response cache's numbers, from its own counters.
 """
 from __future__ import annotations
 
@@ -37,6 +38,18 @@ def endpoint_label(path: str) -> str:
     return "other"
 
 
+def _gauge(name: str, doc: str, labels: dict[str, str], value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+def _counter(name: str, doc: str, labels: dict[str, str], value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
 class _EngineCollector:
     """Engine-wide gauges and counters, from `AsyncEngine.stats()` at scrape time."""
 
@@ -46,17 +59,13 @@ class _EngineCollector:
 
     def collect(self):
         stats = self.engine.stats()
-        label = [self.model_name]
+        label = {"model_name": self.model_name}
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric(label, value)
-            return family
+            return _gauge(name, doc, label, value)
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric(label, value)
-            return family
+            return _counter(name, doc, label, value)
 
         yield gauge("quill:num_requests_running", "Sequences in the engine's running batch.", stats.num_running)
         yield gauge("quill:num_requests_waiting", "Sequences waiting to be scheduled.", stats.num_waiting)
@@ -69,8 +78,31 @@ class _EngineCollector:
                       stats.num_prompt_tokens)
 
 
+class _ResponseCacheCollector:
+    """The response cache's counters and sizes, from `ResponseCache.stats()` at scrape time."""
+
+    def __init__(self, cache, model_name: str) -> None:
+        self.cache = cache
+        self.model_name = model_name
+
+    def collect(self):
+        stats = self.cache.stats()
+        label = {"model_name": self.model_name}
+        yield _counter("quill:response_cache_hits", "Requests answered from the response cache.", label, stats.hits)
+        yield _counter("quill:response_cache_misses", "Cacheable requests the engine had to answer.", label,
+                       stats.misses)
+        yield _counter("quill:response_cache_evictions", "Answers evicted to stay within the cache's bounds.", label,
+                       stats.evictions)
+        for store, entries, size in (("memory", stats.memory_entries, stats.memory_bytes),
+                                     ("sqlite", stats.disk_entries, stats.disk_bytes)):
+            yield _gauge("quill:response_cache_entries", "Answers in the response cache.",
+                         {**label, "store": store}, entries)
+            yield _gauge("quill:response_cache_bytes", "Bytes of answers (JSON) in the response cache.",
+                         {**label, "store": store}, size)
+
+
 class ServerMetrics:
-    def __init__(self, engine, model_name: str) -> None:
+    def __init__(self, engine, model_name: str, response_cache=None) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         registry = self.registry
@@ -95,6 +127,8 @@ class ServerMetrics:
         self.request_generation_tokens = Histogram("quill:request_generation_tokens", "Tokens generated per sequence.",
                                                    ["model_name"], buckets=_TOKEN_COUNT_BUCKETS, registry=registry)
         registry.register(_EngineCollector(engine, model_name))
+        if response_cache is not None:
+            registry.register(_ResponseCacheCollector(response_cache, model_name))
 
     def observe_sequence(self, metrics, finish_reason: str | None, num_tokens: int) -> None:
         """Record one finished (or aborted) sequence from its engine-side `RequestMetrics`."""

@@ -54,6 +54,8 @@ class _SamplingFields(_Request):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    # Quill's own: false keeps this request out of the response cache, like `Cache-Control: no-store`.
+    cache: bool | None = Field(default=None, description="false: do not read or write the response cache")
 
 
 class TextContentPart(_Request):
@@ -121,13 +123,15 @@ class PromptTokensDetails(BaseModel):
 
 
 class QuillUsage(BaseModel):
-    """Quill's timings for this request, in seconds (null when not measured)."""
+    """Quill's timings for this request, in seconds (null when not measured), and whether the
+    answer came from the response cache (then the token counts are the original answer's)."""
 
     queue_time: float | None
     time_to_first_token: float | None
     generation_time: float | None
     tokens_per_second: float | None
     e2e_latency: float | None
+    cache_hit: bool = False
 
 
 class Usage(BaseModel):
