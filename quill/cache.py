@@ -33,7 +33,7 @@ KEY_FORMAT = 1
 
 def cache_key(**parts) -> str:
     """A stable hash of JSON-serializable parts (their order does not matter)."""
-    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"))  # ASCII: even lone surrogates encode
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -257,7 +257,7 @@ class Lease:
             return
         body = None
         if response is not None:
-            body = json.dumps(response, ensure_ascii=False, separators=(",", ":"))
+            body = json.dumps(response, separators=(",", ":"))  # ASCII, as in `cache_key`
             self.cache.put(self.key, body)
         self.cache._in_flight.pop(self.key, None)
         self._flight.set_result(body)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -270,7 +272,8 @@ def chat(content: str, system: str = "Be brief.", **fields) -> dict:
 def post(client: httpx.Client, body: dict, **kwargs) -> tuple[str, dict]:
     """(X-Quill-Cache, the response's JSON) of a non-streamed request."""
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-    response = client.post(path, json=body, **kwargs)
+    # json.dumps escapes lone surrogates (which a client may send), where httpx's json= cannot encode them
+    response = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"}, **kwargs)
     assert response.status_code == 200, response.text
     return response.headers["x-quill-cache"], response.json()
 
@@ -303,7 +306,7 @@ def test_any_change_that_can_change_the_answer_misses(tiny):
     variants = [{"max_tokens": 9}, {"prompt": [3, 5, 7, 10]}, {"stop_token_ids": [4]}, {"logit_bias": {"5": 3}},
                 {"repetition_penalty": 1.2}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5},
                 {"min_tokens": 2}, {"ignore_eos": False}, {"seed": 3}, {"n": 2}, {"logprobs": 0}, {"echo": True},
-                {"stop": ["zz"]}, {"skip_special_tokens": False}, {"temperature": 0.5, "seed": 1},
+                {"stop": ["zz"]}, {"stop": ["\ud800"]}, {"skip_special_tokens": False}, {"temperature": 0.5, "seed": 1},
                 {"top_k": 5, "seed": 1}, {"top_p": 0.5, "seed": 1}, {"min_p": 0.2, "seed": 1}]
     for change in variants:
         body = {**base, **change}
@@ -406,14 +409,28 @@ def test_streamed_hit_is_shaped_like_the_live_stream(tiny):
     assert tokens == [live_tokens[0], live_tokens[1]]
 
 
-def test_concurrent_identical_requests_run_the_model_once(tiny):
+def hold_engine(app, monkeypatch) -> threading.Event:
+    """Make the engine wait before its next step until the returned event is set."""
+    core, resume = app.state.engine.engine, threading.Event()
+    step = core.step
+    monkeypatch.setattr(core, "step", lambda: resume.wait() and step())
+    return resume
+
+
+def test_concurrent_identical_requests_run_the_model_once(tiny, monkeypatch):
     app, client = tiny
+    server = app.state.server
     body = completion([9, 8, 7, 6], max_tokens=200)
     before = generated_tokens(app)
+    resume = hold_engine(app, monkeypatch)
 
     async def fire():
         async with httpx.AsyncClient(base_url=str(client.base_url), timeout=60) as http:
-            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(20)))
+            requests = [asyncio.ensure_future(http.post("/v1/completions", json=body)) for _ in range(20)]
+            while len(server.active_tasks) < 20:  # all in, while the first is still computing
+                await asyncio.sleep(0.005)
+            resume.set()
+            return await asyncio.gather(*requests)
 
     responses = asyncio.run(fire())
     assert generated_tokens(app) == before + 200
@@ -429,20 +446,29 @@ def test_concurrent_identical_requests_run_the_model_once(tiny):
     assert float(hits.split()[-1]) >= 19
 
 
-def test_waiters_recompute_when_the_leader_disconnects(tiny):
+def test_waiters_recompute_when_the_leader_disconnects(tiny, monkeypatch):
     app, client = tiny
-    body = completion([4, 4, 4, 4], max_tokens=240)
-    results: list = []
-    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as leader:
-        assert leader.headers["x-quill-cache"] == "miss"
-        next(line for line in leader.iter_lines() if line.startswith("data: "))
-        waiter = threading.Thread(target=lambda: results.append(post(client, body)))
-        waiter.start()
-        waiter.join(0.3)  # the waiter is now waiting for the leader's answer
-    waiter.join(60)
-    (status, answer), = results
-    assert answer["usage"]["completion_tokens"] == 240 and answer["choices"][0]["finish_reason"] == "length"
-    assert status in ("miss", "hit")  # recomputed, or the leader had finished before it left
+    server = app.state.server
+    body = completion([4, 4, 4, 4], max_tokens=20)
+    resume = hold_engine(app, monkeypatch)
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=str(client.base_url), timeout=60) as http:
+            leader = asyncio.ensure_future(http.post("/v1/completions", json=body))
+            await asyncio.sleep(0.1)
+            waiter = asyncio.ensure_future(http.post("/v1/completions", json=body))
+            while len(server.active_tasks) < 2:  # both handlers are in: the leader's and its waiter's
+                await asyncio.sleep(0.005)
+            leader.cancel()  # the leader's client leaves before any answer
+            with contextlib.suppress(asyncio.CancelledError):
+                await leader
+            resume.set()
+            return await asyncio.wait_for(waiter, 60)
+
+    response = asyncio.run(scenario())
+    assert response.headers["x-quill-cache"] == "miss"  # the waiter computed the answer itself
+    answer = response.json()
+    assert answer["usage"]["completion_tokens"] == 20 and answer["choices"][0]["finish_reason"] == "length"
     wait_idle(app)
 
 
