@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model over HTTP with the OpenAI API (/v1/chat/completions, /v1/completions, "
         "/v1/models) plus /tokenize, /detokenize, /health, /version and /metrics. SIGTERM or Ctrl-C stops "
         "accepting requests and gives in-flight ones --shutdown-grace seconds. One JSON line per request is "
-        "logged to stderr.",
+        "logged to stderr. Repeated deterministic requests (temperature 0, or a seed) are answered from a "
+        "response cache in memory; the X-Quill-Cache response header says hit, miss or bypass, and a client "
+        "opts out with the header `Cache-Control: no-store` or the body field `\"cache\": false`.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
@@ -123,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reference API prices per 1K tokens to compare with, as JSON or TOML, e.g. "
                             "[gpt-4o] input_per_1k = 0.0025, output_per_1k = 0.01 (default: GPT-4o and "
                             "Claude 3.5 Sonnet's list prices)")
+    cache = serve.add_argument_group("response cache")
+    where = cache.add_mutually_exclusive_group()
+    where.add_argument("--response-cache", metavar="PATH",
+                       help="also keep answers in this SQLite file, shared by servers and kept across restarts "
+                            "(a damaged file is moved aside and rebuilt)")
+    where.add_argument("--no-response-cache", action="store_true", help="answer every request with the engine")
+    cache.add_argument("--response-cache-ttl", type=float, metavar="SECONDS",
+                       help="serve an answer for this long after it was computed (default: until evicted)")
+    cache.add_argument("--response-cache-memory", type=_byte_size, default=64 << 20, metavar="SIZE",
+                       help="memory for answers; least recently used ones go first (default: 64MiB)")
+    cache.add_argument("--response-cache-entries", type=int, default=1024, metavar="N",
+                       help="most answers kept in memory (default: %(default)s)")
     serve.set_defaults(func=_cmd_serve)
 
     bench = commands.add_parser("bench", help="measure an OpenAI-compatible server under load",
@@ -278,6 +292,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.hourly_cost < 0:
         raise InvalidRequestError(f"--hourly-cost must be >= 0, got {args.hourly_cost}")
     reference_prices = load_price_file(args.price_file) if args.price_file else None
+    if args.response_cache_ttl is not None and args.response_cache_ttl <= 0:
+        raise InvalidRequestError(f"--response-cache-ttl must be > 0, got {args.response_cache_ttl}")
+    if args.response_cache_entries < 1:
+        raise InvalidRequestError(f"--response-cache-entries must be >= 1, got {args.response_cache_entries}")
     template = _read_chat_template(args)
     _configure_server_logging()
     # The engine runs on its own thread (AsyncEngine). If this thread also ran multi-threaded torch
@@ -297,6 +315,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
         log_prompts=args.log_prompts, chat_template=template, shutdown_grace=args.shutdown_grace,
         hourly_cost=args.hourly_cost, reference_prices=reference_prices,
+        response_cache=not args.no_response_cache, response_cache_path=args.response_cache,
+        response_cache_entries=args.response_cache_entries, response_cache_memory=args.response_cache_memory,
+        response_cache_ttl=args.response_cache_ttl,
     )
     app = create_app(llm, config)
     host = f"[{args.host}]" if ":" in args.host else args.host

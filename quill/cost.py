@@ -8,7 +8,8 @@ Two kinds of price, both in US dollars per 1K input (prompt) and per 1K output (
   file (`--price-file`) replaces the built-in table.
 
 `CostModel` prices each request as it ends and keeps per-model totals (`GET /v1/usage`,
-`quill cost`).
+`quill cost`). An answer served from the response cache (`quill.cache`) is not engine work: it
+costs nothing self-hosted and is counted apart, as a hit with the cost it saved (`charge_hit`).
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def measured_price(hourly_cost: float, prefill_seconds: float, prompt_tokens: in
 
 @dataclass
 class UsageTotals:
-    """Tokens and dollars of one model's traffic."""
+    """Tokens and dollars of one model's engine work, and the response cache hits that spared it."""
 
     requests: int = 0
     prompt_tokens: int = 0
@@ -109,6 +110,8 @@ class UsageTotals:
     completion_tokens: int = 0
     self_hosted_usd: float = 0.0
     reference_usd: dict[str, float] = field(default_factory=dict)
+    cache_hits: int = 0
+    cache_saved_usd: float = 0.0
 
 
 class CostModel:
@@ -134,7 +137,7 @@ class CostModel:
         at their input price."""
         price = self.self_hosted_price(stats)
         self_hosted = None if price is None else price.cost(prompt_tokens - cached_tokens, completion_tokens)
-        reference = {name: ref.cost(prompt_tokens, completion_tokens) for name, ref in self.reference_prices.items()}
+        reference = self._reference_costs(prompt_tokens, completion_tokens)
         totals = self.totals.setdefault(model, UsageTotals())
         totals.requests += 1
         totals.prompt_tokens += prompt_tokens
@@ -143,11 +146,27 @@ class CostModel:
         totals.self_hosted_usd += self_hosted or 0.0
         for name, dollars in reference.items():
             totals.reference_usd[name] = totals.reference_usd.get(name, 0.0) + dollars
-        return {
-            "self_hosted_usd": self_hosted,
-            "self_hosted_price": None if price is None else price.as_dict(),
-            "reference_usd": reference,
-        }
+        return _cost(self_hosted, price, reference, saved=0.0)
+
+    def charge_hit(self, model: str, stats, prompt_tokens: int, completion_tokens: int,
+                   saved_usd: float | None) -> dict:
+        """Price an answer served from the response cache and count it as a hit of the model.
+
+        A hit runs no engine work, so it costs nothing self-hosted, and `saved_usd` is what computing
+        the answer cost when it was stored (the original request's `self_hosted_usd`, kept with the
+        entry: the price actually paid, not today's). Hits stay out of the engine-work totals
+        (requests, tokens, dollars at every price), so those keep comparing the same tokens with the
+        reference APIs; they add up in `cache_hits` and `cache_saved_usd` instead. The returned
+        `reference_usd` is still what this response's tokens would cost on each API."""
+        totals = self.totals.setdefault(model, UsageTotals())
+        totals.cache_hits += 1
+        totals.cache_saved_usd += saved_usd or 0.0
+        return _cost(0.0, self.self_hosted_price(stats), self._reference_costs(prompt_tokens, completion_tokens),
+                     saved=saved_usd)
+
+    def _reference_costs(self, prompt_tokens: int, completion_tokens: int) -> dict[str, float]:
+        """Reference APIs bill every prompt token at their input price."""
+        return {name: ref.cost(prompt_tokens, completion_tokens) for name, ref in self.reference_prices.items()}
 
     def report(self, live_prices: dict[str, Price | None]) -> dict:
         """Totals per model (the body of `GET /v1/usage`), with each model's live self-hosted price."""
@@ -161,8 +180,19 @@ class CostModel:
                 "self_hosted_price": None if price is None else price.as_dict(),
                 "reference": {name: {"usd": totals.reference_usd.get(name, 0.0), **ref.as_dict()}
                               for name, ref in self.reference_prices.items()},
+                "cache_hits": totals.cache_hits, "cache_saved_usd": totals.cache_saved_usd,
             })
         return {"object": "usage", "hourly_cost_usd": self.hourly_cost, "data": data}
+
+
+def _cost(self_hosted: float | None, price: Price | None, reference: dict[str, float], saved: float | None) -> dict:
+    """A request's `usage.quill.cost`."""
+    return {
+        "self_hosted_usd": self_hosted,
+        "self_hosted_price": None if price is None else price.as_dict(),
+        "reference_usd": reference,
+        "saved_usd": saved,
+    }
 
 
 def usage_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
@@ -177,7 +207,8 @@ def usage_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
 
 
 def comparison_lines(report: dict) -> list[str]:
-    """One sentence per model and reference API: "this traffic would have cost $X on gpt-4o"."""
+    """One sentence per model and reference API: "this traffic would have cost $X on gpt-4o", and
+    one per model whose response cache answered requests: what those hits saved."""
     lines = []
     for entry in report["data"]:
         own = entry["self_hosted_usd"]
@@ -186,6 +217,10 @@ def comparison_lines(report: dict) -> list[str]:
             lines.append(f"{entry['model']}: this traffic cost {dollars(own)} self-hosted at "
                          f"${report['hourly_cost_usd']:g}/hour and would have cost {dollars(reference['usd'])} "
                          f"on {name}{ratio}.")
+        hits = entry.get("cache_hits", 0)  # absent from servers without a response cache
+        if hits:
+            lines.append(f"{entry['model']}: the response cache answered {hits} more request{'s' * (hits != 1)}, "
+                         f"saving {dollars(entry['cache_saved_usd'])} self-hosted.")
     return lines
 
 

@@ -59,6 +59,23 @@ def test_charge_prices_a_request_and_keeps_totals():
     assert entry["reference"]["gpt-4o"]["output_per_1k"] == 0.01
 
 
+def test_cache_hits_are_free_and_counted_apart():
+    costs = CostModel(hourly_cost=3.6)
+    computed = costs.charge("m", stats(), prompt_tokens=300, cached_tokens=100, completion_tokens=50)
+    hit = costs.charge_hit("m", stats(), prompt_tokens=300, completion_tokens=50, saved_usd=computed["self_hosted_usd"])
+    assert computed["saved_usd"] == 0.0
+    assert hit["self_hosted_usd"] == 0.0 and hit["saved_usd"] == computed["self_hosted_usd"]
+    assert hit["self_hosted_price"] == computed["self_hosted_price"]
+    assert hit["reference_usd"] == computed["reference_usd"]  # the hosted APIs would bill the same tokens
+    [entry] = costs.report({})["data"]
+    # the engine's work counts once; the hit shows apart with what it saved
+    assert (entry["requests"], entry["prompt_tokens"], entry["completion_tokens"]) == (1, 300, 50)
+    assert entry["self_hosted_usd"] == pytest.approx(computed["self_hosted_usd"])
+    assert entry["reference"]["gpt-4o"]["usd"] == pytest.approx(computed["reference_usd"]["gpt-4o"])
+    assert (entry["cache_hits"], entry["cache_saved_usd"]) == (1, pytest.approx(computed["self_hosted_usd"]))
+    assert comparison_lines(costs.report({}))[-1].startswith("m: the response cache answered 1 more request, saving $")
+
+
 def test_report_table_and_comparison():
     costs = CostModel(hourly_cost=0.1, reference_prices={"gpt-4o": REFERENCE_PRICES["gpt-4o"]})
     costs.charge("smollm2", stats(), prompt_tokens=1000, cached_tokens=0, completion_tokens=1000)

@@ -2,7 +2,9 @@
 
 Two servers, each started once per module in a background thread: one on a tiny random model
 (no tokenizer: token-id prompts only; fast) for limits, errors, auth and disconnects, and one on
-the real SmolLM2 driven by the official `openai` client for conformance and resilience.
+the real SmolLM2 driven by the official `openai` client for conformance and resilience. Both run
+without the response cache, so that repeated requests exercise the engine (test_response_cache.py
+covers the cache).
 """
 from __future__ import annotations
 
@@ -137,6 +139,13 @@ def test_serve_command_options():
          "--served-model-name", "x", "--log-prompts", "--shutdown-grace", "2", "--kv-cache-memory", "64MiB"])
     assert (args.port, args.api_key, args.max_body_bytes, args.max_tokens_cap) == (0, "k", 1 << 20, 64)
     assert (args.served_model_name, args.log_prompts, args.shutdown_grace) == ("x", True, 2.0)
+    assert args.response_cache is None and not args.no_response_cache and args.response_cache_ttl is None
+    args = cli.build_parser().parse_args(["serve", "m", "--response-cache", "a.db", "--response-cache-ttl", "60",
+                                          "--response-cache-memory", "1MiB", "--response-cache-entries", "10"])
+    assert (args.response_cache, args.response_cache_ttl, args.response_cache_memory) == ("a.db", 60.0, 1 << 20)
+    assert args.response_cache_entries == 10
+    with pytest.raises(SystemExit):  # a file cache and no cache at all contradict each other
+        cli.build_parser().parse_args(["serve", "m", "--response-cache", "a.db", "--no-response-cache"])
 
 
 # ------------------------------------------------------------ tiny model (token ids only)
@@ -145,7 +154,7 @@ def test_serve_command_options():
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
     engine = tiny_engine(tiny_model_dir("llama"))
-    app = create_app(engine, ServerConfig(served_model_name="tiny"))
+    app = create_app(engine, ServerConfig(served_model_name="tiny", response_cache=False))
     with BackgroundServer(app) as server:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             yield app, client
@@ -169,7 +178,10 @@ def test_tiny_token_id_completion(tiny):
     usage = body["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (7, 32, 39)
     assert set(usage["quill"]) == {"queue_time", "time_to_first_token", "generation_time", "tokens_per_second",
-                                   "inter_token_latency_mean", "inter_token_latency_max", "e2e_latency", "cost"}
+                                   "inter_token_latency_mean", "inter_token_latency_max", "e2e_latency", "cache_hit",
+                                   "cost"}
+    assert usage["quill"]["cache_hit"] is False and response.headers["x-quill-cache"] == "bypass"
+    assert usage["quill"]["cost"]["saved_usd"] == 0.0
     assert usage["quill"]["time_to_first_token"] > 0
     wait_idle(app)
 
@@ -381,7 +393,7 @@ def llm(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def real(llm):
-    app = create_app(llm, ServerConfig(served_model_name="smollm2"))
+    app = create_app(llm, ServerConfig(served_model_name="smollm2", response_cache=False))
     with BackgroundServer(app) as server:
         yield app, server.url
 

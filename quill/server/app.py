@@ -6,8 +6,9 @@ the engine, and comes back as a stream of `RequestOutput`s. What happens here is
 window) and shaping outputs into OpenAI's JSON and server-sent events. The rest lives beside it:
 `middleware.py` (API key, body limit, request log), `errors.py` (OpenAI-shaped errors),
 `runs.py` (a request's engine streams, SSE and cleanup: a request whose client goes away is
-aborted at once so its KV blocks are freed), `logprobs.py` and `metrics.py`. Each request is
-priced by `quill.cost.CostModel`; `GET /v1/usage` reports the totals.
+aborted at once so its KV blocks are freed), `cached.py` (the response cache's hits and opt-outs),
+`logprobs.py` and `metrics.py`. Each request is priced by `quill.cost.CostModel`; `GET /v1/usage`
+reports the totals (a cache hit is free and shows what it saved: see `cached.hit_usage`).
 
 Build an app with `create_app(llm, ServerConfig(...))`; `runner.serve()` runs it with uvicorn
 (what `quill serve` does) and `runner.BackgroundServer` runs it on a loopback port in a thread (tests).
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
-from collections.abc import AsyncIterator, Awaitable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,17 +28,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from quill import __version__
+from quill.cache import Lease, cache_key, model_identity
 from quill.cost import DEFAULT_HOURLY_COST, CostModel, Price
 from quill.engine.async_engine import AsyncEngine
 from quill.errors import InvalidRequestError, QuillError
 from quill.sampling_params import SamplingParams
 from quill.server import protocol
+from quill.server.cached import (CACHE_HEADER, build_response_cache, chat_replay, completion_replay, hit_usage,
+                                 may_use_cache, replay_events)
 from quill.server.errors import APIError, add_exception_handlers, param_of
 from quill.server.logprobs import TokenText, chat_logprobs, completion_logprobs
 from quill.server.metrics import ServerMetrics
 from quill.server.middleware import Gate
 from quill.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from quill.server.runs import Choice, Run, sse, sse_response
+from quill.server.runs import Run, chat_chunk, completion_chunk, sse, sse_response
 
 SYSTEM_FINGERPRINT = f"quill-{__version__}"
 # Prompts longer than this (characters) are tokenized off the event loop.
@@ -55,6 +61,25 @@ class ServerConfig:
     retry_after: int = 1  # seconds, sent with 429
     hourly_cost: float = DEFAULT_HOURLY_COST  # dollars per hour of this machine: the self-hosted price
     reference_prices: dict[str, Price] | None = None  # hosted APIs to compare with (default: quill.cost's)
+    # The response cache: repeated deterministic requests (greedy or seeded) answered without the engine.
+    response_cache: bool = True
+    response_cache_path: str | None = None  # also keep answers in this SQLite file, across restarts
+    response_cache_entries: int = 1024  # in memory; least recently used answers go first
+    response_cache_memory: int = 64 << 20  # bytes of answers (JSON) in memory
+    response_cache_ttl: float | None = None  # seconds an answer may be served; None: until evicted
+
+
+@dataclass
+class _Reply:
+    """How one endpoint shapes its answers: live, stored, and replayed from the cache."""
+
+    endpoint: str
+    object: str  # of the whole response
+    chunk_object: str  # of each streamed chunk
+    shape: dict  # request fields that change the body beyond the prompt and sampling (part of the cache key)
+    choices: Callable[[Run], list[dict]]  # a finished run's choices, as in the response body
+    live: Callable[..., AsyncIterator[str]]  # (run, first output, chunk head) -> the choices' chunks
+    replay: Callable[[dict, list[dict]], Iterator[str]]  # (chunk head, stored choices) -> chunks
 
 
 # ---------------------------------------------------------------------------------- app
@@ -148,7 +173,12 @@ class QuillServer:
         self.model_name = config.served_model_name or (Path(path).stem if path else "quill")
         self.created = int(time.time())
         self.costs = CostModel(config.hourly_cost, config.reference_prices)
-        self.metrics = ServerMetrics(self.engine, self.model_name, self.costs)
+        self.cache = build_response_cache(config)
+        # Cache keys include what the answer depends on beyond the request: a model without a file
+        # (an engine built in process) gets an identity of its own, so no stored answer matches it.
+        self.cache_identity = {"model": self.model_name, "dtype": core.config.dtype, "quill": __version__,
+                               "weights": model_identity(path) if path else uuid.uuid4().hex}
+        self.metrics = ServerMetrics(self.engine, self.model_name, self.costs, self.cache)
         self.token_text = TokenText(self.tokenizer)
         self.waiting = 0  # sequences admitted that have not produced their first token
         self.active_tasks: set[asyncio.Task] = set()
@@ -172,6 +202,8 @@ class QuillServer:
         await asyncio.sleep(0)
         if self.owns_engine:
             await asyncio.to_thread(self.engine.shutdown, 5.0)
+        if self.cache is not None:
+            self.cache.close()
 
     def engine_alive(self) -> bool:
         thread = getattr(self.engine, "_thread", None)
@@ -327,54 +359,39 @@ class QuillServer:
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling_params(body, [prompt_ids], requested, logprobs, "messages", "top_logprobs")
-        response_id = f"chatcmpl-{request.scope['quill.request_id']}"
-        details["response_id"] = response_id
-        run = Run(self, response_id, [prompt_ids], params, details)
-        if body.stream:
-            first = await run.prime()
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._chat_events(run, first, include_usage, top_logprobs=body.top_logprobs or 0)
-            return sse_response(events, run)
-        await run.finish()
-        choices = [{
+        top_logprobs = body.top_logprobs or 0
+        reply = _Reply(
+            endpoint="chat", object="chat.completion", chunk_object="chat.completion.chunk",
+            shape={"logprobs": bool(body.logprobs), "top_logprobs": top_logprobs},
+            choices=lambda run: self._chat_choices(run, bool(body.logprobs), top_logprobs),
+            live=lambda run, first, head: self._chat_events(run, first, head, top_logprobs),
+            replay=chat_replay,
+        )
+        return await self.respond(request, body, reply, f"chatcmpl-{request.scope['quill.request_id']}",
+                                  [prompt_ids], params)
+
+    def _chat_choices(self, run: Run, logprobs: bool, top_logprobs: int) -> list[dict]:
+        skip_special = run.params.skip_special_tokens
+        return [{
             "index": c.index,
             "message": {"role": "assistant", "content": c.text},
-            "logprobs": ({"content": chat_logprobs(self.token_text, c.logprobs, body.top_logprobs or 0,
-                                                   params.skip_special_tokens)}
-                         if body.logprobs else None),
+            "logprobs": ({"content": chat_logprobs(self.token_text, c.logprobs, top_logprobs, skip_special)}
+                         if logprobs else None),
             "finish_reason": c.finish_reason,
         } for c in run.choices]
-        return JSONResponse({
-            "id": response_id, "object": "chat.completion", "created": run.created, "model": self.model_name,
-            "choices": choices, "usage": run.usage(), "system_fingerprint": SYSTEM_FINGERPRINT,
-        })
 
-    def _chat_events(self, run: Run, first, include_usage: bool, top_logprobs: int) -> AsyncIterator[str]:
+    async def _chat_events(self, run: Run, first, head: dict, top_logprobs: int) -> AsyncIterator[str]:
         skip_special = run.params.skip_special_tokens
-        head = {"id": run.response_id, "object": "chat.completion.chunk", "created": run.created,
-                "model": self.model_name, "system_fingerprint": SYSTEM_FINGERPRINT}
-        if include_usage:
-            head["usage"] = None
-
-        def chunk(choice: Choice, delta: dict, logprobs=None, finish_reason=None) -> str:
-            return sse({**head, "choices": [{"index": choice.index, "delta": delta, "logprobs": logprobs,
-                                              "finish_reason": finish_reason}]})
-
-        async def events():
-            async for choice, output, new_logprobs in run.stream(first):
-                if not choice.sent_role:
-                    choice.sent_role = True
-                    yield chunk(choice, {"role": "assistant", "content": ""})
-                finish_reason = choice.finish_reason if output.finished else None
-                if output.delta or finish_reason or new_logprobs:
-                    delta = {"content": output.delta} if output.delta else {}
-                    logprobs = ({"content": chat_logprobs(self.token_text, new_logprobs, top_logprobs, skip_special)}
-                                if new_logprobs is not None else None)
-                    yield chunk(choice, delta, logprobs, finish_reason)
-            if include_usage:
-                yield sse({**head, "choices": [], "usage": run.usage()})
-
-        return run.events(events())
+        async for choice, output, new_logprobs in run.stream(first):
+            if not choice.sent_role:
+                choice.sent_role = True
+                yield chat_chunk(head, choice.index, {"role": "assistant", "content": ""})
+            finish_reason = choice.finish_reason if output.finished else None
+            if output.delta or finish_reason or new_logprobs:
+                delta = {"content": output.delta} if output.delta else {}
+                logprobs = ({"content": chat_logprobs(self.token_text, new_logprobs, top_logprobs, skip_special)}
+                            if new_logprobs is not None else None)
+                yield chat_chunk(head, choice.index, delta, logprobs, finish_reason)
 
     # ----------------------------------------------------------- text completions
     async def completions(self, request: Request, body: CompletionRequest):
@@ -387,59 +404,132 @@ class QuillServer:
         prompts = [await self.encode(p) if isinstance(p, str) else list(p) for p in raw_prompts]
         self.check_prompt_ids(prompts, "prompt")
         params = self.sampling_params(body, prompts, body.max_tokens, body.logprobs, "prompt", "logprobs")
-        response_id = f"cmpl-{request.scope['quill.request_id']}"
-        details["response_id"] = response_id
         echo = [self._prompt_text(p) if body.echo else "" for p in raw_prompts]
-        run = Run(self, response_id, prompts, params, details)
-        if body.stream:
-            first = await run.prime()
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(self._completion_events(run, first, include_usage, echo, body.logprobs), run)
-        await run.finish()
-        choices = []
-        for c in run.choices:
-            prefix = echo[c.prompt_index]
-            logprobs = None
-            if body.logprobs is not None:
-                c.text_offset = len(prefix)
-                logprobs = completion_logprobs(self.token_text, c, c.logprobs, body.logprobs, params.skip_special_tokens)
-            choices.append({"index": c.index, "text": prefix + c.text, "logprobs": logprobs,
-                            "finish_reason": c.finish_reason})
-        return JSONResponse({
-            "id": response_id, "object": "text_completion", "created": run.created, "model": self.model_name,
-            "choices": choices, "usage": run.usage(), "system_fingerprint": SYSTEM_FINGERPRINT,
-        })
+        reply = _Reply(
+            endpoint="completions", object="text_completion", chunk_object="text_completion",
+            shape={"logprobs": body.logprobs, "echo": echo},
+            choices=lambda run: self._completion_choices(run, echo, body.logprobs),
+            live=lambda run, first, head: self._completion_events(run, first, head, echo, body.logprobs),
+            replay=completion_replay,
+        )
+        return await self.respond(request, body, reply, f"cmpl-{request.scope['quill.request_id']}", prompts, params)
 
     def _prompt_text(self, prompt: str | list[int]) -> str:
         if isinstance(prompt, str):
             return prompt
         return self.tokenizer.decode(prompt) if self.tokenizer is not None else ""
 
-    def _completion_events(self, run: Run, first, include_usage: bool, echo: list[str],
-                           logprobs_k: int | None) -> AsyncIterator[str]:
+    def _completion_choices(self, run: Run, echo: list[str], logprobs_k: int | None) -> list[dict]:
+        choices = []
+        for c in run.choices:
+            prefix = echo[c.prompt_index]
+            logprobs = None
+            if logprobs_k is not None:
+                c.text_offset = len(prefix)
+                logprobs = completion_logprobs(self.token_text, c, c.logprobs, logprobs_k, run.params.skip_special_tokens)
+            choices.append({"index": c.index, "text": prefix + c.text, "logprobs": logprobs,
+                            "finish_reason": c.finish_reason})
+        return choices
+
+    async def _completion_events(self, run: Run, first, head: dict, echo: list[str],
+                                 logprobs_k: int | None) -> AsyncIterator[str]:
         skip_special = run.params.skip_special_tokens
-        head = {"id": run.response_id, "object": "text_completion", "created": run.created,
-                "model": self.model_name, "system_fingerprint": SYSTEM_FINGERPRINT}
+        async for choice, output, new_logprobs in run.stream(first):
+            text = output.delta
+            if not choice.sent_role:  # first output of this choice: echo the prompt
+                choice.sent_role = True
+                text = echo[choice.prompt_index] + text
+                choice.text_offset = len(echo[choice.prompt_index])
+            finish_reason = choice.finish_reason if output.finished else None
+            if text or finish_reason or new_logprobs:
+                logprobs = (completion_logprobs(self.token_text, choice, new_logprobs, logprobs_k, skip_special)
+                            if new_logprobs is not None else None)
+                yield completion_chunk(head, choice.index, text, logprobs, finish_reason)
+
+    # ------------------------------------------------------ responses and the cache
+    async def respond(self, request: Request, body, reply: _Reply, response_id: str, prompts: list[list[int]],
+                      params: SamplingParams) -> Response:
+        """Answer from the response cache when the request may use it and the answer is there;
+        otherwise run the engine (storing a deterministic answer for the next identical request)."""
+        details = request.scope["quill"]
+        details["response_id"] = response_id
+        started = time.perf_counter()
+        lease = None
+        if self.cache is not None and may_use_cache(request, body, params):
+            key = cache_key(**self.cache_identity, endpoint=reply.endpoint, prompts=prompts,
+                            params=dataclasses.asdict(params), shape=reply.shape)
+            found = await self.cache.acquire(key)
+            if not isinstance(found, Lease):
+                return self._replay(request, body, reply, response_id, found, time.perf_counter() - started)
+            lease = found
+        details["cache"] = "miss" if lease else "bypass"
+        try:
+            run = Run(self, response_id, prompts, params, details)
+        except BaseException:
+            if lease:
+                lease.settle(None)
+            raise
+        if lease:  # however the run ends, the waiters for this key wake up
+            run.on_close(lambda: lease.settle(self._cacheable(run, reply) if run.completed else None))
+        if body.stream:
+            first = await run.prime()
+            head = self._chunk_head(reply, response_id, run.created, _include_usage(body))
+            events = run.events(self._live_events(run, reply.live(run, first, head), head))
+            response = sse_response(events, run.close)
+        else:
+            await run.finish()
+            response = JSONResponse(self._body(reply, response_id, run.created, reply.choices(run), run.usage()))
+        response.headers[CACHE_HEADER] = details["cache"]
+        return response
+
+    async def _live_events(self, run: Run, events: AsyncIterator[str], head: dict) -> AsyncIterator[str]:
+        async for event in events:
+            yield event
+        if "usage" in head:
+            yield sse({**head, "choices": [], "usage": run.usage()})
+
+    def _cacheable(self, run: Run, reply: _Reply) -> dict:
+        """What the cache keeps of a finished run: its choices, token counts and self-hosted cost
+        (so that a hit reports what it saved at the price this computation actually had)."""
+        usage = run.usage()
+        return {"choices": reply.choices(run), "prompt_tokens": usage["prompt_tokens"],
+                "completion_tokens": usage["completion_tokens"], "cost_usd": usage["quill"]["cost"]["self_hosted_usd"]}
+
+    def _replay(self, request: Request, body, reply: _Reply, response_id: str, cached: dict,
+                elapsed: float) -> Response:
+        """A cache hit, with this request's own id and creation time."""
+        cost = self._charge_hit(cached)
+        request.scope["quill"].update(cache="hit", prompt_tokens=cached["prompt_tokens"],
+                                      completion_tokens=cached["completion_tokens"], cost_usd=0.0,
+                                      saved_usd=cost["saved_usd"])
+        created = int(time.time())
+        usage = hit_usage(cached, elapsed, cost)
+        if body.stream:
+            include_usage = _include_usage(body)
+            head = self._chunk_head(reply, response_id, created, include_usage)
+            events = replay_events(reply.replay(head, cached["choices"]), head, usage if include_usage else None)
+            response = sse_response(events)
+        else:
+            response = JSONResponse(self._body(reply, response_id, created, cached["choices"], usage))
+        response.headers[CACHE_HEADER] = "hit"
+        return response
+
+    def _charge_hit(self, cached: dict) -> dict:
+        cost = self.costs.charge_hit(self.model_name, self.engine.stats(), cached["prompt_tokens"],
+                                     cached["completion_tokens"], cached["cost_usd"])
+        self.metrics.observe_cache_hit(cost)
+        return cost
+
+    def _body(self, reply: _Reply, response_id: str, created: int, choices: list[dict], usage: dict) -> dict:
+        return {"id": response_id, "object": reply.object, "created": created, "model": self.model_name,
+                "choices": choices, "usage": usage, "system_fingerprint": SYSTEM_FINGERPRINT}
+
+    def _chunk_head(self, reply: _Reply, response_id: str, created: int, include_usage: bool) -> dict:
+        head = {"id": response_id, "object": reply.chunk_object, "created": created, "model": self.model_name,
+                "system_fingerprint": SYSTEM_FINGERPRINT}
         if include_usage:
             head["usage"] = None
-
-        async def events():
-            async for choice, output, new_logprobs in run.stream(first):
-                text = output.delta
-                if not choice.sent_role:  # first output of this choice: echo the prompt
-                    choice.sent_role = True
-                    text = echo[choice.prompt_index] + text
-                    choice.text_offset = len(echo[choice.prompt_index])
-                finish_reason = choice.finish_reason if output.finished else None
-                if text or finish_reason or new_logprobs:
-                    logprobs = (completion_logprobs(self.token_text, choice, new_logprobs, logprobs_k, skip_special)
-                                if new_logprobs is not None else None)
-                    yield sse({**head, "choices": [{"index": choice.index, "text": text, "logprobs": logprobs,
-                                                     "finish_reason": finish_reason}]})
-            if include_usage:
-                yield sse({**head, "choices": [], "usage": run.usage()})
-
-        return run.events(events())
+        return head
 
     # --------------------------------------------------------------- tokenizer
     async def tokenize(self, body: TokenizeRequest) -> dict:
@@ -487,6 +577,10 @@ def _prompt_list(prompt) -> list[str | list[int]]:
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         return [prompt]
     return list(prompt)
+
+
+def _include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 def _check_stream_options(body) -> None:

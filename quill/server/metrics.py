@@ -3,8 +3,10 @@
 Each app has its own `CollectorRegistry`, so several servers in one process (tests) never clash.
 Per-request numbers (latencies, tokens, outcomes) are recorded by the routes as requests end;
 engine-wide numbers (running/waiting requests, KV usage, prefix cache) are read from the
-engine's latest stats snapshot at scrape time, so the engine thread is never touched. Cost
-(`quill/cost.py`) shows as cumulative dollars per price and as the live price per 1K tokens.
+engine's latest stats snapshot at scrape time, so the engine thread is never touched; so are the
+response cache's numbers, from its own counters. Cost (`quill/cost.py`) shows as cumulative dollars
+per price and as the live price per 1K tokens. A cache hit is not engine work: it moves no token or
+cost counter, only the cache's own (hits, and the dollars they saved).
 """
 from __future__ import annotations
 
@@ -40,6 +42,18 @@ def endpoint_label(path: str) -> str:
     return "other"
 
 
+def _gauge(name: str, doc: str, labels: dict[str, str], value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+def _counter(name: str, doc: str, labels: dict[str, str], value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
 class _EngineCollector:
     """Engine-wide gauges and counters, from `AsyncEngine.stats()` at scrape time."""
 
@@ -50,17 +64,13 @@ class _EngineCollector:
 
     def collect(self):
         stats = self.engine.stats()
-        label = [self.model_name]
+        label = {"model_name": self.model_name}
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric(label, value)
-            return family
+            return _gauge(name, doc, label, value)
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric(label, value)
-            return family
+            return _counter(name, doc, label, value)
 
         yield gauge("quill:num_requests_running", "Sequences in the engine's running batch.", stats.num_running)
         yield gauge("quill:num_requests_waiting", "Sequences waiting to be scheduled.", stats.num_waiting)
@@ -91,8 +101,31 @@ class _EngineCollector:
         return family
 
 
+class _ResponseCacheCollector:
+    """The response cache's counters and sizes, from `ResponseCache.stats()` at scrape time."""
+
+    def __init__(self, cache, model_name: str) -> None:
+        self.cache = cache
+        self.model_name = model_name
+
+    def collect(self):
+        stats = self.cache.stats()
+        label = {"model_name": self.model_name}
+        yield _counter("quill:response_cache_hits", "Requests answered from the response cache.", label, stats.hits)
+        yield _counter("quill:response_cache_misses", "Cacheable requests the engine had to answer.", label,
+                       stats.misses)
+        yield _counter("quill:response_cache_evictions", "Answers evicted to stay within the cache's bounds.", label,
+                       stats.evictions)
+        for store, entries, size in (("memory", stats.memory_entries, stats.memory_bytes),
+                                     ("sqlite", stats.disk_entries, stats.disk_bytes)):
+            yield _gauge("quill:response_cache_entries", "Answers in the response cache.",
+                         {**label, "store": store}, entries)
+            yield _gauge("quill:response_cache_bytes", "Bytes of answers (JSON) in the response cache.",
+                         {**label, "store": store}, size)
+
+
 class ServerMetrics:
-    def __init__(self, engine, model_name: str, costs: CostModel) -> None:
+    def __init__(self, engine, model_name: str, costs: CostModel, response_cache=None) -> None:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         registry = self.registry
@@ -120,6 +153,11 @@ class ServerMetrics:
                             "Cost of the tokens served: self-hosted at the measured price, and at reference API prices.",
                             ["model_name", "price"], registry=registry)
         registry.register(_EngineCollector(engine, model_name, costs))
+        if response_cache is not None:
+            self.cache_saved = Counter("quill:response_cache_saved_dollars",
+                                       "Self-hosted cost of computing the answers served from the response cache.",
+                                       ["model_name"], registry=registry)
+            registry.register(_ResponseCacheCollector(response_cache, model_name))
 
     def observe_sequence(self, metrics, finish_reason: str | None, num_tokens: int) -> None:
         """Record one finished (or aborted) sequence from its engine-side `RequestMetrics`."""
@@ -139,6 +177,10 @@ class ServerMetrics:
         self.cost.labels(name, SELF_HOSTED).inc(cost["self_hosted_usd"] or 0.0)
         for price, dollars in cost["reference_usd"].items():
             self.cost.labels(name, price).inc(dollars)
+
+    def observe_cache_hit(self, cost: dict) -> None:
+        """Add what one cache hit saved (`CostModel.charge_hit`); the cost counters stay for engine work."""
+        self.cache_saved.labels(self.model_name).inc(cost["saved_usd"] or 0.0)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -54,6 +54,8 @@ class _SamplingFields(_Request):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    # Quill's own: false keeps this request out of the response cache, like `Cache-Control: no-store`.
+    cache: bool | None = Field(default=None, description="false: do not read or write the response cache")
 
 
 class TextContentPart(_Request):
@@ -127,15 +129,19 @@ class PricePer1K(BaseModel):
 
 class QuillCost(BaseModel):
     """A request's cost in US dollars: self-hosted at the price the server measured (null until it
-    has measured one), and what the same tokens cost on each reference API."""
+    has measured one), and what the same tokens cost on each reference API. A response cache hit
+    costs nothing self-hosted and saves what computing the answer cost when it was stored
+    (`saved_usd`; null if no price had been measured then)."""
 
     self_hosted_usd: float | None
     self_hosted_price: PricePer1K | None
     reference_usd: dict[str, float]
+    saved_usd: float | None = 0.0
 
 
 class QuillUsage(BaseModel):
-    """Quill's timings for this request, in seconds (null when not measured), and its cost."""
+    """Quill's timings for this request, in seconds (null when not measured), whether the answer
+    came from the response cache (then the token counts are the original answer's), and its cost."""
 
     queue_time: float | None
     time_to_first_token: float | None
@@ -144,6 +150,7 @@ class QuillUsage(BaseModel):
     inter_token_latency_mean: float | None
     inter_token_latency_max: float | None
     e2e_latency: float | None
+    cache_hit: bool = False
     cost: QuillCost
 
 
@@ -251,10 +258,13 @@ class ModelUsage(BaseModel):
     self_hosted_usd: float
     self_hosted_price: PricePer1K | None
     reference: dict[str, ReferenceUsage]
+    cache_hits: int  # answered from the response cache: not in the counts and dollars above
+    cache_saved_usd: float  # self-hosted cost those answers had when they were computed
 
 
 class UsageReport(BaseModel):
-    """Traffic and cost since the server started, per model (`GET /v1/usage`)."""
+    """Traffic and cost since the server started, per model (`GET /v1/usage`): the engine's work,
+    and apart from it the response cache's hits and what they saved."""
 
     object: Literal["usage"] = "usage"
     hourly_cost_usd: float

@@ -1,14 +1,15 @@
 """One HTTP request's run through the engine and its delivery: `Run` submits a request's prompts,
 merges their output streams into per-choice state (`Choice`), keeps the server's queue and token
 metrics, always aborts what is unfinished when the request ends, and settles usage with Quill's
-timings (`timings`) and the request's cost; `sse` and `sse_response` turn a run's events into a server-sent event stream.
+timings (`timings`) and the request's cost; `sse` and `sse_response` turn a run's events into a
+server-sent event stream, whose chunks `chat_chunk` and `completion_chunk` shape.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,7 @@ class Run:
         self._closed = False
         self._usage: dict | None = None
         self._outputs: AsyncIterator | None = None
+        self._on_close: list[Callable[[], None]] = []
         server.admit(len(self.choices))
         server.waiting += len(self.choices)
         metrics = server.metrics
@@ -66,6 +68,15 @@ class Run:
             metrics.prompt_tokens.labels(metrics.model_name).inc(len(ids))
             metrics.request_prompt_tokens.labels(metrics.model_name).observe(len(ids))
         details.update(prompt_tokens=sum(len(p) for p in prompts), max_tokens=params.max_tokens)
+
+    @property
+    def completed(self) -> bool:
+        """Every choice ran to its natural end (stop or length), so its result is the whole answer."""
+        return all(c.finish_reason in ("stop", "length") for c in self.choices)
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the run is over, however it ends."""
+        self._on_close.append(callback)
 
     async def prime(self):
         """Start and wait for the first output, so that a request the engine refuses is still a
@@ -199,6 +210,8 @@ class Run:
             itl_max=quill["inter_token_latency_max"], e2e=quill["e2e_latency"],
             cost_usd=quill["cost"]["self_hosted_usd"],
         )
+        for callback in self._on_close:
+            callback()
 
     def usage(self) -> dict:
         """Tokens, timings and cost of the whole request; settled once, when the run closes (which
@@ -222,7 +235,7 @@ class Run:
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached},
-            "quill": {**quill, "cost": cost},
+            "quill": {**quill, "cache_hit": False, "cost": cost},
         }
 
 
@@ -261,8 +274,19 @@ def sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def sse_response(events: AsyncIterator[str], run: Run) -> StreamingResponse:
-    # The background task runs once the response is over, even when the client left before the
-    # stream began (then `events` never ran its own cleanup).
-    return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(run.close),
+def chat_chunk(head: dict, index: int, delta: dict, logprobs=None, finish_reason: str | None = None) -> str:
+    return sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                      "finish_reason": finish_reason}]})
+
+
+def completion_chunk(head: dict, index: int, text: str, logprobs=None, finish_reason: str | None = None) -> str:
+    return sse({**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                      "finish_reason": finish_reason}]})
+
+
+def sse_response(events: AsyncIterator[str], cleanup: Callable[[], None] | None = None) -> StreamingResponse:
+    # The cleanup runs once the response is over, even when the client left before the stream
+    # began (then `events` never ran its own cleanup).
+    background = BackgroundTask(cleanup) if cleanup else None
+    return StreamingResponse(events, media_type="text/event-stream", background=background,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
