@@ -54,6 +54,8 @@ class _SamplingFields(_Request):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    # Quill's own: opt out of speculative decoding (the output is the same either way).
+    speculative: bool | None = True
 
 
 class TextContentPart(_Request):

@@ -43,7 +43,9 @@ class DraftModelDrafter:
         if checkpoint.config.vocab_size != target_config.vocab_size:
             raise ModelLoadError(f"draft model {model} has a vocabulary of {checkpoint.config.vocab_size} tokens, "
                                  f"the target {target_config.vocab_size}: they must share a tokenizer")
-        if target_tokenizer is not None and load_tokenizer(path).backend.get_vocab() != target_tokenizer.backend.get_vocab():
+        same_vocab = target_tokenizer is None or \
+            load_tokenizer(path).backend.get_vocab() == target_tokenizer.backend.get_vocab()
+        if not same_vocab:
             raise ModelLoadError(f"draft model {model} does not use the target model's tokenizer")
         network = build_model(checkpoint.config, checkpoint.tensors, dtype)
         runner = ModelRunner(network, checkpoint.config, num_blocks=num_blocks, block_size=block_size,

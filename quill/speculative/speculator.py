@@ -74,7 +74,8 @@ class Speculator:
             if not request.params.speculative or not request.is_decoding:
                 continue
             # Room for the drafts plus the target's own token, within max_tokens and the context.
-            room = min(request.params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
+            params = request.params
+            room = min(params.max_tokens - request.num_output_tokens, self.max_model_len - request.num_tokens) - 1
             length = min(self._length(request).next(), room)
             if length > 0:
                 drafting.append(request)
