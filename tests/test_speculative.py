@@ -318,9 +318,10 @@ def test_metrics_and_cli_options(llama):
     assert stats.spec_acceptance_rate == stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens
     assert stats.spec_mean_accepted_length == 1 + stats.spec_num_accepted_tokens / stats.spec_num_drafts
     text = ServerMetrics(engine, "tiny").render()[0].decode()
-    assert f'quill:spec_decode_num_accepted_tokens_total{{model_name="tiny"}} {stats.spec_num_accepted_tokens}.0' in text
+    accepted = stats.spec_num_accepted_tokens
+    assert f'quill:spec_decode_num_accepted_tokens_total{{model_name="tiny"}} {accepted}.0' in text
     assert "quill:spec_decode_num_draft_tokens_total" in text and "quill:spec_decode_draft_acceptance_rate" in text
     for command in ("serve", "run", "chat"):
-        argv = [command, "m", "--speculative", "ngram", "--num-speculative-tokens", "3"] + (["hi"] if command == "run" else [])
-        args = cli.build_parser().parse_args(argv)
+        argv = [command, "m", "--speculative", "ngram", "--num-speculative-tokens", "3"]
+        args = cli.build_parser().parse_args(argv + (["hi"] if command == "run" else []))
         assert (args.speculative, args.num_speculative_tokens) == ("ngram", 3)
