@@ -186,17 +186,41 @@ def test_verified_tokens_follow_the_target_on_a_random_model(llama, other_llama,
     assert _chi_square_ok(counts, p)
 
 
-def test_seeded_sampling_is_reproducible_with_speculation(llama, other_llama):
-    seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+@pytest.mark.parametrize("drafter", ["ngram", "draft"])
+def test_seeded_sampling_is_reproducible_with_speculation(llama, other_llama, drafter):
+    speculative = "ngram" if drafter == "ngram" else str(other_llama)
+    # A few favoured tokens make repeats (and so n-gram drafts) common while sampling.
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True,
+                            logit_bias={t: 8.0 for t in range(3, 7)})
     prompts = _prompts()
-    engine = tiny_engine(llama, speculative=str(other_llama))
+    engine = tiny_engine(llama, speculative=speculative)
     alone = run_requests(engine, [prompts[5]], seeded)[0]
-    assert run_requests(tiny_engine(llama, speculative=str(other_llama)), [prompts[5]], seeded)[0] == alone
+    assert run_requests(tiny_engine(llama, speculative=speculative), [prompts[5]], seeded)[0] == alone
     noise = SamplingParams(max_tokens=16, temperature=0.8, ignore_eos=True)
-    busy = run_requests(tiny_engine(llama, speculative=str(other_llama)), prompts,
-                        [noise] * 5 + [seeded] + [noise] * 2, arrive_every=1)[5]
+    busy_engine = tiny_engine(llama, speculative=speculative)
+    busy = run_requests(busy_engine, prompts, [noise] * 5 + [seeded] + [noise] * 2, arrive_every=1)[5]
     assert busy == alone
     assert engine.stats().spec_num_draft_tokens > 0
+    _assert_no_leaks(busy_engine)
+
+
+def test_n_completions_with_speculation(llama):
+    """Completion i of an n > 1 request is the lone request seeded with seed + i, drafts or not."""
+    favoured = {t: 8.0 for t in range(3, 7)}  # repeats, so that n-gram drafts happen
+    params = SamplingParams(max_tokens=12, temperature=0.7, seed=5, n=3, ignore_eos=True, logit_bias=favoured)
+    engine = tiny_engine(llama, speculative="ngram")
+    request_id = engine.add_request(_prompts()[6], params)
+    finished = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.finished:
+                finished[output.index] = output.token_ids
+    for index, tokens in finished.items():
+        alone = SamplingParams(max_tokens=12, temperature=0.7, seed=5 + index, ignore_eos=True, logit_bias=favoured)
+        assert run_requests(tiny_engine(llama, speculative="ngram"), [_prompts()[6]], alone)[0] == tokens
+    assert request_id and sorted(finished) == [0, 1, 2]
+    assert engine.stats().spec_num_draft_tokens > 0
+    _assert_no_leaks(engine)
 
 
 def test_identical_draft_model_accepts_everything_when_sampling(llama):
