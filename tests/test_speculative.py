@@ -92,6 +92,35 @@ def test_greedy_output_is_identical_with_speculation(llama, other_llama, plain, 
     _assert_no_leaks(engine)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verification_logits_are_bit_identical_to_decoding(tiny_model_dir, arch, dtype):
+    """The invariant greedy speculation rests on: logits of [last token, drafts...] in one forward
+    equal, bit for bit, those of decoding the same tokens one at a time."""
+    from quill.engine.runner import ModelRunner
+
+    model, config = load_model(tiny_model_dir(arch), dtype)
+    runner = ModelRunner(model, config, num_blocks=8, block_size=16, dtype=dtype, device=torch.device("cpu"),
+                         batch_invariant=True)
+    context, drafts = _prompts()[0][:30], [5, 9, 5, 200, 17]
+    decoding = Request("decode", context[:-1], SamplingParams(), torch.Generator())
+    verifying = Request("verify", context[:-1], SamplingParams(), torch.Generator())
+    decoding.block_ids, verifying.block_ids = [0, 1, 2], [3, 4, 5]
+    for request in (decoding, verifying):  # the same prefill for both
+        runner.execute([request], [len(context) - 1])
+        request.num_computed_tokens = len(context) - 1
+        request.token_ids.append(context[-1])
+    one_by_one = []
+    for token in [None] + drafts:
+        if token is not None:
+            decoding.token_ids.append(token)
+        one_by_one.append(runner.execute([decoding], [1])[1][0])
+        decoding.num_computed_tokens += 1
+    verifying.draft_token_ids = drafts
+    _, together = runner.execute([verifying], [1 + len(drafts)])
+    assert torch.equal(together, torch.stack(one_by_one))
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])  # gemma3: sliding-window layers
 def test_greedy_identical_on_other_architectures(tiny_model_dir, arch):
     path = tiny_model_dir(arch)
