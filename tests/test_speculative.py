@@ -2,6 +2,7 @@
 or off, sampled output has exactly the target's distribution, and rollbacks never leak blocks."""
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -378,3 +379,25 @@ def test_metrics_and_cli_options(llama):
         argv = [command, "m", "--speculative", "ngram", "--num-speculative-tokens", "3"]
         args = cli.build_parser().parse_args(argv + (["hi"] if command == "run" else []))
         assert (args.speculative, args.num_speculative_tokens) == ("ngram", 3)
+
+
+def test_server_streams_speculative_runs_and_honours_the_opt_out(llama):
+    import httpx
+
+    from quill.server import BackgroundServer, ServerConfig, create_app
+
+    app = create_app(tiny_engine(llama, speculative="ngram"), ServerConfig(served_model_name="tiny"))
+    body = {"model": "tiny", "prompt": _prompts()[5], "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    with BackgroundServer(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        opted_out = client.post("/v1/completions", json={**body, "speculative": False}).json()
+        assert client.get("/metrics").text.count("spec_decode_num_draft_tokens_total{model_name=\"tiny\"} 0.0") == 1
+        plain = client.post("/v1/completions", json=body).json()
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True, "logprobs": 1}) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        metrics = client.get("/metrics").text
+    assert opted_out["choices"][0]["text"] == plain["choices"][0]["text"]
+    streamed = [c for chunk in chunks for c in chunk["choices"]]
+    assert "".join(c["text"] for c in streamed) == plain["choices"][0]["text"]
+    assert sum(len(c["logprobs"]["tokens"]) for c in streamed if c["logprobs"]) == 20
+    assert "quill:spec_decode_num_accepted_tokens_total" in metrics
+    assert 'spec_decode_num_draft_tokens_total{model_name="tiny"} 0.0' not in metrics
