@@ -179,6 +179,11 @@ def _model_options() -> argparse.ArgumentParser:
                               "64 full-length sequences, at most 1GiB)")
     options.add_argument("--chat-template", metavar="FILE",
                          help="Jinja2 chat template to use instead of the model's own")
+    options.add_argument("--speculative", metavar="ngram|MODEL",
+                         help="speculative decoding: 'ngram' (prompt lookup) or a draft model sharing the "
+                              "model's tokenizer; output is unchanged, only faster (default: off)")
+    options.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                         help="the most draft tokens per sequence and step (default: %(default)s)")
     return options
 
 
@@ -381,7 +386,8 @@ def _load_llm(args: argparse.Namespace):
     from quill import LLM  # torch loads here, so --help, pull and models stay quick
 
     return LLM(args.model, dtype=args.dtype, device=args.device, dequantize=args.dequantize,
-               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory)
+               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+               speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "kb": 10**3, "mib": 2**20, "mb": 10**6, "gib": 2**30, "gb": 10**9}

@@ -71,6 +71,11 @@ class EngineConfig:
     # so greedy output does not change with server load. Costs some single-stream speed.
     batch_invariant: bool = True
     seed: int = 0
+    # Speculative decoding: None (off), "ngram" (prompt lookup) or a draft model sharing the
+    # target's tokenizer (a path or known name). See quill/speculative/.
+    speculative: str | None = None
+    num_speculative_tokens: int = 4  # the most draft tokens per sequence and step
+    adaptive_speculation: bool = True  # shorten or pause drafting while drafts are rejected
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -81,5 +86,9 @@ class EngineConfig:
                 raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise InvalidRequestError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+        if self.speculative is not None and not self.speculative:
+            raise InvalidRequestError("speculative must be None, 'ngram' or a draft model")
+        if self.num_speculative_tokens <= 0:
+            raise InvalidRequestError(f"num_speculative_tokens must be positive, got {self.num_speculative_tokens}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise InvalidRequestError(f"max_model_len must be positive, got {self.max_model_len}")

@@ -36,6 +36,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
+    speculative: bool = True  # allow speculative decoding when the engine has it on (no effect on output)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -1,5 +1,9 @@
 """The synchronous engine core. `step()` is the heartbeat: schedule, run the model once, sample,
-append, detokenize, emit outputs, free finished requests. Everything else drives this."""
+append, detokenize, emit outputs, free finished requests. Everything else drives this.
+
+With speculative decoding on, a step may commit several tokens per request: the drafts proposed
+at the end of the previous step are verified by this step's forward, the KV of rejected ones is
+rolled back, and new drafts are proposed for the next step."""
 from __future__ import annotations
 
 import itertools
@@ -12,13 +16,14 @@ from torch import nn
 from quill.config import EngineConfig, ModelConfig
 from quill.engine.detokenizer import IncrementalDetokenizer
 from quill.engine.kv_cache import KVCacheManager
-from quill.engine.request import Request
+from quill.engine.request import Request, RequestStatus
 from quill.engine.runner import ModelRunner, kv_bytes_per_token, kv_cache_dtype
 from quill.engine.sampler import TokenLogprob, sample
 from quill.engine.scheduler import Scheduler
 from quill.errors import ContextLengthError, InvalidRequestError
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
+from quill.speculative import SpeculativeStats, Speculator, build_speculator
 
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 
@@ -40,6 +45,12 @@ class EngineStats:
     # tokens by their share of each step's rows: the basis of the measured cost per token.
     prefill_seconds: float
     decode_seconds: float
+    # Speculative decoding (zero when off); see quill/speculative/speculator.py.
+    spec_num_drafts: int = 0  # verification rounds
+    spec_num_draft_tokens: int = 0  # draft tokens proposed and verified
+    spec_num_accepted_tokens: int = 0
+    spec_acceptance_rate: float = 0.0
+    spec_mean_accepted_length: float = 0.0  # tokens committed per verification round
 
 
 class Engine:
@@ -62,6 +73,8 @@ class Engine:
         self.runner = ModelRunner(model, model_config, num_blocks=num_blocks, block_size=config.block_size,
                                   dtype=dtype, device=device,
                                   batch_invariant=config.batch_invariant)
+        self.speculator: Speculator | None = None if config.speculative is None else build_speculator(
+            config, model_config, tokenizer, num_blocks=num_blocks, max_model_len=self.max_model_len, device=device)
         self.requests: dict[str, Request] = {}  # unfinished requests by internal id
         self._groups: dict[str, list[str]] = {}  # user-facing request id -> internal ids
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -165,14 +178,15 @@ class Engine:
         now = time.perf_counter()
         num_prefill = 0
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
-            request.num_computed_tokens += num_new
+            request.num_computed_tokens += num_new - len(request.draft_token_ids)  # drafts count once accepted
             self.kv_cache.cache_computed_blocks(request)
             if request.num_computed_tokens <= request.num_prompt_tokens:
                 num_prefill += num_new
         self._num_prompt_tokens += num_prefill
-        eos_ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
-        tokens, logprobs = sample(logits, to_sample, eos_ids)
-        outputs = [self._append_token(r, t, lp, now) for r, t, lp in zip(to_sample, tokens, logprobs)]
+        outputs = [self._append_tokens(request, tokens, logprobs, now)
+                   for request, (tokens, logprobs) in zip(to_sample, self._sample(to_sample, logits))]
+        if self.speculator is not None:
+            self.speculator.propose([r for r in to_sample if r.status is RequestStatus.RUNNING])
         self._account_step_time(time.perf_counter() - started, num_prefill, batch.total_tokens)
         return outputs
 
@@ -183,23 +197,46 @@ class Engine:
         self._prefill_seconds += prefill
         self._decode_seconds += seconds - prefill
 
-    def _append_token(self, request: Request, token_id: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
-        request.token_ids.append(token_id)
-        if logprob is not None:
-            request.logprobs.append(logprob)
-        self._num_generated_tokens += 1
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[tuple[list[int], list]]:
+        """The tokens (and logprob records) each request commits this step."""
+        eos_ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
+        if not any(r.draft_token_ids for r in requests):
+            tokens, logprobs = sample(logits, requests, eos_ids)
+            return [([t], [lp]) for t, lp in zip(tokens, logprobs)]
+        verdicts = self.speculator.verify(logits, requests, eos_ids)
+        for request, verdict in zip(requests, verdicts):
+            if request.draft_token_ids:  # keep the accepted drafts' KV, release the rejected ones'
+                request.num_computed_tokens += verdict.num_accepted
+                self.kv_cache.trim(request, request.num_tokens + len(verdict.token_ids))
+                request.draft_token_ids = []
+        return [(v.token_ids, v.logprobs) for v in verdicts]
+
+    def _append_tokens(self, request: Request, token_ids: list[int], logprobs: list[TokenLogprob | None],
+                       now: float) -> RequestOutput:
+        """Commit tokens one by one, stopping at the first that finishes the request (a stop
+        string or id inside a run of accepted drafts ends it there)."""
+        detokenizer = self._detokenizers.get(request.request_id)
+        delta = ""
+        finish_reason = None
+        new_token_ids = []
+        for token_id, logprob in zip(token_ids, logprobs):
+            request.token_ids.append(token_id)
+            new_token_ids.append(token_id)
+            if logprob is not None:
+                request.logprobs.append(logprob)
+            if detokenizer is not None:
+                delta += detokenizer.add(token_id)
+            finish_reason = self._finish_reason(request, token_id, detokenizer)
+            if finish_reason is not None:
+                break
+        self._num_generated_tokens += len(new_token_ids)
         metrics = request.metrics
-        metrics.num_generated_tokens += 1
+        metrics.num_generated_tokens += len(new_token_ids)
         if metrics.last_token_time is not None:
             gap = now - metrics.last_token_time
             metrics.max_inter_token_latency = max(metrics.max_inter_token_latency or 0.0, gap)
         metrics.first_token_time = metrics.first_token_time or now
         metrics.last_token_time = now
-        delta = ""
-        detokenizer = self._detokenizers.get(request.request_id)
-        if detokenizer is not None:
-            delta = detokenizer.add(token_id)
-        finish_reason = self._finish_reason(request, token_id, detokenizer)
         if finish_reason is not None:
             if detokenizer is not None and not detokenizer.stopped:
                 delta += detokenizer.flush()
@@ -209,7 +246,7 @@ class Engine:
             prompt_token_ids=request.prompt_token_ids, token_ids=request.output_token_ids,
             text=detokenizer.text if detokenizer is not None else "", delta=delta,
             finished=finish_reason is not None, finish_reason=finish_reason,
-            metrics=metrics, new_token_ids=[token_id],
+            metrics=metrics, new_token_ids=new_token_ids,
             logprobs=request.logprobs if request.params.logprobs is not None else None,
         )
 
@@ -217,6 +254,8 @@ class Engine:
         request.finish_reason = finish_reason
         request.metrics.finished_time = now
         self.scheduler.finish(request)
+        if self.speculator is not None:
+            self.speculator.finish(request)
         self.requests.pop(request.request_id, None)
         self._detokenizers.pop(request.request_id, None)
         group = self._groups.get(request.group_id)
@@ -244,4 +283,11 @@ class Engine:
             prefix_cache_hit_rate=kv.hit_rate, num_prompt_tokens=self._num_prompt_tokens,
             num_generated_tokens=self._num_generated_tokens, num_preemptions=self._num_preemptions,
             prefill_seconds=self._prefill_seconds, decode_seconds=self._decode_seconds,
+            **self._speculative_stats(),
         )
+
+    def _speculative_stats(self) -> dict[str, float]:
+        spec = self.speculator.stats if self.speculator is not None else SpeculativeStats()
+        return dict(spec_num_drafts=spec.num_drafts, spec_num_draft_tokens=spec.num_draft_tokens,
+                    spec_num_accepted_tokens=spec.num_accepted_tokens, spec_acceptance_rate=spec.acceptance_rate,
+                    spec_mean_accepted_length=spec.mean_accepted_length)

@@ -115,6 +115,17 @@ class KVCacheManager:
                 self.cached_blocks[block_hash] = block_id
                 self.block_hash[block_id] = block_hash
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Release the request's blocks past its first `num_tokens` tokens (speculative tokens that
+        were rejected). Those blocks hold no committed token, so none of them is in the prefix cache."""
+        keep = self.blocks_needed(num_tokens)
+        for block_id in request.block_ids[keep:]:
+            self.ref_counts[block_id] -= 1
+            if self.ref_counts[block_id] == 0:
+                self.free_blocks[block_id] = None
+                self.free_blocks.move_to_end(block_id, last=False)
+        del request.block_ids[keep:]
+
     def free(self, request: Request) -> None:
         """Release the request's blocks. Tail blocks become the first eviction candidates."""
         for block_id in reversed(request.block_ids):

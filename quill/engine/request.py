@@ -33,6 +33,8 @@ class Request:
         # have its KV computed yet (it was just sampled).
         self.token_ids = list(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose keys/values are in the cache
+        # Speculative tokens proposed for the next step, not part of the sequence until verified.
+        self.draft_token_ids: list[int] = []
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # hashes of this request's full, cached blocks
         self.status = RequestStatus.WAITING
@@ -55,6 +57,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Every token but the last sampled one has its KV computed: the state drafts build on."""
+        return self.num_computed_tokens == self.num_tokens - 1
 
     @property
     def is_prefilling(self) -> bool:

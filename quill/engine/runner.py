@@ -2,7 +2,10 @@
 
 It owns the KV-cache tensors, flattens a scheduled batch into one forward pass (token ids,
 positions, cache slots), and returns logits only for the requests whose last known token was
-processed this step (a partial prefill chunk has nothing to sample yet).
+processed this step (a partial prefill chunk has nothing to sample yet). A request with scheduled
+draft tokens gets them appended to its input and one logits row per position from its last token
+on, for the verifier; its queries are attended one at a time so that every row is bit-identical
+to what plain one-token decoding would compute.
 """
 from __future__ import annotations
 
@@ -56,32 +59,39 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[list[Request], torch.Tensor]:
-        """Run one forward pass. Returns the requests to sample for, and their logits [n, vocab]."""
+        """Run one forward pass. Returns the requests to sample for and their logits: one row each,
+        or 1 + len(draft_token_ids) consecutive rows for a request verifying drafts."""
         token_ids: list[int] = []
         positions: list[torch.Tensor] = []
         slot_mapping: list[torch.Tensor] = []
         cached_context_slots: list[torch.Tensor] = []
         context_lens: list[int] = []
+        verifying: list[bool] = []
         sample_rows: list[int] = []
         to_sample: list[Request] = []
         row = 0
         for request, num_new in zip(requests, num_new_tokens):
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+            num_drafts = max(0, end - request.num_tokens)  # the scheduler schedules all drafts or none
             token_ids.extend(request.token_ids[start:end])
+            if num_drafts:
+                token_ids.extend(request.draft_token_ids)
             positions.append(torch.arange(start, end, device=self.device))
             slots = self._context_slots(request, end)
             slot_mapping.append(slots[start:end])
             if start > 0:  # part of the context is already cached: attention reads it all from there
                 cached_context_slots.append(slots)
             context_lens.append(end)
+            verifying.append(num_drafts > 0)
             row += num_new
-            if end == request.num_tokens:
-                sample_rows.append(row - 1)
+            if end >= request.num_tokens:
+                sample_rows.extend(range(row - 1 - num_drafts, row))
                 to_sample.append(request)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_mapping), query_lens=list(num_new_tokens), context_lens=context_lens,
             cached_context_slots=torch.cat(cached_context_slots) if cached_context_slots
             else torch.empty(0, dtype=torch.long, device=self.device),
+            one_query_at_a_time=verifying if any(verifying) else [],
         )
         input_ids = torch.tensor(token_ids, device=self.device)
         hidden = self.model(input_ids, torch.cat(positions), meta)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from quill.engine.request import Request
+from quill.sampling_params import SamplingParams
 
 
 @dataclass
@@ -32,17 +33,21 @@ def sample(logits: torch.Tensor, requests: list[Request],
     tokens = logits.argmax(dim=-1).tolist()
     sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
     if sampled_rows:
-        params = [requests[i].params for i in sampled_rows]
-        probs = filtered_probabilities(
-            logits[sampled_rows],
-            temperature=torch.tensor([p.temperature for p in params]),
-            top_k=torch.tensor([min(p.top_k, logits.shape[-1]) for p in params]),  # huge k: no limit
-            top_p=torch.tensor([p.top_p for p in params]),
-            min_p=torch.tensor([p.min_p for p in params]),
-        )
+        probs = sampling_probabilities(logits[sampled_rows], [requests[i].params for i in sampled_rows])
         for row, i in enumerate(sampled_rows):
             tokens[i] = int(torch.multinomial(probs[row], 1, generator=requests[i].generator))
-    return tokens, _logprobs(raw_logits, requests, tokens)
+    return tokens, logprob_records(raw_logits, requests, tokens)
+
+
+def sampling_probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each row's token is drawn from (processed logits in, one row per params)."""
+    return filtered_probabilities(
+        logits,
+        temperature=torch.tensor([p.temperature for p in params]),
+        top_k=torch.tensor([min(p.top_k, logits.shape[-1]) for p in params]),  # huge k: no limit
+        top_p=torch.tensor([p.top_p for p in params]),
+        min_p=torch.tensor([p.min_p for p in params]),
+    )
 
 
 def apply_logit_processors(logits: torch.Tensor, requests: list[Request], eos_token_ids: frozenset[int]) -> torch.Tensor:
@@ -105,7 +110,7 @@ def filtered_probabilities(logits: torch.Tensor, *, temperature: torch.Tensor, t
     return filtered.softmax(dim=-1)
 
 
-def _logprobs(raw_logits: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[TokenLogprob | None]:
+def logprob_records(raw_logits: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[TokenLogprob | None]:
     rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     records: list[TokenLogprob | None] = [None] * len(requests)
     if not rows:

@@ -53,8 +53,11 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, batch):
+            num_new = self._num_new_tokens(request, budget)
+            if request.draft_token_ids and not self.kv_cache.allocate(request, num_new):
+                request.draft_token_ids = []  # no room for drafts: decode plainly instead
+                num_new = 1
+            if not self._allocate_or_preempt(request, num_new, batch):  # a no-op if allocated above
                 continue
             batch.requests.append(request)
             batch.num_new_tokens.append(num_new)
@@ -82,6 +85,14 @@ class Scheduler:
             budget -= num_new
         return batch
 
+    @staticmethod
+    def _num_new_tokens(request: Request, budget: int) -> int:
+        if request.draft_token_ids and request.is_decoding:
+            del request.draft_token_ids[budget - 1:]
+            return 1 + len(request.draft_token_ids)
+        request.draft_token_ids = []
+        return min(request.num_tokens - request.num_computed_tokens, budget)
+
     def _same_prompt_prefilling(self, request: Request) -> bool:
         """Whether a running request with the same prompt (e.g. a sibling of an n > 1 request) is
         still computing it; admitting this one now would compute the same blocks twice."""
@@ -105,6 +116,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv_cache.free(request)
+        request.draft_token_ids = []
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
 

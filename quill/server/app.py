@@ -300,7 +300,7 @@ class QuillServer:
             skip_special_tokens=body.skip_special_tokens is not False, n=body.n, min_tokens=min_tokens,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
-            logit_bias=self._logit_bias(body.logit_bias), logprobs=logprobs,
+            logit_bias=self._logit_bias(body.logit_bias), logprobs=logprobs, speculative=body.speculative is not False,
         )
         try:
             return SamplingParams(**fields)

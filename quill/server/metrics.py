@@ -81,6 +81,14 @@ class _EngineCollector:
         yield counter("quill:num_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions)
         yield counter("quill:engine_prompt_tokens", "Prompt tokens the model computed (prefix-cache hits excluded).",
                       stats.num_prompt_tokens)
+        yield counter("quill:spec_decode_num_drafts", "Speculative verification rounds.", stats.spec_num_drafts)
+        yield counter("quill:spec_decode_num_draft_tokens", "Draft tokens proposed and verified.",
+                      stats.spec_num_draft_tokens)
+        yield counter("quill:spec_decode_num_accepted_tokens", "Draft tokens accepted.", stats.spec_num_accepted_tokens)
+        yield gauge("quill:spec_decode_draft_acceptance_rate", "Accepted / proposed draft tokens.",
+                    stats.spec_acceptance_rate)
+        yield gauge("quill:spec_decode_mean_accepted_length",
+                    "Tokens committed per verification round (accepted drafts + 1).", stats.spec_mean_accepted_length)
         yield counter("quill:engine_prefill_seconds", "Engine step time attributed to prompt tokens.",
                       stats.prefill_seconds)
         yield counter("quill:engine_decode_seconds", "Engine step time attributed to output tokens.",

@@ -56,6 +56,8 @@ class _SamplingFields(_Request):
     include_stop_str_in_output: bool | None = False
     # Quill's own: false keeps this request out of the response cache, like `Cache-Control: no-store`.
     cache: bool | None = Field(default=None, description="false: do not read or write the response cache")
+    # Quill's own: opt out of speculative decoding (the output is the same either way).
+    speculative: bool | None = True
 
 
 class TextContentPart(_Request):
