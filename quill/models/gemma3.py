@@ -8,6 +8,7 @@ from torch import nn
 from quill.config import ModelConfig
 from quill.layers.attention import AttentionMetadata
 from quill.layers.linear import Linear
+from quill.layers.logits import lm_head_logits
 from quill.layers.mlp import GatedMLP
 from quill.layers.norm import RMSNorm
 from quill.layers.rotary import RotaryEmbedding
@@ -59,7 +60,7 @@ class Gemma3ForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        logits = lm_head_logits(self.lm_head, hidden)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

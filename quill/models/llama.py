@@ -7,6 +7,7 @@ from torch import nn
 from quill.config import ModelConfig
 from quill.layers.attention import AttentionMetadata
 from quill.layers.linear import Linear
+from quill.layers.logits import lm_head_logits
 from quill.layers.mlp import GatedMLP
 from quill.layers.norm import RMSNorm
 from quill.layers.rotary import RotaryEmbedding
@@ -46,4 +47,4 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return lm_head_logits(self.lm_head, hidden)

@@ -1,0 +1,31 @@
+"""LM-head logits: bf16 rounding never decides between near-tied tokens."""
+from __future__ import annotations
+
+import torch
+
+from quill.layers.linear import Linear
+from quill.layers.logits import lm_head_logits
+
+
+def test_tokens_near_the_maximum_get_exact_float32_logits():
+    torch.manual_seed(0)
+    vocab, hidden_size = 2000, 64
+    head = Linear(hidden_size, vocab, bias=False).to(torch.bfloat16)
+    with torch.no_grad():  # near-ties everywhere: pairs of rows that differ in one low bit
+        head.weight[1::2] = head.weight[0::2]
+        head.weight[1::2, 0] += head.weight[1::2, 0].abs() * 2 ** -7
+    hidden = torch.randn(300, hidden_size).to(torch.bfloat16)
+    exact = hidden.float() @ head.weight.float().T
+    rounded = head(hidden).float()
+    logits = lm_head_logits(head, hidden)
+
+    assert not torch.equal(rounded.argmax(-1), exact.argmax(-1))  # the case this guards against
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    top = exact.argmax(-1, keepdim=True)
+    torch.testing.assert_close(logits.gather(-1, top), exact.gather(-1, top), atol=1e-5, rtol=0)
+
+
+def test_float32_heads_are_left_alone():
+    head = Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 16)
+    assert torch.equal(lm_head_logits(head, hidden), head(hidden))
