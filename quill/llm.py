@@ -1,6 +1,7 @@
 """The offline Python API: load a model once, then generate, chat or stream."""
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,16 @@ from quill.weights import load_checkpoint
 from quill.weights.hub import resolve_model
 
 Messages = list[dict]
+
+
+def _return_freed_memory_to_os() -> None:
+    """Loading frees hundreds of MB of transient buffers (raw blocks, codes, float copies) that
+    glibc keeps in its heap; hand them back so that resident memory is the model's own. Measured
+    on SmolLM2 Q4_1: 406-512 MB resident after loading, 285 MB after this."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,7 +59,8 @@ class LLM:
         self.tokenizer: Tokenizer = load_tokenizer(self.path)
         self.chat_template = chat_template
         network = build_model(checkpoint.config, checkpoint.tensors, getattr(torch, dtype)).to(self.device)
-        del checkpoint  # the float tensors now live in the model; drop the loader's references
+        del checkpoint  # the tensors now live in the model; drop the loader's references
+        _return_freed_memory_to_os()
         self.engine = Engine(network, self.config, self.tokenizer, engine_config)
         self.load_seconds = time.perf_counter() - started
 
