@@ -172,6 +172,10 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument("--dequantize", action="store_true",
                          help="expand quantized GGUF weights to --dtype at load instead of running Q4_0/Q4_1/Q4_K "
                               "and int4/int8 weights natively (more memory, slower decoding; the reference path)")
+    options.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                         help="make greedy output independent of what else is in the batch (default: on). "
+                              "Off, quantized layers may switch to bf16 for big batches: faster prefill "
+                              "(SmolLM2 Q4_1, 512 tokens: 1506 vs 1081 tokens/s)")
     options.add_argument("--max-model-len", type=int, metavar="N",
                          help="context length limit (default: the model's own)")
     options.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
@@ -386,7 +390,8 @@ def _load_llm(args: argparse.Namespace):
     from quill import LLM  # torch loads here, so --help, pull and models stay quick
 
     return LLM(args.model, dtype=args.dtype, device=args.device, dequantize=args.dequantize,
-               max_model_len=args.max_model_len, kv_cache_memory=args.kv_cache_memory,
+               batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
+               kv_cache_memory=args.kv_cache_memory,
                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
 
 
