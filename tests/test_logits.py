@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from quill.layers.linear import Linear
-from quill.layers.logits import lm_head_logits
+from quill.layers.logits import int8_lm_head, lm_head_logits
 
 
 def test_tokens_near_the_maximum_get_exact_float32_logits():
@@ -29,3 +29,16 @@ def test_float32_heads_are_left_alone():
     head = Linear(16, 50, bias=False)
     hidden = torch.randn(3, 16)
     assert torch.equal(lm_head_logits(head, hidden), head(hidden))
+
+
+def test_int8_head_picks_the_float_heads_maximum():
+    torch.manual_seed(1)
+    vocab, hidden_size = 4000, 128
+    weight = (torch.randn(vocab, hidden_size) * 0.05).to(torch.bfloat16)
+    head = int8_lm_head(weight)
+    hidden = (torch.randn(500, hidden_size) * 2).to(torch.bfloat16)
+    exact = hidden.float() @ weight.float().T
+    approx = head(hidden).float()
+    assert (approx - exact).abs().max(dim=-1, keepdim=True).values.le(head.error_bound(hidden)).all()
+    assert not torch.equal(approx.argmax(-1), exact.argmax(-1))  # int8 alone would pick other tokens
+    assert torch.equal(lm_head_logits(head, hidden).argmax(-1), exact.argmax(-1))

@@ -106,9 +106,10 @@ def test_gguf_reader_parses_every_type(quantized, qtype):
 def test_int_types_run_natively_and_match_the_dequantized_path(quantized, qtype, layer):
     path, _ = quantized(qtype)
     model, native = logits(path, keep_quantized=True, dtype=torch.bfloat16)
-    names = {name for name, module in model.named_modules() if isinstance(module, layer)}
+    names = {name for name, module in model.named_modules() if isinstance(module, layer)} - {"lm_head"}
     assert names == {f"layers.{i}.{proj}" for i in range(3)
                      for proj in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    assert isinstance(model.lm_head, Int8Linear)  # the float head of a quantized model reads int8 too
     _, dequantized = logits(path, dtype=torch.bfloat16)
     torch.testing.assert_close(native, dequantized, atol=0.02 * dequantized.abs().max().item(), rtol=0)
     assert (native.argmax(-1) == dequantized.argmax(-1)).float().mean() > 0.9

@@ -162,8 +162,8 @@ QUANTIZATION_TIE = 0.1  # top-2 margin under which bf16 rounding may pick either
 
 @pytest.mark.parametrize("gguf_fixture", ["smollm2_gguf", "gemma3_gguf"])
 def test_native_quantized_logits_match_the_dequantized_path(gguf_fixture, request):
-    """Running Q4 weights natively (bf16 activations and scales) must be no further from the
-    float32 reference than expanding them to bf16 is."""
+    """Running Q4 weights natively (bf16 activations and scales, int8 LM head) must be no further
+    from the float32 reference than expanding them to bf16 is, on the logits of likely tokens."""
     path = request.getfixturevalue(gguf_fixture)
     logits = {}
     for label, dtype, native in [("float32", torch.float32, False), ("bfloat16", torch.bfloat16, False),
@@ -173,8 +173,12 @@ def test_native_quantized_logits_match_the_dequantized_path(gguf_fixture, reques
         assert any(isinstance(m, Int4Linear) for m in model.modules()) == native
         logits[label] = all_position_logits(model, checkpoint.config, load_tokenizer(path).encode(PARITY_TEXT))
     reference = logits["float32"]
-    bf16_error = (logits["bfloat16"] - reference).abs().mean()
-    native_error = (logits["native"] - reference).abs().mean()
+    likely = reference.topk(50, dim=-1).indices  # the tail's logits hardly move any probability
+
+    def error(label: str) -> torch.Tensor:
+        return (logits[label].gather(-1, likely) - reference.gather(-1, likely)).abs().mean()
+
+    bf16_error, native_error = error("bfloat16"), error("native")
     assert native_error <= 1.5 * bf16_error, (native_error, bf16_error)
     assert (logits["native"].argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
 

@@ -5,25 +5,42 @@ by 0.06. That is enough to turn a near-tie into an exact tie or flip it, and gre
 depends on rounding rather than on the model (SmolLM2 answered "What is the capital of France?"
 with "L'Étoile..." instead of "The capital of France is Paris" this way). The whole vocabulary in
 float32 would cost four times the bandwidth of the largest matrix, so only the tokens that could
-be the maximum, those within rounding distance of it, are recomputed exactly.
+be the maximum, those within the head's error bound of it, are recomputed exactly.
+
+With quantized weights the big head matrix is read through the int8 kernel (half the bytes of
+bf16; `int8_lm_head`); its error bound is wider, and the candidates are recomputed from the
+float weight it was made from, so greedy decisions are those of the float head.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-# A bf16 value v is within 2**-8 * |v| of the exact one; two logits closer than twice that to the
-# row's maximum may be in either order.
-_BF16_RELATIVE_ERROR = 2.0 ** -8
+from quill.layers.quantized import Int8Linear, quantize_per_channel_int8
+
+# A bf16 value v is within 2**-8 * |v| of the exact one; an int8 head's bf16 scales add 2**-9.
+_BF16_RELATIVE_ERROR = 2.0 ** -8 + 2.0 ** -9
+
+
+def int8_lm_head(weight: torch.Tensor) -> Int8Linear:
+    """An int8 copy of a float LM head (often the tied embedding table), keeping the float weight
+    for the exact recomputation of the top candidates."""
+    head = Int8Linear(quantize_per_channel_int8(weight))
+    head.exact_weight = weight  # shared with the embedding when tied: no copy
+    return head
 
 
 def lm_head_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     logits = lm_head(hidden).float()
-    weight = getattr(lm_head, "weight", None)
-    if weight is None or weight.dtype == torch.float32:  # exact already, or a quantized head
+    exact_weight = getattr(lm_head, "exact_weight", None)
+    weight = exact_weight if exact_weight is not None else getattr(lm_head, "weight", None)
+    if weight is None or weight.dtype == torch.float32:  # a quantized head, or exact already
         return logits
     row_max = logits.max(dim=-1, keepdim=True).values
-    near = logits >= row_max - 2 * _BF16_RELATIVE_ERROR * row_max.abs()
-    rows, tokens = near.nonzero(as_tuple=True)
+    error = _BF16_RELATIVE_ERROR * row_max.abs()
+    if exact_weight is not None:
+        error = error + lm_head.error_bound(hidden)
+    # Every logit is within `error` of its exact value, so the exact maximum is among these.
+    rows, tokens = (logits >= row_max - 2 * error).nonzero(as_tuple=True)
     logits[rows, tokens] = (weight[tokens].float() * hidden[rows].float()).sum(dim=-1)
     return logits

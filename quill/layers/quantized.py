@@ -140,6 +140,7 @@ class Int8Linear(QuantizedLinear):
         super().__init__(out, inp, bias)
         self.register_buffer("weight_int8", (weight.codes.short() - 128).to(torch.int8))
         self.register_buffer("scales", weight.scales[:, 0].to(torch.bfloat16).contiguous())
+        self.max_step = weight.scales.max().item()
 
     @staticmethod
     def supports(weight: QuantizedWeight) -> bool:
@@ -151,6 +152,22 @@ class Int8Linear(QuantizedLinear):
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, 1]: how far outputs can be from x @ W.T with the weight it was quantized from.
+        Rounding to codes leaves each weight off by an independent, uniform error of at most half
+        a step, so an output's error has a standard deviation of at most step * |x|_2 / sqrt(12);
+        this is six of them (the worst case, step / 2 * |x|_1, is ~20x wider and useless). The
+        bf16 rounding of the scales is relative to each output, like bf16 output rounding."""
+        return 6 * self.max_step / 12 ** 0.5 * x.float().norm(dim=-1, keepdim=True)
+
+
+def quantize_per_channel_int8(weight: torch.Tensor) -> QuantizedWeight:
+    """Symmetric int8 with one scale per output row (what `Int8Linear` runs)."""
+    values = weight.float()
+    scales = (values.abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = (torch.round(values / scales).clamp(-127, 127) + 128).to(torch.uint8)
+    return QuantizedWeight(codes, scales, -128 * scales, bits=8, group_size=values.shape[1], source="int8")
 
 
 def quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantizedLinear | None:

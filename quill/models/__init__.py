@@ -9,6 +9,8 @@ from torch import nn
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
+from quill.layers.linear import Linear
+from quill.layers.logits import int8_lm_head
 from quill.layers.quantized import QuantizedWeight, quantized_linear
 from quill.models.gemma3 import Gemma3ForCausalLM
 from quill.models.llama import LlamaForCausalLM
@@ -39,7 +41,7 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype = torch.f
     with torch.device("meta"):
         model = MODEL_CLASSES[config.architecture](config)
     params = _quill_tensors(tensors, config.tie_word_embeddings)
-    _install_quantized_layers(model, params, dtype)
+    native = _install_quantized_layers(model, params, dtype)
     expected = {name for name, _ in model.named_parameters()}  # tied lm_head appears once, as embed_tokens
     missing = sorted(expected - params.keys())
     unexpected = sorted(params.keys() - expected - {"lm_head.weight"})
@@ -49,12 +51,19 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype = torch.f
     model.load_state_dict({k: v.to(dtype) for k, v in params.items() if k in expected}, strict=False, assign=True)
     if config.tie_word_embeddings:  # assign=True replaced the shared parameter; tie it again
         model.lm_head.weight = model.embed_tokens.weight
+    if native and isinstance(model.lm_head, Linear):
+        # A quantized model's biggest matrix is often its float head (the tied embedding table):
+        # read it through the int8 kernel too, at half the bytes of bf16 (see layers/logits.py).
+        model.lm_head = int8_lm_head(model.lm_head.weight)
+        log.info("LM head runs through the int8 kernel (top candidates recomputed from %s)",
+                 str(dtype).removeprefix("torch."))
     return model.eval().requires_grad_(False)
 
 
-def _install_quantized_layers(model: nn.Module, params: dict, dtype: torch.dtype) -> None:
+def _install_quantized_layers(model: nn.Module, params: dict, dtype: torch.dtype) -> int:
     """Swap in a quantized layer for each `QuantizedWeight` (in place of the meta `Linear`); a
-    format with no kernel is expanded to `dtype`, and the load log says which and how many."""
+    format with no kernel is expanded to `dtype`, and the load log says which and how many.
+    Returns the number of layers that run natively."""
     native, expanded = Counter(), Counter()
     for name in [name for name, value in params.items() if isinstance(value, QuantizedWeight)]:
         weight = params[name]
@@ -71,6 +80,7 @@ def _install_quantized_layers(model: nn.Module, params: dict, dtype: torch.dtype
     if native or expanded:
         log.info("quantized weights: %s run natively; %s have no native kernel and were expanded to %s",
                  _counts(native), _counts(expanded), str(dtype).removeprefix("torch."))
+    return sum(native.values())
 
 
 def _counts(counter: Counter) -> str:
