@@ -138,7 +138,8 @@ class Int8Linear(QuantizedLinear):
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         out, inp = weight.shape
         super().__init__(out, inp, bias)
-        self.register_buffer("weight_int8", (weight.codes.short() - 128).to(torch.int8))
+        # code - 128 as int8: flipping the top bit of the unsigned code, with no wider copy
+        self.register_buffer("weight_int8", (weight.codes ^ 0x80).view(torch.int8))
         self.register_buffer("scales", weight.scales[:, 0].to(torch.bfloat16).contiguous())
         self.max_step = weight.scales.max().item()
 
@@ -162,12 +163,18 @@ class Int8Linear(QuantizedLinear):
         return 6 * self.max_step / 12 ** 0.5 * x.float().norm(dim=-1, keepdim=True)
 
 
-def quantize_per_channel_int8(weight: torch.Tensor) -> QuantizedWeight:
-    """Symmetric int8 with one scale per output row (what `Int8Linear` runs)."""
-    values = weight.float()
-    scales = (values.abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    codes = (torch.round(values / scales).clamp(-127, 127) + 128).to(torch.uint8)
-    return QuantizedWeight(codes, scales, -128 * scales, bits=8, group_size=values.shape[1], source="int8")
+def quantize_per_channel_int8(weight: torch.Tensor, rows_per_chunk: int = 4096) -> QuantizedWeight:
+    """Symmetric int8 with one scale per output row (what `Int8Linear` runs). Works through the
+    rows in chunks: float32 copies of a whole embedding table would cost GBs (Gemma 3: 0.7 GB each)."""
+    out, inp = weight.shape
+    codes = torch.empty(out, inp, dtype=torch.uint8)
+    scales = torch.empty(out, 1)
+    for start in range(0, out, rows_per_chunk):
+        chunk = weight[start:start + rows_per_chunk].detach().to(torch.float32, copy=True)
+        scale = (chunk.abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        codes[start:start + rows_per_chunk] = chunk.div_(scale).round_().clamp_(-127, 127).add_(128)
+        scales[start:start + rows_per_chunk] = scale
+    return QuantizedWeight(codes, scales, -128 * scales, bits=8, group_size=inp, source="int8")
 
 
 def quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantizedLinear | None:
