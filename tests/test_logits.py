@@ -42,3 +42,13 @@ def test_int8_head_picks_the_float_heads_maximum():
     assert (approx - exact).abs().max(dim=-1, keepdim=True).values.le(head.error_bound(hidden)).all()
     assert not torch.equal(approx.argmax(-1), exact.argmax(-1))  # int8 alone would pick other tokens
     assert torch.equal(lm_head_logits(head, hidden).argmax(-1), exact.argmax(-1))
+
+
+def test_int8_head_of_a_float32_model_is_refined_too():
+    torch.manual_seed(2)
+    weight = torch.randn(3000, 64) * 0.05
+    head = int8_lm_head(weight)
+    hidden = torch.randn(200, 64) * 2
+    exact = hidden @ weight.T
+    assert not torch.equal(head(hidden).float().argmax(-1), exact.argmax(-1))
+    assert torch.equal(lm_head_logits(head, hidden).argmax(-1), exact.argmax(-1))

@@ -34,13 +34,14 @@ def lm_head_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     logits = lm_head(hidden).float()
     exact_weight = getattr(lm_head, "exact_weight", None)
     weight = exact_weight if exact_weight is not None else getattr(lm_head, "weight", None)
-    if weight is None or weight.dtype == torch.float32:  # a quantized head, or exact already
-        return logits
+    if weight is None or (exact_weight is None and weight.dtype == torch.float32):
+        return logits  # a quantized head with no float weight to consult, or exact already
     row_max = logits.max(dim=-1, keepdim=True).values
     error = _BF16_RELATIVE_ERROR * row_max.abs()
     if exact_weight is not None:
         error = error + lm_head.error_bound(hidden)
-    # Every logit is within `error` of its exact value, so the exact maximum is among these.
+    # A logit near the maximum is within `error` of its exact value, so the exact maximum is
+    # among these.
     rows, tokens = (logits >= row_max - 2 * error).nonzero(as_tuple=True)
     logits[rows, tokens] = (weight[tokens].float() * hidden[rows].float()).sum(dim=-1)
     return logits
