@@ -171,8 +171,9 @@ def quantize_per_channel_int8(weight: torch.Tensor, rows_per_chunk: int = 4096) 
     scales = torch.empty(out, 1)
     for start in range(0, out, rows_per_chunk):
         chunk = weight[start:start + rows_per_chunk].detach().to(torch.float32, copy=True)
-        scale = (chunk.abs().amax(dim=1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-        codes[start:start + rows_per_chunk] = chunk.div_(scale).round_().clamp_(-127, 127).add_(128)
+        scale = chunk.abs().amax(dim=1, keepdim=True) / 127
+        step = torch.where(scale > 0, scale, 1)  # an all-zero row keeps scale 0 and codes 128
+        codes[start:start + rows_per_chunk] = chunk.div_(step).round_().clamp_(-127, 127).add_(128)
         scales[start:start + rows_per_chunk] = scale
     return QuantizedWeight(codes, scales, -128 * scales, bits=8, group_size=inp, source="int8")
 

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from quill.errors import QuillError
-from quill.layers.quantized import INT4_GROUP_SIZES, QuantizedWeight
+from quill.layers.quantized import INT4_GROUP_SIZES, QuantizedWeight, quantize_per_channel_int8
 from quill.optimize import EMBEDDING_TYPES, QUANT_TYPES
 from quill.weights import load_checkpoint
 from quill.weights.gguf import read_gguf_tensor_types
@@ -60,10 +60,7 @@ class QuantizeSummary:
 
 def quantize_int8(values: np.ndarray) -> QuantizedWeight:
     """Symmetric, one scale per output row: w = scale * (code - 128), |code - 128| <= 127."""
-    w = torch.from_numpy(values)
-    scales = w.abs().amax(dim=1, keepdim=True) / 127
-    codes = torch.round(w / torch.where(scales > 0, scales, 1)).clamp_(-127, 127) + 128
-    return QuantizedWeight(codes.to(torch.uint8), scales, -128 * scales, bits=8, group_size=w.shape[1], source="int8")
+    return quantize_per_channel_int8(torch.from_numpy(values))
 
 
 def quantize_int4(values: np.ndarray, group_size: int) -> QuantizedWeight:
