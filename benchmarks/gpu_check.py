@@ -29,10 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from quill.config import EngineConfig  # noqa: E402
 from quill.engine.engine import Engine  # noqa: E402
-from quill.models import build_model  # noqa: E402
+from quill.models import load_model  # noqa: E402
 from quill.optimize.evaluate import all_position_logits  # noqa: E402
 from quill.sampling_params import SamplingParams  # noqa: E402
-from quill.weights import load_checkpoint  # noqa: E402
 
 SMOLLM2_SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                       num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
@@ -49,11 +48,6 @@ def build_random_model(directory: Path, layers: int) -> Path:
     return directory
 
 
-def load(path: Path, dtype: torch.dtype, device: str):
-    checkpoint = load_checkpoint(path, dtype)
-    return build_model(checkpoint.config, checkpoint.tensors, dtype).to(device), checkpoint.config
-
-
 def generate(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
     """Greedy tokens for every prompt, run as one batch; and the wall time it took."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
@@ -68,17 +62,17 @@ def generate(engine: Engine, prompts: list[list[int]], max_tokens: int) -> tuple
 
 
 def engine_for(path: Path, dtype: str, device: str, **options) -> Engine:
-    model, config = load(path, getattr(torch, dtype), device)
+    model, config = load_model(path, getattr(torch, dtype), device)
     return Engine(model, config, None, EngineConfig(dtype=dtype, device=device, **options))
 
 
 def check_correctness(path: Path, device: str, prompts: list[list[int]]) -> dict:
     sequence = prompts[0] * 4
-    reference_model, config = load(path, torch.float32, "cpu")
+    reference_model, config = load_model(path, torch.float32, "cpu")
     reference = all_position_logits(reference_model, config, sequence)
     result = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model, _ = load(path, dtype, device)
+        model, _ = load_model(path, dtype, device)
         logits = all_position_logits(model, config, sequence).cpu()
         error = (logits - reference).abs()
         result[f"logits_{str(dtype).removeprefix('torch.')}"] = {

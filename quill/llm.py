@@ -1,7 +1,6 @@
 """The offline Python API: load a model once, then generate, chat or stream."""
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,24 +10,13 @@ import torch
 from quill.config import EngineConfig
 from quill.engine.engine import Engine
 from quill.errors import InvalidRequestError
-from quill.models import build_model
+from quill.models import load_model
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
 from quill.tokenizer import Tokenizer, load_tokenizer
-from quill.weights import load_checkpoint
 from quill.weights.hub import resolve_model
 
 Messages = list[dict]
-
-
-def _return_freed_memory_to_os() -> None:
-    """Loading frees hundreds of MB of transient buffers (raw blocks, codes, float copies) that
-    glibc keeps in its heap; hand them back so that resident memory is the model's own. Measured
-    on SmolLM2 Q4_1: 406-512 MB resident after loading, 285 MB after this."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -52,15 +40,9 @@ class LLM:
         engine_config.validate()  # before the slow part
         self.device = resolve_device(engine_config.device)
         self.path = resolve_model(model)
-        # The quantized kernels are CPU ones; on a GPU, bf16 weights are what its matmuls want.
-        native = not dequantize and self.device.type == "cpu"
-        checkpoint = load_checkpoint(self.path, getattr(torch, dtype), keep_quantized=native)
-        self.config = checkpoint.config
+        network, self.config = load_model(self.path, getattr(torch, dtype), self.device, dequantize=dequantize)
         self.tokenizer: Tokenizer = load_tokenizer(self.path)
         self.chat_template = chat_template
-        network = build_model(checkpoint.config, checkpoint.tensors, getattr(torch, dtype)).to(self.device)
-        del checkpoint  # the tensors now live in the model; drop the loader's references
-        _return_freed_memory_to_os()
         self.engine = Engine(network, self.config, self.tokenizer, engine_config)
         self.load_seconds = time.perf_counter() - started
 

@@ -1,8 +1,10 @@
 """Model registry: architecture name -> model class, and loading checkpoint tensors into it."""
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,6 +31,32 @@ _FUSED = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
     "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
 }
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu", *,
+               dequantize: bool = False) -> tuple[nn.Module, ModelConfig]:
+    """A checkpoint's network on `device`, and its config. Quantized GGUF weights stay quantized
+    and run through the CPU kernels, unless `dequantize` expands them to `dtype` (the reference
+    path) or the device is a GPU, where bf16 weights are what its matmuls want."""
+    from quill.weights import load_checkpoint  # torch-heavy readers load only when a model does
+
+    device = torch.device(device)
+    checkpoint = load_checkpoint(path, dtype, keep_quantized=not dequantize and device.type == "cpu")
+    network = build_model(checkpoint.config, checkpoint.tensors, dtype).to(device)
+    config = checkpoint.config
+    del checkpoint  # the tensors now live in the network; drop the loader's references
+    _return_freed_memory_to_os()
+    return network, config
+
+
+def _return_freed_memory_to_os() -> None:
+    """Loading frees hundreds of MB of transient buffers (raw blocks, codes, float copies) that
+    glibc keeps in its heap; hand them back so that resident memory is the model's own. Measured
+    on SmolLM2 Q4_1: 406-512 MB resident after loading, 285 MB after this."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -22,9 +22,8 @@ from quill.errors import InvalidRequestError
 from quill.engine.runner import kv_cache_dtype
 from quill.layers.attention import AttentionMetadata, PagedAttention
 from quill.layers.quantized import DENSE_MIN_ROWS, QuantizedLinear
-from quill.models import build_model
+from quill.models import load_model
 from quill.tokenizer import Tokenizer, load_tokenizer
-from quill.weights import load_checkpoint
 from quill.weights.hub import resolve_model
 
 DEFAULT_WINDOW = 512
@@ -46,12 +45,11 @@ def load_scoring_model(model: str | Path, dtype: str = "bfloat16", dequantize: b
     """The bare network and tokenizer of a checkpoint, loaded as `LLM` would load them (quantized
     weights native unless `dequantize`), without an engine or KV cache of its own."""
     path = resolve_model(model)
-    checkpoint = load_checkpoint(path, getattr(torch, dtype), keep_quantized=not dequantize)
-    network = build_model(checkpoint.config, checkpoint.tensors, getattr(torch, dtype))
+    network, config = load_model(path, getattr(torch, dtype), dequantize=dequantize)
     for module in network.modules():
         if isinstance(module, QuantizedLinear):  # whole windows are prefill-sized: as the engine's runner does
             module.dense_min_rows = DENSE_MIN_ROWS
-    return ScoringModel(network, checkpoint.config, load_tokenizer(path))
+    return ScoringModel(network, config, load_tokenizer(path))
 
 
 def tokenize_corpus(tokenizer: Tokenizer, path: str | Path, max_tokens: int | None = None) -> list[int]:

@@ -33,22 +33,20 @@ class DraftModelDrafter:
     def load(cls, model: str | Path, target_config: ModelConfig, target_tokenizer, *, num_blocks: int,
              block_size: int, dtype: torch.dtype, device: torch.device, batch_invariant: bool) -> DraftModelDrafter:
         """Load the draft model and check that it speaks the target's vocabulary."""
-        from quill.models import build_model
+        from quill.models import load_model
         from quill.tokenizer import load_tokenizer
-        from quill.weights import load_checkpoint
         from quill.weights.hub import resolve_model
 
         path = resolve_model(model)
-        checkpoint = load_checkpoint(path, dtype, keep_quantized=device.type == "cpu")  # as the target's
-        if checkpoint.config.vocab_size != target_config.vocab_size:
-            raise ModelLoadError(f"draft model {model} has a vocabulary of {checkpoint.config.vocab_size} tokens, "
+        network, config = load_model(path, dtype, device)  # weights as the target's: native on a CPU
+        if config.vocab_size != target_config.vocab_size:
+            raise ModelLoadError(f"draft model {model} has a vocabulary of {config.vocab_size} tokens, "
                                  f"the target {target_config.vocab_size}: they must share a tokenizer")
         same_vocab = target_tokenizer is None or \
             load_tokenizer(path).backend.get_vocab() == target_tokenizer.backend.get_vocab()
         if not same_vocab:
             raise ModelLoadError(f"draft model {model} does not use the target model's tokenizer")
-        network = build_model(checkpoint.config, checkpoint.tensors, dtype).to(device)
-        runner = ModelRunner(network, checkpoint.config, num_blocks=num_blocks, block_size=block_size,
+        runner = ModelRunner(network, config, num_blocks=num_blocks, block_size=block_size,
                              dtype=dtype, device=device, batch_invariant=batch_invariant)
         # No prefix caching: mirrors are rolled back and re-synced, never shared.
         return cls(runner, KVCacheManager(num_blocks, block_size, enable_prefix_caching=False))
