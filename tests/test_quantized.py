@@ -14,7 +14,7 @@ from quill.optimize.evaluate import all_position_logits
 from quill.engine.engine import Engine
 from quill.config import EngineConfig
 from quill.layers.linear import Linear
-from quill.layers.quantized import Int4Linear, Int8Linear, QuantizedWeight, quantized_linear
+from quill.layers.quantized import Int4Linear, Int8Linear, QuantizedWeight, quantize_per_channel_int8, quantized_linear
 from quill.models import build_model
 from quill.sampling_params import SamplingParams
 from quill.weights import load_checkpoint
@@ -95,13 +95,16 @@ def test_formats_without_a_kernel_are_refused():
     assert quantized_linear(_random_weight(96, 256, 4, 32)) is None  # rows not whole blocks of 64
 
 
-def test_int4_rows_do_not_depend_on_the_batch():
-    layer = Int4Linear(_random_weight(256, 512, 4, 32))
-    layer.row_multiple = 4
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_quantized_rows_do_not_depend_on_the_batch(kind):
+    """The layers rely on it for batch invariance: they pad no rows."""
+    layer = quantized_linear(_random_weight(256, 512, 4, 32) if kind == "int4"
+                             else quantize_per_channel_int8(torch.randn(256, 512)))
     x = torch.randn(37, 512, dtype=torch.bfloat16)
     alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
-    for rows in (2, 5, 16, 37):
+    for rows in (2, 3, 5, 16, 37):
         assert torch.equal(layer(x[:rows]), alone[:rows]), rows
+    assert torch.equal(layer(x[5:9]), alone[5:9])
 
 
 def test_big_batches_can_take_the_dense_path():

@@ -5,7 +5,7 @@ positions, cache slots), and returns logits only for the requests whose last kno
 processed this step (a partial prefill chunk has nothing to sample yet). A request with scheduled
 draft tokens gets them appended to its input and one logits row per position from its last token
 on, for the verifier; its queries are attended one at a time so that every row is bit-identical
-to what plain one-token decoding would compute.
+to what plain one-token decoding would compute (see `quill.layers.attention`).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 
 from quill.config import ModelConfig
 from quill.engine.request import Request
-from quill.layers.attention import AttentionMetadata, PagedAttention
+from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
 from quill.layers.linear import BATCH_INVARIANT_ROW_MULTIPLE, Linear
 from quill.layers.quantized import DENSE_MIN_ROWS, QuantizedLinear
 
@@ -41,12 +41,8 @@ class ModelRunner:
         cache_dtype = kv_cache_dtype(dtype, device)
         for module in model.modules():
             if isinstance(module, PagedAttention):
-                shape = (module.num_kv_heads, num_slots, module.head_dim)
-                # Uninitialised on purpose: attention only ever reads slots already written, and
-                # untouched pages of a large budget then cost no resident memory.
-                module.k_cache = torch.empty(shape, dtype=cache_dtype, device=device)
-                module.v_cache = torch.empty(shape, dtype=cache_dtype, device=device)
-            if isinstance(module, (Linear, QuantizedLinear)):
+                module.bind_cache(num_slots, cache_dtype, device)
+            if isinstance(module, Linear):
                 module.row_multiple = BATCH_INVARIANT_ROW_MULTIPLE if batch_invariant else 1
             if isinstance(module, QuantizedLinear):  # switching kernels by batch size breaks invariance
                 module.dense_min_rows = None if batch_invariant else DENSE_MIN_ROWS
@@ -61,16 +57,20 @@ class ModelRunner:
         blocks = torch.tensor(request.block_ids[:-(-num_tokens // self.block_size)], device=self.device)
         return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:num_tokens]
 
+    def _slot(self, request: Request, position: int) -> int:
+        return request.block_ids[position // self.block_size] * self.block_size + position % self.block_size
+
     @torch.inference_mode()
     def execute(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[list[Request], torch.Tensor]:
         """Run one forward pass. Returns the requests to sample for and their logits: one row each,
         or 1 + len(draft_token_ids) consecutive rows for a request verifying drafts."""
         token_ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slot_mapping: list[torch.Tensor] = []
-        cached_context_slots: list[torch.Tensor] = []
-        context_lens: list[int] = []
-        verifying: list[bool] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        prompts: list[PromptSpan] = []
+        single_rows: list[int] = []
+        single_context_lens: list[int] = []
+        single_tables: list[list[int]] = []
         sample_rows: list[int] = []
         to_sample: list[Request] = []
         row = 0
@@ -80,25 +80,25 @@ class ModelRunner:
             token_ids.extend(request.token_ids[start:end])
             if num_drafts:
                 token_ids.extend(request.draft_token_ids)
-            positions.append(torch.arange(start, end, device=self.device))
-            slots = self._context_slots(request, end)
-            slot_mapping.append(slots[start:end])
-            if start > 0:  # part of the context is already cached: attention reads it all from there
-                cached_context_slots.append(slots)
-            context_lens.append(end)
-            verifying.append(num_drafts > 0)
+            positions.extend(range(start, end))
+            slot_mapping.extend(self._slot(request, p) for p in range(start, end))
+            if num_new == 1 or num_drafts:  # each query attends alone
+                single_rows.extend(range(row, row + num_new))
+                single_context_lens.extend(range(start + 1, end + 1))
+                single_tables.extend([request.block_ids] * num_new)
+            else:  # part of the context cached already: attention reads it all from there
+                prompts.append(PromptSpan(row, num_new, end, self._context_slots(request, end) if start else None))
             row += num_new
             if end >= request.num_tokens:
                 sample_rows.extend(range(row - 1 - num_drafts, row))
                 to_sample.append(request)
-        meta = AttentionMetadata(
-            slot_mapping=torch.cat(slot_mapping), query_lens=list(num_new_tokens), context_lens=context_lens,
-            cached_context_slots=torch.cat(cached_context_slots) if cached_context_slots
-            else torch.empty(0, dtype=torch.long, device=self.device),
-            one_query_at_a_time=verifying if any(verifying) else [],
-        )
+        single = None
+        if single_rows:
+            rows = None if len(single_rows) == row else torch.tensor(single_rows, device=self.device)
+            single = SingleQueryRows(rows, single_context_lens, single_tables, self.block_size, self.device)
+        meta = AttentionMetadata(torch.tensor(slot_mapping, device=self.device), single, prompts)
         input_ids = torch.tensor(token_ids, device=self.device)
-        hidden = self.model(input_ids, torch.cat(positions), meta)
+        hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta)
         if not to_sample:
             return [], hidden.new_empty((0, 0))
         # The sampler works on the CPU: per-request Python logic over a few rows of logits.

@@ -1,18 +1,22 @@
 """Attention over a paged KV cache.
 
 The runner hands every layer the same `AttentionMetadata`: where each new token's key/value goes
-(`slot_mapping`) and, per sequence, which cache slots hold its whole context (`context_slots`).
-Each sequence is attended separately, so a row's result never depends on what else is in the batch.
+(`slot_mapping`), and how the step's queries split into two kinds:
 
-A sequence can also ask for its queries to be attended one at a time (`one_query_at_a_time`):
-speculative verification does, because PyTorch's attention over several queries with a causal
-mask is not bit-identical to the same queries decoded alone (measured: ~1e-7 apart in float32,
-enough to flip a greedy token), and verification must reproduce plain decoding exactly.
+- single-query rows (`SingleQueryRows`): a decoding sequence's one new token, or each query of a
+  sequence verifying speculative drafts. All of them are attended in one batched call, their
+  contexts padded to the longest and masked. A row's result must not depend on the rows beside it
+  (greedy output must not change with server load), and PyTorch's fused attention kernel is not
+  padding-invariant. Plain matmul / softmax / matmul is, provided every row's keys are gathered in
+  whole KV blocks (measured: bit-identical for any extra padding in multiples of 16 keys, and
+  `tests/test_attention.py` pins it). Verification rows thereby compute exactly what decoding
+  those positions one at a time would.
+- prompt spans (`PromptSpan`): a prefill chunk, whose queries attend together, causally masked,
+  through PyTorch's fused kernel.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import repeat
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +24,57 @@ from torch import nn
 
 
 @dataclass
+class PromptSpan:
+    start: int  # first row of the span among the step's tokens
+    num_queries: int
+    context_len: int  # tokens in the cache for this sequence once this step's are written
+    # Cache slots of the whole context, or None when it is all in this step (nothing cached before).
+    context_slots: torch.Tensor | None
+
+
+@dataclass
+class SingleQueryRows:
+    """Rows that each attend one query to a context of their own."""
+
+    rows: torch.Tensor | None  # their indices among the step's tokens; None: all rows, in order
+    context_lens: list[int]  # keys each row sees, itself included
+    block_tables: list[list[int]]  # per row, the KV blocks of its context (at least)
+    block_size: int
+    device: torch.device
+    _keys: dict = field(default_factory=dict, repr=False)
+
+    def key_slots(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [rows, keys], hidden [rows, keys]): the cache slots to gather for every row and
+        which of them it must not attend. Rows start at the first block they can see (a sliding window
+        skips older ones) and are padded to a common length with their own last slot, which this
+        step has written, so that every gathered value is finite. Computed once per step and window."""
+        if window not in self._keys:
+            self._keys[window] = self._build(window)
+        return self._keys[window]
+
+    def _build(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.block_size
+        first_blocks = [0 if window is None else max(0, n - window) // size for n in self.context_lens]
+        tables = [table[first:-(-n // size)]
+                  for table, first, n in zip(self.block_tables, first_blocks, self.context_lens)]
+        width = max(map(len, tables)) * size
+        blocks = torch.tensor([t + t[-1:] * (width // size - len(t)) for t in tables])
+        slots = (blocks[:, :, None] * size + torch.arange(size)).flatten(1)
+        first_positions = torch.tensor(first_blocks)[:, None] * size
+        positions = first_positions + torch.arange(width)
+        context_lens = torch.tensor(self.context_lens)[:, None]
+        visible = positions < context_lens
+        if window is not None:
+            visible &= positions >= context_lens - window
+        last_slots = slots.gather(1, context_lens - 1 - first_positions)
+        return torch.where(visible, slots, last_slots).to(self.device), (~visible).to(self.device)
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
-    query_lens: list[int]  # new tokens per sequence, in batch order
-    context_lens: list[int]  # tokens in the cache per sequence once this step's are written
-    # Cache slots of every context that must be read from the cache (all sequences except those
-    # prefilling from scratch), concatenated in batch order; one gather per layer reads them all.
-    cached_context_slots: torch.Tensor
-    # Per sequence (empty: none): attend each of its queries alone, exactly as a one-token decode
-    # of that position would, rather than all of them in one masked call.
-    one_query_at_a_time: list[bool] = field(default_factory=list)
+    single_query: SingleQueryRows | None
+    prompts: list[PromptSpan]
 
 
 class PagedAttention(nn.Module):
@@ -39,49 +84,60 @@ class PagedAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.sliding_window = sliding_window
-        # [num_kv_heads, num_slots, head_dim], head-major so that a gather yields the layout
-        # attention wants; bound by the runner once the cache is sized.
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def bind_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate [num_slots, kv_heads, head_dim] key and value caches: slot-major, so that
+        writing and gathering tokens moves whole rows. Uninitialised on purpose: attention only
+        reads slots already written (or masks them), and the untouched pages of a large budget
+        then cost no resident memory."""
+        shape = (num_slots, self.num_kv_heads, self.head_dim)
+        self.k_cache = torch.empty(shape, dtype=dtype, device=device)
+        self.v_cache = torch.empty(shape, dtype=dtype, device=device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads * dim],
-        in q's dtype; attention itself runs in the cache's dtype."""
-        out_dtype = q.dtype
-        # [heads, tokens, dim] from here on
-        q, k, v = (t.transpose(0, 1).to(self.k_cache.dtype) for t in (q, k, v))
-        self.k_cache.index_copy_(1, meta.slot_mapping, k)
-        self.v_cache.index_copy_(1, meta.slot_mapping, v)
-        cached_k = self.k_cache.index_select(1, meta.cached_context_slots)
-        cached_v = self.v_cache.index_select(1, meta.cached_context_slots)
-        outputs = []
-        start = cached_start = 0
-        one_by_one = meta.one_query_at_a_time or repeat(False)
-        for query_len, context_len, by_query in zip(meta.query_lens, meta.context_lens, one_by_one):
-            if query_len == context_len:  # nothing cached before: use this step's keys directly
-                keys, values, first_slot = k, v, start
-            else:
-                keys, values, first_slot = cached_k, cached_v, cached_start
-                cached_start += context_len
-            queries = q[:, start:start + query_len]
-            if by_query:
-                for i in range(query_len):
-                    outputs.append(self._attend_slice(queries[:, i:i + 1], keys, values, first_slot,
-                                                      context_len - query_len + i + 1))
-            else:
-                outputs.append(self._attend_slice(queries, keys, values, first_slot, context_len))
-            start += query_len
-        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-        return out.transpose(0, 1).reshape(-1, self.num_heads * self.head_dim).to(out_dtype)
+        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim], in the cache's dtype.
+        Returns [tokens, heads * dim]."""
+        self.k_cache.index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.index_copy_(0, meta.slot_mapping, v)
+        single = meta.single_query
+        if single is not None and single.rows is None:  # a pure decode step
+            return self._attend_single_queries(q, single)
+        out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
+        if single is not None:
+            out.index_copy_(0, single.rows, self._attend_single_queries(q[single.rows], single))
+        for span in meta.prompts:
+            rows = slice(span.start, span.start + span.num_queries)
+            out[rows] = self._attend_prompt(q[rows], k[rows], v[rows], span)
+        return out
 
-    def _attend_slice(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, first_slot: int,
-                      context_len: int) -> torch.Tensor:
-        """Attend q (the last queries of a context of `context_len` tokens whose keys start at
-        `first_slot` in `keys`/`values`)."""
-        first_key = self._first_visible_key(q.shape[1], context_len)
-        k_seq = keys[:, first_slot + first_key:first_slot + context_len]
-        v_seq = values[:, first_slot + first_key:first_slot + context_len]
-        return self._attend(q, k_seq, v_seq, first_key)
+    def _attend_single_queries(self, q: torch.Tensor, single: SingleQueryRows) -> torch.Tensor:
+        slots, hidden = single.key_slots(self.sliding_window)
+        rows, width = slots.shape
+        group = self.num_heads // self.num_kv_heads
+
+        def gather(cache: torch.Tensor) -> torch.Tensor:
+            """[rows, kv_heads, width, dim], contiguous: batched matmul over strided views picks
+            kernels by batch size, and rows would then depend on their neighbours."""
+            rows_major = cache.index_select(0, slots.flatten()).view(rows, width, self.num_kv_heads, self.head_dim)
+            return rows_major.transpose(1, 2).contiguous()
+
+        queries = (q * self.scale).view(rows, self.num_kv_heads, group, self.head_dim)
+        scores = torch.matmul(queries, gather(self.k_cache).transpose(-1, -2))  # [rows, kv_heads, group, width]
+        scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1), gather(self.v_cache))  # [rows, kv_heads, group, dim]
+        return out.view(rows, self.num_heads * self.head_dim)
+
+    def _attend_prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PromptSpan) -> torch.Tensor:
+        """The span's queries (the last of its context) together, through the fused kernel, which
+        takes 4-D inputs (3-D ones fall back to a path about 3x slower for long prompts)."""
+        if span.context_slots is not None:
+            k, v = (cache.index_select(0, span.context_slots) for cache in (self.k_cache, self.v_cache))
+        first_key = self._first_visible_key(span.num_queries, span.context_len)
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k[first_key:], v[first_key:]))
+        mask = self._mask(span.num_queries, span.context_len, first_key, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(span.num_queries, self.num_heads * self.head_dim)
 
     def _first_visible_key(self, query_len: int, context_len: int) -> int:
         """Position of the oldest key any of these queries can see: a sliding-window layer never
@@ -90,25 +146,12 @@ class PagedAttention(nn.Module):
             return 0
         return max(0, context_len - query_len - self.sliding_window + 1)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_key: int) -> torch.Tensor:
-        """q: [heads, queries, dim]; k, v: [kv_heads, keys, dim], the keys from position
-        `first_key` on. PyTorch's fused CPU kernel takes 4-D inputs (3-D ones fall back to a path
-        about 3x slower for long prompts)."""
-        context_len = first_key + k.shape[1]
-        mask = self._mask(q.shape[1], context_len, first_key, q.device)
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=self.scale,
-                                             enable_gqa=True)
-        return out[0]
-
-    def _mask(self, query_len: int, context_len: int, first_key: int, device: torch.device) -> torch.Tensor | None:
+    def _mask(self, query_len: int, context_len: int, first_key: int, device: torch.device) -> torch.Tensor:
         """Boolean [query, key] mask (True = attend) over keys first_key..context_len-1: causal,
         plus the sliding window if any."""
-        window = self.sliding_window
-        if query_len == 1 and (window is None or context_len - first_key <= window):
-            return None
         query_pos = torch.arange(context_len - query_len, context_len, device=device)[:, None]
         key_pos = torch.arange(first_key, context_len, device=device)[None, :]
         mask = key_pos <= query_pos
-        if window is not None:
-            mask &= query_pos - key_pos < window
+        if self.sliding_window is not None:
+            mask &= query_pos - key_pos < self.sliding_window
         return mask

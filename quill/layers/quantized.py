@@ -66,9 +66,10 @@ class QuantizedWeight:
 
 
 class QuantizedLinear(nn.Module):
-    """Shared plumbing: bias, batch-invariant row padding, and the bf16 expansion for big batches."""
+    """Shared plumbing: bias, and the bf16 expansion for big batches. Unlike dense GEMMs, the int4
+    and int8 kernels compute each row the same way whatever the row count (tests pin it), so
+    batch invariance needs no row padding here."""
 
-    row_multiple: int = 1  # set by the runner, as for `Linear`
     dense_min_rows: int | None = None  # set by the runner when batch invariance is off
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
@@ -80,9 +81,7 @@ class QuantizedLinear(nn.Module):
         rows = x.shape[0]
         if self.dense_min_rows is not None and rows >= self.dense_min_rows:
             return F.linear(x, self.dequantize(x.dtype), self.bias)
-        pad = -rows % self.row_multiple
-        padded = F.pad(x, (0, 0, 0, pad)) if pad else x
-        y = self._matmul(padded.to(torch.bfloat16))[:rows].to(x.dtype)
+        y = self._matmul(x.to(torch.bfloat16)).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:

@@ -62,19 +62,15 @@ class RotaryEmbedding(nn.Module):
         self._positions: torch.Tensor | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]; positions: [tokens]."""
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, heads, head_dim]; positions: [tokens]. Returns x rotated, in float32."""
         if positions is not self._positions:
             freqs = positions.float()[:, None] * self.inv_freq[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
-            self._positions, self._cos_sin = positions, (emb.cos(), emb.sin())
-        cos, sin = self._cos_sin
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    dtype = x.dtype
-    x = x.float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(dtype)
+            cos, sin = freqs.cos(), freqs.sin()
+            # rotate_half(x) * sin == swap_halves(x) * (-sin, sin): the negation folds into the table
+            self._positions, self._cos_sin = positions, (torch.cat((cos, cos), dim=-1).unsqueeze(1),
+                                                         torch.cat((-sin, sin), dim=-1).unsqueeze(1))
+        cos, signed_sin = self._cos_sin
+        x = x.float()
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin

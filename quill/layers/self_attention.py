@@ -34,11 +34,14 @@ class SelfAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+        # Attention runs in the cache's dtype: convert once, and keep RoPE's float32 result unrounded.
+        qkv = self.qkv_proj(x).to(self.attn.k_cache.dtype)
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.q_norm is None:  # q and k are adjacent: rotate them in one pass
+            qk = self.rotary(positions, qkv[:, :self.q_size + self.kv_size].view(-1, heads + kv_heads, dim))
+            q, k = qk.split([heads, kv_heads], dim=1)
+        else:
+            q, k = qkv[:, :self.q_size].view(-1, heads, dim), qkv[:, self.q_size:-self.kv_size].view(-1, kv_heads, dim)
+            q, k = self.rotary(positions, self.q_norm(q)), self.rotary(positions, self.k_norm(k))
+        v = qkv[:, -self.kv_size:].view(-1, kv_heads, dim)
+        return self.o_proj(self.attn(q, k, v, meta).to(x.dtype))

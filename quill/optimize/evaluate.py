@@ -20,7 +20,7 @@ from tqdm import tqdm
 from quill.config import ModelConfig
 from quill.errors import InvalidRequestError
 from quill.engine.runner import kv_cache_dtype
-from quill.layers.attention import AttentionMetadata, PagedAttention
+from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan
 from quill.layers.quantized import DENSE_MIN_ROWS, QuantizedLinear
 from quill.models import load_model
 from quill.tokenizer import Tokenizer, load_tokenizer
@@ -70,11 +70,10 @@ def all_position_logits(model, config: ModelConfig, token_ids: list[int]) -> tor
     cache_dtype, device = kv_cache_dtype(weight.dtype, weight.device), weight.device  # as the engine's
     for module in model.modules():
         if isinstance(module, PagedAttention):
-            module.k_cache = torch.zeros(config.num_kv_heads, n, config.head_dim, dtype=cache_dtype, device=device)
-            module.v_cache = torch.zeros(config.num_kv_heads, n, config.head_dim, dtype=cache_dtype, device=device)
+            module.bind_cache(n, cache_dtype, device)
     positions = torch.arange(n, device=device)
-    meta = AttentionMetadata(slot_mapping=positions, query_lens=[n], context_lens=[n],
-                             cached_context_slots=torch.empty(0, dtype=torch.long, device=device))
+    meta = AttentionMetadata(slot_mapping=positions, single_query=None,
+                             prompts=[PromptSpan(start=0, num_queries=n, context_len=n, context_slots=None)])
     return model.compute_logits(model(torch.tensor(token_ids, device=device), positions, meta))
 
 

@@ -1,0 +1,96 @@
+"""Paged attention against plain attention over the same keys, and the batched single-query path's
+batch invariance (a row's result must not depend on the rows beside it)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
+
+HEADS, KV_HEADS, DIM, BLOCK = 6, 2, 32, 16
+CPU = torch.device("cpu")
+
+
+NUM_BLOCKS = 256
+
+
+def _attention(window: int | None = None) -> PagedAttention:
+    attention = PagedAttention(HEADS, KV_HEADS, DIM, scale=DIM ** -0.5, sliding_window=window)
+    attention.bind_cache(NUM_BLOCKS * BLOCK, torch.float32, CPU)
+    attention.k_cache.normal_()
+    attention.v_cache.normal_()
+    return attention
+
+
+def _random_tables(context_lens: list[int], generator: torch.Generator) -> list[list[int]]:
+    """Disjoint, shuffled block tables (blocks are never handed out in order in a busy cache)."""
+    free = torch.randperm(NUM_BLOCKS, generator=generator).tolist()
+    return [[free.pop() for _ in range(-(-n // BLOCK))] for n in context_lens]
+
+
+def _reference(attention: PagedAttention, q: torch.Tensor, table: list[int], context_len: int) -> torch.Tensor:
+    """One query at the last position, attending its whole visible context in plain float64."""
+    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(context_len)])
+    keys, values = (cache[slots].double().transpose(0, 1) for cache in (attention.k_cache, attention.v_cache))
+    first = 0 if attention.sliding_window is None else max(0, context_len - attention.sliding_window)
+    out = F.scaled_dot_product_attention(q.double()[:, None], keys[:, first:], values[:, first:],
+                                         scale=attention.scale, enable_gqa=True)
+    return out.reshape(1, HEADS * DIM).float()
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_single_query_rows_match_plain_attention(window):
+    generator = torch.Generator().manual_seed(0)
+    attention = _attention(window)
+    context_lens = [1, 15, 16, 17, 90, 200]
+    tables = _random_tables(context_lens, generator)
+    q = torch.randn(len(context_lens), HEADS, DIM, generator=generator)
+    out = attention._attend_single_queries(q, SingleQueryRows(None, context_lens, tables, BLOCK, CPU))
+    for i, (n, table) in enumerate(zip(context_lens, tables)):
+        torch.testing.assert_close(out[i:i + 1], _reference(attention, q[i], table, n), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_single_query_rows_do_not_depend_on_the_batch(window):
+    generator = torch.Generator().manual_seed(1)
+    attention = _attention(window)
+    for _ in range(20):
+        rows = int(torch.randint(2, 12, (), generator=generator))
+        context_lens = torch.randint(1, 320, (rows,), generator=generator).tolist()
+        tables = _random_tables(context_lens, generator)
+        q = torch.randn(rows, HEADS, DIM, generator=generator)
+        batched = attention._attend_single_queries(q, SingleQueryRows(None, context_lens, tables, BLOCK, CPU))
+        for i in range(rows):
+            alone = attention._attend_single_queries(q[i:i + 1], SingleQueryRows(None, context_lens[i:i + 1],
+                                                                                 tables[i:i + 1], BLOCK, CPU))
+            assert torch.equal(alone, batched[i:i + 1]), (context_lens, i)
+
+
+def test_mixed_step_writes_the_cache_and_attends_both_kinds():
+    """A prompt chunk continuing a cached context, next to a decoding row: each output row equals
+    plain attention over what its query can see, and the new keys/values land in their slots."""
+    generator = torch.Generator().manual_seed(2)
+    attention = _attention()
+    decode_len, prompt_len, prompt_new = 40, 50, 8
+    decode_table, prompt_table = _random_tables([decode_len, prompt_len], generator)
+    slot = lambda table, p: table[p // BLOCK] * BLOCK + p % BLOCK  # noqa: E731
+    # rows: the prompt chunk's 8 queries, then the decoding row
+    slot_mapping = [slot(prompt_table, p) for p in range(prompt_len - prompt_new, prompt_len)]
+    slot_mapping.append(slot(decode_table, decode_len - 1))
+    context_slots = torch.tensor([slot(prompt_table, p) for p in range(prompt_len)])
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slot_mapping),
+        single_query=SingleQueryRows(torch.tensor([prompt_new]), [decode_len], [decode_table], BLOCK, CPU),
+        prompts=[PromptSpan(0, prompt_new, prompt_len, context_slots)],
+    )
+    q = torch.randn(prompt_new + 1, HEADS, DIM, generator=generator)
+    k = torch.randn(prompt_new + 1, KV_HEADS, DIM, generator=generator)
+    v = torch.randn(prompt_new + 1, KV_HEADS, DIM, generator=generator)
+    out = attention(q, k, v, meta)
+    assert torch.equal(attention.k_cache[slot_mapping], k) and torch.equal(attention.v_cache[slot_mapping], v)
+    torch.testing.assert_close(out[-1:], _reference(attention, q[-1], decode_table, decode_len), atol=1e-5, rtol=1e-5)
+    for i in range(prompt_new):
+        position = prompt_len - prompt_new + i
+        expected = _reference(attention, q[i], prompt_table, position + 1)
+        torch.testing.assert_close(out[i:i + 1], expected, atol=1e-5, rtol=1e-5)
