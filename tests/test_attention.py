@@ -32,7 +32,7 @@ def _random_tables(context_lens: list[int], generator: torch.Generator) -> list[
 def _reference(attention: PagedAttention, q: torch.Tensor, table: list[int], context_len: int) -> torch.Tensor:
     """One query at the last position, attending its whole visible context in plain float64."""
     slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(context_len)])
-    keys, values = (cache[slots].double().transpose(0, 1) for cache in (attention.k_cache, attention.v_cache))
+    keys, values = (cache[:, slots].double() for cache in (attention.k_cache, attention.v_cache))
     first = 0 if attention.sliding_window is None else max(0, context_len - attention.sliding_window)
     out = F.scaled_dot_product_attention(q.double()[:, None], keys[:, first:], values[:, first:],
                                          scale=attention.scale, enable_gqa=True)
@@ -88,7 +88,8 @@ def test_mixed_step_writes_the_cache_and_attends_both_kinds():
     k = torch.randn(prompt_new + 1, KV_HEADS, DIM, generator=generator)
     v = torch.randn(prompt_new + 1, KV_HEADS, DIM, generator=generator)
     out = attention(q, k, v, meta)
-    assert torch.equal(attention.k_cache[slot_mapping], k) and torch.equal(attention.v_cache[slot_mapping], v)
+    assert torch.equal(attention.k_cache[:, slot_mapping], k.transpose(0, 1))
+    assert torch.equal(attention.v_cache[:, slot_mapping], v.transpose(0, 1))
     torch.testing.assert_close(out[-1:], _reference(attention, q[-1], decode_table, decode_len), atol=1e-5, rtol=1e-5)
     for i in range(prompt_new):
         position = prompt_len - prompt_new + i

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine_helpers import load_model, run_requests, tiny_engine
+from quill.layers.norm import RMSNorm
 from quill.optimize.evaluate import all_position_logits
 from quill.sampling_params import SamplingParams
 from quill.weights import load_checkpoint
@@ -60,3 +61,14 @@ def test_incremental_decode_matches_full_forward(reference_logits):
         logits = model(torch.tensor([PROMPT + generated])).logits[0]
     expected = logits[len(PROMPT) - 1:-1].argmax(-1).tolist()
     assert generated == expected
+
+
+@pytest.mark.parametrize("dim", [64, 256, 576, 640])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_the_reference_formula_exactly(dim, dtype):
+    """RMSNorm calls F.rms_norm for speed; it must round exactly as the spelled-out reference."""
+    norm = RMSNorm(dim, 1e-6)
+    norm.weight.data = torch.randn(dim).to(dtype)
+    x = (torch.randn(37, dim) * 5).to(dtype)
+    exact = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert torch.equal(norm(x), norm.weight * exact.to(dtype))

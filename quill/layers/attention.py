@@ -43,16 +43,22 @@ class SingleQueryRows:
     device: torch.device
     _keys: dict = field(default_factory=dict, repr=False)
 
-    def key_slots(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slots [rows, keys], hidden [rows, keys]): the cache slots to gather for every row and
-        which of them it must not attend. Rows start at the first block they can see (a sliding window
-        skips older ones) and are padded to a common length with their own last slot, which this
-        step has written, so that every gathered value is finite. Computed once per step and window."""
-        if window not in self._keys:
-            self._keys[window] = self._build(window)
-        return self._keys[window]
+    def key_rows(self, window: int | None, num_kv_heads: int, slots_per_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, hidden): the rows of a head-major cache viewed as [kv_heads * slots, dim] to
+        gather for every query row, in [row, kv_head, key] order (so that one index_select yields
+        the layout the matmuls want), and [rows, keys]: which keys each must not attend. Rows start
+        at the first block they can see (a sliding window skips older ones) and are padded to a
+        common length with their own last slot, which this step has written, so that every
+        gathered value is finite. Computed once per step and window: every layer shares them."""
+        key = (window, num_kv_heads, slots_per_head)
+        if key not in self._keys:
+            slots, hidden = self._slots(window)
+            heads = torch.arange(num_kv_heads, device=self.device)[None, :, None] * slots_per_head
+            self._keys[key] = (heads + slots[:, None, :]).flatten(), hidden
+        return self._keys[key]
 
-    def _build(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _slots(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots [rows, keys], hidden [rows, keys])."""
         size = self.block_size
         first_blocks = [0 if window is None else max(0, n - window) // size for n in self.context_lens]
         tables = [table[first:-(-n // size)]
@@ -87,19 +93,19 @@ class PagedAttention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)
 
     def bind_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Allocate [num_slots, kv_heads, head_dim] key and value caches: slot-major, so that
-        writing and gathering tokens moves whole rows. Uninitialised on purpose: attention only
-        reads slots already written (or masks them), and the untouched pages of a large budget
-        then cost no resident memory."""
-        shape = (num_slots, self.num_kv_heads, self.head_dim)
+        """Allocate [kv_heads, num_slots, head_dim] key and value caches. Head-major: gathering a
+        context as rows of the [kv_heads * num_slots, head_dim] view gives attention's layout with
+        no further copy. Uninitialised on purpose: attention only reads slots already written (or
+        masks them), and the untouched pages of a large budget then cost no resident memory."""
+        shape = (self.num_kv_heads, num_slots, self.head_dim)
         self.k_cache = torch.empty(shape, dtype=dtype, device=device)
         self.v_cache = torch.empty(shape, dtype=dtype, device=device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim], in the cache's dtype.
         Returns [tokens, heads * dim]."""
-        self.k_cache.index_copy_(0, meta.slot_mapping, k)
-        self.v_cache.index_copy_(0, meta.slot_mapping, v)
+        self.k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        self.v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         single = meta.single_query
         if single is not None and single.rows is None:  # a pure decode step
             return self._attend_single_queries(q, single)
@@ -111,32 +117,37 @@ class PagedAttention(nn.Module):
             out[rows] = self._attend_prompt(q[rows], k[rows], v[rows], span)
         return out
 
+    def _gather(self, cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return cache.view(-1, self.head_dim).index_select(0, rows)
+
     def _attend_single_queries(self, q: torch.Tensor, single: SingleQueryRows) -> torch.Tensor:
-        slots, hidden = single.key_slots(self.sliding_window)
-        rows, width = slots.shape
-        group = self.num_heads // self.num_kv_heads
-
-        def gather(cache: torch.Tensor) -> torch.Tensor:
-            """[rows, kv_heads, width, dim], contiguous: batched matmul over strided views picks
-            kernels by batch size, and rows would then depend on their neighbours."""
-            rows_major = cache.index_select(0, slots.flatten()).view(rows, width, self.num_kv_heads, self.head_dim)
-            return rows_major.transpose(1, 2).contiguous()
-
-        queries = (q * self.scale).view(rows, self.num_kv_heads, group, self.head_dim)
-        scores = torch.matmul(queries, gather(self.k_cache).transpose(-1, -2))  # [rows, kv_heads, group, width]
+        """Contiguous operands throughout: batched matmul over strided views picks kernels by
+        batch size, and rows would then depend on their neighbours."""
+        cache_rows, hidden = single.key_rows(self.sliding_window, self.num_kv_heads, self.k_cache.shape[1])
+        rows, width = hidden.shape
+        shape = (rows, self.num_kv_heads, width, self.head_dim)
+        keys, values = self._gather(self.k_cache, cache_rows).view(shape), self._gather(self.v_cache, cache_rows).view(shape)
+        queries = (q * self.scale).view(rows, self.num_kv_heads, -1, self.head_dim)
+        scores = torch.matmul(queries, keys.transpose(-1, -2))  # [rows, kv_heads, group, width]
         scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
-        out = torch.matmul(scores.softmax(dim=-1), gather(self.v_cache))  # [rows, kv_heads, group, dim]
+        out = torch.matmul(scores.softmax(dim=-1), values)  # [rows, kv_heads, group, dim]
         return out.view(rows, self.num_heads * self.head_dim)
 
     def _attend_prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PromptSpan) -> torch.Tensor:
         """The span's queries (the last of its context) together, through the fused kernel, which
         takes 4-D inputs (3-D ones fall back to a path about 3x slower for long prompts)."""
-        if span.context_slots is not None:
-            k, v = (cache.index_select(0, span.context_slots) for cache in (self.k_cache, self.v_cache))
         first_key = self._first_visible_key(span.num_queries, span.context_len)
-        q, k, v = (t.transpose(0, 1)[None] for t in (q, k[first_key:], v[first_key:]))
+        if span.context_slots is None:
+            k, v = (t[first_key:].transpose(0, 1) for t in (k, v))
+        else:
+            slots = span.context_slots[first_key:]
+            cache_rows = (torch.arange(self.num_kv_heads, device=slots.device)[:, None] * self.k_cache.shape[1]
+                          + slots).flatten()
+            shape = (self.num_kv_heads, len(slots), self.head_dim)
+            k, v = self._gather(self.k_cache, cache_rows).view(shape), self._gather(self.v_cache, cache_rows).view(shape)
         mask = self._mask(span.num_queries, span.context_len, first_key, q.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                             scale=self.scale, enable_gqa=True)
         return out[0].transpose(0, 1).reshape(span.num_queries, self.num_heads * self.head_dim)
 
     def _first_visible_key(self, query_len: int, context_len: int) -> int:
