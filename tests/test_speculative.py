@@ -14,6 +14,7 @@ from quill.engine.request import Request
 from quill.errors import ModelLoadError
 from quill.engine.sampler import sampling_probabilities
 from quill.sampling_params import SamplingParams
+from quill.speculative.drafter import Draft
 from quill.speculative.ngram import NgramDrafter
 from quill.speculative.verifier import accept_or_resample, verify
 
@@ -338,6 +339,51 @@ def test_stop_string_inside_an_accepted_run(llama):
     assert (final.text, final.finish_reason) == (expected.text, "stop") and stop not in final.text
     assert final.token_ids == expected.token_ids
     assert max(len(o.new_token_ids) for o in outputs) > 1
+
+
+class _FixedDrafter:
+    """Proposes as many tokens as it is allowed, and records what it was asked for."""
+
+    def __init__(self) -> None:
+        self.asked: dict[str, int] = {}
+
+    def propose(self, requests, max_lengths):
+        self.asked = {r.request_id: n for r, n in zip(requests, max_lengths)}
+        return [Draft([7] * n) for n in max_lengths]
+
+    def finish(self, request_id):
+        pass
+
+
+def _decoding(request_id: str, params: SamplingParams) -> Request:
+    request = Request(request_id, [1, 2, 3], params, torch.Generator())
+    request.num_computed_tokens = 2
+    return request
+
+
+def test_drafts_fill_the_row_blocks_the_step_pays_for():
+    """With row blocks of 4 and 3 decoding requests, only 1 draft row is free: greedy requests
+    share it (most often accepted first) unless they are confident; sampled ones are never trimmed,
+    so that their tokens do not depend on the batch."""
+    from quill.speculative.speculator import CONFIDENT, Speculator
+
+    drafter = _FixedDrafter()
+    speculator = Speculator(drafter, num_speculative_tokens=4, max_model_len=100, row_block=4)
+    greedy = SamplingParams(max_tokens=50, temperature=0)
+    low, high = _decoding("low", greedy), _decoding("high", greedy)
+    speculator._length(low).acceptance, speculator._length(high).acceptance = 0.2, 0.5
+    speculator.propose([low, high, _decoding("other", SamplingParams(max_tokens=50, temperature=0, speculative=False))])
+    assert drafter.asked == {"high": 1}
+
+    speculator._length(high).acceptance = CONFIDENT
+    sampled = _decoding("sampled", SamplingParams(max_tokens=50, temperature=1.0, seed=3))
+    speculator.propose([low, high, sampled])
+    # 3 decode rows + 4 + 4 confident/sampled drafts = 11: one row left in the third block
+    assert drafter.asked == {"low": 1, "high": 4, "sampled": 4}
+
+    speculator.row_block = None  # kernels that pay row by row: nothing is trimmed
+    speculator.propose([low, high, sampled])
+    assert drafter.asked == {"low": 4, "high": 4, "sampled": 4}
 
 
 def test_ngram_drafter_proposes_the_latest_continuation():

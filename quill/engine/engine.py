@@ -74,7 +74,8 @@ class Engine:
                                   dtype=dtype, device=device,
                                   batch_invariant=config.batch_invariant)
         self.speculator: Speculator | None = None if config.speculative is None else build_speculator(
-            config, model_config, tokenizer, num_blocks=num_blocks, max_model_len=self.max_model_len, device=device)
+            config, model_config, tokenizer, num_blocks=num_blocks, max_model_len=self.max_model_len, device=device,
+            row_block=self.runner.row_block)
         self.requests: dict[str, Request] = {}  # unfinished requests by internal id
         self._groups: dict[str, list[str]] = {}  # user-facing request id -> internal ids
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}

@@ -4,8 +4,8 @@ It owns the KV-cache tensors, flattens a scheduled batch into one forward pass (
 positions, cache slots), and returns logits only for the requests whose last known token was
 processed this step (a partial prefill chunk has nothing to sample yet). A request with scheduled
 draft tokens gets them appended to its input and one logits row per position from its last token
-on, for the verifier; its queries are attended one at a time so that every row is bit-identical
-to what plain one-token decoding would compute (see `quill.layers.attention`).
+on, for the verifier; each of its queries is attended as a decoding row of its own, so that every
+row is bit-identical to what plain one-token decoding would compute (see `quill.layers.attention`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from quill.config import ModelConfig
 from quill.engine.request import Request
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
 from quill.layers.linear import BATCH_INVARIANT_ROW_MULTIPLE, Linear
-from quill.layers.quantized import DENSE_MIN_ROWS, QuantizedLinear
+from quill.layers.quantized import DENSE_MIN_ROWS, KERNEL_ROW_BLOCK, QuantizedLinear
 
 
 def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -47,6 +47,9 @@ class ModelRunner:
             if isinstance(module, QuantizedLinear):  # switching kernels by batch size breaks invariance
                 module.dense_min_rows = None if batch_invariant else DENSE_MIN_ROWS
         self._block_offsets = torch.arange(block_size, device=device)
+        # A step's rows are paid for in blocks of this many (None: row by row, or nearly free).
+        quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
+        self.row_block: int | None = KERNEL_ROW_BLOCK if quantized else None
         if device.type == "cuda":
             # cuDNN's attention builds a graph per new shape, and every context length is a new
             # shape: 1.3 ms of CPU time per call on an H100. Flash/memory-efficient kernels need none.

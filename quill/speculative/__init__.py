@@ -5,8 +5,9 @@
 - `verifier.py`: greedy matching and rejection sampling over the target's logits;
 - `speculator.py`: what the engine talks to (propose, verify, adaptive draft length, stats).
 The scheduler schedules a request's drafts with its last token; the runner turns them into extra
-query rows (attended one at a time, so greedy output is bit-identical to plain decoding); the engine
-commits the verdict and rolls back the KV of rejected drafts (`KVCacheManager.trim`).
+query rows (each attended as a decoding row of its own, so greedy output is bit-identical to plain
+decoding); the engine commits the verdict and rolls back the KV of rejected drafts
+(`KVCacheManager.trim`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ __all__ = ["SpeculativeStats", "Speculator", "build_speculator"]
 
 
 def build_speculator(config: EngineConfig, model_config: ModelConfig, tokenizer, *, num_blocks: int,
-                     max_model_len: int, device: torch.device) -> Speculator:
+                     max_model_len: int, device: torch.device, row_block: int | None) -> Speculator:
     """The speculator `config.speculative` asks for: "ngram", or a draft model to load on the
     target's device (its KV cache gets as many blocks as the target's, enough to mirror every sequence)."""
     if config.speculative == "ngram":
@@ -32,4 +33,5 @@ def build_speculator(config: EngineConfig, model_config: ModelConfig, tokenizer,
             dtype=getattr(torch, config.dtype), device=device,
             batch_invariant=config.batch_invariant,
         )
-    return Speculator(drafter, config.num_speculative_tokens, max_model_len, adaptive=config.adaptive_speculation)
+    return Speculator(drafter, config.num_speculative_tokens, max_model_len, adaptive=config.adaptive_speculation,
+                      row_block=row_block)
