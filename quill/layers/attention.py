@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from quill.layers.module import InferenceModule
 
 
 @dataclass
@@ -83,7 +84,7 @@ class AttentionMetadata:
     prompts: list[PromptSpan]
 
 
-class PagedAttention(nn.Module):
+class PagedAttention(InferenceModule):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: int | None = None) -> None:
         super().__init__()

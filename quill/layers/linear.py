@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quill.layers.module import InferenceModule
+
 BATCH_INVARIANT_ROW_MULTIPLE = 4
 
 
-class Linear(nn.Linear):
+class Linear(InferenceModule, nn.Linear):
     row_multiple: int = 1  # set to BATCH_INVARIANT_ROW_MULTIPLE by the runner when invariance is on
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from quill.layers.linear import Linear
+from quill.layers.module import InferenceModule
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -13,7 +13,7 @@ ACTIVATIONS = {
 }
 
 
-class GatedMLP(nn.Module):
+class GatedMLP(InferenceModule):
     def __init__(self, hidden_size: int, intermediate_size: int, activation: str) -> None:
         super().__init__()
         self.intermediate_size = intermediate_size

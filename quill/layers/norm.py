@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quill.layers.module import InferenceModule
 
-class RMSNorm(nn.Module):
+
+class RMSNorm(InferenceModule):
     def __init__(self, dim: int, eps: float, *, weight_offset: float = 0.0) -> None:
         super().__init__()
         self.eps = eps

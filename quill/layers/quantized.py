@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quill.layers.module import InferenceModule
+
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 _INT4_BLOCK_N = 64  # the CPU packing interleaves output rows in blocks of 64 (see Int4Linear.dequantize)
 # Row count from which expanding to bf16 beats the int4 kernel (prefill-sized batches), measured
@@ -69,7 +71,7 @@ class QuantizedWeight:
                                "+".join(sources))
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(InferenceModule):
     """Shared plumbing: bias, and the bf16 expansion for big batches. Unlike dense GEMMs, the int4
     and int8 kernels compute each row the same way whatever the row count (tests pin it), so
     batch invariance needs no row padding here."""

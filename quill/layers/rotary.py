@@ -9,9 +9,9 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 
 from quill.errors import UnsupportedModelError
+from quill.layers.module import InferenceModule
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -46,7 +46,7 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Ten
     return torch.where(is_medium, smoothed, scaled)
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(InferenceModule):
     """cos/sin of position x frequency, computed for the positions at hand.
 
     No table by position: for a long context it would cost hundreds of MB (Gemma 3: 32k positions

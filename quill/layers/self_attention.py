@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from quill.config import ModelConfig
 from quill.layers.attention import AttentionMetadata, PagedAttention
 from quill.layers.linear import Linear
+from quill.layers.module import InferenceModule
 from quill.layers.norm import RMSNorm
 from quill.layers.rotary import RotaryEmbedding
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(InferenceModule):
     def __init__(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding,
                  *, qk_norm_offset: float | None = None) -> None:
         super().__init__()

@@ -10,6 +10,7 @@ from quill.layers.attention import AttentionMetadata
 from quill.layers.linear import Linear
 from quill.layers.logits import lm_head_logits
 from quill.layers.mlp import GatedMLP
+from quill.layers.module import InferenceModule
 from quill.layers.norm import RMSNorm
 from quill.layers.rotary import RotaryEmbedding
 from quill.layers.self_attention import SelfAttention
@@ -17,7 +18,7 @@ from quill.layers.self_attention import SelfAttention
 GEMMA_NORM_OFFSET = 1.0  # Gemma norms scale by (1 + weight)
 
 
-class Gemma3DecoderLayer(nn.Module):
+class Gemma3DecoderLayer(InferenceModule):
     def __init__(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         hidden, eps = config.hidden_size, config.rms_norm_eps

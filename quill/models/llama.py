@@ -9,12 +9,13 @@ from quill.layers.attention import AttentionMetadata
 from quill.layers.linear import Linear
 from quill.layers.logits import lm_head_logits
 from quill.layers.mlp import GatedMLP
+from quill.layers.module import InferenceModule
 from quill.layers.norm import RMSNorm
 from quill.layers.rotary import RotaryEmbedding
 from quill.layers.self_attention import SelfAttention
 
 
-class LlamaDecoderLayer(nn.Module):
+class LlamaDecoderLayer(InferenceModule):
     def __init__(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.self_attn = SelfAttention(config, layer_index, rotary)
