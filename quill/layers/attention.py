@@ -118,16 +118,17 @@ class PagedAttention(InferenceModule):
             out[rows] = self._attend_prompt(q[rows], k[rows], v[rows], span)
         return out
 
-    def _gather(self, cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return cache.view(-1, self.head_dim).index_select(0, rows)
+    def _gather(self, rows: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at `rows` of the caches viewed as [kv_heads * slots, dim], as `shape`."""
+        return tuple(cache.view(-1, self.head_dim).index_select(0, rows).view(shape)
+                     for cache in (self.k_cache, self.v_cache))
 
     def _attend_single_queries(self, q: torch.Tensor, single: SingleQueryRows) -> torch.Tensor:
         """Contiguous operands throughout: batched matmul over strided views picks kernels by
         batch size, and rows would then depend on their neighbours."""
         cache_rows, hidden = single.key_rows(self.sliding_window, self.num_kv_heads, self.k_cache.shape[1])
         rows, width = hidden.shape
-        shape = (rows, self.num_kv_heads, width, self.head_dim)
-        keys, values = self._gather(self.k_cache, cache_rows).view(shape), self._gather(self.v_cache, cache_rows).view(shape)
+        keys, values = self._gather(cache_rows, (rows, self.num_kv_heads, width, self.head_dim))
         queries = (q * self.scale).view(rows, self.num_kv_heads, -1, self.head_dim)
         scores = torch.matmul(queries, keys.transpose(-1, -2))  # [rows, kv_heads, group, width]
         scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
@@ -142,10 +143,8 @@ class PagedAttention(InferenceModule):
             k, v = (t[first_key:].transpose(0, 1) for t in (k, v))
         else:
             slots = span.context_slots[first_key:]
-            cache_rows = (torch.arange(self.num_kv_heads, device=slots.device)[:, None] * self.k_cache.shape[1]
-                          + slots).flatten()
-            shape = (self.num_kv_heads, len(slots), self.head_dim)
-            k, v = self._gather(self.k_cache, cache_rows).view(shape), self._gather(self.v_cache, cache_rows).view(shape)
+            heads = torch.arange(self.num_kv_heads, device=slots.device)[:, None] * self.k_cache.shape[1]
+            k, v = self._gather((heads + slots).flatten(), (self.num_kv_heads, len(slots), self.head_dim))
         mask = self._mask(span.num_queries, span.context_len, first_key, q.device)
         out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
                                              scale=self.scale, enable_gqa=True)
