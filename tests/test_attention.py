@@ -95,3 +95,20 @@ def test_mixed_step_writes_the_cache_and_attends_both_kinds():
         position = prompt_len - prompt_new + i
         expected = _reference(attention, q[i], prompt_table, position + 1)
         torch.testing.assert_close(out[i:i + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 64, 20])  # 20: the window cuts into the prompt (explicit mask)
+def test_fresh_prompt_matches_plain_attention(window):
+    generator = torch.Generator().manual_seed(3)
+    attention = _attention(window)
+    length = 40
+    (table,) = _random_tables([length], generator)
+    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)])
+    q = torch.randn(length, HEADS, DIM, generator=generator)
+    k = torch.randn(length, KV_HEADS, DIM, generator=generator)
+    v = torch.randn(length, KV_HEADS, DIM, generator=generator)
+    meta = AttentionMetadata(slot_mapping=slots, single_query=None,
+                             prompts=[PromptSpan(0, length, length, context_slots=None)])
+    out = attention(q, k, v, meta)
+    for i in range(length):
+        torch.testing.assert_close(out[i:i + 1], _reference(attention, q[i], table, i + 1), atol=1e-5, rtol=1e-5)
