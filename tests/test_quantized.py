@@ -14,7 +14,8 @@ from quill.optimize.evaluate import all_position_logits
 from quill.engine.engine import Engine
 from quill.config import EngineConfig
 from quill.layers.linear import Linear
-from quill.layers.quantized import Int4Linear, Int8Linear, QuantizedWeight, quantize_per_channel_int8, quantized_linear
+from quill.layers.quantized import (Int4Linear, Int8Linear, QuantizedWeight, dense_rows_from,
+                                   quantize_per_channel_int8, quantized_linear)
 from quill.models import build_model
 from quill.sampling_params import SamplingParams
 from quill.weights import load_checkpoint
@@ -107,13 +108,19 @@ def test_quantized_rows_do_not_depend_on_the_batch(kind):
     assert torch.equal(layer(x[5:9]), alone[5:9])
 
 
-def test_big_batches_can_take_the_dense_path():
+def test_rows_can_take_the_bf16_path():
     layer = Int4Linear(_random_weight(256, 512, 4, 32), bias=torch.randn(256))
-    x = torch.randn(8, 512)
+    x = torch.randn(11, 512)
     kernel = layer(x)
-    layer.dense_min_rows = 8
-    dense = layer(x)
+    with dense_rows_from(0):
+        dense = layer(x)
+    with dense_rows_from(5):
+        split = layer(x)
     torch.testing.assert_close(dense, kernel, atol=5e-2 * kernel.abs().max().item(), rtol=0)
+    assert torch.equal(split[:5], kernel[:5]) and not torch.equal(split[5:], kernel[5:])
+    # bf16 rows do not depend on how many others share the matmul, either
+    with dense_rows_from(0):
+        assert torch.equal(torch.cat([layer(x[i:i + 1]) for i in range(len(x))]), dense)
 
 
 # --- whole models --------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from quill.optimize.evaluate import all_position_logits
 from quill import LLM, SamplingParams
-from quill.layers.quantized import Int4Linear
+from quill.layers.quantized import DENSE_MIN_ROWS, Int4Linear
 from quill.models import build_model
 from quill.tokenizer import load_tokenizer
 from quill.weights import load_checkpoint
@@ -78,25 +78,48 @@ def test_streaming_matches_generate(smollm2):
     assert smollm2.engine.kv_cache.num_free_blocks == smollm2.engine.kv_cache.num_blocks
 
 
+def _assert_batch_invariant(llm: LLM, prompts: list[list[int]]) -> None:
+    """Each prompt's greedy tokens, and their log-probabilities to the last bit (so every row's
+    logits), are the same alone and when the prompts arrive one step apart."""
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
+
+    def result(output) -> tuple[list[int], list[float]]:
+        return output.token_ids, [record.logprob for record in output.logprobs]
+
+    alone = [result(llm.generate(p, params)[0]) for p in prompts]
+    engine = llm.engine
+    ids = {}
+    finished = {}
+
+    def collect(outputs) -> None:
+        for output in outputs:
+            if output.finished:
+                finished[ids[output.request_id]] = result(output)
+
+    for step, prompt in enumerate(prompts):
+        ids[engine.add_request(prompt, params)] = step
+        collect(engine.step())
+    while engine.has_unfinished():
+        collect(engine.step())
+    assert [finished[i] for i in range(len(prompts))] == alone
+
+
 def test_greedy_output_does_not_depend_on_the_batch(smollm2):
     """The bug users report from other engines: temperature-0 answers that change with load.
     Runs in the default dtype (bfloat16), with mixed lengths and staggered arrivals."""
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
-    prompts = [smollm2.tokenizer.encode(p) for p in PARITY_PROMPTS + ["Hi", "List five fruits:" * 3]]
-    alone = [smollm2.generate(p, params)[0].token_ids for p in prompts]
-    engine = smollm2.engine
-    ids = {}
-    finished = {}
-    for step, prompt in enumerate(prompts):
-        ids[engine.add_request(prompt, params)] = step
-        for output in engine.step():
-            if output.finished:
-                finished[ids[output.request_id]] = output.token_ids
-    while engine.has_unfinished():
-        for output in engine.step():
-            if output.finished:
-                finished[ids[output.request_id]] = output.token_ids
-    assert [finished[i] for i in range(len(prompts))] == alone
+    _assert_batch_invariant(smollm2, [smollm2.tokenizer.encode(p)
+                                      for p in PARITY_PROMPTS + ["Hi", "List five fruits:" * 3]])
+
+
+def test_long_prompts_prefill_through_bf16_without_breaking_invariance(smollm2_gguf):
+    """Prompts of DENSE_MIN_ROWS tokens or more prefill through bf16 weights, next to rows that
+    decode through the int4 kernel: still the same tokens alone and in company. (No prefix cache,
+    so that the runs alone do not turn the batched run's prompts into cache hits.)"""
+    llm = LLM(smollm2_gguf, enable_prefix_caching=False)
+    long_prompts = [llm.tokenizer.encode(f"{i}. {PARITY_TEXT * 5}") for i in range(2)]
+    assert all(len(p) >= DENSE_MIN_ROWS for p in long_prompts)
+    short = [llm.tokenizer.encode(p) for p in PARITY_PROMPTS[:2]]
+    _assert_batch_invariant(llm, [short[0], long_prompts[0], short[1], long_prompts[1]])
 
 
 def test_bad_prompts_are_clear_errors(smollm2):

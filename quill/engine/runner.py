@@ -6,6 +6,8 @@ processed this step (a partial prefill chunk has nothing to sample yet). A reque
 draft tokens gets them appended to its input and one logits row per position from its last token
 on, for the verifier; each of its queries is attended as a decoding row of its own, so that every
 row is bit-identical to what plain one-token decoding would compute (see `quill.layers.attention`).
+With quantized weights, the prompt rows of long prompts go last in the batch and through bf16
+weights, all other rows through the quantized kernel (see `_prefills_in_bf16`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from quill.config import ModelConfig
 from quill.engine.request import Request
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
 from quill.layers.linear import BATCH_INVARIANT_ROW_MULTIPLE, Linear
-from quill.layers.quantized import DENSE_MIN_ROWS, KERNEL_ROW_BLOCK, QuantizedLinear
+from quill.layers.quantized import DENSE_MIN_ROWS, KERNEL_ROW_BLOCK, QuantizedLinear, dense_rows_from
 
 
 def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -44,12 +46,11 @@ class ModelRunner:
                 module.bind_cache(num_slots, cache_dtype, device)
             if isinstance(module, Linear):
                 module.row_multiple = BATCH_INVARIANT_ROW_MULTIPLE if batch_invariant else 1
-            if isinstance(module, QuantizedLinear):  # switching kernels by batch size breaks invariance
-                module.dense_min_rows = None if batch_invariant else DENSE_MIN_ROWS
+        self.batch_invariant = batch_invariant
         self._block_offsets = torch.arange(block_size, device=device)
+        self.quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
         # A step's rows are paid for in blocks of this many (None: row by row, or nearly free).
-        quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
-        self.row_block: int | None = KERNEL_ROW_BLOCK if quantized else None
+        self.row_block: int | None = KERNEL_ROW_BLOCK if self.quantized else None
         if device.type == "cuda":
             # cuDNN's attention builds a graph per new shape, and every context length is a new
             # shape: 1.3 ms of CPU time per call on an H100. Flash/memory-efficient kernels need none.
@@ -59,6 +60,21 @@ class ModelRunner:
         """Cache slots of the request's first `num_tokens` positions."""
         blocks = torch.tensor(request.block_ids[:-(-num_tokens // self.block_size)], device=self.device)
         return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:num_tokens]
+
+    def _prefills_in_bf16(self, request: Request) -> bool:
+        """Whether this step's rows of the request go through bf16 weights rather than the
+        quantized kernel: the prompt rows of a long prompt. It depends on the request alone, never
+        on the batch (or on how the prompt is chunked), so greedy output stays batch-invariant."""
+        return (self.quantized and self.batch_invariant and request.num_prompt_tokens >= DENSE_MIN_ROWS
+                and request.num_computed_tokens < request.num_prompt_tokens)
+
+    def _dense_rows_start(self, num_rows: int, first_bf16_row: int | None) -> int | None:
+        """The first row of the step that quantized layers multiply in bf16 (None: none)."""
+        if not self.quantized:
+            return None
+        if self.batch_invariant:
+            return first_bf16_row
+        return 0 if num_rows >= DENSE_MIN_ROWS else None  # the whole step, by its size
 
     def _slot(self, request: Request, position: int) -> int:
         return request.block_ids[position // self.block_size] * self.block_size + position % self.block_size
@@ -77,7 +93,13 @@ class ModelRunner:
         sample_rows: list[int] = []
         to_sample: list[Request] = []
         row = 0
-        for request, num_new in zip(requests, num_new_tokens):
+        first_bf16_row = None
+        # Requests prefilling through bf16 weights go last, so that their rows form one tail.
+        in_bf16 = [self._prefills_in_bf16(request) for request in requests]
+        for i in sorted(range(len(requests)), key=in_bf16.__getitem__):
+            request, num_new = requests[i], num_new_tokens[i]
+            if in_bf16[i] and first_bf16_row is None:
+                first_bf16_row = row
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
             num_drafts = max(0, end - request.num_tokens)  # the scheduler schedules all drafts or none
             token_ids.extend(request.token_ids[start:end])
@@ -101,7 +123,8 @@ class ModelRunner:
             single = SingleQueryRows(rows, single_context_lens, single_tables, self.block_size, self.device)
         meta = AttentionMetadata(torch.tensor(slot_mapping, device=self.device), single, prompts)
         input_ids = torch.tensor(token_ids, device=self.device)
-        hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta)
+        with dense_rows_from(self._dense_rows_start(row, first_bf16_row)):
+            hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta)
         if not to_sample:
             return [], hidden.new_empty((0, 0))
         # The sampler works on the CPU: per-request Python logic over a few rows of logits.

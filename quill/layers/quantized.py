@@ -3,9 +3,11 @@
 On a CPU, decoding is limited by the bytes of weights read per token, so a 4-bit weight read
 through PyTorch's int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations) is several times
 faster than a float one for a few rows. For many rows (a long prefill) the kernel is compute
-bound and slower than bf16 on AMX; there the layer can expand its weight to bf16 for that call
-instead (`dense_min_rows`). Expanding depends on the row count, so it is off whenever batch
-invariance is on (see `linear.py`): the same row must meet the same kernel in every batch.
+bound and slower than a bf16 matmul; there the layer expands its weight to bf16 for that call
+instead, for the rows from `dense_rows_from(start)` on. The runner decides which rows those are:
+the prompt rows of long prompts, whatever else is in the batch (a decision that depends only on
+the request keeps greedy output batch-invariant; see `linear.py`), or, with batch invariance off,
+every row of a step that has many.
 
 `QuantizedWeight` is the one format every reader produces: unsigned integer codes with a scale
 and an offset per group of consecutive input columns. GGUF's Q4_0/Q4_1/Q4_K blocks and
@@ -13,19 +15,36 @@ and an offset per group of consecutive input columns. GGUF's Q4_0/Q4_1/Q4_K bloc
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quill.layers.linear import BATCH_INVARIANT_ROW_MULTIPLE
 from quill.layers.module import InferenceModule
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 _INT4_BLOCK_N = 64  # the CPU packing interleaves output rows in blocks of 64 (see Int4Linear.dequantize)
 # Row count from which expanding to bf16 beats the int4 kernel (prefill-sized batches), measured
-# on this machine: the kernel costs ~5 us a row for a 576x1536 weight, expanding ~0.6 ms once.
+# on this machine: the kernel costs ~5 us a row for a 576x1536 weight, expanding ~0.5 ms once.
 DENSE_MIN_ROWS = 192
+_dense_from: ContextVar[int | None] = ContextVar("dense_from", default=None)
+
+
+@contextmanager
+def dense_rows_from(start: int | None) -> Iterator[None]:
+    """Within this block, quantized layers multiply rows `start:` through their weight expanded to
+    bf16 (None: no row), and the rows before it through their kernel."""
+    token = _dense_from.set(start)
+    try:
+        yield
+    finally:
+        _dense_from.reset(token)
+
 # Both kernels work through rows in blocks of 4: 5 to 8 rows cost what 8 do (measured for every
 # SmolLM2 matrix: qkv 19 us for 4 rows, 32 us for 5). Speculative decoding plans its extra rows
 # around it.
@@ -72,11 +91,10 @@ class QuantizedWeight:
 
 
 class QuantizedLinear(InferenceModule):
-    """Shared plumbing: bias, and the bf16 expansion for big batches. Unlike dense GEMMs, the int4
-    and int8 kernels compute each row the same way whatever the row count (tests pin it), so
-    batch invariance needs no row padding here."""
-
-    dense_min_rows: int | None = None  # set by the runner when batch invariance is off
+    """Shared plumbing: bias, and the bf16 expansion for prefill-sized rows. The int4 and int8
+    kernels compute each row the same way whatever the row count, and so does the bf16 matmul for
+    row counts that are multiples of 4 (tests pin both): batch invariance holds for each row as
+    long as the same kernel takes it."""
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -84,11 +102,23 @@ class QuantizedLinear(InferenceModule):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.dense_min_rows is not None and rows >= self.dense_min_rows:
-            return F.linear(x, self.dequantize(x.dtype), self.bias)
-        y = self._matmul(x.to(torch.bfloat16)).to(x.dtype)
+        start = _dense_from.get()
+        if start is None or start >= x.shape[0]:
+            y = self._kernel(x)
+        elif start == 0:
+            y = self._dense(x)
+        else:
+            y = torch.cat([self._kernel(x[:start]), self._dense(x[start:])])
         return y if self.bias is None else y + self.bias
+
+    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x.to(torch.bfloat16)).to(x.dtype)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        pad = -rows % BATCH_INVARIANT_ROW_MULTIPLE
+        padded = F.pad(x, (0, 0, 0, pad)) if pad else x
+        return F.linear(padded, self.dequantize(x.dtype))[:rows]
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
