@@ -217,3 +217,24 @@ def test_native_quantized_greedy_output_matches_the_dequantized_path(gguf_fixtur
             first = next(i for i, (a, b) in enumerate(zip(ours.token_ids, expected.token_ids)) if a != b)
             (_, best), (_, second) = expected.logprobs[first].top[:2]
             assert best - second < QUANTIZATION_TIE, f"{prompt!r}: diverged at token {first}, margin {best - second:.3f}"
+
+
+def test_only_prompts_computed_at_length_take_the_bf16_path(smollm2):
+    """Expanding the weights pays for long prompts only: a long prompt mostly served from the
+    prefix cache computes its few remaining rows through the int4 kernel."""
+    engine = smollm2.engine
+    shared = smollm2.tokenizer.encode(PARITY_TEXT * 6)[:DENSE_MIN_ROWS + 64]
+    smollm2.generate(shared, SamplingParams(max_tokens=1))  # its blocks now sit in the prefix cache
+
+    def scheduled(prompt: list[int]):
+        request_id = engine.add_request(prompt, SamplingParams(max_tokens=1))
+        (request,) = engine.scheduler.schedule().requests
+        return request_id, request
+
+    for prompt, in_bf16 in ((shared + smollm2.tokenizer.encode(" And then?"), False),
+                            (smollm2.tokenizer.encode("Unrelated. " + PARITY_TEXT * 6), True)):
+        request_id, request = scheduled(prompt)
+        assert engine.runner._prefills_in_bf16(request) == in_bf16
+        assert (request.metrics.num_cached_prompt_tokens >= DENSE_MIN_ROWS) != in_bf16
+        engine.abort(request_id)
+    assert not engine.has_unfinished() and engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks

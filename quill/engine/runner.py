@@ -63,9 +63,12 @@ class ModelRunner:
 
     def _prefills_in_bf16(self, request: Request) -> bool:
         """Whether this step's rows of the request go through bf16 weights rather than the
-        quantized kernel: the prompt rows of a long prompt. It depends on the request alone, never
-        on the batch (or on how the prompt is chunked), so greedy output stays batch-invariant."""
-        return (self.quantized and self.batch_invariant and request.num_prompt_tokens >= DENSE_MIN_ROWS
+        quantized kernel: the prompt rows of a request that computes a long prompt itself (not
+        served from the prefix cache; expanding the weights costs as much as ~190 rows through
+        the kernel). It depends on the request alone, never on the batch or on how the prompt is
+        chunked, so greedy output stays batch-invariant."""
+        num_to_compute = request.num_prompt_tokens - request.metrics.num_cached_prompt_tokens
+        return (self.quantized and self.batch_invariant and num_to_compute >= DENSE_MIN_ROWS
                 and request.num_computed_tokens < request.num_prompt_tokens)
 
     def _dense_rows_start(self, num_rows: int, first_bf16_row: int | None) -> int | None:
