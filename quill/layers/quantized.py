@@ -32,6 +32,11 @@ _INT4_BLOCK_N = 64  # the CPU packing interleaves output rows in blocks of 64 (s
 # Row count from which expanding to bf16 beats the int4 kernel (prefill-sized batches), measured
 # on this machine: the kernel costs ~5 us a row for a 576x1536 weight, expanding ~0.5 ms once.
 DENSE_MIN_ROWS = 192
+# Both kernels work through rows in blocks of 4: 5 to 8 rows cost what 8 do (measured for every
+# SmolLM2 matrix: qkv 19 us for 4 rows, 32 us for 5). Speculative decoding plans its extra rows
+# around it.
+KERNEL_ROW_BLOCK = 4
+
 _dense_from: ContextVar[int | None] = ContextVar("dense_from", default=None)
 
 
@@ -44,11 +49,6 @@ def dense_rows_from(start: int | None) -> Iterator[None]:
         yield
     finally:
         _dense_from.reset(token)
-
-# Both kernels work through rows in blocks of 4: 5 to 8 rows cost what 8 do (measured for every
-# SmolLM2 matrix: qkv 19 us for 4 rows, 32 us for 5). Speculative decoding plans its extra rows
-# around it.
-KERNEL_ROW_BLOCK = 4
 
 
 @dataclass
