@@ -173,9 +173,10 @@ def _model_options() -> argparse.ArgumentParser:
                          help="expand quantized GGUF weights to --dtype at load instead of running Q4_0/Q4_1/Q4_K "
                               "and int4/int8 weights natively (more memory, slower decoding; the reference path)")
     options.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
-                         help="make greedy output independent of what else is in the batch (default: on). "
-                              "Off, quantized layers may switch to bf16 for big batches: faster prefill "
-                              "(SmolLM2 Q4_1, 512 tokens: 1506 vs 1081 tokens/s)")
+                         help="make greedy output independent of what else is in the batch (default: on; "
+                              "long prompts still prefill through bf16 weights). Off, quantized layers also "
+                              "switch to bf16 for any step of 192 rows or more, such as many short prompts "
+                              "arriving together")
     options.add_argument("--max-model-len", type=int, metavar="N",
                          help="context length limit (default: the model's own)")
     options.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",

@@ -33,6 +33,15 @@ class PromptSpan:
     context_slots: torch.Tensor | None
 
 
+def head_major_rows(slots: torch.Tensor, num_kv_heads: int, slots_per_head: int, head_dim: int) -> torch.Tensor:
+    """Rows of a [kv_heads, slots, dim] cache viewed as [kv_heads * slots, dim] that hold `slots`
+    for every kv head, flattened; the heads vary along `slots`' (size-1) dimension `head_dim`."""
+    shape = [1] * slots.dim()
+    shape[head_dim] = num_kv_heads
+    heads = torch.arange(num_kv_heads, device=slots.device).view(shape) * slots_per_head
+    return (heads + slots).flatten()
+
+
 @dataclass
 class SingleQueryRows:
     """Rows that each attend one query to a context of their own."""
@@ -54,8 +63,7 @@ class SingleQueryRows:
         key = (window, num_kv_heads, slots_per_head)
         if key not in self._keys:
             slots, hidden = self._slots(window)
-            heads = torch.arange(num_kv_heads, device=self.device)[None, :, None] * slots_per_head
-            self._keys[key] = (heads + slots[:, None, :]).flatten(), hidden
+            self._keys[key] = head_major_rows(slots[:, None, :], num_kv_heads, slots_per_head, head_dim=-2), hidden
         return self._keys[key]
 
     def _slots(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,8 +151,8 @@ class PagedAttention(InferenceModule):
             k, v = (t[first_key:].transpose(0, 1) for t in (k, v))
         else:
             slots = span.context_slots[first_key:]
-            heads = torch.arange(self.num_kv_heads, device=slots.device)[:, None] * self.k_cache.shape[1]
-            k, v = self._gather((heads + slots).flatten(), (self.num_kv_heads, len(slots), self.head_dim))
+            rows = head_major_rows(slots[None, :], self.num_kv_heads, self.k_cache.shape[1], head_dim=0)
+            k, v = self._gather(rows, (self.num_kv_heads, len(slots), self.head_dim))
         # A whole prompt within the window is plainly causal: the kernel then needs no mask (same
         # results, measured bit-identical, and no [queries, keys] mask to build in every layer).
         plain_causal = span.context_slots is None and (self.sliding_window is None
