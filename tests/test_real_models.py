@@ -7,7 +7,8 @@ import torch
 
 from quill.optimize.evaluate import all_position_logits
 from quill import LLM, SamplingParams
-from quill.layers.quantized import DENSE_MIN_ROWS, Int4Linear
+from quill.engine.runner import PREFILL_IN_BF16_MIN_TOKENS
+from quill.layers.quantized import Int4Linear
 from quill.models import build_model
 from quill.tokenizer import load_tokenizer
 from quill.weights import load_checkpoint
@@ -112,13 +113,14 @@ def test_greedy_output_does_not_depend_on_the_batch(smollm2):
 
 
 def test_long_prompts_prefill_through_bf16_without_breaking_invariance(smollm2_gguf):
-    """Prompts of DENSE_MIN_ROWS tokens or more prefill through bf16 weights, next to rows that
+    """Prompts of PREFILL_IN_BF16_MIN_TOKENS tokens or more prefill through bf16 weights, next to rows that
     decode through the int4 kernel: still the same tokens alone and in company. (No prefix cache,
     so that the runs alone do not turn the batched run's prompts into cache hits.)"""
     llm = LLM(smollm2_gguf, enable_prefix_caching=False)
     long_prompts = [llm.tokenizer.encode(f"{i}. {PARITY_TEXT * 5}") for i in range(2)]
-    assert all(len(p) >= DENSE_MIN_ROWS for p in long_prompts)
+    assert all(len(p) >= PREFILL_IN_BF16_MIN_TOKENS for p in long_prompts)
     short = [llm.tokenizer.encode(p) for p in PARITY_PROMPTS[:2]]
+    assert all(len(p) < PREFILL_IN_BF16_MIN_TOKENS for p in short)
     _assert_batch_invariant(llm, [short[0], long_prompts[0], short[1], long_prompts[1]])
 
 
@@ -223,7 +225,7 @@ def test_only_prompts_computed_at_length_take_the_bf16_path(smollm2):
     """Expanding the weights pays for long prompts only: a long prompt mostly served from the
     prefix cache computes its few remaining rows through the int4 kernel."""
     engine = smollm2.engine
-    shared = smollm2.tokenizer.encode(PARITY_TEXT * 6)[:DENSE_MIN_ROWS + 64]
+    shared = smollm2.tokenizer.encode(PARITY_TEXT * 6)[:PREFILL_IN_BF16_MIN_TOKENS + 64]
     smollm2.generate(shared, SamplingParams(max_tokens=1))  # its blocks now sit in the prefix cache
 
     def scheduled(prompt: list[int]):
@@ -235,6 +237,6 @@ def test_only_prompts_computed_at_length_take_the_bf16_path(smollm2):
                             (smollm2.tokenizer.encode("Unrelated. " + PARITY_TEXT * 6), True)):
         request_id, request = scheduled(prompt)
         assert engine.runner._prefills_in_bf16(request) == in_bf16
-        assert (request.metrics.num_cached_prompt_tokens >= DENSE_MIN_ROWS) != in_bf16
+        assert (request.metrics.num_cached_prompt_tokens >= PREFILL_IN_BF16_MIN_TOKENS) != in_bf16
         engine.abort(request_id)
     assert not engine.has_unfinished() and engine.kv_cache.num_free_blocks == engine.kv_cache.num_blocks
