@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from quill.layers.linear import Linear
-from quill.layers.logits import int8_lm_head, lm_head_logits
+from quill.layers.logits import BF16_HEAD_MIN_ROWS, int8_lm_head, lm_head_logits
 
 
 def test_tokens_near_the_maximum_get_exact_float32_logits():
@@ -52,3 +52,23 @@ def test_int8_head_of_a_float32_model_is_refined_too():
     exact = hidden @ weight.T
     assert not torch.equal(head(hidden).float().argmax(-1), exact.argmax(-1))
     assert torch.equal(lm_head_logits(head, hidden).argmax(-1), exact.argmax(-1))
+
+
+def test_argmax_only_rows_read_the_float_head_and_still_get_its_maximum():
+    torch.manual_seed(3)
+    vocab, hidden_size = 4000, 128
+    weight = (torch.randn(vocab, hidden_size) * 0.05).to(torch.bfloat16)
+    weight[1::2] = weight[0::2]  # near-ties that bf16 rounding decides
+    weight[1::2, 0] += weight[1::2, 0].abs() * 2 ** -7
+    head = int8_lm_head(weight)
+    hidden = (torch.randn(4 * BF16_HEAD_MIN_ROWS, hidden_size) * 2).to(torch.bfloat16)
+    exact = hidden.float() @ weight.float().T
+    assert not torch.equal((hidden @ weight.T).float().argmax(-1), exact.argmax(-1))
+
+    through_int8 = lm_head_logits(head, hidden)
+    through_bf16 = lm_head_logits(head, hidden, argmax_only=True)
+    assert not torch.equal(through_bf16, through_int8)  # the other matmul ran
+    assert torch.equal(through_bf16.argmax(-1), exact.argmax(-1))
+    assert torch.equal(through_int8.argmax(-1), exact.argmax(-1))
+    few = BF16_HEAD_MIN_ROWS - 1  # below the threshold the int8 kernel stays
+    assert torch.equal(lm_head_logits(head, hidden[:few], argmax_only=True), through_int8[:few])

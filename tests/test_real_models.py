@@ -8,6 +8,7 @@ import torch
 from quill.optimize.evaluate import all_position_logits
 from quill import LLM, SamplingParams
 from quill.engine.runner import PREFILL_IN_BF16_MIN_TOKENS
+from quill.layers.logits import BF16_HEAD_MIN_ROWS
 from quill.layers.quantized import Int4Linear
 from quill.models import build_model
 from quill.tokenizer import load_tokenizer
@@ -79,13 +80,13 @@ def test_streaming_matches_generate(smollm2):
     assert smollm2.engine.kv_cache.num_free_blocks == smollm2.engine.kv_cache.num_blocks
 
 
-def _assert_batch_invariant(llm: LLM, prompts: list[list[int]]) -> None:
-    """Each prompt's greedy tokens, and their log-probabilities to the last bit (so every row's
-    logits), are the same alone and when the prompts arrive one step apart."""
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1)
+def _assert_batch_invariant(llm: LLM, prompts: list[list[int]], *, logprobs: bool = True) -> None:
+    """Each prompt's greedy tokens, and (with `logprobs`) their log-probabilities to the last bit
+    (so every row's logits), are the same alone and when the prompts arrive one step apart."""
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=1 if logprobs else None)
 
     def result(output) -> tuple[list[int], list[float]]:
-        return output.token_ids, [record.logprob for record in output.logprobs]
+        return output.token_ids, [record.logprob for record in output.logprobs or []]
 
     alone = [result(llm.generate(p, params)[0]) for p in prompts]
     engine = llm.engine
@@ -122,6 +123,25 @@ def test_long_prompts_prefill_through_bf16_without_breaking_invariance(smollm2_g
     short = [llm.tokenizer.encode(p) for p in PARITY_PROMPTS[:2]]
     assert all(len(p) < PREFILL_IN_BF16_MIN_TOKENS for p in short)
     _assert_batch_invariant(llm, [short[0], long_prompts[0], short[1], long_prompts[1]])
+
+
+def test_greedy_batches_read_the_head_in_bf16_and_keep_their_tokens(smollm2, monkeypatch):
+    """Steps that sample BF16_HEAD_MIN_ROWS greedy rows or more (no logprobs) read the float head
+    through a bf16 matmul instead of the int8 kernel; every prompt's tokens stay those it gets alone."""
+    head = smollm2.engine.runner.model.lm_head
+    bf16_head_rows = []
+    linear = torch.nn.functional.linear
+
+    def counting_linear(x, weight, *args):
+        if weight is head.exact_weight:
+            bf16_head_rows.append(x.shape[0])
+        return linear(x, weight, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    prompts = [smollm2.tokenizer.encode(f"{i} {p}") for i in range(3) for p in PARITY_PROMPTS + ["Hi"]]
+    assert len(prompts) > BF16_HEAD_MIN_ROWS
+    _assert_batch_invariant(smollm2, prompts, logprobs=False)
+    assert bf16_head_rows and min(bf16_head_rows) >= BF16_HEAD_MIN_ROWS
 
 
 def test_bad_prompts_are_clear_errors(smollm2):

@@ -16,6 +16,7 @@ from torch import nn
 
 from quill.config import ModelConfig
 from quill.engine.request import Request
+from quill.engine.sampler import uses_only_argmax
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
 from quill.layers.linear import BATCH_INVARIANT_ROW_MULTIPLE, Linear
 from quill.layers.quantized import DENSE_MIN_ROWS, KERNEL_ROW_BLOCK, QuantizedLinear, dense_rows_from
@@ -137,5 +138,6 @@ class ModelRunner:
             hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta)
         if not to_sample:
             return [], hidden.new_empty((0, 0))
+        argmax_only = all(map(uses_only_argmax, to_sample))
         # The sampler works on the CPU: per-request Python logic over a few rows of logits.
-        return to_sample, self.model.compute_logits(hidden[sample_rows]).cpu()
+        return to_sample, self.model.compute_logits(hidden[sample_rows], argmax_only=argmax_only).cpu()
