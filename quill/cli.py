@@ -174,9 +174,8 @@ def _model_options() -> argparse.ArgumentParser:
                               "and int4/int8 weights natively (more memory, slower decoding; the reference path)")
     options.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                          help="make greedy output independent of what else is in the batch (default: on; "
-                              "long prompts still prefill through bf16 weights). Off, quantized layers also "
-                              "switch to bf16 for any step of 192 rows or more, such as many short prompts "
-                              "arriving together")
+                              "prompts of 32 tokens or more still prefill through bf16 weights). Off, quantized "
+                              "layers instead switch to bf16 for any step of 96 rows or more")
     options.add_argument("--max-model-len", type=int, metavar="N",
                          help="context length limit (default: the model's own)")
     options.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
