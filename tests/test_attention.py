@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
+from quill.layers import attention as attention_module
+from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows, group_by_width
 
 HEADS, KV_HEADS, DIM, BLOCK = 6, 2, 32, 16
 CPU = torch.device("cpu")
@@ -65,6 +66,26 @@ def test_single_query_rows_do_not_depend_on_the_batch(window):
             alone = attention._attend_single_queries(q[i:i + 1], SingleQueryRows(None, context_lens[i:i + 1],
                                                                                  tables[i:i + 1], BLOCK, CPU))
             assert torch.equal(alone, batched[i:i + 1]), (context_lens, i)
+
+
+def test_rows_of_very_different_widths_are_attended_in_groups():
+    assert group_by_width([5, 5, 6, 5]) == [[0, 1, 2, 3]]  # too little padding to pay for a group
+    assert group_by_width([40, 1, 2, 1, 39]) == [[1, 3, 2], [4, 0]]
+    assert group_by_width([1] * 8 + [9] * 8 + [30]) == [list(range(8)), list(range(8, 16)), [16]]
+
+
+def test_grouped_rows_equal_one_padded_group(monkeypatch):
+    generator = torch.Generator().manual_seed(3)
+    attention = _attention()
+    context_lens = [5, 600, 20, 310, 3, 590]
+    tables = _random_tables(context_lens, generator)
+    q = torch.randn(len(context_lens), HEADS, DIM, generator=generator)
+    rows = SingleQueryRows(None, context_lens, tables, BLOCK, CPU)
+    grouped = attention._attend_single_queries(q, rows)
+    assert len(rows.key_groups(None, KV_HEADS, attention.k_cache.shape[1])) > 1
+    monkeypatch.setattr(attention_module, "GROUP_COST_IN_ROW_BLOCKS", 10 ** 9)
+    padded = attention._attend_single_queries(q, SingleQueryRows(None, context_lens, tables, BLOCK, CPU))
+    assert torch.equal(grouped, padded)
 
 
 def test_mixed_step_writes_the_cache_and_attends_both_kinds():
