@@ -1,6 +1,9 @@
 """Paged attention against plain attention over the same keys, and the batched single-query path's
-batch invariance (a row's result must not depend on the rows beside it)."""
+batch invariance (a row's result must not depend on the rows beside it). Single-query rows have
+two implementations, the C kernel and the PyTorch path: every test of them runs on both."""
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -16,12 +19,26 @@ CPU = torch.device("cpu")
 NUM_BLOCKS = 256
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def single_query_path(request, monkeypatch) -> str:
+    """Which implementation `_attention` gives single-query rows."""
+    if request.param == "torch":
+        monkeypatch.setenv("QUILL_KERNELS", "0")
+    return request.param
+
+
 def _attention(window: int | None = None) -> PagedAttention:
     attention = PagedAttention(HEADS, KV_HEADS, DIM, scale=DIM ** -0.5, sliding_window=window)
     attention.bind_cache(NUM_BLOCKS * BLOCK, torch.float32, CPU)
     attention.k_cache.normal_()
     attention.v_cache.normal_()
     return attention
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+def test_the_c_kernel_builds_where_a_compiler_is_found():
+    assert _attention()._kernel is not None
+    assert PagedAttention(HEADS, KV_HEADS, DIM, scale=1.0)._kernel is None  # no cache bound yet
 
 
 def _random_tables(context_lens: list[int], generator: torch.Generator) -> list[list[int]]:
@@ -41,7 +58,7 @@ def _reference(attention: PagedAttention, q: torch.Tensor, table: list[int], con
 
 
 @pytest.mark.parametrize("window", [None, 40])
-def test_single_query_rows_match_plain_attention(window):
+def test_single_query_rows_match_plain_attention(window, single_query_path):
     generator = torch.Generator().manual_seed(0)
     attention = _attention(window)
     context_lens = [1, 15, 16, 17, 90, 200]
@@ -52,8 +69,25 @@ def test_single_query_rows_match_plain_attention(window):
         torch.testing.assert_close(out[i:i + 1], _reference(attention, q[i], table, n), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256)])
+def test_both_paths_agree_at_the_head_sizes_the_kernel_specialises(heads, kv_heads, dim, monkeypatch):
+    generator = torch.Generator().manual_seed(4)
+    context_lens = [3, 77, 300]
+    tables = _random_tables(context_lens, generator)
+    q = torch.randn(len(context_lens), heads, dim, generator=generator)
+    outputs = []
+    for kernels_on in ("1", "0"):
+        monkeypatch.setenv("QUILL_KERNELS", kernels_on)
+        attention = PagedAttention(heads, kv_heads, dim, scale=dim ** -0.5, sliding_window=100)
+        attention.bind_cache(NUM_BLOCKS * BLOCK, torch.float32, CPU)
+        attention.k_cache.copy_(torch.randn(attention.k_cache.shape, generator=torch.Generator().manual_seed(5)))
+        attention.v_cache.copy_(torch.randn(attention.v_cache.shape, generator=torch.Generator().manual_seed(6)))
+        outputs.append(attention._attend_single_queries(q, SingleQueryRows(None, context_lens, tables, BLOCK, CPU)))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("window", [None, 40])
-def test_single_query_rows_do_not_depend_on_the_batch(window):
+def test_single_query_rows_do_not_depend_on_the_batch(window, single_query_path):
     generator = torch.Generator().manual_seed(1)
     attention = _attention(window)
     for _ in range(20):
@@ -75,6 +109,7 @@ def test_rows_of_very_different_widths_are_attended_in_groups():
 
 
 def test_grouped_rows_equal_one_padded_group(monkeypatch):
+    monkeypatch.setenv("QUILL_KERNELS", "0")  # groups are the PyTorch path's
     generator = torch.Generator().manual_seed(3)
     attention = _attention()
     context_lens = [5, 600, 20, 310, 3, 590]
@@ -88,7 +123,7 @@ def test_grouped_rows_equal_one_padded_group(monkeypatch):
     assert torch.equal(grouped, padded)
 
 
-def test_mixed_step_writes_the_cache_and_attends_both_kinds():
+def test_mixed_step_writes_the_cache_and_attends_both_kinds(single_query_path):
     """A prompt chunk continuing a cached context, next to a decoding row: each output row equals
     plain attention over what its query can see, and the new keys/values land in their slots."""
     generator = torch.Generator().manual_seed(2)

@@ -11,7 +11,9 @@ The runner hands every layer the same `AttentionMetadata`: where each new token'
   whole KV blocks (measured: bit-identical for any extra padding in multiples of 16 keys, and
   `tests/test_attention.py` pins it). Verification rows thereby compute exactly what decoding
   those positions one at a time would. Rows of very different context lengths go in separate
-  groups, so that short contexts are not padded to the longest (`group_by_width`).
+  groups, so that short contexts are not padded to the longest (`group_by_width`). On the CPU, a
+  C kernel (`quill/kernels/decode_attention.c`) does the same work in place through the block
+  tables, row by row, where it can be built; the PyTorch path is the fallback and its reference.
 - prompt spans (`PromptSpan`): a prefill chunk, whose queries attend together, causally masked,
   through PyTorch's fused kernel.
 """
@@ -19,9 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ctypes
+
 import torch
 import torch.nn.functional as F
 
+from quill import kernels
 from quill.layers.module import InferenceModule
 
 
@@ -86,6 +91,18 @@ class SingleQueryRows:
     block_size: int
     device: torch.device
     _groups: dict = field(default_factory=dict, repr=False)
+    _tables: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def kernel_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block tables [rows, blocks] int32, each cut to its context and zero-padded; context
+        lengths [rows] int32), as the C kernel reads them. Computed once per step."""
+        if self._tables is None:
+            size = self.block_size
+            tables = [table[:-(-n // size)] for table, n in zip(self.block_tables, self.context_lens)]
+            width = max(map(len, tables))
+            self._tables = (torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+                            torch.tensor(self.context_lens, dtype=torch.int32))
+        return self._tables
 
     def key_groups(self, window: int | None, num_kv_heads: int, slots_per_head: int) -> list[KeyGroup]:
         """The rows in groups of similar context width, each with the rows of a head-major cache
@@ -141,6 +158,7 @@ class PagedAttention(InferenceModule):
         self.scale = scale
         self.sliding_window = sliding_window
         self.k_cache = self.v_cache = torch.empty(0)
+        self._kernel = None
 
     def bind_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate [kv_heads, num_slots, head_dim] key and value caches. Head-major: gathering a
@@ -150,6 +168,7 @@ class PagedAttention(InferenceModule):
         shape = (self.num_kv_heads, num_slots, self.head_dim)
         self.k_cache = torch.empty(shape, dtype=dtype, device=device)
         self.v_cache = torch.empty(shape, dtype=dtype, device=device)
+        self._kernel = _decode_kernel() if device.type == "cpu" and dtype == torch.float32 else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim], in the cache's dtype.
@@ -173,12 +192,28 @@ class PagedAttention(InferenceModule):
                      for cache in (self.k_cache, self.v_cache))
 
     def _attend_single_queries(self, q: torch.Tensor, single: SingleQueryRows) -> torch.Tensor:
+        if self._kernel is not None:
+            return self._attend_in_kernel(q, single)
         groups = single.key_groups(self.sliding_window, self.num_kv_heads, self.k_cache.shape[1])
         if len(groups) == 1:
             return self._attend_group(q, groups[0])
         out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
         for group in groups:
             out.index_copy_(0, group.rows, self._attend_group(q.index_select(0, group.rows), group))
+        return out
+
+    def _attend_in_kernel(self, q: torch.Tensor, single: SingleQueryRows) -> torch.Tensor:
+        if q.stride(2) != 1 or q.stride(1) != self.head_dim:
+            q = q.contiguous()
+        tables, context_lens = single.kernel_tables()
+        rows = q.shape[0]
+        out = q.new_empty(rows, self.num_heads * self.head_dim)
+        status = self._kernel(q.data_ptr(), q.stride(0), self.k_cache.data_ptr(), self.v_cache.data_ptr(),
+                              out.data_ptr(), tables.data_ptr(), tables.shape[1], context_lens.data_ptr(),
+                              rows, self.num_heads, self.num_kv_heads, self.head_dim, self.k_cache.shape[1],
+                              single.block_size, self.sliding_window or 0, self.scale)
+        if status != 0:
+            raise MemoryError("decode attention could not allocate its scratch memory")
         return out
 
     def _attend_group(self, q: torch.Tensor, group: KeyGroup) -> torch.Tensor:
@@ -227,3 +262,11 @@ class PagedAttention(InferenceModule):
         if self.sliding_window is not None:
             mask &= query_pos - key_pos < self.sliding_window
         return mask
+
+
+
+def _decode_kernel():
+    """The C decode-attention function (see `quill.kernels`), or None."""
+    pointer, i32, i64 = kernels.POINTER, kernels.INT32, kernels.INT64
+    return kernels.function("decode_attention", [pointer, i64, pointer, pointer, pointer, pointer, i32, pointer,
+                                                 i32, i32, i32, i32, i64, i32, i32, kernels.FLOAT], ctypes.c_int)

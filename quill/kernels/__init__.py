@@ -1,0 +1,88 @@
+"""Small C kernels for the steps where PyTorch's per-call overhead dominates, built on first use.
+
+Each kernel is one C file next to this module, compiled with the system C compiler for this CPU
+into `$QUILL_HOME/kernels/` and called through ctypes (which releases the GIL). Where no compiler
+is found or the build fails, `load` returns None, the load log says why once, and the layers keep
+their PyTorch path: the kernels make Quill faster, never required. `QUILL_KERNELS=0` turns them
+off (the tests use it to compare both paths).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from quill.weights.hub import quill_home
+
+log = logging.getLogger("quill")
+
+SOURCE_DIR = Path(__file__).parent
+# -march=native: the library is built where it runs, so it may use every instruction this CPU has.
+# OpenMP resolves to the runtime PyTorch has already loaded, so both share one thread pool.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+
+def enabled() -> bool:
+    return os.environ.get("QUILL_KERNELS", "1") != "0"
+
+
+# ctypes argument types, for the signatures below
+POINTER, INT32, INT64, FLOAT = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+
+
+def function(name: str, argtypes: list, restype=None):
+    """The C function `name`, from `name`.c, typed, or None where kernels are off or cannot be
+    built here. Pass tensors as their `data_ptr()`."""
+    library = _load(name) if enabled() else None
+    if library is None:
+        return None
+    kernel = getattr(library, name)
+    kernel.argtypes, kernel.restype = argtypes, restype
+    return kernel
+
+
+@functools.cache
+def _load(name: str) -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(str(_build(name)))
+    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as error:
+        detail = getattr(error, "stderr", None) or error
+        log.warning("C kernel %s unavailable, using the PyTorch path: %s", name, str(detail).strip()[:500])
+        return None
+
+
+def _build(name: str) -> Path:
+    """Compile once per source, flags and CPU; later calls find the library in the cache."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
+    source = SOURCE_DIR / f"{name}.c"
+    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    target = quill_home() / "kernels" / f"{name}-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build beside the target and rename: a concurrent process never loads a half-written file.
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"],
+                           check=True, capture_output=True, text=True)
+            os.replace(built, target)
+        log.info("built C kernel %s -> %s", name, target)
+    return target
+
+
+def _cpu() -> str:
+    """What -march=native depends on: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
