@@ -113,6 +113,8 @@ class QuantizedLinear(InferenceModule):
         return y if self.bias is None else y + self.bias
 
     def _kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16:  # the usual case; even a no-op .to() costs a microsecond a call
+            return self._matmul(x)
         return self._matmul(x.to(torch.bfloat16)).to(x.dtype)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
