@@ -33,7 +33,7 @@ def enabled() -> bool:
     return os.environ.get("QUILL_KERNELS", "1") != "0"
 
 
-# ctypes argument types, for the signatures below
+# ctypes types for `function`'s argtypes and restype
 POINTER, INT32, INT64, FLOAT = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
 
@@ -52,7 +52,7 @@ def function(name: str, argtypes: list, restype=None):
 def _load(name: str) -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(str(_build(name)))
-    except (OSError, subprocess.CalledProcessError, FileNotFoundError) as error:
+    except (OSError, subprocess.CalledProcessError) as error:  # no compiler, a failed build, a bad library
         detail = getattr(error, "stderr", None) or error
         log.warning("C kernel %s unavailable, using the PyTorch path: %s", name, str(detail).strip()[:500])
         return None

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 
@@ -264,9 +262,8 @@ class PagedAttention(InferenceModule):
         return mask
 
 
-
 def _decode_kernel():
     """The C decode-attention function (see `quill.kernels`), or None."""
     pointer, i32, i64 = kernels.POINTER, kernels.INT32, kernels.INT64
     return kernels.function("decode_attention", [pointer, i64, pointer, pointer, pointer, pointer, i32, pointer,
-                                                 i32, i32, i32, i32, i64, i32, i32, kernels.FLOAT], ctypes.c_int)
+                                                 i32, i32, i32, i32, i64, i32, i32, kernels.FLOAT], restype=i32)
