@@ -22,9 +22,13 @@ def fresh_home(tmp_path, monkeypatch):
 
 
 @needs_compiler
-def test_a_kernel_is_built_once_into_quill_home(fresh_home):
+def test_a_kernel_is_built_once_into_quill_home_replacing_older_builds(fresh_home):
+    stale = fresh_home / "kernels" / "rms_norm-0000000000000000.so"
+    stale.parent.mkdir()
+    stale.write_bytes(b"")
     assert kernels.function("rms_norm", []) is not None
     (built,) = (fresh_home / "kernels").glob("rms_norm-*.so")
+    assert built != stale
     stamp = built.stat().st_mtime_ns
     kernels._load.cache_clear()
     assert kernels.function("rms_norm", []) is not None

@@ -74,6 +74,9 @@ def _build(name: str) -> Path:
             subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"],
                            check=True, capture_output=True, text=True)
             os.replace(built, target)
+        for stale in target.parent.glob(f"{name}-*.so"):  # builds of older sources or another CPU
+            if stale != target:
+                stale.unlink(missing_ok=True)
         log.info("built C kernel %s -> %s", name, target)
     return target
 
