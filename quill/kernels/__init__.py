@@ -2,7 +2,7 @@
 
 Each kernel is one C file next to this module, compiled with the system C compiler for this CPU
 into `$QUILL_HOME/kernels/` and called through ctypes (which releases the GIL). Where no compiler
-is found or the build fails, `load` returns None, the load log says why once, and the layers keep
+is found or the build fails, `function` returns None, the log says why once, and the layers keep
 their PyTorch path: the kernels make Quill faster, never required. `QUILL_KERNELS=0` turns them
 off (the tests use it to compare both paths).
 """
@@ -29,10 +29,6 @@ SOURCE_DIR = Path(__file__).parent
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 
-def enabled() -> bool:
-    return os.environ.get("QUILL_KERNELS", "1") != "0"
-
-
 # ctypes types for `function`'s argtypes and restype
 POINTER, INT32, INT64, FLOAT = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
@@ -40,7 +36,7 @@ POINTER, INT32, INT64, FLOAT = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, 
 def function(name: str, argtypes: list, restype=None):
     """The C function `name`, from `name`.c, typed, or None where kernels are off or cannot be
     built here. Pass tensors as their `data_ptr()`."""
-    library = _load(name) if enabled() else None
+    library = _load(name) if os.environ.get("QUILL_KERNELS", "1") != "0" else None
     if library is None:
         return None
     kernel = getattr(library, name)

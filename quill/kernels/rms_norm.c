@@ -28,7 +28,7 @@ static inline uint16_t to_bf16(float f) {
 }
 
 void rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint16_t *out,
-                   int rows, int dim, float eps, float offset) {
+              int rows, int dim, float eps, float offset) {
 #pragma omp parallel for if ((int64_t)rows * dim > (1 << 16))
     for (int r = 0; r < rows; r++) {
         const uint16_t *row = x + r * x_stride;
