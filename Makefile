@@ -35,6 +35,6 @@ run: install
 	$(BIN)/quill pull smollm2
 	@echo "Quill serves SmolLM2 on http://127.0.0.1:8000/v1 (Ctrl-C stops it). From another terminal:"
 	@echo "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
-	@echo "    -d '{\"model\": \"smollm2\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_tokens\": 64}'"
+	@echo "    -d '{\"model\": \"smollm2\", \"messages\": [{\"role\": \"user\", \"content\": \"Name the capital of France.\"}], \"max_tokens\": 64}'"
 	@echo "or any OpenAI client with base_url=http://127.0.0.1:8000/v1 (add \"stream\": true to stream)."
 	$(BIN)/quill serve smollm2

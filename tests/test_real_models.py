@@ -37,8 +37,10 @@ def gemma3(gemma3_gguf):
     return LLM(gemma3_gguf)
 
 
+# Not "What is the capital of France?": SmolLM2's first token there is a near-tie (0.0003 nats
+# between "The" and "L'"), which any rounding decides; llama.cpp on the same file answers "L'Étoile".
 def test_smollm2_chat_knows_the_capital_of_france(smollm2):
-    out = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}], GREEDY)
+    out = smollm2.chat([{"role": "user", "content": "Name the capital of France."}], GREEDY)
     assert "Paris" in out.text
     assert out.finish_reason in ("stop", "length")
     assert out.metrics.ttft > 0 and out.num_prompt_tokens > 5

@@ -381,7 +381,7 @@ def test_tiny_request_log(tiny):
 
 # ------------------------------------------------------------------------ real SmolLM2
 
-MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+MESSAGES = [{"role": "user", "content": "Name the capital of France."}]  # see test_real_models
 
 
 @pytest.fixture(scope="module")

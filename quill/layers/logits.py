@@ -2,8 +2,8 @@
 
 A bfloat16 matmul rounds its output to bfloat16: 8 significant bits, so a logit of 20 can be off
 by 0.06. That is enough to turn a near-tie into an exact tie or flip it, and greedy output then
-depends on rounding rather than on the model (SmolLM2 answered "What is the capital of France?"
-with "L'Étoile..." instead of "The capital of France is Paris" this way). The whole vocabulary in
+depends on rounding rather than on the model (SmolLM2's answer to "What is the capital of France?"
+flipped between "The capital of France is Paris" and "L'Étoile..." this way). The whole vocabulary in
 float32 would cost four times the bandwidth of the largest matrix, so only the tokens that could
 be the maximum, those within the head's error bound of it, are recomputed exactly.
 
