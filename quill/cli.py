@@ -14,6 +14,7 @@ from typing import Iterator, TextIO
 
 from quill import __version__
 from quill.bench.options import DESCRIPTION as BENCH_DESCRIPTION, EPILOG as BENCH_EPILOG, add_bench_arguments
+from quill.config import KV_CACHE_DTYPES
 from quill.cost import DEFAULT_HOURLY_COST, comparison_lines, load_price_file, usage_table
 from quill.errors import ChatTemplateError, InvalidRequestError, QuillError
 from quill.outputs import RequestOutput
@@ -181,6 +182,9 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
                          help="memory for the paged KV cache, e.g. 512MiB or 2GiB (default: room for "
                               "64 full-length sequences, at most 1GiB)")
+    options.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                         help="what the KV cache stores keys and values in (default: auto, float16 on a CPU for a "
+                              "bfloat16 model, which halves the bytes decoding reads per token; otherwise --dtype)")
     options.add_argument("--chat-template", metavar="FILE",
                          help="Jinja2 chat template to use instead of the model's own")
     options.add_argument("--speculative", metavar="ngram|MODEL",
@@ -391,7 +395,7 @@ def _load_llm(args: argparse.Namespace):
 
     return LLM(args.model, dtype=args.dtype, device=args.device, dequantize=args.dequantize,
                batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
-               kv_cache_memory=args.kv_cache_memory,
+               kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
 
 

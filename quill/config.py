@@ -11,6 +11,7 @@ from typing import Any
 from quill.errors import InvalidRequestError
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class EngineConfig:
     # half the bytes per token); float32 is the exact reference.
     dtype: str = "bfloat16"
     device: str = "auto"  # where `LLM` places the model: "cpu", "cuda", "cuda:N", or "auto" (CUDA when present)
+    # KV-cache dtype: "auto" (float16 on the CPU for a bf16 model, else `dtype`; see
+    # quill/engine/runner.py kv_cache_dtype), "float32", "float16" or "bfloat16".
+    kv_cache_dtype: str = "auto"
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_memory: int | None = None  # bytes for the KV cache; None: sized from the model
     max_num_seqs: int = 64  # sequences in the running batch
@@ -81,6 +85,9 @@ class EngineConfig:
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidRequestError(f"unsupported dtype {self.dtype!r}; use float32 or bfloat16")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidRequestError(f"unsupported kv_cache_dtype {self.kv_cache_dtype!r}; "
+                                      f"use one of {', '.join(KV_CACHE_DTYPES)}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise InvalidRequestError(f"{name} must be positive, got {getattr(self, name)}")

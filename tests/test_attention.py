@@ -1,6 +1,7 @@
 """Paged attention against plain attention over the same keys, and the batched single-query path's
 batch invariance (a row's result must not depend on the rows beside it). Single-query rows have
-two implementations, the C kernel and the PyTorch path: every test of them runs on both."""
+two implementations, the C kernel and the PyTorch path: every test of them runs on both, and on
+caches of every dtype (a half-size cache is read back widened; the reference reads the same)."""
 from __future__ import annotations
 
 import shutil
@@ -17,6 +18,7 @@ CPU = torch.device("cpu")
 
 
 NUM_BLOCKS = 256
+CACHE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(params=["kernel", "torch"])
@@ -27,17 +29,22 @@ def single_query_path(request, monkeypatch) -> str:
     return request.param
 
 
-def _attention(window: int | None = None) -> PagedAttention:
+@pytest.fixture(params=CACHE_DTYPES, ids=str)
+def cache_dtype(request) -> torch.dtype:
+    return request.param
+
+
+def _attention(window: int | None = None, cache_dtype: torch.dtype = torch.float32) -> PagedAttention:
     attention = PagedAttention(HEADS, KV_HEADS, DIM, scale=DIM ** -0.5, sliding_window=window)
-    attention.bind_cache(NUM_BLOCKS * BLOCK, torch.float32, CPU)
+    attention.bind_cache(NUM_BLOCKS * BLOCK, cache_dtype, CPU)
     attention.k_cache.normal_()
     attention.v_cache.normal_()
     return attention
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
-def test_the_c_kernel_builds_where_a_compiler_is_found():
-    assert _attention()._kernel is not None
+def test_the_c_kernel_builds_where_a_compiler_is_found(cache_dtype):
+    assert _attention(cache_dtype=cache_dtype)._kernel is not None
     assert PagedAttention(HEADS, KV_HEADS, DIM, scale=1.0)._kernel is None  # no cache bound yet
 
 
@@ -58,9 +65,9 @@ def _reference(attention: PagedAttention, q: torch.Tensor, table: list[int], con
 
 
 @pytest.mark.parametrize("window", [None, 40])
-def test_single_query_rows_match_plain_attention(window, single_query_path):
+def test_single_query_rows_match_plain_attention(window, single_query_path, cache_dtype):
     generator = torch.Generator().manual_seed(0)
-    attention = _attention(window)
+    attention = _attention(window, cache_dtype)
     context_lens = [1, 15, 16, 17, 90, 200]
     tables = _random_tables(context_lens, generator)
     q = torch.randn(len(context_lens), HEADS, DIM, generator=generator)
@@ -70,7 +77,7 @@ def test_single_query_rows_match_plain_attention(window, single_query_path):
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (8, 2, 128), (4, 1, 256)])
-def test_both_paths_agree_at_the_head_sizes_the_kernel_specialises(heads, kv_heads, dim, monkeypatch):
+def test_both_paths_agree_at_the_head_sizes_the_kernel_specialises(heads, kv_heads, dim, cache_dtype, monkeypatch):
     generator = torch.Generator().manual_seed(4)
     context_lens = [3, 77, 300]
     tables = _random_tables(context_lens, generator)
@@ -79,7 +86,7 @@ def test_both_paths_agree_at_the_head_sizes_the_kernel_specialises(heads, kv_hea
     for kernels_on in ("1", "0"):
         monkeypatch.setenv("QUILL_KERNELS", kernels_on)
         attention = PagedAttention(heads, kv_heads, dim, scale=dim ** -0.5, sliding_window=100)
-        attention.bind_cache(NUM_BLOCKS * BLOCK, torch.float32, CPU)
+        attention.bind_cache(NUM_BLOCKS * BLOCK, cache_dtype, CPU)
         attention.k_cache.copy_(torch.randn(attention.k_cache.shape, generator=torch.Generator().manual_seed(5)))
         attention.v_cache.copy_(torch.randn(attention.v_cache.shape, generator=torch.Generator().manual_seed(6)))
         outputs.append(attention._attend_single_queries(q, SingleQueryRows(None, context_lens, tables, BLOCK, CPU)))
@@ -87,9 +94,9 @@ def test_both_paths_agree_at_the_head_sizes_the_kernel_specialises(heads, kv_hea
 
 
 @pytest.mark.parametrize("window", [None, 40])
-def test_single_query_rows_do_not_depend_on_the_batch(window, single_query_path):
+def test_single_query_rows_do_not_depend_on_the_batch(window, single_query_path, cache_dtype):
     generator = torch.Generator().manual_seed(1)
-    attention = _attention(window)
+    attention = _attention(window, cache_dtype)
     for _ in range(20):
         rows = int(torch.randint(2, 12, (), generator=generator))
         context_lens = torch.randint(1, 320, (rows,), generator=generator).tolist()
@@ -123,11 +130,11 @@ def test_grouped_rows_equal_one_padded_group(monkeypatch):
     assert torch.equal(grouped, padded)
 
 
-def test_mixed_step_writes_the_cache_and_attends_both_kinds(single_query_path):
+def test_mixed_step_writes_the_cache_and_attends_both_kinds(single_query_path, cache_dtype):
     """A prompt chunk continuing a cached context, next to a decoding row: each output row equals
     plain attention over what its query can see, and the new keys/values land in their slots."""
     generator = torch.Generator().manual_seed(2)
-    attention = _attention()
+    attention = _attention(cache_dtype=cache_dtype)
     decode_len, prompt_len, prompt_new = 40, 50, 8
     decode_table, prompt_table = _random_tables([decode_len, prompt_len], generator)
     slot = lambda table, p: table[p // BLOCK] * BLOCK + p % BLOCK  # noqa: E731
@@ -144,8 +151,8 @@ def test_mixed_step_writes_the_cache_and_attends_both_kinds(single_query_path):
     k = torch.randn(prompt_new + 1, KV_HEADS, DIM, generator=generator)
     v = torch.randn(prompt_new + 1, KV_HEADS, DIM, generator=generator)
     out = attention(q, k, v, meta)
-    assert torch.equal(attention.k_cache[:, slot_mapping], k.transpose(0, 1))
-    assert torch.equal(attention.v_cache[:, slot_mapping], v.transpose(0, 1))
+    assert torch.equal(attention.k_cache[:, slot_mapping], k.transpose(0, 1).to(cache_dtype))
+    assert torch.equal(attention.v_cache[:, slot_mapping], v.transpose(0, 1).to(cache_dtype))
     torch.testing.assert_close(out[-1:], _reference(attention, q[-1], decode_table, decode_len), atol=1e-5, rtol=1e-5)
     for i in range(prompt_new):
         position = prompt_len - prompt_new + i
@@ -154,9 +161,11 @@ def test_mixed_step_writes_the_cache_and_attends_both_kinds(single_query_path):
 
 
 @pytest.mark.parametrize("window", [None, 64, 20])  # 20: the window cuts into the prompt (explicit mask)
-def test_fresh_prompt_matches_plain_attention(window):
+def test_fresh_prompt_matches_plain_attention(window, cache_dtype):
+    """Also with a half-size cache: the prompt attends its own keys as the cache holds them (the
+    reference reads them back from the cache), as a later chunk or decoding step will see them."""
     generator = torch.Generator().manual_seed(3)
-    attention = _attention(window)
+    attention = _attention(window, cache_dtype)
     length = 40
     (table,) = _random_tables([length], generator)
     slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(length)])

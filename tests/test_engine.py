@@ -56,10 +56,42 @@ def test_fast_paths_match_single_request(reference, options, arrive_every):
 
 
 def test_bfloat16_batching_matches_single_request(reference):
+    """Rows batched and arriving mid-run. Not chunked or served from the prefix cache: prefilling a
+    prompt in several pieces moves its logits by ~1e-7, which a bfloat16 model may round into a
+    different token (the limit the README states)."""
     path, _ = reference
     bf16 = [run_requests(tiny_engine(path, dtype="bfloat16"), [p], GREEDY)[0] for p in _prompts()]
-    engine = tiny_engine(path, dtype="bfloat16", max_num_batched_tokens=32)
+    engine = tiny_engine(path, dtype="bfloat16", enable_prefix_caching=False)
     assert run_requests(engine, _prompts(), GREEDY, arrive_every=2) == bf16
+    _assert_no_leaks(engine)
+
+
+def test_kv_cache_dtype_defaults_and_validation(tiny_model_dir):
+    from quill.engine.runner import kv_cache_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert kv_cache_dtype("auto", torch.bfloat16, cpu) == torch.float16  # half the bytes to read per token
+    assert kv_cache_dtype("auto", torch.float32, cpu) == torch.float32  # the exact reference stays exact
+    assert kv_cache_dtype("auto", torch.bfloat16, cuda) == torch.bfloat16
+    assert kv_cache_dtype("bfloat16", torch.float32, cpu) == torch.bfloat16
+    path = tiny_model_dir("llama")
+    float16_blocks = tiny_engine(path, kv_cache_dtype="float16", kv_cache_memory=1 << 20).kv_cache.num_blocks
+    assert float16_blocks == 2 * tiny_engine(path, kv_cache_memory=1 << 20).kv_cache.num_blocks
+    with pytest.raises(InvalidRequestError, match="kv_cache_dtype"):
+        tiny_engine(path, kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["float16", "bfloat16"])
+def test_half_size_kv_cache_fast_paths_match_single_request(reference, kv_cache_dtype):
+    """A float32 model over a half-size cache: batching, chunked prefill and prefix caching give the
+    tokens of each request alone over the same cache (attention sees keys as the cache holds them,
+    whichever path wrote or read them)."""
+    path, _ = reference
+    alone = [run_requests(tiny_engine(path, kv_cache_dtype=kv_cache_dtype), [p], GREEDY)[0] for p in _prompts()]
+    engine = tiny_engine(path, kv_cache_dtype=kv_cache_dtype, max_num_batched_tokens=7)
+    assert engine.runner.model.layers[0].self_attn.attn.k_cache.dtype == getattr(torch, kv_cache_dtype)
+    assert run_requests(engine, _prompts(), GREEDY, arrive_every=2) == alone
+    assert run_requests(engine, _prompts(), GREEDY) == alone  # now from the prefix cache
     _assert_no_leaks(engine)
 
 

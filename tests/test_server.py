@@ -136,8 +136,10 @@ def test_serve_command_options():
     assert args.api_key is None and args.max_tokens_cap is None and not args.log_prompts
     args = cli.build_parser().parse_args(
         ["serve", "m", "--port", "0", "--api-key", "k", "--max-body-bytes", "1MiB", "--max-tokens-cap", "64",
-         "--served-model-name", "x", "--log-prompts", "--shutdown-grace", "2", "--kv-cache-memory", "64MiB"])
+         "--served-model-name", "x", "--log-prompts", "--shutdown-grace", "2", "--kv-cache-memory", "64MiB",
+         "--kv-cache-dtype", "float32"])
     assert (args.port, args.api_key, args.max_body_bytes, args.max_tokens_cap) == (0, "k", 1 << 20, 64)
+    assert (args.kv_cache_memory, args.kv_cache_dtype) == (64 << 20, "float32")
     assert (args.served_model_name, args.log_prompts, args.shutdown_grace) == ("x", True, 2.0)
     assert args.response_cache is None and not args.no_response_cache and args.response_cache_ttl is None
     args = cli.build_parser().parse_args(["serve", "m", "--response-cache", "a.db", "--response-cache-ttl", "60",

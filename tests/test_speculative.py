@@ -100,11 +100,12 @@ def test_greedy_output_is_identical_with_speculation(llama, other_llama, plain, 
 def test_verification_logits_are_bit_identical_to_decoding(tiny_model_dir, arch, dtype):
     """The invariant greedy speculation rests on: logits of [last token, drafts...] in one forward
     equal, bit for bit, those of decoding the same tokens one at a time."""
-    from quill.engine.runner import ModelRunner
+    from quill.engine.runner import ModelRunner, kv_cache_dtype
 
     model, config = load_model(tiny_model_dir(arch), dtype)
-    runner = ModelRunner(model, config, num_blocks=8, block_size=16, dtype=dtype, device=torch.device("cpu"),
-                         batch_invariant=True)
+    cpu = torch.device("cpu")
+    runner = ModelRunner(model, config, num_blocks=8, block_size=16, kv_cache_dtype=kv_cache_dtype("auto", dtype, cpu),
+                         device=cpu, batch_invariant=True)
     context, drafts = _prompts()[0][:30], [5, 9, 5, 200, 17]
     decoding = Request("decode", context[:-1], SamplingParams(), torch.Generator())
     verifying = Request("verify", context[:-1], SamplingParams(), torch.Generator())

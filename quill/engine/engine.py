@@ -64,18 +64,19 @@ class Engine:
                                  model_config.max_position_embeddings)
         dtype = getattr(torch, config.dtype)
         device = next(model.parameters()).device  # the model was placed by whoever built it
-        per_token = kv_bytes_per_token(model_config, kv_cache_dtype(dtype, device))
+        cache_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype, device)
+        per_token = kv_bytes_per_token(model_config, cache_dtype)
         kv_bytes = config.kv_cache_memory or self._default_kv_cache_bytes(per_token)
         num_blocks = max(1, kv_bytes // (per_token * config.block_size))
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, model_config, num_blocks=num_blocks, block_size=config.block_size,
-                                  dtype=dtype, device=device,
+                                  kv_cache_dtype=cache_dtype, device=device,
                                   batch_invariant=config.batch_invariant)
         self.speculator: Speculator | None = None if config.speculative is None else build_speculator(
             config, model_config, tokenizer, num_blocks=num_blocks, max_model_len=self.max_model_len, device=device,
-            row_block=self.runner.row_block)
+            kv_cache_dtype=cache_dtype, row_block=self.runner.row_block)
         self.requests: dict[str, Request] = {}  # unfinished requests by internal id
         self._groups: dict[str, list[str]] = {}  # user-facing request id -> internal ids
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}

@@ -29,10 +29,16 @@ from quill.layers.quantized import DENSE_MIN_ROWS, KERNEL_ROW_BLOCK, QuantizedLi
 PREFILL_IN_BF16_MIN_TOKENS = 32
 
 
-def kv_cache_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """On the CPU the cache (and so attention) stays float32 whatever the weights' dtype:
-    PyTorch's CPU attention is 3-10x slower on bfloat16 keys for one-token decode."""
-    return torch.float32 if device.type == "cpu" else dtype
+def kv_cache_dtype(requested: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype for a model computing in `dtype`: `requested` (an `EngineConfig`
+    kv_cache_dtype), where "auto" means the compute dtype, except that on the CPU a bf16 or fp16
+    model keeps float16 keys and values. Decoding reads the whole cache for every token, so half the
+    bytes make long contexts faster, and float16 keeps 3 more bits of each key than bfloat16 would
+    (llama.cpp's default too). Attention itself computes in float32 on the CPU (see PagedAttention).
+    A float32 model keeps a float32 cache: it is the exact reference."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    return torch.float16 if device.type == "cpu" and dtype != torch.float32 else dtype
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -43,15 +49,14 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, *, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, batch_invariant: bool) -> None:
+                 kv_cache_dtype: torch.dtype, device: torch.device, batch_invariant: bool) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         num_slots = num_blocks * block_size
-        cache_dtype = kv_cache_dtype(dtype, device)
         for module in model.modules():
             if isinstance(module, PagedAttention):
-                module.bind_cache(num_slots, cache_dtype, device)
+                module.bind_cache(num_slots, kv_cache_dtype, device)
             if isinstance(module, Linear):
                 module.row_multiple = BATCH_INVARIANT_ROW_MULTIPLE if batch_invariant else 1
         self.batch_invariant = batch_invariant

@@ -16,6 +16,11 @@ The runner hands every layer the same `AttentionMetadata`: where each new token'
   tables, row by row, where it can be built; the PyTorch path is the fallback and its reference.
 - prompt spans (`PromptSpan`): a prefill chunk, whose queries attend together, causally masked,
   through PyTorch's fused kernel.
+
+The cache may hold fewer bits than attention computes with (on the CPU: a float16 cache, float32
+arithmetic). Attention then always sees keys and values as the cache holds them, also those of
+this step's own tokens, so that a result does not depend on whether a key was read back from the
+cache (chunked prefill, prefix caching, decoding) or came straight from this step.
 """
 from __future__ import annotations
 
@@ -156,21 +161,27 @@ class PagedAttention(InferenceModule):
         self.scale = scale
         self.sliding_window = sliding_window
         self.k_cache = self.v_cache = torch.empty(0)
+        self.dtype = torch.float32  # what queries, keys and values are computed in
         self._kernel = None
 
     def bind_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Allocate [kv_heads, num_slots, head_dim] key and value caches. Head-major: gathering a
-        context as rows of the [kv_heads * num_slots, head_dim] view gives attention's layout with
-        no further copy. Uninitialised on purpose: attention only reads slots already written (or
-        masks them), and the untouched pages of a large budget then cost no resident memory."""
+        """Allocate [kv_heads, num_slots, head_dim] key and value caches of `dtype`. Head-major:
+        gathering a context as rows of the [kv_heads * num_slots, head_dim] view gives attention's
+        layout with no further copy. Uninitialised on purpose: attention only reads slots already
+        written (or masks them), and the untouched pages of a large budget then cost no resident
+        memory. On the CPU attention computes in float32 whatever the cache holds (PyTorch's CPU
+        attention is 3-10x slower on half-size inputs, and the C kernel widens as it reads)."""
         shape = (self.num_kv_heads, num_slots, self.head_dim)
         self.k_cache = torch.empty(shape, dtype=dtype, device=device)
         self.v_cache = torch.empty(shape, dtype=dtype, device=device)
-        self._kernel = _decode_kernel() if device.type == "cpu" and dtype == torch.float32 else None
+        on_cpu = device.type == "cpu"
+        self.dtype = torch.float32 if on_cpu else dtype
+        self._kernel = _decode_kernel() if on_cpu and dtype in KERNEL_CACHE_TYPES else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim], in the cache's dtype.
+        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim], all in `self.dtype`.
         Returns [tokens, heads * dim]."""
+        k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
         self.k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         self.v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
         single = meta.single_query
@@ -179,14 +190,16 @@ class PagedAttention(InferenceModule):
         out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
         if single is not None:
             out.index_copy_(0, single.rows, self._attend_single_queries(q[single.rows], single))
+        k, v = k.to(self.dtype), v.to(self.dtype)  # as the cache holds them (see the module docstring)
         for span in meta.prompts:
             rows = slice(span.start, span.start + span.num_queries)
             out[rows] = self._attend_prompt(q[rows], k[rows], v[rows], span)
         return out
 
     def _gather(self, rows: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values at `rows` of the caches viewed as [kv_heads * slots, dim], as `shape`."""
-        return tuple(cache.view(-1, self.head_dim).index_select(0, rows).view(shape)
+        """Keys and values at `rows` of the caches viewed as [kv_heads * slots, dim], as `shape`,
+        in `self.dtype`."""
+        return tuple(cache.view(-1, self.head_dim).index_select(0, rows).view(shape).to(self.dtype)
                      for cache in (self.k_cache, self.v_cache))
 
     def _attend_single_queries(self, q: torch.Tensor, single: SingleQueryRows) -> torch.Tensor:
@@ -207,7 +220,8 @@ class PagedAttention(InferenceModule):
         rows = q.shape[0]
         out = q.new_empty(rows, self.num_heads * self.head_dim)
         status = self._kernel(q.data_ptr(), q.stride(0), self.k_cache.data_ptr(), self.v_cache.data_ptr(),
-                              out.data_ptr(), tables.data_ptr(), tables.shape[1], context_lens.data_ptr(),
+                              KERNEL_CACHE_TYPES[self.k_cache.dtype], out.data_ptr(), tables.data_ptr(),
+                              tables.shape[1], context_lens.data_ptr(),
                               rows, self.num_heads, self.num_kv_heads, self.head_dim, self.k_cache.shape[1],
                               single.block_size, self.sliding_window or 0, self.scale)
         if status != 0:
@@ -262,8 +276,13 @@ class PagedAttention(InferenceModule):
         return mask
 
 
+# The cache dtypes the C kernel reads, and its code for each (`enum cache_type` in the C source).
+KERNEL_CACHE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def _decode_kernel():
     """The C decode-attention function (see `quill.kernels`), or None."""
     pointer, i32, i64 = kernels.POINTER, kernels.INT32, kernels.INT64
-    return kernels.function("decode_attention", [pointer, i64, pointer, pointer, pointer, pointer, i32, pointer,
-                                                 i32, i32, i32, i32, i64, i32, i32, kernels.FLOAT], restype=i32)
+    return kernels.function("decode_attention", [pointer, i64, pointer, pointer, i32, pointer, pointer, i32,
+                                                 pointer, i32, i32, i32, i32, i64, i32, i32, kernels.FLOAT],
+                            restype=i32)

@@ -34,8 +34,8 @@ class SelfAttention(InferenceModule):
         )
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # Attention runs in the cache's dtype: convert once, and keep RoPE's float32 result unrounded.
-        qkv = self.qkv_proj(x).to(self.attn.k_cache.dtype)
+        # Attention runs in its own dtype: convert once, and keep RoPE's float32 result unrounded.
+        qkv = self.qkv_proj(x).to(self.attn.dtype)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         if self.q_norm is None:  # q and k are adjacent: rotate them in one pass
             qk = self.rotary(positions, qkv[:, :self.q_size + self.kv_size].view(-1, heads + kv_heads, dim))

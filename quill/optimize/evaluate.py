@@ -64,7 +64,8 @@ def all_position_logits(model, config: ModelConfig, token_ids: list[int]) -> tor
     It rebinds the model's attention caches, so never call it on a model an engine is running."""
     n = len(token_ids)
     weight = model.embed_tokens.weight
-    cache_dtype, device = kv_cache_dtype(weight.dtype, weight.device), weight.device  # as the engine's
+    device = weight.device
+    cache_dtype = kv_cache_dtype("auto", weight.dtype, device)  # as the engine's default
     for module in model.modules():
         if isinstance(module, PagedAttention):
             module.bind_cache(n, cache_dtype, device)

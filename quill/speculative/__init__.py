@@ -22,15 +22,17 @@ __all__ = ["SpeculativeStats", "Speculator", "build_speculator"]
 
 
 def build_speculator(config: EngineConfig, model_config: ModelConfig, tokenizer, *, num_blocks: int,
-                     max_model_len: int, device: torch.device, row_block: int | None) -> Speculator:
+                     max_model_len: int, device: torch.device, kv_cache_dtype: torch.dtype,
+                     row_block: int | None) -> Speculator:
     """The speculator `config.speculative` asks for: "ngram", or a draft model to load on the
-    target's device (its KV cache gets as many blocks as the target's, enough to mirror every sequence)."""
+    target's device (its KV cache gets as many blocks as the target's, enough to mirror every
+    sequence, in the target's cache dtype)."""
     if config.speculative == "ngram":
         drafter = NgramDrafter()
     else:
         drafter = DraftModelDrafter.load(
             config.speculative, model_config, tokenizer, num_blocks=num_blocks, block_size=config.block_size,
-            dtype=getattr(torch, config.dtype), device=device,
+            dtype=getattr(torch, config.dtype), kv_cache_dtype=kv_cache_dtype, device=device,
             batch_invariant=config.batch_invariant,
         )
     return Speculator(drafter, config.num_speculative_tokens, max_model_len, adaptive=config.adaptive_speculation,
