@@ -49,6 +49,19 @@ def test_logits_match_transformers(reference_logits, gguf_copy, source):
     torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
 
 
+def test_attention_in_bfloat16_as_on_a_gpu(reference_logits, monkeypatch):
+    """Off the CPU, attention computes in the cache's dtype: the attention block must hand it
+    queries, keys and values all in that dtype (RoPE computes in float32)."""
+    from quill.layers import attention
+
+    monkeypatch.setattr(attention, "attention_dtype", lambda cache_dtype, device: cache_dtype)
+    path, expected = reference_logits
+    model, config = load_model(path, torch.bfloat16)
+    logits = all_position_logits(model, config, PROMPT)
+    assert logits.dtype == torch.float32 and logits.isfinite().all()
+    torch.testing.assert_close(logits, expected, atol=0.3, rtol=0.1)  # bfloat16 throughout
+
+
 def test_incremental_decode_matches_full_forward(reference_logits):
     """Greedy tokens from the engine (prefill then one token per step through the paged cache)
     are the reference model's argmax at every position of the resulting sequence."""

@@ -146,6 +146,13 @@ class SingleQueryRows:
                         (~visible).to(self.device))
 
 
+def attention_dtype(cache_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """What attention computes in over a cache of `cache_dtype`: float32 on the CPU, whatever the
+    cache holds (PyTorch's CPU attention is 3-10x slower on half-size inputs, and the C kernel
+    widens as it reads); the cache's dtype elsewhere."""
+    return torch.float32 if device.type == "cpu" else cache_dtype
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
@@ -169,13 +176,12 @@ class PagedAttention(InferenceModule):
         gathering a context as rows of the [kv_heads * num_slots, head_dim] view gives attention's
         layout with no further copy. Uninitialised on purpose: attention only reads slots already
         written (or masks them), and the untouched pages of a large budget then cost no resident
-        memory. On the CPU attention computes in float32 whatever the cache holds (PyTorch's CPU
-        attention is 3-10x slower on half-size inputs, and the C kernel widens as it reads)."""
+        memory. Attention computes in `attention_dtype`."""
         shape = (self.num_kv_heads, num_slots, self.head_dim)
         self.k_cache = torch.empty(shape, dtype=dtype, device=device)
         self.v_cache = torch.empty(shape, dtype=dtype, device=device)
+        self.dtype = attention_dtype(dtype, device)
         on_cpu = device.type == "cpu"
-        self.dtype = torch.float32 if on_cpu else dtype
         self._kernel = _decode_kernel() if on_cpu and dtype in KERNEL_CACHE_TYPES else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:

@@ -34,14 +34,15 @@ class SelfAttention(InferenceModule):
         )
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # Attention runs in its own dtype: convert once, and keep RoPE's float32 result unrounded.
-        qkv = self.qkv_proj(x).to(self.attn.dtype)
+        # Attention runs in its own dtype (float32 on the CPU: RoPE's float32 result stays unrounded).
+        dtype = self.attn.dtype
+        qkv = self.qkv_proj(x).to(dtype)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         if self.q_norm is None:  # q and k are adjacent: rotate them in one pass
             qk = self.rotary(positions, qkv[:, :self.q_size + self.kv_size].view(-1, heads + kv_heads, dim))
-            q, k = qk.split([heads, kv_heads], dim=1)
+            q, k = qk.to(dtype).split([heads, kv_heads], dim=1)
         else:
             q, k = qkv[:, :self.q_size].view(-1, heads, dim), qkv[:, self.q_size:-self.kv_size].view(-1, kv_heads, dim)
-            q, k = self.rotary(positions, self.q_norm(q)), self.rotary(positions, self.k_norm(k))
+            q, k = self.rotary(positions, self.q_norm(q)).to(dtype), self.rotary(positions, self.k_norm(k)).to(dtype)
         v = qkv[:, -self.kv_size:].view(-1, kv_heads, dim)
         return self.o_proj(self.attn(q, k, v, meta).to(x.dtype))
