@@ -4,12 +4,14 @@ two implementations, the C kernel and the PyTorch path: every test of them runs 
 caches of every dtype (a half-size cache is read back widened; the reference reads the same)."""
 from __future__ import annotations
 
+import platform
 import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from quill import kernels
 from quill.layers import attention as attention_module
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows, group_by_width
 
@@ -21,11 +23,28 @@ NUM_BLOCKS = 256
 CACHE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def single_query_path(request, monkeypatch) -> str:
+# The C kernel as built here, and built without AVX-512 and F16C: the plain loops other CPUs run.
+PORTABLE_FLAGS = ["-mno-avx512f", "-mno-f16c"]
+
+
+@pytest.fixture(scope="module")
+def portable_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("portable-kernels")  # a build of its own, beside the usual one
+
+
+@pytest.fixture(params=["kernel", "portable kernel", "torch"])
+def single_query_path(request, monkeypatch, portable_home) -> str:
     """Which implementation `_attention` gives single-query rows."""
     if request.param == "torch":
         monkeypatch.setenv("QUILL_KERNELS", "0")
+    if request.param == "portable kernel":
+        if platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None:
+            pytest.skip("needs cc and x86's flags")
+        monkeypatch.setenv("QUILL_HOME", str(portable_home))
+        monkeypatch.setattr(kernels, "FLAGS", kernels.FLAGS + PORTABLE_FLAGS)
+        kernels._load.cache_clear()
+        request.addfinalizer(kernels._load.cache_clear)
+        assert kernels.function("decode_attention", []) is not None
     return request.param
 
 

@@ -7,7 +7,10 @@
 
    The cache holds float32, float16 or bfloat16 (cache_type 0, 1, 2); half-size caches are widened
    to float32 a block at a time, and all arithmetic is float32. Decoding reads the whole context
-   for every token: a half-size cache halves those bytes (and the cache's memory).
+   for every token: a half-size cache halves those bytes (and the cache's memory), and the next
+   block is prefetched while one is computed. With AVX-512 (and head sizes a multiple of 16), the
+   scores of 16 keys come out of one vector tree and the weighted values add up in registers;
+   elsewhere plain loops do the same sums.
 
    Layouts: q [rows] with row stride q_stride, each [heads, dim] (float32); caches [kv_heads,
    num_slots, dim]; block_tables [rows, max_blocks] (int32); out [rows, heads * dim] (float32).
@@ -16,7 +19,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -77,6 +80,82 @@ static inline float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
+#if defined(__AVX512F__)
+/* Dot products of one query with `n` <= 16 keys (rows `dim` apart; dim a multiple of 16), as one
+   vector: each key's 16 lane sums, then all keys' lanes added pairwise in a transposing tree.
+   Every key's sum is added in the same order, whatever its position among the 16. */
+static inline __m512 dot16(const float *restrict query, const float *restrict keys, int n, int dim) {
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) {
+        acc[i] = _mm512_setzero_ps();
+        if (i >= n) continue;
+        const float *key = keys + (int64_t)i * dim;
+        for (int d = 0; d < dim; d += 16)
+            acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), _mm512_loadu_ps(key + d), acc[i]);
+    }
+    __m512 pairs[8], quads[4], halves[2];
+    for (int i = 0; i < 8; i++)  /* 128-bit lane j: keys 2i, 2i+1, two partial sums each */
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]),
+                                 _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+    for (int i = 0; i < 4; i++)  /* 128-bit lane j: keys 4i..4i+3, the sums of their lane-j floats */
+        quads[i] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++)  /* 128-bit lanes: keys 8i..8i+3 (halves), then 8i+4..8i+7 */
+        halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                                  _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
+                         _mm512_shuffle_f32x4(halves[0], halves[1], 0xDD));
+}
+#endif
+
+/* scores[i] = scale * (query . key i) for the `n` keys of a block. */
+static inline __attribute__((always_inline)) void score_keys(const float *restrict query, const float *restrict keys,
+                                                             int n, int dim, float scale, float *restrict scores) {
+#if defined(__AVX512F__)
+    if (dim % 16 == 0) {  /* 16 keys at a time, with no horizontal sum per key */
+        for (int i = 0; i < n; i += 16) {
+            int m = n - i < 16 ? n - i : 16;
+            __m512 dots = dot16(query, keys + (int64_t)i * dim, m, dim);
+            _mm512_mask_storeu_ps(scores + i, (__mmask16)((1u << m) - 1), _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
+        }
+        return;
+    }
+#endif
+    for (int i = 0; i < n; i++) {
+        const float *key = keys + (int64_t)i * dim;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int d = 0; d < dim; d++) dot += query[d] * key[d];
+        scores[i] = dot * scale;
+    }
+}
+
+/* out += sum over the block's `n` values (rows `dim` apart) of weights[i] * value i, key by key. */
+static inline __attribute__((always_inline)) void add_weighted(float *restrict out, const float *restrict weights,
+                                                               const float *restrict values, int n, int dim) {
+#if defined(__AVX512F__)
+    if (dim % 16 == 0) {  /* up to 64 output floats in registers across the block */
+        for (int d0 = 0; d0 < dim; d0 += 64) {
+            int chunks = (dim - d0) / 16 < 4 ? (dim - d0) / 16 : 4;
+            __m512 acc[4];
+            for (int c = 0; c < chunks; c++) acc[c] = _mm512_loadu_ps(out + d0 + 16 * c);
+            for (int i = 0; i < n; i++) {
+                __m512 weight = _mm512_set1_ps(weights[i]);
+                const float *value = values + (int64_t)i * dim + d0;
+                for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(value + 16 * c), acc[c]);
+            }
+            for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + d0 + 16 * c, acc[c]);
+        }
+        return;
+    }
+#endif
+    for (int i = 0; i < n; i++) {
+        const float *value = values + (int64_t)i * dim;
+#pragma omp simd
+        for (int d = 0; d < dim; d++) out[d] += weights[i] * value[d];
+    }
+}
+
 struct kv_cache {
     const void *keys, *values;  /* [kv_heads, num_slots, dim] each */
     enum cache_type type;
@@ -84,59 +163,69 @@ struct kv_cache {
     int block_size;
 };
 
+/* Positions p.. up to the end of p's block or to len, whichever comes first. */
+static inline int keys_in_block(int block_size, int p, int len) {
+    int to_block_end = block_size - p % block_size;
+    return to_block_end < len - p ? to_block_end : len - p;
+}
+
+/* The cache slot of position p of a row with block table `table`, in kv head `kv_head`. */
+static inline int64_t slot_of(const struct kv_cache *cache, int kv_head, const int32_t *table, int p) {
+    return kv_head * cache->num_slots + (int64_t)table[p / cache->block_size] * cache->block_size + p % cache->block_size;
+}
+
+/* Ask for the memory of the block holding position p (up to position len) of `data` (the keys or
+   the values) ahead of its use: blocks lie scattered, so the hardware cannot guess the next one. */
+static inline void prefetch(const struct kv_cache *cache, const void *data, int kv_head, const int32_t *table, int p,
+                            int len, int dim) {
+    int n = keys_in_block(cache->block_size, p, len);
+    int64_t size = cache->type == CACHE_F32 ? 4 : 2;
+    const char *start = (const char *)data + slot_of(cache, kv_head, table, p) * dim * size;
+    for (int64_t byte = 0; byte < n * dim * size; byte += 64) __builtin_prefetch(start + byte);
+}
+
+/* Scores per query head are kept `stride` floats apart: the context length rounded up to 16, the
+   tail filled with -inf, so that the softmax loops run in whole vectors. */
+static inline int score_stride(int count) { return (count + 15) / 16 * 16; }
+
 /* One (row, kv head): the `group` query heads that share the kv head. Always inlined into
    `attend_dim`, so that common head sizes get loops of known length. `scores` has room for
-   group * (len - first) floats, `block` for block_size * dim. */
+   group * score_stride(len - first) floats, `block` for block_size * dim. */
 static inline __attribute__((always_inline)) void attend_one(
     const float *restrict q, const struct kv_cache *cache, int kv_head, float *restrict out,
     const int32_t *restrict table, int first, int len, int group, int dim, float scale,
     float *restrict scores, float *restrict block) {
-    int count = len - first, block_size = cache->block_size;
-    int64_t head_offset = kv_head * cache->num_slots;
-    for (int p = first; p < len;) {  /* block by block: no division per key */
-        int offset = p % block_size, n = block_size - offset < len - p ? block_size - offset : len - p;
-        int64_t slot = head_offset + (int64_t)table[p / block_size] * block_size + offset;
-        const float *keys = widen(cache->keys, cache->type, slot * dim, n * dim, block);
-        for (int i = 0; i < n; i++) {
-            const float *key = keys + (int64_t)i * dim;
-            for (int g = 0; g < group; g++) {
-                const float *query = q + g * dim;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int d = 0; d < dim; d++) dot += query[d] * key[d];
-                scores[g * count + p + i - first] = dot * scale;
-            }
-        }
+    int count = len - first, stride = score_stride(count), block_size = cache->block_size;
+    for (int p = first; p < len;) {  /* block by block */
+        int n = keys_in_block(block_size, p, len);
+        if (p + n < len) prefetch(cache, cache->keys, kv_head, table, p + n, len, dim);
+        else prefetch(cache, cache->values, kv_head, table, first, len, dim);  /* for after the softmax */
+        const float *keys = widen(cache->keys, cache->type, slot_of(cache, kv_head, table, p) * dim, n * dim, block);
+        for (int g = 0; g < group; g++) score_keys(q + g * dim, keys, n, dim, scale, scores + g * stride + p - first);
         p += n;
     }
     for (int g = 0; g < group; g++) {
-        float *s = scores + g * count;
+        float *s = scores + g * stride;
+        for (int i = count; i < stride; i++) s[i] = -INFINITY;  /* weighs e^-87 against the top's 1: nothing */
         float top = s[0];
-        for (int i = 1; i < count; i++) top = s[i] > top ? s[i] : top;
+#pragma omp simd reduction(max : top)
+        for (int i = 1; i < stride; i++) top = s[i] > top ? s[i] : top;
         float total = 0.0f;
 #pragma omp simd reduction(+ : total)
-        for (int i = 0; i < count; i++) {
+        for (int i = 0; i < stride; i++) {
             s[i] = exp_nonpositive(s[i] - top);
             total += s[i];
         }
         float inverse = 1.0f / total;
 #pragma omp simd
-        for (int i = 0; i < count; i++) s[i] *= inverse;
+        for (int i = 0; i < stride; i++) s[i] *= inverse;
     }
     for (int i = 0; i < group * dim; i++) out[i] = 0.0f;
     for (int p = first; p < len;) {
-        int offset = p % block_size, n = block_size - offset < len - p ? block_size - offset : len - p;
-        int64_t slot = head_offset + (int64_t)table[p / block_size] * block_size + offset;
-        const float *values = widen(cache->values, cache->type, slot * dim, n * dim, block);
-        for (int i = 0; i < n; i++) {
-            const float *value = values + (int64_t)i * dim;
-            for (int g = 0; g < group; g++) {
-                float weight = scores[g * count + p + i - first];
-                float *o = out + g * dim;
-#pragma omp simd
-                for (int d = 0; d < dim; d++) o[d] += weight * value[d];
-            }
-        }
+        int n = keys_in_block(block_size, p, len);
+        if (p + n < len) prefetch(cache, cache->values, kv_head, table, p + n, len, dim);
+        const float *values = widen(cache->values, cache->type, slot_of(cache, kv_head, table, p) * dim, n * dim, block);
+        for (int g = 0; g < group; g++) add_weighted(out + g * dim, scores + g * stride + p - first, values, n, dim);
         p += n;
     }
 }
@@ -167,14 +256,15 @@ int decode_attention(const float *q, int64_t q_stride, const void *k_cache, cons
         for (int h = 0; h < kv_heads; h++) {
             int len = context_lens[r];
             int first = window > 0 && len > window ? len - window : 0;
-            float *scores = malloc(sizeof(float) * ((int64_t)group * (len - first) + (int64_t)block_size * dim));
+            int64_t scores_size = (int64_t)group * score_stride(len - first);
+            float *scores = malloc(sizeof(float) * (scores_size + (int64_t)block_size * dim));
             if (!scores) {
                 failed = 1;
                 continue;
             }
             attend_dim(q + r * q_stride + h * group * dim, &cache, h, out + ((int64_t)r * heads + h * group) * dim,
                        block_tables + (int64_t)r * max_blocks, first, len, group, dim, scale, scores,
-                       scores + (int64_t)group * (len - first));
+                       scores + scores_size);
             free(scores);
         }
     }
