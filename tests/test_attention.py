@@ -32,18 +32,23 @@ def portable_home(tmp_path_factory):
     return tmp_path_factory.mktemp("portable-kernels")  # a build of its own, beside the usual one
 
 
+def _use_portable_build(request, monkeypatch, home) -> None:
+    """Kernels built from here on come from PORTABLE_FLAGS, into `home`."""
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None:
+        pytest.skip("needs cc and x86's flags")
+    monkeypatch.setenv("QUILL_HOME", str(home))
+    monkeypatch.setattr(kernels, "FLAGS", kernels.FLAGS + PORTABLE_FLAGS)
+    kernels._load.cache_clear()
+    request.addfinalizer(kernels._load.cache_clear)
+
+
 @pytest.fixture(params=["kernel", "portable kernel", "torch"])
 def single_query_path(request, monkeypatch, portable_home) -> str:
     """Which implementation `_attention` gives single-query rows."""
     if request.param == "torch":
         monkeypatch.setenv("QUILL_KERNELS", "0")
     if request.param == "portable kernel":
-        if platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None:
-            pytest.skip("needs cc and x86's flags")
-        monkeypatch.setenv("QUILL_HOME", str(portable_home))
-        monkeypatch.setattr(kernels, "FLAGS", kernels.FLAGS + PORTABLE_FLAGS)
-        kernels._load.cache_clear()
-        request.addfinalizer(kernels._load.cache_clear)
+        _use_portable_build(request, monkeypatch, portable_home)
         assert kernels.function("decode_attention", []) is not None
     return request.param
 
@@ -196,3 +201,26 @@ def test_fresh_prompt_matches_plain_attention(window, cache_dtype):
     out = attention(q, k, v, meta)
     for i in range(length):
         torch.testing.assert_close(out[i:i + 1], _reference(attention, q[i], table, i + 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("build", ["kernel", "portable kernel"])
+def test_cache_writes_store_the_bits_pytorch_would(build, cache_dtype, request, monkeypatch, portable_home):
+    """The C store rounds as PyTorch's conversion does, at the edges of float16 too: overflow to
+    infinity, subnormals, signed zeros."""
+    if build == "portable kernel":
+        _use_portable_build(request, monkeypatch, portable_home)
+    generator = torch.Generator().manual_seed(7)
+    tokens = 40
+    kv = torch.randn(tokens, 2 * KV_HEADS, DIM, generator=generator)
+    kv *= torch.logspace(-9, 5, tokens)[:, None, None]  # from float16's subnormals past its largest value
+    kv[0, 0, :4] = torch.tensor([-0.0, 0.0, 65504.0, 65520.0])
+    k, v = kv[:, :KV_HEADS], kv[:, KV_HEADS:]  # strided views, as attention gets them
+    slots = torch.randperm(NUM_BLOCKS * BLOCK, generator=generator)[:tokens]
+    caches = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv("QUILL_KERNELS", switch)
+        attention = _attention(cache_dtype=cache_dtype)
+        assert (attention._store_kernel is None) == (switch == "0")
+        attention._store(k, v, slots)
+        caches.append(torch.stack([attention.k_cache[:, slots], attention.v_cache[:, slots]]))
+    assert torch.equal(caches[0].view(torch.uint8), caches[1].view(torch.uint8))

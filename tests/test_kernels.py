@@ -5,9 +5,11 @@ import logging
 import shutil
 
 import pytest
+import torch
 
 from quill import kernels
 from quill.layers.norm import RMSNorm
+from quill.layers.rotary import RotaryEmbedding
 
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                     reason="no C compiler")
@@ -46,3 +48,19 @@ def test_without_a_compiler_layers_fall_back_and_the_log_says_why(fresh_home, mo
 def test_quill_kernels_0_turns_them_off(monkeypatch):
     monkeypatch.setenv("QUILL_KERNELS", "0")
     assert kernels.function("rms_norm", []) is None
+
+
+@needs_compiler
+@pytest.mark.parametrize("tokens", [1, 300])  # one decoding token; a prompt (the threaded loop)
+def test_rotary_kernel_equals_the_pytorch_expression_bit_for_bit(tokens, monkeypatch):
+    heads, kv_heads, dim = 9, 3, 64
+    generator = torch.Generator().manual_seed(0)
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=generator) * 30
+    positions = torch.randint(0, 8000, (tokens,), generator=generator)
+    rotated = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("QUILL_KERNELS", switch)
+        rotary = RotaryEmbedding(dim, 100000.0, None)
+        assert (rotary._kernel is None) == (switch == "0")
+        rotated[switch] = rotary(positions, qkv[:, :heads + kv_heads])  # a strided view, as attention has
+    assert torch.equal(rotated["1"], rotated["0"])

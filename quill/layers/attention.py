@@ -169,7 +169,7 @@ class PagedAttention(InferenceModule):
         self.sliding_window = sliding_window
         self.k_cache = self.v_cache = torch.empty(0)
         self.dtype = torch.float32  # what queries, keys and values are computed in
-        self._kernel = None
+        self._kernel = self._store_kernel = None
 
     def bind_cache(self, num_slots: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate [kv_heads, num_slots, head_dim] key and value caches of `dtype`. Head-major:
@@ -183,24 +183,35 @@ class PagedAttention(InferenceModule):
         self.dtype = attention_dtype(dtype, device)
         on_cpu = device.type == "cpu"
         self._kernel = _decode_kernel() if on_cpu and dtype in KERNEL_CACHE_TYPES else None
+        self._store_kernel = _store_kernel() if on_cpu and dtype in KERNEL_CACHE_TYPES else None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim], all in `self.dtype`.
         Returns [tokens, heads * dim]."""
-        k, v = k.to(self.k_cache.dtype), v.to(self.v_cache.dtype)
-        self.k_cache.index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        self.v_cache.index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        self._store(k, v, meta.slot_mapping)
         single = meta.single_query
         if single is not None and single.rows is None:  # a pure decode step
             return self._attend_single_queries(q, single)
         out = q.new_empty(q.shape[0], self.num_heads * self.head_dim)
         if single is not None:
             out.index_copy_(0, single.rows, self._attend_single_queries(q[single.rows], single))
-        k, v = k.to(self.dtype), v.to(self.dtype)  # as the cache holds them (see the module docstring)
+        if meta.prompts:  # as the cache holds them (see the module docstring)
+            k, v = (t.to(self.k_cache.dtype).to(self.dtype) for t in (k, v))
         for span in meta.prompts:
             rows = slice(span.start, span.start + span.num_queries)
             out[rows] = self._attend_prompt(q[rows], k[rows], v[rows], span)
         return out
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Write this step's keys and values into their cache slots, in the cache's dtype."""
+        if (self._store_kernel is not None and k.dtype == v.dtype == torch.float32 and slots.dtype == torch.int64
+                and k.stride()[1:] == v.stride()[1:] == (self.head_dim, 1) and slots.is_contiguous()):
+            self._store_kernel(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), k.shape[0],
+                               self.num_kv_heads, self.head_dim, self.k_cache.data_ptr(), self.v_cache.data_ptr(),
+                               KERNEL_CACHE_TYPES[self.k_cache.dtype], self.k_cache.shape[1])
+            return
+        self.k_cache.index_copy_(1, slots, k.transpose(0, 1).to(self.k_cache.dtype))
+        self.v_cache.index_copy_(1, slots, v.transpose(0, 1).to(self.v_cache.dtype))
 
     def _gather(self, rows: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at `rows` of the caches viewed as [kv_heads * slots, dim], as `shape`,
@@ -284,6 +295,13 @@ class PagedAttention(InferenceModule):
 
 # The cache dtypes the C kernel reads, and its code for each (`enum cache_type` in the C source).
 KERNEL_CACHE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _store_kernel():
+    """The C function that writes keys and values into the cache (see `quill.kernels`), or None."""
+    pointer, i32, i64 = kernels.POINTER, kernels.INT32, kernels.INT64
+    return kernels.function("store_kv", [pointer, i64, pointer, i64, pointer, i32, i32, i32, pointer, pointer, i32,
+                                         i64])
 
 
 def _decode_kernel():

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from quill import kernels
 from quill.errors import UnsupportedModelError
 from quill.layers.module import InferenceModule
 
@@ -61,6 +62,8 @@ class RotaryEmbedding(InferenceModule):
         # Every layer of one forward pass gets the same positions tensor: compute cos/sin once.
         self._positions: torch.Tensor | None = None
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        pointer, i32 = kernels.POINTER, kernels.INT32  # float32 heads on the CPU (quill/kernels/rotary.c)
+        self._kernel = kernels.function("rotary", [pointer, kernels.INT64, pointer, pointer, pointer, i32, i32, i32])
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, heads, head_dim]; positions: [tokens]. Returns x rotated, in float32."""
@@ -71,6 +74,16 @@ class RotaryEmbedding(InferenceModule):
             self._positions, self._cos_sin = positions, (torch.cat((cos, cos), dim=-1).unsqueeze(1),
                                                          torch.cat((-sin, sin), dim=-1).unsqueeze(1))
         cos, signed_sin = self._cos_sin
+        if (self._kernel is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(2) == 1
+                and x.stride(1) == x.shape[2]):
+            return self._in_kernel(x, cos, signed_sin)
         x = x.float()
         half = x.shape[-1] // 2
         return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
+
+    def _in_kernel(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape)
+        tokens, heads, dim = x.shape
+        self._kernel(x.data_ptr(), x.stride(0), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(),
+                     tokens, heads, dim)
+        return out
