@@ -133,6 +133,24 @@ def test_single_query_rows_do_not_depend_on_the_batch(window, single_query_path,
             assert torch.equal(alone, batched[i:i + 1]), (context_lens, i)
 
 
+@pytest.mark.parametrize("window", [None, 40])
+def test_a_prompts_rows_attended_together_equal_each_row_alone(window, single_query_path, cache_dtype):
+    """Consecutive positions of one sequence (a prompt attended as rows, which the kernel takes in
+    tiles that share each block's reads): every row is bit-identical to decoding that position."""
+    generator = torch.Generator().manual_seed(5)
+    attention = _attention(window, cache_dtype)
+    (table,) = _random_tables([150], generator)
+    lens = list(range(1, 151))
+    q = torch.randn(len(lens), HEADS, DIM, generator=generator)
+    together = attention._attend_single_queries(q, SingleQueryRows(None, lens, [table] * len(lens), BLOCK, CPU))
+    for start in (0, 7, 63, 149):  # tiles begin and end anywhere
+        alone = attention._attend_single_queries(q[start:start + 1],
+                                                 SingleQueryRows(None, lens[start:start + 1], [table], BLOCK, CPU))
+        assert torch.equal(alone, together[start:start + 1]), start
+    chunk = attention._attend_single_queries(q[60:100], SingleQueryRows(None, lens[60:100], [table] * 40, BLOCK, CPU))
+    assert torch.equal(chunk, together[60:100])  # a later chunk of the same prompt
+
+
 def test_rows_of_very_different_widths_are_attended_in_groups():
     assert group_by_width([5, 5, 6, 5]) == [[0, 1, 2, 3]]  # too little padding to pay for a group
     assert group_by_width([40, 1, 2, 1, 39]) == [[1, 3, 2], [4, 0]]

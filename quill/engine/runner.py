@@ -54,9 +54,14 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         num_slots = num_blocks * block_size
+        attention = [module for module in model.modules() if isinstance(module, PagedAttention)]
+        for module in attention:
+            module.bind_cache(num_slots, kv_cache_dtype, device)
+        # Where the C kernel attends (see quill.layers.attention), prompt tokens are attended as
+        # single-query rows too: each then computes exactly what decoding that position would,
+        # however the prompt is chunked or served from the prefix cache.
+        self.prompts_as_rows = all(module.attends_rows_in_kernel for module in attention)
         for module in model.modules():
-            if isinstance(module, PagedAttention):
-                module.bind_cache(num_slots, kv_cache_dtype, device)
             if isinstance(module, Linear):
                 module.row_multiple = BATCH_INVARIANT_ROW_MULTIPLE if batch_invariant else 1
         self.batch_invariant = batch_invariant
@@ -123,7 +128,7 @@ class ModelRunner:
                 token_ids.extend(request.draft_token_ids)
             positions.extend(range(start, end))
             slot_mapping.extend(self._slot(request, p) for p in range(start, end))
-            if num_new == 1 or num_drafts:  # each query attends alone
+            if num_new == 1 or num_drafts or self.prompts_as_rows:  # each query attends alone
                 single_rows.extend(range(row, row + num_new))
                 single_context_lens.extend(range(start + 1, end + 1))
                 single_tables.extend([request.block_ids] * num_new)

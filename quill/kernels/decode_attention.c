@@ -1,16 +1,19 @@
-/* Attention of single queries over a paged, head-major KV cache, for decoding rows.
+/* Attention of single queries over a paged, head-major KV cache: decoding rows, and on the CPU
+   every prompt token too (each attended as the row that decoding its position would be).
 
    The PyTorch path gathers every row's keys and values into padded tensors, then runs matmul,
    masked softmax and matmul: about ten calls per layer and a copy of the whole context. This
    reads keys and values in place through each row's block table. Every (row, kv head) pair is
-   computed alone and in a fixed order, so a row's result does not depend on the batch around it.
+   computed in a fixed order of its own, so a row's result depends neither on the batch around it
+   nor on how its prompt was cut into chunks. Consecutive positions of one sequence form tiles
+   that share each block's reads.
 
    The cache holds float32, float16 or bfloat16 (cache_type 0, 1, 2); half-size caches are widened
    to float32 a block at a time, and all arithmetic is float32. Decoding reads the whole context
    for every token: a half-size cache halves those bytes (and the cache's memory), and the next
    block is prefetched while one is computed. With AVX-512 (and head sizes a multiple of 16), the
-   scores of 16 keys come out of one vector tree and the weighted values add up in registers;
-   elsewhere plain loops do the same sums.
+   scores of 16 keys come out of one vector tree, the exponentials are vectorised and the
+   weighted values add up in registers; elsewhere plain loops do the same sums.
 
    Layouts: q [rows] with row stride q_stride, each [heads, dim] (float32); caches [kv_heads,
    num_slots, dim]; block_tables [rows, max_blocks] (int32); out [rows, heads * dim] (float32).
@@ -19,6 +22,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -76,8 +80,10 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
+    int32_t exponent = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &exponent, sizeof scale);  /* 2^n; a memcpy, not a union, lets the loop vectorise */
+    return p * scale;
 }
 
 #if defined(__AVX512F__)
@@ -188,56 +194,133 @@ static inline void prefetch(const struct kv_cache *cache, const void *data, int 
    tail filled with -inf, so that the softmax loops run in whole vectors. */
 static inline int score_stride(int count) { return (count + 15) / 16 * 16; }
 
-/* One (row, kv head): the `group` query heads that share the kv head. Always inlined into
-   `attend_dim`, so that common head sizes get loops of known length. `scores` has room for
-   group * score_stride(len - first) floats, `block` for block_size * dim. */
-static inline __attribute__((always_inline)) void attend_one(
-    const float *restrict q, const struct kv_cache *cache, int kv_head, float *restrict out,
-    const int32_t *restrict table, int first, int len, int group, int dim, float scale,
-    float *restrict scores, float *restrict block) {
-    int count = len - first, stride = score_stride(count), block_size = cache->block_size;
+#if defined(__AVX512F__)
+/* exp_nonpositive on 16 floats: the same steps, with vscalefps for the power of two (GCC 12
+   does not vectorise the scalar version's bit cast). */
+static inline __m512 exp_nonpositive16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                                  _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_add_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f))),
+                             _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    static const float coefficients[] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                                         5.0000001201e-1f};
+    for (int i = 0; i < 5; i++) p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(coefficients[i]));
+    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* Softmax of `count` scores in place, over `stride` (see score_stride). */
+static void softmax(float *restrict s, int count, int stride) {
+    for (int i = count; i < stride; i++) s[i] = -INFINITY;  /* weighs e^-87 against the top's 1: nothing */
+    float top = s[0];
+#pragma omp simd reduction(max : top)
+    for (int i = 1; i < stride; i++) top = s[i] > top ? s[i] : top;
+    float total = 0.0f;
+#if defined(__AVX512F__)
+    __m512 sums = _mm512_setzero_ps();
+    for (int i = 0; i < stride; i += 16) {
+        __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s + i), _mm512_set1_ps(top)));
+        _mm512_storeu_ps(s + i, e);
+        sums = _mm512_add_ps(sums, e);
+    }
+    total = _mm512_reduce_add_ps(sums);
+#else
+#pragma omp simd reduction(+ : total)
+    for (int i = 0; i < stride; i++) {
+        s[i] = exp_nonpositive(s[i] - top);
+        total += s[i];
+    }
+#endif
+    float inverse = 1.0f / total;
+#pragma omp simd
+    for (int i = 0; i < stride; i++) s[i] *= inverse;
+}
+
+static inline int first_visible(int len, int window) { return window > 0 && len > window ? len - window : 0; }
+
+/* Rows attended together: consecutive positions of one sequence (the same block table, context
+   lengths one apart), as a prompt's are. Each block of keys and values is read and widened once
+   for the whole tile; every row still computes exactly what it would alone. */
+#define MAX_TILE 16
+
+/* One (tile, kv head): the `group` query heads that share the kv head, for each of the tile's
+   `size` rows. Always inlined into `attend_dim`, so that common head sizes get loops of known
+   length. `scores` has room for the rows' group * score_stride(len - first) floats, `block` for
+   block_size * dim. A row's keys are split where its own would be (block ends, its first and last
+   position), so its sums run in the same order whatever else is in the tile. */
+static inline __attribute__((always_inline)) void attend_tile(
+    const float *restrict q, int64_t q_stride, const struct kv_cache *cache, int kv_head, float *restrict out,
+    int64_t out_stride, const int32_t *restrict table, const int32_t *restrict lens, int size, int window,
+    int group, int dim, float scale, float *restrict scores, float *restrict block) {
+    int block_size = cache->block_size, first = first_visible(lens[0], window), len = lens[size - 1];
+    int firsts[MAX_TILE], strides[MAX_TILE];
+    float *row_scores[MAX_TILE];
+    for (int t = 0, at = 0; t < size; at += group * strides[t], t++) {
+        firsts[t] = first_visible(lens[t], window);
+        strides[t] = score_stride(lens[t] - firsts[t]);
+        row_scores[t] = scores + at;
+    }
     for (int p = first; p < len;) {  /* block by block */
         int n = keys_in_block(block_size, p, len);
         if (p + n < len) prefetch(cache, cache->keys, kv_head, table, p + n, len, dim);
         else prefetch(cache, cache->values, kv_head, table, first, len, dim);  /* for after the softmax */
         const float *keys = widen(cache->keys, cache->type, slot_of(cache, kv_head, table, p) * dim, n * dim, block);
-        for (int g = 0; g < group; g++) score_keys(q + g * dim, keys, n, dim, scale, scores + g * stride + p - first);
+        for (int t = 0; t < size; t++) {
+            int from = p > firsts[t] ? p : firsts[t], to = p + n < lens[t] ? p + n : lens[t];
+            for (int g = 0; from < to && g < group; g++)
+                score_keys(q + t * q_stride + g * dim, keys + (int64_t)(from - p) * dim, to - from, dim, scale,
+                           row_scores[t] + g * strides[t] + from - firsts[t]);
+        }
         p += n;
     }
-    for (int g = 0; g < group; g++) {
-        float *s = scores + g * stride;
-        for (int i = count; i < stride; i++) s[i] = -INFINITY;  /* weighs e^-87 against the top's 1: nothing */
-        float top = s[0];
-#pragma omp simd reduction(max : top)
-        for (int i = 1; i < stride; i++) top = s[i] > top ? s[i] : top;
-        float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-        for (int i = 0; i < stride; i++) {
-            s[i] = exp_nonpositive(s[i] - top);
-            total += s[i];
-        }
-        float inverse = 1.0f / total;
-#pragma omp simd
-        for (int i = 0; i < stride; i++) s[i] *= inverse;
+    for (int t = 0; t < size; t++) {
+        for (int g = 0; g < group; g++) softmax(row_scores[t] + g * strides[t], lens[t] - firsts[t], strides[t]);
+        for (int i = 0; i < group * dim; i++) out[t * out_stride + i] = 0.0f;
     }
-    for (int i = 0; i < group * dim; i++) out[i] = 0.0f;
     for (int p = first; p < len;) {
         int n = keys_in_block(block_size, p, len);
         if (p + n < len) prefetch(cache, cache->values, kv_head, table, p + n, len, dim);
         const float *values = widen(cache->values, cache->type, slot_of(cache, kv_head, table, p) * dim, n * dim, block);
-        for (int g = 0; g < group; g++) add_weighted(out + g * dim, scores + g * stride + p - first, values, n, dim);
+        for (int t = 0; t < size; t++) {
+            int from = p > firsts[t] ? p : firsts[t], to = p + n < lens[t] ? p + n : lens[t];
+            for (int g = 0; from < to && g < group; g++)
+                add_weighted(out + t * out_stride + g * dim, row_scores[t] + g * strides[t] + from - firsts[t],
+                             values + (int64_t)(from - p) * dim, to - from, dim);
+        }
         p += n;
     }
 }
 
-static void attend_dim(const float *q, const struct kv_cache *cache, int kv_head, float *out, const int32_t *table,
-                       int first, int len, int group, int dim, float scale, float *scores, float *block) {
+static void attend_dim(const float *q, int64_t q_stride, const struct kv_cache *cache, int kv_head, float *out,
+                       int64_t out_stride, const int32_t *table, const int32_t *lens, int size, int window, int group,
+                       int dim, float scale, float *scores, float *block) {
     switch (dim) {  /* the same code, compiled for the head sizes of common models */
-    case 64: attend_one(q, cache, kv_head, out, table, first, len, group, 64, scale, scores, block); break;
-    case 128: attend_one(q, cache, kv_head, out, table, first, len, group, 128, scale, scores, block); break;
-    case 256: attend_one(q, cache, kv_head, out, table, first, len, group, 256, scale, scores, block); break;
-    default: attend_one(q, cache, kv_head, out, table, first, len, group, dim, scale, scores, block);
+#define ATTEND(DIM) attend_tile(q, q_stride, cache, kv_head, out, out_stride, table, lens, size, window, group, DIM, \
+                                scale, scores, block)
+    case 64: ATTEND(64); break;
+    case 128: ATTEND(128); break;
+    case 256: ATTEND(256); break;
+    default: ATTEND(dim);
+#undef ATTEND
     }
+}
+
+/* Splits the rows into tiles; tile_starts gets rows + 1 entries at most. Returns the tile count. */
+static int find_tiles(const int32_t *block_tables, int max_blocks, const int32_t *context_lens, int rows,
+                      int block_size, int *tile_starts) {
+    int tiles = 0;
+    for (int r = 0; r < rows; r++) {
+        int previous_blocks = r ? (context_lens[r - 1] + block_size - 1) / block_size : 0;
+        int joins = r > 0 && r - tile_starts[tiles - 1] < MAX_TILE && context_lens[r] == context_lens[r - 1] + 1 &&
+                    memcmp(block_tables + (int64_t)r * max_blocks, block_tables + (int64_t)(r - 1) * max_blocks,
+                           sizeof(int32_t) * previous_blocks) == 0;
+        if (!joins) tile_starts[tiles++] = r;
+    }
+    tile_starts[tiles] = rows;
+    return tiles;
 }
 
 /* Returns 0, or -1 when scratch memory could not be allocated. */
@@ -247,26 +330,33 @@ int decode_attention(const float *q, int64_t q_stride, const void *k_cache, cons
                      int window, float scale) {
     struct kv_cache cache = {k_cache, v_cache, (enum cache_type)cache_type, num_slots, block_size};
     int group = heads / kv_heads;
+    int *tile_starts = malloc(sizeof(int) * (rows + 1));
+    if (!tile_starts) return -1;
+    int tiles = find_tiles(block_tables, max_blocks, context_lens, rows, block_size, tile_starts);
     int64_t keys = 0;
     for (int r = 0; r < rows; r++) keys += context_lens[r];
     int failed = 0;
     /* Threads pay off only with enough work: waking them costs several microseconds. */
 #pragma omp parallel for schedule(dynamic) collapse(2) if (keys * kv_heads * dim > (1 << 14)) reduction(| : failed)
-    for (int r = 0; r < rows; r++) {
+    for (int i = 0; i < tiles; i++) {
         for (int h = 0; h < kv_heads; h++) {
-            int len = context_lens[r];
-            int first = window > 0 && len > window ? len - window : 0;
-            int64_t scores_size = (int64_t)group * score_stride(len - first);
+            int r0 = tile_starts[i], size = tile_starts[i + 1] - r0;
+            int64_t scores_size = 0;
+            for (int r = r0; r < r0 + size; r++)
+                scores_size += (int64_t)group * score_stride(context_lens[r] - first_visible(context_lens[r], window));
             float *scores = malloc(sizeof(float) * (scores_size + (int64_t)block_size * dim));
             if (!scores) {
                 failed = 1;
                 continue;
             }
-            attend_dim(q + r * q_stride + h * group * dim, &cache, h, out + ((int64_t)r * heads + h * group) * dim,
-                       block_tables + (int64_t)r * max_blocks, first, len, group, dim, scale, scores,
-                       scores + scores_size);
+            /* the tile's last row has the longest table: the others' are its beginning */
+            attend_dim(q + r0 * q_stride + h * group * dim, q_stride, &cache, h,
+                       out + ((int64_t)r0 * heads + h * group) * dim, (int64_t)heads * dim,
+                       block_tables + (int64_t)(r0 + size - 1) * max_blocks, context_lens + r0, size, window,
+                       group, dim, scale, scores, scores + scores_size);
             free(scores);
         }
     }
+    free(tile_starts);
     return failed ? -1 : 0;
 }

@@ -14,8 +14,12 @@ The runner hands every layer the same `AttentionMetadata`: where each new token'
   groups, so that short contexts are not padded to the longest (`group_by_width`). On the CPU, a
   C kernel (`quill/kernels/decode_attention.c`) does the same work in place through the block
   tables, row by row, where it can be built; the PyTorch path is the fallback and its reference.
+  With the kernel, the runner sends prompt tokens this way too (`attends_rows_in_kernel`): a
+  prompt's logits then do not depend on how it was chunked or how much of it the prefix cache
+  held, and the kernel's tiles (consecutive positions of one sequence) prefill faster than
+  PyTorch's fused kernel here.
 - prompt spans (`PromptSpan`): a prefill chunk, whose queries attend together, causally masked,
-  through PyTorch's fused kernel.
+  through PyTorch's fused kernel (GPUs, and CPUs without a C compiler).
 
 The cache may hold fewer bits than attention computes with (on the CPU: a float16 cache, float32
 arithmetic). Attention then always sees keys and values as the cache holds them, also those of
@@ -201,6 +205,10 @@ class PagedAttention(InferenceModule):
             rows = slice(span.start, span.start + span.num_queries)
             out[rows] = self._attend_prompt(q[rows], k[rows], v[rows], span)
         return out
+
+    @property
+    def attends_rows_in_kernel(self) -> bool:
+        return self._kernel is not None
 
     def _store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Write this step's keys and values into their cache slots, in the cache's dtype."""
