@@ -92,10 +92,10 @@ static inline float exp_nonpositive(float x) {
    Every key's sum is added in the same order, whatever its position among the 16. */
 static inline __m512 dot16(const float *restrict query, const float *restrict keys, int n, int dim) {
     __m512 acc[16];
-    for (int i = 0; i < 16; i++) {
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) {  /* unrolled, branch-free: the sums stay in registers */
+        const float *key = keys + (int64_t)(i < n ? i : n - 1) * dim;  /* keys past n: a copy, unstored */
         acc[i] = _mm512_setzero_ps();
-        if (i >= n) continue;
-        const float *key = keys + (int64_t)i * dim;
         for (int d = 0; d < dim; d += 16)
             acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), _mm512_loadu_ps(key + d), acc[i]);
     }
