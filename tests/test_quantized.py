@@ -69,12 +69,15 @@ def _random_weight(rows: int, cols: int, bits: int, group: int, symmetric: bool 
     return QuantizedWeight(codes, scales, offsets, bits, group, "test")
 
 
+@pytest.mark.parametrize("kernels_on", ["1", "0"])  # bf16: the C expansion, and the PyTorch one
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
-def test_int4_packed_layout_unpacks_to_the_codes(group):
+def test_int4_packed_layout_unpacks_to_the_codes(group, kernels_on, monkeypatch):
     """Int4Linear reads codes back out of PyTorch's packed layout (for the bf16 path of big
     batches); this pins that layout, so a PyTorch change shows up here."""
+    monkeypatch.setenv("QUILL_KERNELS", kernels_on)
     weight = _random_weight(320, 512, 4, group)
     layer = Int4Linear(weight)
+    assert layer._expand is None or kernels_on == "1"
     # What the kernel computes: (code - 8) * scale + zero in float32, from its bf16 scale and zero.
     scales, zeros = layer.scales_and_zeros.float().unbind(-1)  # [in // group, out]
     codes = weight.codes.float().view(320, 512 // group, group)
