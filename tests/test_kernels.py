@@ -64,3 +64,18 @@ def test_rotary_kernel_equals_the_pytorch_expression_bit_for_bit(tokens, monkeyp
         assert (rotary._kernel is None) == (switch == "0")
         rotated[switch] = rotary(positions, qkv[:, :heads + kv_heads])  # a strided view, as attention has
     assert torch.equal(rotated["1"], rotated["0"])
+
+
+@needs_compiler
+def test_a_changed_header_rebuilds_the_kernels_that_may_include_it(fresh_home, tmp_path, monkeypatch):
+    sources = tmp_path / "sources"
+    shutil.copytree(kernels.SOURCE_DIR, sources, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    monkeypatch.setattr(kernels, "SOURCE_DIR", sources)
+    assert kernels.function("rms_norm", []) is not None
+    (before,) = (fresh_home / "kernels").glob("rms_norm-*.so")
+    with (sources / "bf16.h").open("a") as header:
+        header.write("/* changed */\n")
+    kernels._load.cache_clear()
+    assert kernels.function("rms_norm", []) is not None
+    (after,) = (fresh_home / "kernels").glob("rms_norm-*.so")
+    assert after != before

@@ -60,7 +60,8 @@ def _build(name: str) -> Path:
     if compiler is None:
         raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
     source = SOURCE_DIR / f"{name}.c"
-    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    headers = b"".join(header.read_bytes() for header in sorted(SOURCE_DIR.glob("*.h")))  # what it may include
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
     target = quill_home() / "kernels" / f"{name}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -9,21 +9,8 @@
    out is [in, out_features] (the transpose of the weight); scales_and_zeros [in / group,
    out_features, 2] bfloat16. */
 #include <stdint.h>
-#include <string.h>
 
-static inline float from_bf16(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
+#include "bf16.h"
 
 void expand_int4(const uint8_t *packed, const uint16_t *scales_and_zeros, uint16_t *out, int out_features,
                  int in_features, int group_size) {

@@ -9,23 +9,8 @@
    Each row is computed alone and in a fixed order, whatever the number of rows. */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
-static inline float from_bf16(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Round to nearest even, as PyTorch does (NaN stays NaN). */
-static inline uint16_t to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
+#include "bf16.h"
 
 void rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint16_t *out,
               int rows, int dim, float eps, float offset) {

@@ -11,18 +11,14 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
+
 enum cache_type { CACHE_F32, CACHE_F16, CACHE_BF16 };
 
 static inline uint32_t bits_of(float f) {
     uint32_t bits;
     memcpy(&bits, &f, sizeof bits);
     return bits;
-}
-
-static inline uint16_t to_bf16(float f) {
-    uint32_t bits = bits_of(f);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 /* IEEE half, for CPUs without F16C. */
