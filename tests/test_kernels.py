@@ -73,7 +73,7 @@ def test_a_changed_header_rebuilds_the_kernels_that_may_include_it(fresh_home, t
     monkeypatch.setattr(kernels, "SOURCE_DIR", sources)
     assert kernels.function("rms_norm", []) is not None
     (before,) = (fresh_home / "kernels").glob("rms_norm-*.so")
-    with (sources / "bf16.h").open("a") as header:
+    with (sources / "half_floats.h").open("a") as header:
         header.write("/* changed */\n")
     kernels._load.cache_clear()
     assert kernels.function("rms_norm", []) is not None

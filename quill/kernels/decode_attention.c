@@ -27,22 +27,7 @@
 #include <immintrin.h>
 #endif
 
-enum cache_type { CACHE_F32, CACHE_F16, CACHE_BF16 };
-
-/* IEEE half to float, for CPUs without F16C (and the tail of a block). */
-static inline float half_to_float(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-    union { uint32_t u; float f; } out;
-    if (exponent == 0x1f) { /* infinity or NaN */
-        out.u = sign | 0x7f800000u | (mantissa << 13);
-    } else if (exponent) {
-        out.u = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    } else { /* zero or subnormal: mantissa * 2^-24 */
-        out.f = (float)mantissa * 5.9604644775390625e-8f;
-        out.u |= sign;
-    }
-    return out.f;
-}
+#include "half_floats.h"
 
 /* `count` cache elements from element `start` as float32: in place for a float32 cache,
    otherwise converted into `scratch`. Not inlined on purpose: inlined, GCC 12 splits the callers'
@@ -53,10 +38,7 @@ static __attribute__((noinline)) const float *widen(const void *cache, enum cach
     const uint16_t *source = (const uint16_t *)cache + start;
     if (type == CACHE_BF16) { /* bfloat16 is the top half of a float32 */
 #pragma omp simd
-        for (int i = 0; i < count; i++) {
-            union { uint32_t u; float f; } value = {.u = (uint32_t)source[i] << 16};
-            scratch[i] = value.f;
-        }
+        for (int i = 0; i < count; i++) scratch[i] = from_bf16(source[i]);
         return scratch;
     }
     int i = 0;
@@ -64,7 +46,7 @@ static __attribute__((noinline)) const float *widen(const void *cache, enum cach
     for (; i + 8 <= count; i += 8)
         _mm256_storeu_ps(scratch + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(source + i))));
 #endif
-    for (; i < count; i++) scratch[i] = half_to_float(source[i]);
+    for (; i < count; i++) scratch[i] = from_half(source[i]);
     return scratch;
 }
 
@@ -80,10 +62,7 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    int32_t exponent = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &exponent, sizeof scale);  /* 2^n; a memcpy, not a union, lets the loop vectorise */
-    return p * scale;
+    return p * float_of((uint32_t)((int32_t)n + 127) << 23);  /* times 2^n */
 }
 
 #if defined(__AVX512F__)

@@ -10,7 +10,7 @@
    out_features, 2] bfloat16. */
 #include <stdint.h>
 
-#include "bf16.h"
+#include "half_floats.h"
 
 void expand_int4(const uint8_t *packed, const uint16_t *scales_and_zeros, uint16_t *out, int out_features,
                  int in_features, int group_size) {

@@ -10,7 +10,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "bf16.h"
+#include "half_floats.h"
 
 void rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint16_t *out,
               int rows, int dim, float eps, float offset) {

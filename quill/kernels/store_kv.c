@@ -11,27 +11,7 @@
 #include <immintrin.h>
 #endif
 
-#include "bf16.h"
-
-enum cache_type { CACHE_F32, CACHE_F16, CACHE_BF16 };
-
-static inline uint32_t bits_of(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    return bits;
-}
-
-/* IEEE half, for CPUs without F16C. */
-static inline uint16_t to_half(float f) {
-    uint32_t bits = bits_of(f), sign = (bits >> 16) & 0x8000u, magnitude = bits & 0x7fffffffu;
-    if (magnitude > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  /* NaN */
-    if (magnitude >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  /* 65520 and up round to infinity */
-    if (magnitude < 0x38800000u) {  /* below 2^-14: a subnormal half, a whole number of 2^-24 */
-        float units = (f < 0 ? -f : f) * 16777216.0f;
-        return (uint16_t)(sign | (uint32_t)((units + 8388608.0f) - 8388608.0f));  /* to nearest even */
-    }
-    return (uint16_t)(sign | ((magnitude + 0xfffu + ((magnitude >> 13) & 1u) - 0x38000000u) >> 13));
-}
+#include "half_floats.h"
 
 static void store_row(const float *source, void *cache, enum cache_type type, int64_t start, int dim) {
     if (type == CACHE_F32) {

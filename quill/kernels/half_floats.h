@@ -1,0 +1,51 @@
+/* The 16-bit float formats the kernels read and write, converted as PyTorch converts them:
+   widening is exact, narrowing rounds to nearest even (NaN stays NaN). Also the KV cache's
+   element types, as quill/layers/attention.py numbers them (KERNEL_CACHE_TYPES). */
+#ifndef QUILL_HALF_FLOATS_H
+#define QUILL_HALF_FLOATS_H
+
+#include <stdint.h>
+#include <string.h>
+
+enum cache_type { CACHE_F32, CACHE_F16, CACHE_BF16 };
+
+static inline uint32_t bits_of(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return bits;
+}
+
+static inline float float_of(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float from_bf16(uint16_t h) { return float_of((uint32_t)h << 16); }
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t bits = bits_of(f);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* IEEE half, for CPUs without F16C (and the tails of vector loops). */
+static inline float from_half(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    if (exponent == 0x1f) return float_of(sign | 0x7f800000u | (mantissa << 13));  /* infinity or NaN */
+    if (exponent) return float_of(sign | ((exponent + 112) << 23) | (mantissa << 13));
+    return float_of(sign | bits_of((float)mantissa * 5.9604644775390625e-8f));  /* zero or subnormal: m * 2^-24 */
+}
+
+static inline uint16_t to_half(float f) {
+    uint32_t bits = bits_of(f), sign = (bits >> 16) & 0x8000u, magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);  /* NaN */
+    if (magnitude >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  /* 65520 and up round to infinity */
+    if (magnitude < 0x38800000u) {  /* below 2^-14: a subnormal half, a whole number of 2^-24 */
+        float units = (f < 0 ? -f : f) * 16777216.0f;
+        return (uint16_t)(sign | (uint32_t)((units + 8388608.0f) - 8388608.0f));  /* to nearest even */
+    }
+    return (uint16_t)(sign | ((magnitude + 0xfffu + ((magnitude >> 13) & 1u) - 0x38000000u) >> 13));
+}
+
+#endif
