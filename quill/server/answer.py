@@ -27,6 +27,10 @@ class LiveAnswer:
         self.usage: dict | None = None  # settled when the answer closes
         self._closed = False
 
+    def start(self) -> None:
+        """Submit the run's prompts to the engine (a refusal comes out of the first `next`)."""
+        self.run.start()
+
     async def next(self) -> Update | None:
         """The run's next update; None once it is over (and then the books are settled)."""
         update = await self.run.next()

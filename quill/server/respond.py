@@ -53,7 +53,7 @@ async def respond(server: ServerState, request: Request, body: SamplingFields, r
 
     answer = LiveAnswer(Run(server.engine, reply.head.id, prompts, params), ticket, server.metrics,
                         server.billing, record, on_close=store if lease else None)
-    answer.run.start()
+    answer.start()
     if body.stream:
         first = await _first_update(answer)
         response = sse_response(live_events(answer, first, reply, server.admission, body.field_names), answer.close)
