@@ -25,17 +25,17 @@ def sampling_params(body: SamplingFields, prompts: list[list[int]], limits: Engi
     """The request's `SamplingParams` for these (tokenized) prompts, or a typed error naming the field."""
     prompt_field = body.field_names.get("prompt", "prompt")
     longest = max(len(p) for p in prompts)
-    requested = body.requested_max_tokens()
-    if requested is not None and max_tokens_cap is not None:
-        requested = min(requested, max_tokens_cap)
-    limits.check_context(longest, requested, prompt_field)
-    max_tokens = requested
-    if max_tokens is None:
+    chosen = body.requested_max_tokens()  # None: the rest of the window, the client did not choose
+    max_tokens = chosen
+    if chosen is not None and max_tokens_cap is not None:
+        max_tokens = min(chosen, max_tokens_cap)
+    limits.check_context(longest, max_tokens, prompt_field)
+    if chosen is None:
         max_tokens = limits.room_after(longest)
         if max_tokens_cap is not None:
             max_tokens = min(max_tokens, max_tokens_cap)
     min_tokens = body.min_tokens or 0
-    if body.requested_max_tokens() is None or max_tokens_cap is not None:  # not the client's own max_tokens
+    if chosen is None or max_tokens_cap is not None:  # clamp min_tokens to a max_tokens the client did not set
         min_tokens = min(min_tokens, max_tokens)
     passed = {name: value for name in SAMPLING_FIELDS - DERIVED
               if (value := getattr(body, name, None)) is not None}
