@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import httpx
 import pytest
@@ -234,11 +235,15 @@ def test_admission_drain_refuses_new_requests_and_cancels_stragglers():
     assert closed.value.status == 503
 
 
-def test_counts_return_to_zero_after_aborts_errors_and_refusals(served):
+def test_counts_return_to_zero_after_aborts_errors_and_refusals(served, monkeypatch):
     """Streams cut mid-way, clients that time out, refused requests: afterwards no sequence is
     counted as waiting or running, no task is in flight, and every KV block is free."""
     app, client = served
     admission = app.state.server.admission
+    core = app.state.engine.engine
+    step = core.step
+    # Slow steps: a 200-token run is certainly unfinished when the test looks at it mid-stream.
+    monkeypatch.setattr(core, "step", lambda: time.sleep(0.03) or step())
     long = completion(max_tokens=200, ignore_eos=True, n=3, logprobs=0)
     for _ in range(2):
         with client.stream("POST", "/v1/completions", json={**long, "stream": True}) as response:
