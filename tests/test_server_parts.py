@@ -32,6 +32,7 @@ from quill.server.sampling import DERIVED, SAMPLING_FIELDS
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
 WINDOW, VOCAB = 256, 320  # the tiny llama's context window and vocabulary
+CHAT_NAMES = {"prompt": "messages", "logprobs": "top_logprobs"}  # what chat calls the engine's fields
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_sampling_rules_are_sampling_params_own_in_both_endpoints(served, name, 
     expected = pytest.raises(InvalidRequestError, SamplingParams, **{name: value}).value
     for body, field in ((completion(**{name: value}), name),
                         (chat(**({"logprobs": True, "top_logprobs": value} if name == "logprobs" else {name: value})),
-                         ChatCompletionRequest.field_names.get(name, name))):
+                         CHAT_NAMES.get(name, name))):
         if name == "min_tokens":  # min_tokens is clamped to a max_tokens the client did not choose
             body["max_tokens"] = 4
         error = assert_error(post(client, body), 400, field)
@@ -123,6 +124,8 @@ def test_chat_errors_use_the_chat_field_names(served):
     error = assert_error(post(client, chat(max_tokens=WINDOW)), 400, "messages", "context_length_exceeded")
     assert "in the messages" in error["message"]
     assert_error(post(client, chat(logprobs=True, top_logprobs=99)), 400, "top_logprobs")
+    assert_error(post(client, chat(max_tokens=None, max_completion_tokens=0)), 400, "max_completion_tokens")
+    assert_error(post(client, chat(max_tokens=0)), 400, "max_tokens")
 
 
 @pytest.mark.parametrize("body, status, param, code", [
@@ -269,7 +272,8 @@ def test_counts_return_to_zero_after_aborts_errors_and_refusals(served, monkeypa
 
 
 def test_errors_map_by_type_not_by_message():
-    chat_names = ChatCompletionRequest.field_names
+    chat_names = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}]).field_names
+    assert chat_names == CHAT_NAMES
     error = api_error(ContextLengthError("too long"), chat_names)
     assert (error.status, error.param, error.code) == (400, "messages", "context_length_exceeded")
     error = api_error(InvalidRequestError("logprobs must be in [0, 20]", param="logprobs"), chat_names)

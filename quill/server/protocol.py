@@ -12,7 +12,7 @@ validating every streamed chunk.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,9 +39,6 @@ class StreamOptions(_Request):
 
 class SamplingFields(_Request):
     """Parameters shared by chat and text completions (OpenAI's, then Quill's extensions)."""
-
-    # The engine's names for fields this endpoint calls otherwise (for errors' `param`).
-    field_names: ClassVar[dict[str, str]] = {}
 
     model: str | None = Field(default=None, description="the served model name; defaults to the only model")
     max_tokens: int | None = bounded("max_tokens", default=None, description="defaults to the rest of the context window")
@@ -79,6 +76,11 @@ class SamplingFields(_Request):
         return self
 
     @property
+    def field_names(self) -> dict[str, str]:
+        """The engine's names for fields this request calls otherwise (for errors' `param`)."""
+        return {}
+
+    @property
     def include_usage(self) -> bool:
         """A streamed response ends with a chunk that carries the usage."""
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -103,8 +105,6 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
-    field_names: ClassVar[dict[str, str]] = {"prompt": "messages", "logprobs": "top_logprobs"}
-
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = bounded("max_tokens", default=None, description="the newer name of max_tokens")
     logprobs: bool | None = False
@@ -116,6 +116,13 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         return self
+
+    @property
+    def field_names(self) -> dict[str, str]:
+        names = {"prompt": "messages", "logprobs": "top_logprobs"}
+        if self.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        return names
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
