@@ -138,7 +138,11 @@ class SamplingParams:
 
 
 def _invalid(name: str, rule: str, value) -> InvalidRequestError:
-    return InvalidRequestError(f"{name} must be {rule}, got {value!r}", param=name)
+    return _error(f"{name} must be {rule}, got {value!r}", name)
+
+
+def _error(message: str, param: str) -> InvalidRequestError:
+    return InvalidRequestError(message, param=param, code="invalid_value")
 
 
 def _parse_logit_bias(bias) -> dict[int, float]:
@@ -148,11 +152,10 @@ def _parse_logit_bias(bias) -> dict[int, float]:
         try:
             token_id = int(key)
         except (TypeError, ValueError):
-            raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+            raise _error(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
         if token_id < 0:
-            raise InvalidRequestError(f"logit_bias keys must be token ids >= 0, got {key!r}", param="logit_bias")
+            raise _error(f"logit_bias keys must be token ids >= 0, got {key!r}", "logit_bias")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
-            raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {value!r} for token {token_id}",
-                                      param="logit_bias")
+            raise _error(f"logit_bias values must be in [-100, 100], got {value!r} for token {token_id}", "logit_bias")
         parsed[token_id] = float(value)
     return parsed

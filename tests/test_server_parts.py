@@ -82,18 +82,18 @@ def test_sampling_rules_are_sampling_params_own_in_both_endpoints(served, name, 
                          CHAT_NAMES.get(name, name))):
         if name == "min_tokens":  # min_tokens is clamped to a max_tokens the client did not choose
             body["max_tokens"] = 4
-        error = assert_error(post(client, body), 400, field)
+        error = assert_error(post(client, body), 400, field, "invalid_value")
         assert error["message"] == expected.message, (body, error)
 
 
 @pytest.mark.parametrize("fields, param, code, owner", [
-    ({"logit_bias": {"x": 1}}, "logit_bias", None, "SamplingParams"),
-    ({"logit_bias": {"5": 500.0}}, "logit_bias", None, "SamplingParams"),
-    ({"logit_bias": {"-1": 1}}, "logit_bias", None, "SamplingParams"),
+    ({"logit_bias": {"x": 1}}, "logit_bias", "invalid_value", "SamplingParams"),
+    ({"logit_bias": {"5": 500.0}}, "logit_bias", "invalid_value", "SamplingParams"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias", "invalid_value", "SamplingParams"),
     ({"logit_bias": {str(VOCAB): 1}}, "logit_bias", None, "EngineLimits"),
-    ({"stop": [""]}, "stop", None, "SamplingParams"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids", None, "SamplingParams"),
-    ({"min_tokens": 9, "max_tokens": 4}, "min_tokens", None, "SamplingParams"),
+    ({"stop": [""]}, "stop", "invalid_value", "SamplingParams"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids", "invalid_value", "SamplingParams"),
+    ({"min_tokens": 9, "max_tokens": 4}, "min_tokens", "invalid_value", "SamplingParams"),
     ({"max_tokens": WINDOW}, "prompt", "context_length_exceeded", "EngineLimits"),
     ({"prompt": [1] * WINDOW}, "prompt", "context_length_exceeded", "EngineLimits"),
     ({"prompt": [1, VOCAB]}, "prompt", None, "EngineLimits"),
