@@ -173,10 +173,6 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument("--dequantize", action="store_true",
                          help="expand quantized GGUF weights to --dtype at load instead of running Q4_0/Q4_1/Q4_K "
                               "and int4/int8 weights natively (more memory, slower decoding; the reference path)")
-    options.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
-                         help="make greedy output independent of what else is in the batch (default: on; "
-                              "prompts of 32 tokens or more still prefill through bf16 weights). Off, quantized "
-                              "layers instead switch to bf16 for any step of 96 rows or more")
     options.add_argument("--max-model-len", type=int, metavar="N",
                          help="context length limit (default: the model's own)")
     options.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
@@ -394,7 +390,7 @@ def _load_llm(args: argparse.Namespace):
     from quill import LLM  # torch loads here, so --help, pull and models stay quick
 
     return LLM(args.model, dtype=args.dtype, device=args.device, dequantize=args.dequantize,
-               batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
+               max_model_len=args.max_model_len,
                kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
 
