@@ -18,7 +18,7 @@ from quill import kernels
 from quill.layers.fixed_order import fixed_order_dot, tree_sum
 from quill.layers.linear import Linear, prepare_linears_for_cpu
 from quill.layers.matmul import PackedMatmul, RowBlockedMatmul, kernel_available, probe_row_blocks
-from quill.layers.quantized import Int4Linear, Int8Linear, QuantizedWeight, quantize_per_channel_int8
+from quill.layers.quantized import Int4Linear, Int8GroupLinear, Int8Linear, QuantizedWeight, quantize_per_channel_int8
 
 # (out, in) of each matmul: SmolLM2-135M, Gemma 3 270M, and the tiny test models (llama/qwen2, gemma3).
 SMOLLM2 = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
@@ -28,16 +28,19 @@ HEADS = [(49152, 576), (262144, 640)]  # the real models' LM heads (int8 in the 
 SHAPES = SMOLLM2 + GEMMA3 + TINY
 
 
-def _random_int4(out: int, inp: int, group: int = 32) -> QuantizedWeight:
+def _random_codes(out: int, inp: int, bits: int = 4, group: int = 32) -> QuantizedWeight:
     generator = torch.Generator().manual_seed(out * 7 + inp)
-    codes = torch.randint(0, 16, (out, inp), dtype=torch.uint8, generator=generator)
+    codes = torch.randint(0, 2 ** bits, (out, inp), dtype=torch.uint8, generator=generator)
     scales = torch.rand(out, inp // group, generator=generator) * 0.01 + 1e-3
-    return QuantizedWeight(codes, scales, -torch.rand(out, inp // group, generator=generator) * 0.05, 4, group, "test")
+    offsets = -torch.rand(out, inp // group, generator=generator) * 0.05 * 2 ** (bits - 4)
+    return QuantizedWeight(codes, scales, offsets, bits, group, "test")
 
 
 def _layer(kind: str, out: int, inp: int):
     if kind == "int4":
-        return Int4Linear(_random_int4(out, inp)) if out % 64 == 0 else None
+        return Int4Linear(_random_codes(out, inp)) if out % 64 == 0 or kernel_available() else None
+    if kind == "int8g":  # 6-bit codes in groups of 16, as Q6_K
+        return Int8GroupLinear(_random_codes(out, inp, bits=6, group=16)) if kernel_available() else None
     if kind == "int8":
         return Int8Linear(quantize_per_channel_int8(torch.randn(out, inp) * 0.05))
     layer = Linear(inp, out, bias=True).to(getattr(torch, kind))
@@ -53,13 +56,13 @@ def _assert_rows_alone_equal_rows_together(layer, x: torch.Tensor, sizes) -> Non
 
 
 @pytest.mark.parametrize("kernels_on", ["1", "0"], ids=["kernel", "pytorch-fallback"])
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int4", "int8"])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int4", "int8", "int8g"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_rows_in_batches_of_1_to_64_equal_rows_alone(shape, kind, kernels_on, monkeypatch):
     monkeypatch.setenv("QUILL_KERNELS", kernels_on)
     layer = _layer(kind, *shape)
     if layer is None:
-        pytest.skip("int4 layers need whole blocks of 64 outputs")
+        pytest.skip("without the kernel, int4 layers need whole blocks of 64 outputs, and byte codes expand")
     dtype = torch.float32 if kind == "float32" else torch.bfloat16
     x = torch.randn(72, shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
     _assert_rows_alone_equal_rows_together(layer, x, range(1, 65))
@@ -98,7 +101,7 @@ def _portable_build():
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
-@pytest.mark.parametrize("fmt", ["bf16", "int4", "int8"])
+@pytest.mark.parametrize("fmt", ["bf16", "int4", "int8", "int8g"])
 def test_kernel_computes_its_documented_arithmetic(fmt, build):
     """Bit for bit in the portable build (plain C: the same on any CPU); within float32 rounding
     in the native one (AVX-512 BF16 where present, whose dot product is specified the same way)."""
@@ -110,8 +113,9 @@ def test_kernel_computes_its_documented_arithmetic(fmt, build):
     if fmt == "bf16":
         matmul = PackedMatmul.dense(torch.randn(out, inp, generator=generator).to(torch.bfloat16))
     elif fmt == "int4":
-        weight = _random_int4(out - out % 64, inp)
-        matmul, out = Int4Linear(weight).matmul, out - out % 64
+        matmul = Int4Linear(_random_codes(out, inp)).matmul
+    elif fmt == "int8g":
+        matmul = Int8GroupLinear(_random_codes(out, inp, bits=8, group=32)).matmul
     else:
         layer = Int8Linear(quantize_per_channel_int8(torch.randn(out, inp, generator=generator)))
         matmul = layer.matmul

@@ -18,10 +18,16 @@
        portable loop below computes too. Weights come from their packed form as bfloat16:
          BF16  w itself;                      packed [panels][k/2][16][2] uint16
          INT4  bf16((code - 8) * scale + zero), computed in float32 (the product is exact);
-               codes [panels][k/2][16] uint8, the pair's first input in the low nibble;
+               codes [panels][k/2][16] uint8: byte i holds input 2p + i % 2 of column i / 2 in
+               its low nibble and of column 8 + i / 2 in its high one (so that a vector of low
+               nibbles, and one of high nibbles, is already in pair order);
                scales and zeros [panels][k/group][16] bfloat16
          INT8  the signed code (exact in bf16); packed [panels][k/2][16][2] int8, and the output
                is then acc * channel_scale[n]
+         INT8G bf16(code * scale + zero), computed in float32 (the product is exact: 8 bits by 8),
+               codes signed bytes centred on zero (5- to 8-bit values less 2^(bits - 1), so that
+               symmetric formats have zero = 0); packed [panels][k/2][16][2] int8, scales and
+               zeros as INT4's
      F32 (format F32, float32 activations): acc = fma(x[i], w[i], acc) for each input i;
          packed [panels][k][16] float32.
    A bias is then added (once, rounding once) and the result stored as float32 or rounded to
@@ -40,7 +46,7 @@
 
 #include "half_floats.h"
 
-enum format { FMT_BF16, FMT_INT4, FMT_INT8 };
+enum format { FMT_BF16, FMT_INT4, FMT_INT8, FMT_INT8G };
 
 #define LANES 16
 #define FUSED_MAX_ROWS 16 /* up to this many rows, weights are expanded once per call into registers */
@@ -48,13 +54,16 @@ enum format { FMT_BF16, FMT_INT4, FMT_INT8 };
 typedef struct {
     int format, k, n, group;
     const void *packed;         /* BF16: uint16 pairs; INT4: nibble pairs; INT8: int8 pairs */
-    const uint16_t *scales;     /* INT4: bf16 [panels][k/group][16] */
-    const uint16_t *zeros;      /* INT4: bf16 [panels][k/group][16] */
+    const uint16_t *scales;     /* INT4, INT8G: bf16 [panels][k/group][16] */
+    const uint16_t *zeros;      /* INT4, INT8G: bf16 [panels][k/group][16] */
     const float *channel_scale; /* INT8: float32 [panels * 16] */
     const float *bias;          /* float32 [n] or NULL */
 } weights_t;
 
 static inline int panels_of(int n) { return (n + LANES - 1) / LANES; }
+
+/* Whether the format has a scale and zero per group of inputs. */
+static inline int grouped(int format) { return format == FMT_INT4 || format == FMT_INT8G; }
 
 /* The epilogue of one output: the channel scale (INT8), then the bias. Scalar, for the portable
    path; the vector path's store_lanes does the same operations. */
@@ -75,24 +84,18 @@ static inline void store_value(void *out, int64_t index, float value, int out_bf
 
 /* ---- AVX-512 BF16 ------------------------------------------------------------------------------ */
 
-/* Words 0..15 of a vdpbf16ps weight vector from the even inputs, 16..31 from the odd ones, turned
-   into pairs: word 2j <- j, word 2j+1 <- 16 + j. */
-static inline __m512i pair_order(void) {
-    return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
-                            23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-}
-
 static inline __m512 bf16_to_ps(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
 typedef struct {
-    __m512 scale, zero;
+    __m512 scale, zero; /* the first 8 columns' values, each twice (lane i is column i / 2) */
+    __m512 scale_high, zero_high; /* the last 8 columns' values, each twice */
 } group_t;
 
 /* The weight vector of one panel and input pair, as bf16 pairs. */
 static inline __attribute__((always_inline)) __m512bh expand(const int format, const weights_t *w, int panel,
-                                                            int pair, group_t g, __m512 table, __m512i order) {
+                                                            int pair, group_t g, __m512 table) {
     int64_t pairs = w->k / 2, at = (int64_t)panel * pairs + pair;
     if (format == FMT_BF16) return (__m512bh)_mm512_loadu_si512((const uint16_t *)w->packed + at * 32);
     if (format == FMT_INT8) {
@@ -101,19 +104,30 @@ static inline __attribute__((always_inline)) __m512bh expand(const int format, c
         __m512 odd = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16))));
         return _mm512_cvtne2ps_pbh(odd, even); /* the codes are already in pair order */
     }
+    if (format == FMT_INT8G) { /* pair order too: the first 16 codes are lanes 0-7's pairs */
+        const int8_t *codes = (const int8_t *)w->packed + at * 32;
+        __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes)));
+        __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16))));
+        return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(high, g.scale_high, g.zero_high), _mm512_fmadd_ps(low, g.scale, g.zero));
+    }
     __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)w->packed + at * 16)));
     __m512 low = _mm512_permutexvar_ps(bytes, table); /* code - 8: the table reads the low 4 bits */
     __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-    __m512bh halves = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(high, g.scale, g.zero), _mm512_fmadd_ps(low, g.scale, g.zero));
-    return (__m512bh)_mm512_permutexvar_epi16(order, (__m512i)halves);
+    return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(high, g.scale_high, g.zero_high), _mm512_fmadd_ps(low, g.scale, g.zero));
 }
 
-static inline group_t load_group(const weights_t *w, int panel, int group_index) {
-    group_t g = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    if (w->format == FMT_INT4) {
+static inline group_t load_group(const int format, const weights_t *w, int panel, int group_index) {
+    group_t g = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    if (format == FMT_INT4 || format == FMT_INT8G) {
         int64_t at = ((int64_t)panel * (w->k / w->group) + group_index) * LANES;
         g.scale = bf16_to_ps(w->scales + at);
         g.zero = bf16_to_ps(w->zeros + at);
+    }
+    if (format == FMT_INT4 || format == FMT_INT8G) { /* lane i of the codes' vectors is column i / 2 */
+        const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        const __m512i last = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+        g.scale_high = _mm512_permutexvar_ps(last, g.scale), g.zero_high = _mm512_permutexvar_ps(last, g.zero);
+        g.scale = _mm512_permutexvar_ps(first, g.scale), g.zero = _mm512_permutexvar_ps(first, g.zero);
     }
     return g;
 }
@@ -150,16 +164,15 @@ static inline __attribute__((always_inline)) void fused_tile(const int format, c
     __m512 acc[FUSED_MAX_ROWS][4];
     UNROLLED for (int r = 0; r < R; r++) UNROLLED for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
     const __m512 table = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
-    const __m512i order = pair_order();
     const uint16_t *rows[FUSED_MAX_ROWS];
     UNROLLED for (int r = 0; r < R; r++) rows[r] = x + (row0 + r) * x_stride;
-    int pairs = w->k / 2, step = format == FMT_INT4 ? w->group / 2 : pairs;
+    int pairs = w->k / 2, step = grouped(format) ? w->group / 2 : pairs;
     for (int first = 0; first < pairs; first += step) {
         group_t g[4];
-        UNROLLED for (int c = 0; c < C; c++) g[c] = load_group(w, panel + c, first / step);
+        UNROLLED for (int c = 0; c < C; c++) g[c] = load_group(format, w, panel + c, first / step);
         for (int pair = first; pair < first + step; pair++) {
             __m512bh wv[4];
-            UNROLLED for (int c = 0; c < C; c++) wv[c] = expand(format, w, panel + c, pair, g[c], table, order);
+            UNROLLED for (int c = 0; c < C; c++) wv[c] = expand(format, w, panel + c, pair, g[c], table);
             UNROLLED for (int r = 0; r < R; r++) {
                 __m512bh xv = (__m512bh)_mm512_set1_epi32(activation_pair(rows[r], pair));
                 UNROLLED for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
@@ -285,14 +298,13 @@ static inline __attribute__((always_inline)) int buffered_rows(const int format,
                 continue;
             }
             const __m512 table = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
-            const __m512i order = pair_order();
-            int step = format == FMT_INT4 ? w->group / 2 : pairs;
+                    int step = grouped(format) ? w->group / 2 : pairs;
             for (int c = 0; c < width; c++) {
                 __m512bh *target = buffer + (int64_t)c * pairs;
                 for (int first = 0; first < pairs; first += step) {
-                    group_t g = load_group(w, panel + c, first / step);
+                    group_t g = load_group(format, w, panel + c, first / step);
                     for (int pair = first; pair < first + step; pair++)
-                        target[pair] = expand(format, w, panel + c, pair, g, table, order);
+                        target[pair] = expand(format, w, panel + c, pair, g, table);
                 }
                 expanded[c] = target;
             }
@@ -316,6 +328,7 @@ static int matmul_rows(const weights_t *w, int rows, const uint16_t *x, int64_t 
     switch (w->format) {
     case FMT_BF16: return matmul_format(FMT_BF16, w, rows, x, x_stride, out, out_stride, out_bf16);
     case FMT_INT4: return matmul_format(FMT_INT4, w, rows, x, x_stride, out, out_stride, out_bf16);
+    case FMT_INT8G: return matmul_format(FMT_INT8G, w, rows, x, x_stride, out, out_stride, out_bf16);
     default: return matmul_format(FMT_INT8, w, rows, x, x_stride, out, out_stride, out_bf16);
     }
 }
@@ -331,12 +344,19 @@ static inline void expand_pair(const weights_t *w, int panel, int pair, int lane
     } else if (w->format == FMT_INT8) {
         const int8_t *v = (const int8_t *)w->packed + at * 32 + 2 * lane;
         *even = (float)v[0], *odd = (float)v[1];
-    } else {
-        uint8_t byte = ((const uint8_t *)w->packed)[at * 16 + lane];
+    } else if (w->format == FMT_INT8G) {
+        const int8_t *v = (const int8_t *)w->packed + at * 32 + 2 * lane;
         int64_t g = ((int64_t)panel * (w->k / w->group) + (2 * pair) / w->group) * LANES + lane;
         float scale = from_bf16(w->scales[g]), zero = from_bf16(w->zeros[g]);
-        *even = from_bf16(to_bf16((float)((byte & 15) - 8) * scale + zero));
-        *odd = from_bf16(to_bf16((float)((byte >> 4) - 8) * scale + zero));
+        *even = from_bf16(to_bf16((float)v[0] * scale + zero));
+        *odd = from_bf16(to_bf16((float)v[1] * scale + zero));
+    } else {
+        const uint8_t *bytes = (const uint8_t *)w->packed + at * 16 + 2 * (lane % 8);
+        int shift = lane < 8 ? 0 : 4;
+        int64_t g = ((int64_t)panel * (w->k / w->group) + (2 * pair) / w->group) * LANES + lane;
+        float scale = from_bf16(w->scales[g]), zero = from_bf16(w->zeros[g]);
+        *even = from_bf16(to_bf16((float)(((bytes[0] >> shift) & 15) - 8) * scale + zero));
+        *odd = from_bf16(to_bf16((float)(((bytes[1] >> shift) & 15) - 8) * scale + zero));
     }
 }
 

@@ -35,7 +35,7 @@ from quill import kernels
 from quill.hardware import cpu_info, cpu_summary
 
 LANES = 16  # output columns per panel of the packed layouts
-FORMATS = {"bf16": 0, "int4": 1, "int8": 2}  # `enum format` in matmul.c; "f32" has a kernel of its own
+FORMATS = {"bf16": 0, "int4": 1, "int8": 2, "int8g": 3}  # `enum format` in matmul.c; "f32" has a kernel of its own
 
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -56,13 +56,17 @@ def unpack_pairs(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes [n, k] -> [panels, k / 2, 16] bytes, each input pair's first code in the low nibble."""
-    pairs = pack_pairs(codes)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+    """4-bit codes [n, k] -> [panels, k / 2, 16] bytes: the pair layout of the panel's first 8
+    columns in the low nibbles, of its last 8 in the high ones (see matmul.c)."""
+    pairs = pack_pairs(codes)  # [panels, k / 2, 16, 2]
+    low, high = pairs[:, :, :8].flatten(2), pairs[:, :, 8:].flatten(2)
+    return (low | (high << 4)).contiguous()
 
 
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    return unpack_pairs(torch.stack([packed & 15, packed >> 4], dim=-1), n)
+    panels, pairs = packed.shape[:2]
+    halves = [(packed & 15).view(panels, pairs, 8, 2), (packed >> 4).view(panels, pairs, 8, 2)]
+    return unpack_pairs(torch.cat(halves, dim=2), n)
 
 
 def pack_groups(values: torch.Tensor) -> torch.Tensor:
@@ -134,9 +138,10 @@ class PackedMatmul:
     """Weights in the kernel's packed layout, and the product with them (see the module docstring).
 
     Formats: "f32" (float32 activations and weights), "bf16" (bfloat16 weights), "int4" (codes in
-    0..15, weight = bf16((code - 8) * scale + zero) with bf16 scale and zero per group of inputs)
-    and "int8" (signed codes, one float32 scale per output). The last three take bfloat16
-    activations: other activations are converted first, and the output comes back in x's dtype.
+    0..15, weight = bf16((code - 8) * scale + zero) with bf16 scale and zero per group of inputs),
+    "int8g" (signed codes, weight = bf16(code * scale + zero), the same groups) and "int8" (signed
+    codes, one float32 scale per output). All but "f32" take bfloat16 activations: other
+    activations are converted first, and the output comes back in x's dtype.
     """
 
     def __init__(self, fmt: str, out_features: int, in_features: int, packed: torch.Tensor, *,
@@ -165,6 +170,14 @@ class PackedMatmul:
         """codes uint8 [out, in] in 0..15; scales and zeros bf16 [out, in / group_size]."""
         out, inp = codes.shape
         return cls("int4", out, inp, pack_nibbles(codes), scales=pack_groups(scales.to(torch.bfloat16)),
+                   zeros=pack_groups(zeros.to(torch.bfloat16)), group_size=group_size, bias=bias)
+
+    @classmethod
+    def int8g(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None = None) -> PackedMatmul:
+        """codes int8 [out, in]; scales and zeros bf16 [out, in / group_size]."""
+        out, inp = codes.shape
+        return cls("int8g", out, inp, pack_pairs(codes), scales=pack_groups(scales.to(torch.bfloat16)),
                    zeros=pack_groups(zeros.to(torch.bfloat16)), group_size=group_size, bias=bias)
 
     @classmethod
@@ -202,11 +215,14 @@ class PackedMatmul:
             return unpack_pairs(self.packed, n).to(dtype)
         if self.format == "int8":
             return unpack_pairs(self.packed, n).to(dtype)
-        codes = unpack_nibbles(self.packed, n).float()
+        if self.format == "int8g":
+            codes = unpack_pairs(self.packed, n).float()
+        else:
+            codes = unpack_nibbles(self.packed, n).float() - 8
         scales, zeros = (unpack_groups(t, n).float() for t in (self.scales, self.zeros))
         grouped = codes.view(n, -1, self.group_size)
-        # (code - 8) * scale + zero in float32, rounded once to bf16: what the kernel multiplies by
-        values = ((grouped - 8) * scales[..., None] + zeros[..., None]).view(n, -1)
+        # code * scale + zero in float32, rounded once to bf16: what the kernel multiplies by
+        values = (grouped * scales[..., None] + zeros[..., None]).view(n, -1)
         return values.to(torch.bfloat16).to(dtype)
 
     def nbytes(self) -> int:

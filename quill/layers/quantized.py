@@ -57,14 +57,14 @@ class QuantizedWeight:
 
     @staticmethod
     def concat(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
-        """Stack along the output dimension (fused q/k/v or gate/up); None when the parts are
-        quantized differently and so cannot share one kernel."""
+        """Stack along the output dimension (fused q/k/v or gate/up), as codes of the widest part's
+        bits; None when the parts' groups differ and so cannot share one kernel."""
         first = parts[0]
-        if any((p.bits, p.group_size) != (first.bits, first.group_size) for p in parts):
+        if any(p.group_size != first.group_size for p in parts):
             return None
         sources = sorted({p.source for p in parts})
         return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-                               torch.cat([p.offsets for p in parts]), first.bits, first.group_size,
+                               torch.cat([p.offsets for p in parts]), max(p.bits for p in parts), first.group_size,
                                "+".join(sources))
 
 
@@ -110,8 +110,11 @@ class Int4Linear(QuantizedLinear):
     @staticmethod
     def supports(weight: QuantizedWeight) -> bool:
         out, inp = weight.shape
-        return (weight.bits == 4 and weight.group_size in INT4_GROUP_SIZES and out % _INT4_BLOCK_N == 0
-                and inp % weight.group_size == 0)
+        if weight.bits != 4 or inp % weight.group_size:
+            return False
+        if kernel_available():
+            return weight.group_size % 2 == 0
+        return weight.group_size in INT4_GROUP_SIZES and out % _INT4_BLOCK_N == 0  # PyTorch's kernel
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         """W [out, in] as the layer multiplies by it: bf16((code - 8) * scale + zero), as `dtype`."""
@@ -171,6 +174,36 @@ class Int8Linear(QuantizedLinear):
         return 6 * self.max_step / 12 ** 0.5 * x.float().norm(dim=-1, keepdim=True)
 
 
+class Int8GroupLinear(QuantizedLinear):
+    """Group-wise affine codes of up to 8 bits, one byte each (GGML's Q5_0, Q5_1, Q5_K, Q6_K and
+    Q8_0, and fused shards of mixed formats), centred per group: weight = bf16((code - c) * scale
+    + zero) with bf16 scale and zero = offset + c * scale, c the code nearest -offset / scale (that
+    fits a signed byte). Centring keeps the zero small, so that rounding it to bf16 costs nothing:
+    an uncentred Q8_0 zero of -128 * scale would be off by a quarter of a step; a symmetric
+    format's zero becomes exactly 0. Half the bytes of bf16 weights. Only the packed kernel takes
+    them: without it the loader expands them to the model's dtype."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        out, inp = weight.shape
+        super().__init__(out, inp, bias)
+        self.group_size = weight.group_size
+        groups = weight.codes.view(out, -1, self.group_size).to(torch.int16)
+        ideal = torch.nan_to_num(-weight.offsets / weight.scales, nan=128.0, posinf=128.0, neginf=128.0).round()
+        centre = torch.minimum(torch.maximum(ideal, groups.amax(-1) - 127.0), groups.amin(-1) + 128.0)
+        codes = (groups - centre[..., None].to(torch.int16)).to(torch.int8).view(out, inp)
+        zeros = weight.offsets + centre * weight.scales
+        self.matmul = PackedMatmul.int8g(codes, weight.scales, zeros, self.group_size, bias)
+
+    @staticmethod
+    def supports(weight: QuantizedWeight) -> bool:
+        out, inp = weight.shape
+        return (kernel_available() and weight.bits <= 8 and weight.group_size % 2 == 0
+                and inp % weight.group_size == 0)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.matmul.weight(dtype)
+
+
 def _int8_matmul(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
     def matmul(x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), codes, scales)
@@ -196,7 +229,7 @@ def quantize_per_channel_int8(weight: torch.Tensor, rows_per_chunk: int = 4096) 
 
 def quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantizedLinear | None:
     """The native layer for `weight` on the CPU, or None when no kernel takes its format."""
-    for layer in (Int4Linear, Int8Linear):
+    for layer in (Int4Linear, Int8Linear, Int8GroupLinear):
         if layer.supports(weight):
             return layer(weight, bias)
     return None
