@@ -80,9 +80,10 @@ def add_ui(app: FastAPI, server: QuillServer) -> None:
 
 
 def page_settings(server: QuillServer) -> dict:
-    """What the page shows as the defaults of the fields a user leaves empty: the values a chat
-    request without them gets (the server falls back to `SamplingParams`' defaults; max_tokens
-    to the rest of the context window, at most the server's cap)."""
+    """What the page shows for the fields a user leaves empty (the page then leaves them out of
+    the request): the server's fallbacks, which are `SamplingParams`' defaults (test_ui.py checks
+    by sampling that a request without them matches), and for max_tokens the rest of the context
+    window, at most the server's cap."""
     return {
         "defaults": {"temperature": SamplingParams.temperature, "top_p": SamplingParams.top_p, "seed": None},
         "max_tokens_cap": server.config.max_tokens_cap,
