@@ -577,6 +577,24 @@ def test_tool_calls_show_as_tool_calls(context, tiny):
         {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}]
 
 
+def test_copy_buttons_copy_the_code_and_the_answer(context, tiny):
+    _, url, _ = tiny
+    page = open_page(context, url)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    answer = "Here:\n\n```python\nprint('hi')  # <b>\n```\n\nDone."
+    export = {"format": "quill-conversations", "version": 1, "conversations": [{
+        "id": "copy", "title": "copy", "messages": [{"role": "user", "content": "code?"},
+                                                   {"role": "assistant", "content": answer}]}]}
+    page.set_input_files("#import-file", files=[{"name": "copy.json", "mimeType": "application/json",
+                                                 "buffer": json.dumps(export).encode()}])
+    page.click("article.assistant .copy-code")
+    page.wait_for_selector("article.assistant .copy-code >> text=Copied")
+    assert page.evaluate("() => navigator.clipboard.readText()") == "print('hi')  # <b>"
+    page.click("article.assistant button.copy")
+    page.wait_for_selector("article.assistant button.copy >> text=Copied")
+    assert page.evaluate("() => navigator.clipboard.readText()") == answer
+
+
 # ------------------------------------------------------------------------------------- layout
 
 
