@@ -121,6 +121,26 @@ def wait_answers(page, count: int, timeout: float = 120_000) -> None:
         ".contains('busy')", timeout=timeout)
 
 
+def say_hello(ids: dict, **fields) -> dict:
+    """Settings under which the tiny model answers "Hello Hello ...": readable, and the same every time."""
+    return {**fields, "extra": {"logit_bias": {str(ids["hello"]): 100}}}
+
+
+def hello_exchange(context, tiny, text: str, **fields):
+    """A fresh page on the tiny server with one finished exchange: `text`, answered "Hello ..."."""
+    page = open_page(context, tiny[1])
+    settings(page, **say_hello(tiny[2], **fields))
+    send(page, text)
+    wait_answers(page, 1)
+    return page
+
+
+def import_file(page, content: dict | bytes, name: str = "conversations.json") -> None:
+    """Choose a file in the page's Import dialog (a dict is written as JSON)."""
+    data = content if isinstance(content, bytes) else json.dumps(content).encode()
+    page.set_input_files("#import-file", files=[{"name": name, "mimeType": "application/json", "buffer": data}])
+
+
 def stored(page) -> list[dict]:
     return page.evaluate("JSON.parse(localStorage.getItem('quill.conversations') || '[]')")
 
@@ -258,8 +278,7 @@ def test_hostile_import_and_user_text_run_nothing(context, tiny):
                       "stats": {"ttft": HOSTILE, "prompt_tokens": 3, "cache": HOSTILE,
                                 "cost": {"self_hosted_usd": HOSTILE, "reference_usd": {HOSTILE: 0.5}}},
                       "tool_calls": [{"name": HOSTILE, "arguments": HOSTILE}]}]}]}
-    page.set_input_files("#import-file", files=[{"name": "hostile.json", "mimeType": "application/json",
-                                                 "buffer": json.dumps(export).encode()}])
+    import_file(page, export)
     page.wait_for_selector("#conversations li.active[data-id='hostile']")
     page.wait_for_timeout(500)
     assert_ran_nothing(page)
@@ -358,11 +377,7 @@ def render(page, texts: list[str]) -> list[str]:
 
 
 def test_reload_keeps_the_conversation(context, tiny):
-    _, url, ids = tiny
-    page = open_page(context, url)
-    settings(page, max_tokens=3, extra={"logit_bias": {str(ids["hello"]): 100}})
-    send(page, "first question")
-    wait_answers(page, 1)
+    page = hello_exchange(context, tiny, "first question", max_tokens=3)
     before = page.inner_text("#messages")
     page.reload()
     page.wait_for_function("() => document.body.dataset.connected === 'true'")
@@ -374,7 +389,7 @@ def test_reload_keeps_the_conversation(context, tiny):
 def test_export_then_import_restores_conversations(context, tiny):
     _, url, ids = tiny
     page = open_page(context, url)
-    settings(page, max_tokens=3, system="Be brief.", extra={"logit_bias": {str(ids["hello"]): 100}})
+    settings(page, **say_hello(ids, max_tokens=3, system="Be brief."))
     send(page, "one")
     wait_answers(page, 1)
     page.click("#new-chat")
@@ -390,8 +405,7 @@ def test_export_then_import_restores_conversations(context, tiny):
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#conversations li.active button.delete")
     assert stored(page) == [] or all(not c["messages"] for c in stored(page))
-    page.set_input_files("#import-file", files=[{"name": "export.json", "mimeType": "application/json",
-                                                 "buffer": exported.encode()}])
+    import_file(page, exported.encode())
     page.wait_for_selector("#banner.info >> text=Imported 2 conversations.")
     restored = {c["id"]: c for c in stored(page)}
     assert all(restored[c["id"]] == c for c in saved)
@@ -406,18 +420,13 @@ def test_import_of_a_wrong_file_says_why_and_changes_nothing(context, tiny):
     for content, reason in ((b"{not json", "not JSON"), (b'{"conversations": []}', "not a Quill conversation export"),
                             (json.dumps({"format": "quill-conversations", "conversations": [
                                 {"messages": [{"role": "tool", "content": "x"}]}]}).encode(), "message 1")):
-        page.set_input_files("#import-file", files=[{"name": "bad.json", "mimeType": "application/json",
-                                                     "buffer": content}])
+        import_file(page, content)
         page.wait_for_selector(f"#banner.error >> text={reason}")
         assert stored(page) == before
 
 
 def test_rename_and_delete_a_conversation(context, tiny):
-    _, url, ids = tiny
-    page = open_page(context, url)
-    settings(page, max_tokens=2, extra={"logit_bias": {str(ids["hello"]): 100}})
-    send(page, "keep me")
-    wait_answers(page, 1)
+    page = hello_exchange(context, tiny, "keep me", max_tokens=2)
     page.click("#conversations li.active button.rename")
     page.fill("#conversations input.rename", "Renamed")
     page.press("#conversations input.rename", "Enter")
@@ -506,11 +515,7 @@ def test_enter_sends_and_shift_enter_adds_a_line(context, tiny):
 
 
 def test_response_cache_hit_shows_in_the_stats(context, tiny):
-    _, url, ids = tiny
-    page = open_page(context, url)
-    settings(page, temperature=0, max_tokens=3, extra={"logit_bias": {str(ids["hello"]): 100}})
-    send(page, f"cache me {time.time()}")
-    wait_answers(page, 1)
+    page = hello_exchange(context, tiny, f"cache me {time.time()}", temperature=0, max_tokens=3)
     assert "cache miss" in page.inner_text("article.assistant .stats")
     page.click("article.assistant button.regenerate")
     wait_answers(page, 1)
@@ -535,7 +540,7 @@ def test_api_key_is_asked_for_and_kept_for_the_session_only(context, tiny):
         page.press("#api-key", "Enter")
         page.wait_for_function("() => document.body.dataset.connected === 'true'")
         assert page.is_hidden("#auth-form")
-        settings(page, max_tokens=2, extra={"logit_bias": {str(ids["hello"]): 100}})
+        settings(page, **say_hello(ids, max_tokens=2))
         send(page, "with a key")
         wait_answers(page, 1)
         assert "Hello" in page.inner_text("article.assistant .body")
@@ -585,8 +590,7 @@ def test_copy_buttons_copy_the_code_and_the_answer(context, tiny):
     export = {"format": "quill-conversations", "version": 1, "conversations": [{
         "id": "copy", "title": "copy", "messages": [{"role": "user", "content": "code?"},
                                                    {"role": "assistant", "content": answer}]}]}
-    page.set_input_files("#import-file", files=[{"name": "copy.json", "mimeType": "application/json",
-                                                 "buffer": json.dumps(export).encode()}])
+    import_file(page, export)
     page.click("article.assistant .copy-code")
     page.wait_for_selector("article.assistant .copy-code >> text=Copied")
     assert page.evaluate("() => navigator.clipboard.readText()") == "print('hi')  # <b>"
