@@ -124,6 +124,8 @@ function select(conversation) {
     state.conversations.unshift(conversation);
   }
   state.current = conversation;
+  // An empty conversation left behind is not worth a line in the list.
+  state.conversations = state.conversations.filter((c) => c === conversation || c.messages.length > 0);
   document.body.classList.remove("sidebar-open");
   renderList();
   renderConversation();
@@ -461,8 +463,8 @@ async function importFile(file) {
   try {
     const imported = store.parseExport(await file.text());
     state.conversations = store.merge(state.conversations, imported);
-    persist();
     select(imported[0] || state.current);
+    persist();
     showBanner(`Imported ${imported.length} conversation${imported.length === 1 ? "" : "s"}.`, "info");
   } catch (error) {
     showBanner(`Cannot import ${file.name}: ${error.message}`);
