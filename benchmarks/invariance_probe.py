@@ -58,7 +58,8 @@ def main() -> int:
                 weight = torch.randn(out, inp).to(dtype) * 0.05
                 x = torch.randn(MAX_ROWS, inp).to(dtype)
                 blas = agreeing_row_counts(lambda t: F.linear(t, weight), x)
-                fallback = probe_row_blocks(lambda t: F.linear(t, weight), inp, dtype)
+                weight32 = weight.float()
+                fallback = probe_row_blocks(lambda t: F.linear(t, weight32), inp)
                 kernel = agreeing_row_counts(PackedMatmul.dense(weight), x) if kernel_available() else []
                 kernel_ok = kernel == list(range(1, MAX_ROWS + 1))
                 failures += kernel_available() and not kernel_ok

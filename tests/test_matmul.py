@@ -91,12 +91,9 @@ def _emulated(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _portable_build():
     if not kernel_available():
         pytest.skip("no C compiler")
-    library = ctypes.CDLL(str(kernels._build("matmul", ("-mno-avx512f",))))
-    function = library.matmul_bf16
+    function = ctypes.CDLL(str(kernels._build("matmul", ("-mno-avx512f",)))).matmul
     pointer, i32, i64 = kernels.POINTER, kernels.INT32, kernels.INT64
-    function.argtypes = [i32, pointer, i64, i32, i32, pointer, pointer, pointer, pointer, i32, pointer, i32, pointer,
-                         i64, i32]
-    function.restype = i32
+    function.argtypes, function.restype = [pointer, pointer, i64, i32, pointer, i64, i32], i32
     return function
 
 
@@ -120,7 +117,7 @@ def test_kernel_computes_its_documented_arithmetic(fmt, build):
         layer = Int8Linear(quantize_per_channel_int8(torch.randn(out, inp, generator=generator)))
         matmul = layer.matmul
     if build == "portable":
-        matmul._bf16 = _portable_build()
+        matmul._kernel = _portable_build()
     expected = _emulated(x, matmul.weight(torch.bfloat16))
     if fmt == "int8":
         expected = expected * matmul.channel_scale[:out]
@@ -161,7 +158,7 @@ def test_probe_keeps_only_block_sizes_whose_rows_agree():
         y = x @ weight.T
         return y * (1 + 2 ** -20) if x.shape[0] >= 16 else y
 
-    assert probe_row_blocks(matmul, 32, torch.float32) == (64, 16)
+    assert probe_row_blocks(matmul, 32) == (64, 16)
 
 
 def test_probe_rejects_sizes_where_a_rows_position_matters():
@@ -172,7 +169,7 @@ def test_probe_rejects_sizes_where_a_rows_position_matters():
         y[-1] = y[-1] * (1 + 2 ** -20)
         return y
 
-    assert probe_row_blocks(matmul, 32, torch.float32) == (1,)
+    assert probe_row_blocks(matmul, 32) == (1,)
 
 
 def test_blocked_evaluation_pads_the_tail_and_keeps_every_row():
@@ -183,7 +180,7 @@ def test_blocked_evaluation_pads_the_tail_and_keeps_every_row():
         calls.append(x.shape[0])
         return x @ weight.T
 
-    blocked = RowBlockedMatmul(matmul, 32, torch.float32, ("test-fake",))
+    blocked = RowBlockedMatmul(matmul, 32, ("test-fake",))
     calls.clear()
     x = torch.randn(70, 32)
     torch.testing.assert_close(blocked(x), x @ weight.T)

@@ -46,14 +46,15 @@
 
 #include "half_floats.h"
 
-enum format { FMT_BF16, FMT_INT4, FMT_INT8, FMT_INT8G };
+enum format { FMT_BF16, FMT_INT4, FMT_INT8, FMT_INT8G, FMT_F32 };
 
 #define LANES 16
 #define FUSED_MAX_ROWS 16 /* up to this many rows, weights are expanded once per call into registers */
 
+/* A layer's packed weights, built once by quill/layers/matmul.py (`_Weights` mirrors it). */
 typedef struct {
     int format, k, n, group;
-    const void *packed;         /* BF16: uint16 pairs; INT4: nibble pairs; INT8: int8 pairs */
+    const void *packed;         /* BF16: uint16 pairs; INT4: nibble pairs; INT8, INT8G: int8 pairs; F32 */
     const uint16_t *scales;     /* INT4, INT8G: bf16 [panels][k/group][16] */
     const uint16_t *zeros;      /* INT4, INT8G: bf16 [panels][k/group][16] */
     const float *channel_scale; /* INT8: float32 [panels * 16] */
@@ -398,21 +399,11 @@ static int matmul_rows(const weights_t *w, int rows, const uint16_t *x, int64_t 
 
 #endif
 
-/* y[rows, n] = x[rows, k] (bfloat16, row stride x_stride) times the packed weights (see the top of
-   this file), into out (row stride out_stride; bfloat16 if out_bf16, else float32). Returns 0, or
-   -1 when scratch memory could not be allocated. k is even; INT4's k is a multiple of group. */
-int matmul_bf16(int format, const uint16_t *x, int64_t x_stride, int rows, int k, const void *packed,
-                const uint16_t *scales, const uint16_t *zeros, const float *channel_scale, int group,
-                const float *bias, int n, void *out, int64_t out_stride, int out_bf16) {
-    weights_t w = {format, k, n, group, packed, scales, zeros, channel_scale, bias};
-    return matmul_rows(&w, rows, x, x_stride, out, out_stride, out_bf16);
-}
-
-/* y[rows, n] = x[rows, k] (float32) times float32 weights packed [panels][k][16]: per output,
-   acc = fma(x[i], w[i], acc) over i in order, then + bias. */
-void matmul_f32(const float *x, int64_t x_stride, int rows, int k, const float *packed, const float *bias, int n,
-                float *out, int64_t out_stride) {
-    int panels = panels_of(n);
+/* F32: per output, acc = fma(x[i], w[i], acc) over i in order, then + bias. */
+static void matmul_f32(const weights_t *w, const float *x, int64_t x_stride, int rows, float *out,
+                       int64_t out_stride) {
+    int panels = panels_of(w->n), k = w->k, n = w->n;
+    const float *packed = w->packed, *bias = w->bias;
     int64_t work = (int64_t)rows * n * k;
 #pragma omp parallel for schedule(static) if (work > (1 << 18))
     for (int panel = 0; panel < panels; panel++) {
@@ -437,4 +428,17 @@ void matmul_f32(const float *x, int64_t x_stride, int rows, int k, const float *
                 }
         }
     }
+}
+
+/* y[rows, n] = x[rows, k] (row stride x_stride; float32 for F32, bfloat16 otherwise) times the
+   packed weights `w` (see the top of this file), into out (row stride out_stride; bfloat16 if
+   out_bf16, else float32; F32 writes float32). Returns 0, or -1 when scratch memory could not be
+   allocated. */
+int matmul(const weights_t *w, const void *x, int64_t x_stride, int rows, void *out, int64_t out_stride,
+           int out_bf16) {
+    if (w->format == FMT_F32) {
+        matmul_f32(w, x, x_stride, rows, out, out_stride);
+        return 0;
+    }
+    return matmul_rows(w, rows, x, x_stride, out, out_stride, out_bf16);
 }

@@ -35,8 +35,8 @@ class Linear(InferenceModule, nn.Linear):
             if not keep_weight:
                 self.weight = None
             return f"{self.matmul.format} kernel"
-        weight, bias = self.weight, self.bias
-        self.matmul = RowBlockedMatmul(lambda x: F.linear(x, weight, bias), self.in_features, weight.dtype,
+        weight, bias = self.weight.float(), None if self.bias is None else self.bias.float()
+        self.matmul = RowBlockedMatmul(lambda x: F.linear(x, weight, bias), self.in_features,
                                        ("linear", self.out_features, bias is not None))
         return f"PyTorch in blocks of {'/'.join(map(str, self.matmul.blocks))} rows"
 

@@ -26,6 +26,7 @@ block (and agree with each other) is probed once per weight shape on the machine
 """
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 
 import torch
@@ -35,7 +36,7 @@ from quill import kernels
 from quill.hardware import cpu_info, cpu_summary
 
 LANES = 16  # output columns per panel of the packed layouts
-FORMATS = {"bf16": 0, "int4": 1, "int8": 2, "int8g": 3}  # `enum format` in matmul.c; "f32" has a kernel of its own
+FORMATS = {"bf16": 0, "int4": 1, "int8": 2, "int8g": 3, "f32": 4}  # `enum format` in matmul.c
 
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -93,13 +94,18 @@ def unpack_columns(packed: torch.Tensor, n: int) -> torch.Tensor:
     return packed.permute(0, 2, 1).reshape(panels * LANES, k)[:n]
 
 
-def _kernels() -> tuple[Callable, Callable] | None:
+class _Weights(ctypes.Structure):
+    """matmul.c's `weights_t`: a layer's packed weights, described once so that a call passes one
+    pointer instead of a dozen arguments (ctypes converts each one on every call)."""
+
+    _fields_ = [("format", ctypes.c_int), ("k", ctypes.c_int), ("n", ctypes.c_int), ("group", ctypes.c_int),
+                ("packed", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p),
+                ("channel_scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+def _kernel() -> Callable | None:
     pointer, i32, i64 = kernels.POINTER, kernels.INT32, kernels.INT64
-    bf16 = kernels.function("matmul_bf16", [i32, pointer, i64, i32, i32, pointer, pointer, pointer, pointer, i32,
-                                            pointer, i32, pointer, i64, i32], restype=i32, source="matmul")
-    f32 = kernels.function("matmul_f32", [pointer, i64, i32, i32, pointer, pointer, i32, pointer, i64],
-                           source="matmul")
-    return None if bf16 is None or f32 is None else (bf16, f32)
+    return kernels.function("matmul", [pointer, pointer, i64, i32, pointer, i64, i32], restype=i32)
 
 
 def kernel_path() -> str:
@@ -127,7 +133,7 @@ def describe_paths(model: torch.nn.Module) -> str:
 
 def kernel_available() -> bool:
     """Whether `PackedMatmul` can run here (a C compiler, kernels not turned off by QUILL_KERNELS=0)."""
-    return _kernels() is not None
+    return _kernel() is not None
 
 
 def _pointer(t: torch.Tensor | None) -> int | None:
@@ -155,7 +161,10 @@ class PackedMatmul:
         self.channel_scale = None if channel_scale is None else F.pad(channel_scale.float(),
                                                                       (0, -out_features % LANES)).contiguous()
         self.bias = None if bias is None else bias.float().contiguous()
-        self._bf16, self._f32 = _kernels()
+        self._kernel = _kernel()
+        self._weights = _Weights(FORMATS[fmt], in_features, out_features, group_size, *(
+            _pointer(t) for t in (self.packed, self.scales, self.zeros, self.channel_scale, self.bias)))
+        self._address = ctypes.addressof(self._weights)
 
     @classmethod
     def dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedMatmul:
@@ -187,22 +196,13 @@ class PackedMatmul:
         return cls("int8", out, inp, pack_pairs(codes), channel_scale=channel_scale, bias=bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.format == "f32":
-            x = x if x.dtype == torch.float32 and x.stride(-1) == 1 else x.float().contiguous()
-            out = torch.empty(rows, self.out_features)
-            self._f32(x.data_ptr(), x.stride(0), rows, self.in_features, self.packed.data_ptr(), _pointer(self.bias),
-                self.out_features, out.data_ptr(), out.stride(0))
-            return out
         source = x
-        if x.dtype != torch.bfloat16 or x.stride(-1) != 1:
-            x = x.to(torch.bfloat16).contiguous()
-        in_bf16 = source.dtype == torch.bfloat16
-        out = torch.empty(rows, self.out_features, dtype=torch.bfloat16 if in_bf16 else torch.float32)
-        status = self._bf16(FORMATS[self.format], x.data_ptr(), x.stride(0), rows, self.in_features, self.packed.data_ptr(),
-                      _pointer(self.scales), _pointer(self.zeros), _pointer(self.channel_scale), self.group_size,
-                      _pointer(self.bias), self.out_features, out.data_ptr(), out.stride(0), int(in_bf16))
-        if status != 0:
+        takes = torch.float32 if self.format == "f32" else torch.bfloat16
+        if x.dtype != takes or x.stride(-1) != 1:
+            x = x.to(takes).contiguous()
+        in_bf16 = source.dtype == torch.bfloat16 and takes == torch.bfloat16
+        out = torch.empty(x.shape[0], self.out_features, dtype=torch.bfloat16 if in_bf16 else torch.float32)
+        if self._kernel(self._address, x.data_ptr(), x.stride(0), x.shape[0], out.data_ptr(), out.stride(0), in_bf16):
             raise MemoryError("the matmul kernel could not allocate its scratch memory")
         return out if in_bf16 or source.dtype == torch.float32 else out.to(source.dtype)
 
@@ -232,50 +232,52 @@ class PackedMatmul:
 
 # --- the PyTorch fallback -------------------------------------------------------------------------
 
-ROW_BLOCK_CANDIDATES = (64, 16, 4, 1)  # largest first; 1 always qualifies
+ROW_BLOCK_CANDIDATES = (64, 16, 4, 1)  # largest first
 
 
-def probe_row_blocks(matmul: Callable[[torch.Tensor], torch.Tensor], in_features: int,
-                     dtype: torch.dtype) -> tuple[int, ...]:
+def probe_row_blocks(matmul: Callable[[torch.Tensor], torch.Tensor], in_features: int) -> tuple[int, ...]:
     """The block sizes (from ROW_BLOCK_CANDIDATES, largest first) in which `matmul` computes every
-    row the same, bit for bit: at every position of a block, whatever the other rows hold, and in
-    blocks of each accepted size. A library's path depends on the call's shape, not on the values,
-    so random rows reveal a size whose rows move (a different order of additions rounds differently)."""
+    row the same, bit for bit: at other positions of a block, beside other rows, and in blocks of
+    each accepted size. A library's path depends on the call's shape, not on the values, so random
+    rows reveal a size whose rows move. `matmul` takes and returns float32, whose last bits show
+    any other order of additions: a bf16 output hides most of them behind its rounding (PyTorch's
+    bf16 matmul gave one row alone and in a block of 4 different bits in 1% of 4-row trials here,
+    too rarely for a probe to see)."""
     generator = torch.Generator().manual_seed(0)
     largest = max(ROW_BLOCK_CANDIDATES)
-    rows = torch.randn(2 * largest, in_features, generator=generator).to(dtype)
+    rows = torch.randn(2 * largest, in_features, generator=generator)
     reference = None  # rows 0..largest-1 as the first accepted size computes them
     accepted: list[int] = []
     for size in ROW_BLOCK_CANDIDATES:
         results = torch.cat([matmul(rows[i:i + size]) for i in range(0, largest, size)])
-        shifted = torch.cat([matmul(rows[i + size // 2:i + size // 2 + size]) for i in range(0, largest, size)])
-        # the same rows at other positions, beside other rows
-        moved = torch.equal(shifted[:size - size // 2], results[size // 2:size]) if size > 1 else True
-        if moved and (reference is None or torch.equal(results, reference)):
+        stays = all(torch.equal(matmul(rows[shift:shift + size])[:size - shift], results[shift:size])
+                    for shift in {1, size // 2} if 0 < shift < size)
+        if stays and (reference is None or torch.equal(results, reference)):
             accepted.append(size)
             reference = results if reference is None else reference
     return tuple(accepted)  # never empty: the first size that passes its own test is accepted
 
 
 class RowBlockedMatmul:
-    """A PyTorch matmul evaluated in blocks of fixed sizes (see `probe_row_blocks`), rows padded
-    with zeros up to the block. The sizes are probed once per `shape_key` (what the library's
-    choice of path depends on: the operation, its shapes and dtypes)."""
+    """A PyTorch matmul evaluated in float32, in blocks of fixed sizes (see `probe_row_blocks`),
+    rows padded with zeros up to the block, the result rounded to the input's dtype. The sizes are
+    probed once per `shape_key` (what the library's choice of path depends on: the operation and
+    its shapes)."""
 
     _probed: dict[tuple, tuple[int, ...]] = {}
 
-    def __init__(self, matmul: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype: torch.dtype,
-                 shape_key: tuple) -> None:
+    def __init__(self, matmul: Callable[[torch.Tensor], torch.Tensor], in_features: int, shape_key: tuple) -> None:
         self.matmul = matmul
-        key = (*shape_key, in_features, dtype)
+        key = (*shape_key, in_features)
         if key not in self._probed:
-            self._probed[key] = probe_row_blocks(matmul, in_features, dtype)
+            self._probed[key] = probe_row_blocks(matmul, in_features)
         self.blocks = self._probed[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
+        rows, dtype = x.shape[0], x.dtype
+        x = x.float()
         if rows in self.blocks:
-            return self.matmul(x)
+            return self.matmul(x).to(dtype)
         parts, start = [], 0
         while start < rows:
             left = rows - start
@@ -285,4 +287,4 @@ class RowBlockedMatmul:
                 block = F.pad(block, (0, 0, 0, size - block.shape[0]))
             parts.append(self.matmul(block)[:min(size, left)])
             start += size
-        return torch.cat(parts)
+        return torch.cat(parts).to(dtype)

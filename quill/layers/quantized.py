@@ -105,7 +105,7 @@ class Int4Linear(QuantizedLinear):
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.int(), 1)
             self.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
             self.matmul = RowBlockedMatmul(_int4_matmul(self.packed, self.group_size, self.scales_and_zeros, bias),
-                                           inp, torch.bfloat16, ("int4", out, self.group_size, bias is not None))
+                                           inp, ("int4", out, self.group_size, bias is not None))
 
     @staticmethod
     def supports(weight: QuantizedWeight) -> bool:
@@ -131,10 +131,12 @@ class Int4Linear(QuantizedLinear):
 
 
 def _int4_matmul(packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None):
+    """PyTorch's int4 kernel on float32 activations (see `RowBlockedMatmul`)."""
+    scales_and_zeros, bias = scales_and_zeros.float(), None if bias is None else bias.float()
+
     def matmul(x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group_size, scales_and_zeros)
-        y = y if bias is None else y + bias.to(y.dtype)
-        return y.to(x.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+        return y if bias is None else y + bias
     return matmul
 
 
@@ -153,9 +155,7 @@ class Int8Linear(QuantizedLinear):
             self._codes = None
         else:
             self._codes = codes
-            scales = self.scales.to(torch.bfloat16)
-            self.matmul = RowBlockedMatmul(_int8_matmul(codes, scales, bias), inp, torch.bfloat16,
-                                           ("int8", out, bias is not None))
+            self.matmul = RowBlockedMatmul(_int8_matmul(codes, self.scales, bias), inp, ("int8", out, bias is not None))
 
     @staticmethod
     def supports(weight: QuantizedWeight) -> bool:
@@ -205,10 +205,12 @@ class Int8GroupLinear(QuantizedLinear):
 
 
 def _int8_matmul(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """PyTorch's int8 kernel on float32 activations (see `RowBlockedMatmul`)."""
+    bias = None if bias is None else bias.float()
+
     def matmul(x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.to(torch.bfloat16), codes, scales)
-        y = y if bias is None else y + bias.to(y.dtype)
-        return y.to(x.dtype)
+        y = torch._weight_int8pack_mm(x, codes, scales)
+        return y if bias is None else y + bias
     return matmul
 
 
