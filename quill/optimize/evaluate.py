@@ -21,7 +21,6 @@ from quill.config import ModelConfig
 from quill.errors import InvalidRequestError
 from quill.engine.runner import kv_cache_dtype
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan
-from quill.layers.quantized import DENSE_MIN_ROWS, dense_rows_from
 from quill.models import load_model
 from quill.tokenizer import Tokenizer, load_tokenizer
 from quill.weights.hub import resolve_model
@@ -128,9 +127,7 @@ def score(model, config: ModelConfig, token_ids: list[int], window: int = DEFAUL
     nll, greedy = [], []
     spans = list(windows(len(token_ids), window))
     for start, end, first in tqdm(spans, unit="window", desc="scoring", disable=not progress, leave=False):
-        # Windows are prompt-sized: long ones go through bf16 weights, as the engine's prefill does.
-        with dense_rows_from(0 if end - start >= DENSE_MIN_ROWS else None):
-            logits = all_position_logits(model, config, token_ids[start:end])[first - start - 1:end - start - 1]
+        logits = all_position_logits(model, config, token_ids[start:end])[first - start - 1:end - start - 1]
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         nll.append(-log_probs.gather(1, targets[first:end, None])[:, 0].double())
         greedy.append(logits.argmax(dim=-1))

@@ -12,6 +12,7 @@ narrow parts, each with one job (see docs/SERVER_SECTION.md for the map):
                          (answer: a Run through the engine plus its books), as a body or a stream
   replies                what the body and the chunks look like, per endpoint
   errors                 typed errors -> OpenAI's error shape, with `param` and `code`
+  ui                     the chat page at `/` (unless `ServerConfig.ui` is off), on the public API
 
 Build an app with `create_app(llm, ServerConfig(...))`; `runner.serve()` runs it with uvicorn
 (what `quill serve` does) and `runner.BackgroundServer` runs it on a loopback port in a thread (tests).
@@ -28,6 +29,7 @@ from quill.server.errors import add_exception_handlers
 from quill.server.middleware import Gate
 from quill.server.routes import add_routes
 from quill.server.state import ServerState, build_state
+from quill.server.ui import add_ui
 
 
 def create_app(model, config: ServerConfig | None = None) -> FastAPI:
@@ -45,6 +47,8 @@ def create_app(model, config: ServerConfig | None = None) -> FastAPI:
     app.add_middleware(Gate, config=config, metrics=server.metrics, router=app.router)
     add_exception_handlers(app)
     add_routes(app, server)
+    if config.ui:
+        add_ui(app, server)
     return app
 
 

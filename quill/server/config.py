@@ -26,3 +26,4 @@ class ServerConfig:
     response_cache_entries: int = 1024  # in memory; least recently used answers go first
     response_cache_memory: int = 64 << 20  # bytes of answers (JSON) in memory
     response_cache_ttl: float | None = None  # seconds an answer may be served; None: until evicted
+    ui: bool = True  # serve the chat page at / (quill/server/ui.py)

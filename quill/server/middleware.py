@@ -18,9 +18,12 @@ from quill.server.config import ServerConfig
 from quill.server.errors import APIError
 from quill.server.metrics import ServerMetrics
 from quill.server.request_log import RequestRecord
+from quill.server.ui import PAGE_PATHS
 
-# Paths that stay open when an API key is set: probes and scrapers rarely carry keys.
-OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+# Paths that stay open when an API key is set: probes and scrapers rarely carry keys, and the chat
+# page has to load before it can ask for the key.
+OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+                        *PAGE_PATHS})
 # Bodies past the limit are read and dropped up to this many bytes before the 413, so the client
 # can read the answer instead of a connection reset; beyond it the connection is just closed.
 _DRAIN_LIMIT = 64 << 20
