@@ -53,7 +53,7 @@ def build_qwen2(path: Path, *, seed: int = 0, vocab_size: int = 320) -> Path:
 
 
 def build_gemma3(path: Path, *, seed: int = 0, sliding_window: int = 8, softcap: bool = False,
-                 vocab_size: int = 320) -> Path:
+                 vocab_size: int = 320, rope_scaling: dict | None = None) -> Path:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
@@ -64,7 +64,8 @@ def build_gemma3(path: Path, *, seed: int = 0, sliding_window: int = 8, softcap:
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            # Gemma 3 4B and up scale the global layers' RoPE (linear, factor 8); local layers never.
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0, **(rope_scaling or {})},
         },
         tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
         # Final-logit soft-capping (a small cap, so that it bites). Gemma 3 configs may also carry
@@ -84,6 +85,7 @@ BUILDERS = {
     "qwen2": build_qwen2,
     "gemma3": build_gemma3,
     "gemma3-softcap": lambda path: build_gemma3(path, softcap=True),
+    "gemma3-rope-linear": lambda path: build_gemma3(path, rope_scaling={"rope_type": "linear", "factor": 8.0}),
     # max_position_embeddings is 256, so original_max_position_embeddings 64 puts the 24-token
     # test prompt's frequencies in all three llama3 bands (kept, smoothed, scaled).
     "llama-rope-llama3": lambda path: build_llama(path, rope_scaling={
