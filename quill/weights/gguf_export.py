@@ -1,7 +1,8 @@
 """GGUF writer: the exact inverse of `load_gguf`, following llama.cpp's converter conventions
 (tensor names, llama q/k row permutation, Gemma's `1 + w` norms, metadata keys), so that llama.cpp
 and transformers can read what Quill writes. Used by the tests and by `quill quantize`, whose
-int4/int8 weights are written in Quill's own tensor format (see `gguf_quant.py`).
+int4/int8 weights are written in Quill's own tensor format (see `gguf_quant.py`). A file for users
+must carry its tokenizer: pass `gguf_tokenizer.checkpoint_tokenizer(checkpoint).metadata`.
 
 Two things GGUF cannot say are dropped, as llama.cpp drops them: Mistral is written as "llama"
 (and loses its sliding window), and Gemma 3's attention scale must be llama.cpp's fixed rule.
