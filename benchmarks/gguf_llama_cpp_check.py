@@ -158,7 +158,7 @@ def _compare_settings(settings: dict[str, list[str]], tokenizer, source: Path | 
 
 
 def _compare_greedy(path: Path, prompt: list[int], theirs: list[int]) -> dict:
-    from quill import LLM, SamplingParams
+    from quill import SamplingParams
 
     llm = _quill_model(path)
     output = llm.generate(prompt, SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True, logprobs=2))[0]
