@@ -14,14 +14,14 @@ from quill.optimize.evaluate import all_position_logits
 from quill.engine.engine import Engine
 from quill.config import EngineConfig
 from quill.layers.linear import Linear
-from quill.layers.quantized import (Int4Linear, Int8Linear, QuantizedWeight, dense_rows_from,
-                                   quantize_per_channel_int8, quantized_linear)
+from quill.layers.quantized import Int4Linear, Int8Linear, dense_rows_from, quantize_per_channel_int8, quantized_linear
 from quill.models import build_model
 from quill.sampling_params import SamplingParams
 from quill.weights import load_checkpoint
 from quill.weights.gguf_quant import NATIVE_GGML_TYPES, repack_ggml
 from quill.weights.safetensors import load_hf_directory
 from quill.weights.gguf_export import write_gguf
+from quill.weights.quantized import QuantizedWeight
 
 Q = gguf.GGMLQuantizationType
 _FP16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2)}  # byte offsets of fp16 scales in a block

@@ -9,16 +9,14 @@ the prompt rows of long prompts, whatever else is in the batch (a decision that 
 the request keeps greedy output batch-invariant; see `linear.py`), or, with batch invariance off,
 every row of a step that has many.
 
-`QuantizedWeight` is the one format every reader produces: unsigned integer codes with a scale
-and an offset per group of consecutive input columns. GGUF's Q4_0/Q4_1/Q4_K blocks and
-`quill quantize`'s int4/int8 map onto it exactly; `quantized_linear` picks the kernel.
+Every reader produces one format, `quill.weights.quantized.QuantizedWeight` (codes with a scale
+and an offset per group of input columns); `quantized_linear` picks the kernel that runs it.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +25,7 @@ from torch import nn
 from quill import kernels
 from quill.layers.linear import BATCH_INVARIANT_ROW_MULTIPLE
 from quill.layers.module import InferenceModule
+from quill.weights.quantized import QuantizedWeight
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
 _INT4_BLOCK_N = 64  # the CPU packing interleaves output rows in blocks of 64 (see Int4Linear.dequantize)
@@ -51,45 +50,6 @@ def dense_rows_from(start: int | None) -> Iterator[None]:
         yield
     finally:
         _dense_from.reset(token)
-
-
-@dataclass
-class QuantizedWeight:
-    """w[n, k] = scales[n, k // group_size] * codes[n, k] + offsets[n, k // group_size]."""
-
-    codes: torch.Tensor  # uint8 [out, in], each < 2**bits
-    scales: torch.Tensor  # float32 [out, in // group_size]
-    offsets: torch.Tensor  # float32 [out, in // group_size]
-    bits: int
-    group_size: int
-    source: str  # the format it came from ("Q4_1", "int8", ...), for load logs
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out, inp = self.codes.shape
-        groups = self.codes.view(out, inp // self.group_size, self.group_size).float()
-        values = groups * self.scales[..., None] + self.offsets[..., None]
-        return values.view(out, inp).to(dtype)
-
-    def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
-        """The weight with its output rows reordered (groups run along the input, so rows move whole)."""
-        return QuantizedWeight(self.codes[index], self.scales[index], self.offsets[index],
-                               self.bits, self.group_size, self.source)
-
-    @staticmethod
-    def concat(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
-        """Stack along the output dimension (fused q/k/v or gate/up); None when the parts are
-        quantized differently and so cannot share one kernel."""
-        first = parts[0]
-        if any((p.bits, p.group_size) != (first.bits, first.group_size) for p in parts):
-            return None
-        sources = sorted({p.source for p in parts})
-        return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-                               torch.cat([p.offsets for p in parts]), first.bits, first.group_size,
-                               "+".join(sources))
 
 
 class QuantizedLinear(InferenceModule):

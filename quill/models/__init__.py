@@ -13,9 +13,10 @@ from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
 from quill.layers.linear import Linear
 from quill.layers.logits import int8_lm_head
-from quill.layers.quantized import QuantizedWeight, quantized_linear
+from quill.layers.quantized import quantized_linear
 from quill.models.gemma3 import Gemma3ForCausalLM
 from quill.models.llama import LlamaForCausalLM
+from quill.weights.quantized import QuantizedWeight
 
 log = logging.getLogger("quill")
 

@@ -26,11 +26,12 @@ import torch
 from tqdm import tqdm
 
 from quill.errors import QuillError
-from quill.layers.quantized import INT4_GROUP_SIZES, QuantizedWeight, quantize_per_channel_int8
+from quill.layers.quantized import INT4_GROUP_SIZES, quantize_per_channel_int8
 from quill.optimize import EMBEDDING_TYPES, QUANT_TYPES
 from quill.weights import load_checkpoint
 from quill.weights.gguf import read_gguf_tensor_types
 from quill.weights.gguf_export import write_gguf
+from quill.weights.quantized import QuantizedWeight
 
 Q = gguf.GGMLQuantizationType
 GGML_TYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "f16": Q.F16}

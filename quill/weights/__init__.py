@@ -2,24 +2,14 @@
 laid out exactly as in Hugging Face `transformers` (so model code has one convention to follow)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from quill.config import ModelConfig
 from quill.errors import ModelLoadError
+from quill.weights.checkpoint import Checkpoint
 
 if TYPE_CHECKING:  # torch is only needed once a checkpoint is actually read
     import torch
-
-
-@dataclass
-class Checkpoint:
-    config: ModelConfig
-    tensors: dict[str, Any]  # Hugging Face names and conventions: torch.Tensor, or QuantizedWeight
-    path: Path
-    format: str  # "gguf" or "safetensors"
-    metadata: dict[str, Any] = field(default_factory=dict)  # GGUF key/values; config.json for HF
 
 
 def load_checkpoint(path: str | Path, dtype: "torch.dtype | None" = None, *, keep_quantized: bool = False) -> Checkpoint:

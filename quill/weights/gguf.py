@@ -26,11 +26,11 @@ import torch
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
-from quill.layers.quantized import QuantizedWeight
-from quill.layers.rotary import rope_inverse_frequencies
-from quill.weights import Checkpoint
+from quill.rope import rope_inverse_frequencies
+from quill.weights.checkpoint import Checkpoint
 from quill.weights.gguf_quant import CODES, NATIVE_GGML_TYPES, OFFSETS, SCALES, quill_quantized, repack_ggml
 from quill.weights.layout import check_shapes, expected_shapes
+from quill.weights.quantized import QuantizedWeight
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")  # llama.cpp writes Mistral as "llama"
 

@@ -17,10 +17,10 @@ import torch
 
 from quill.config import ModelConfig
 from quill.errors import UnsupportedModelError
-from quill.layers.quantized import QuantizedWeight
 from quill.weights.gguf import hf_to_gguf_name, llama3_rope_factors
 from quill.weights.gguf_quant import CODES, OFFSETS, SCALES
 from quill.weights.layout import check_tensors
+from quill.weights.quantized import QuantizedWeight
 
 # Chooses how one tensor is stored from its GGUF name and float32 values (already in GGUF layout):
 # a GGML type (gguf-py quantizes), or the values already quantized in Quill's int4/int8 format.

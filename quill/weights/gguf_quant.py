@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 import torch
 
-from quill.layers.quantized import QuantizedWeight
+from quill.weights.quantized import QuantizedWeight
 
 Q = gguf.GGMLQuantizationType
 NATIVE_GGML_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)

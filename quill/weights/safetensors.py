@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
-from quill.weights import Checkpoint
+from quill.weights.checkpoint import Checkpoint
 from quill.weights.layout import check_tensors
 
 _ARCHITECTURES = {
