@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from quill.config import EngineConfig  # noqa: E402
 from quill.engine.engine import Engine  # noqa: E402
-from quill.models import load_model  # noqa: E402
+from quill.models.loader import load_model  # noqa: E402
 from quill.optimize.evaluate import all_position_logits  # noqa: E402
 from quill.sampling_params import SamplingParams  # noqa: E402
 

@@ -10,13 +10,12 @@ from typing import Any
 
 from quill.errors import InvalidRequestError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # one of SUPPORTED_ARCHITECTURES
+    architecture: str  # a model family's name (quill/models/registry.py)
     vocab_size: int
     hidden_size: int
     intermediate_size: int

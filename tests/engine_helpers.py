@@ -7,9 +7,8 @@ import torch
 
 from quill.config import EngineConfig
 from quill.engine.engine import Engine
-from quill.models import build_model
+from quill.models.loader import build_model, load_checkpoint
 from quill.sampling_params import SamplingParams
-from quill.weights import load_checkpoint
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32):

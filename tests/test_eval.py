@@ -11,7 +11,8 @@ from engine_helpers import load_model
 from quill.cli import main
 from quill.optimize.evaluate import corpus_path, score, windows
 from quill.optimize.quantize import quantize_checkpoint
-from quill.weights import load_checkpoint
+from quill.models.loader import load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.weights.gguf_export import write_gguf
 from tokenizer_helpers import tiny_sentencepiece_metadata
 
@@ -100,7 +101,7 @@ def tiny_gguf_pair(llama, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval")
     checkpoint = load_checkpoint(llama)
     float_path = folder / "f32.gguf"
-    write_gguf(float_path, checkpoint.config, checkpoint.tensors, tiny_sentencepiece_metadata())
+    write_gguf(float_path, FAMILIES.named("llama"), checkpoint.config, checkpoint.tensors, tiny_sentencepiece_metadata())
     int4_path = folder / "int4.gguf"
     quantize_checkpoint(float_path, int4_path, "int4", progress=False)
     (folder / "corpus.txt").write_text("Hello world. " * 100, encoding="utf-8")

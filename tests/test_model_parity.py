@@ -9,7 +9,8 @@ from engine_helpers import load_model, run_requests, tiny_engine
 from quill.layers.norm import RMSNorm
 from quill.optimize.evaluate import all_position_logits
 from quill.sampling_params import SamplingParams
-from quill.weights import load_checkpoint
+from quill.models.loader import load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.weights.gguf_export import write_gguf
 
 PROMPT = [1, 17, 250, 3, 99, 42, 7, 7, 7, 310, 64, 128, 5, 200, 33, 18, 91, 0, 4, 150, 260, 11, 76, 9]
@@ -37,7 +38,7 @@ def gguf_copy(reference_logits, tmp_path_factory):
     path, _ = reference_logits
     checkpoint = load_checkpoint(path)
     out = tmp_path_factory.mktemp("gguf") / "model.gguf"
-    write_gguf(out, checkpoint.config, checkpoint.tensors)
+    write_gguf(out, FAMILIES.named(checkpoint.config.architecture), checkpoint.config, checkpoint.tensors)
     return out
 
 

@@ -15,9 +15,9 @@ from quill.engine.engine import Engine
 from quill.config import EngineConfig
 from quill.layers.linear import Linear
 from quill.layers.quantized import Int4Linear, Int8Linear, dense_rows_from, quantize_per_channel_int8, quantized_linear
-from quill.models import build_model
 from quill.sampling_params import SamplingParams
-from quill.weights import load_checkpoint
+from quill.models.loader import build_model, load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.weights.gguf_quant import NATIVE_GGML_TYPES, repack_ggml
 from quill.weights.safetensors import load_hf_directory
 from quill.weights.gguf_export import write_gguf
@@ -132,13 +132,13 @@ def test_rows_can_take_the_bf16_path():
 # --- whole models --------------------------------------------------------------------------------
 
 def _quantized_gguf(tiny_model_dir, tmp_path, arch: str, qtype_of) -> object:
-    checkpoint = load_hf_directory(tiny_model_dir(arch))
+    checkpoint = load_hf_directory(tiny_model_dir(arch), FAMILIES)
     path = tmp_path / f"{arch}.gguf"
 
     def hook(name, values):
         return qtype_of(name) if values.ndim == 2 and name != "token_embd.weight" else Q.F32
 
-    write_gguf(path, checkpoint.config, checkpoint.tensors, tensor_type=hook)
+    write_gguf(path, FAMILIES.named(arch), checkpoint.config, checkpoint.tensors, tensor_type=hook)
     return path
 
 

@@ -10,9 +10,8 @@ from quill import LLM, SamplingParams
 from quill.engine.runner import PREFILL_IN_BF16_MIN_TOKENS
 from quill.layers.logits import BF16_HEAD_MIN_ROWS
 from quill.layers.quantized import Int4Linear
-from quill.models import build_model
+from quill.models.loader import build_model, load_checkpoint
 from quill.tokenizer import load_tokenizer
-from quill.weights import load_checkpoint
 from quill.errors import ChatTemplateError, ContextLengthError, InvalidRequestError, ModelLoadError
 
 pytestmark = pytest.mark.real_model

@@ -22,9 +22,8 @@ from quill.errors import InvalidRequestError
 from quill.engine.runner import kv_cache_dtype
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan
 from quill.layers.quantized import DENSE_MIN_ROWS, dense_rows_from
-from quill.models import load_model
-from quill.tokenizer import Tokenizer, load_tokenizer
-from quill.weights.hub import resolve_model
+from quill.models.loader import load_model_and_tokenizer
+from quill.tokenizer import Tokenizer
 
 DEFAULT_WINDOW = 512
 
@@ -44,9 +43,8 @@ class ScoringModel:
 def load_scoring_model(model: str | Path, dtype: str = "bfloat16", dequantize: bool = False) -> ScoringModel:
     """The bare network and tokenizer of a checkpoint, loaded as `LLM` would load them (quantized
     weights native unless `dequantize`), without an engine or KV cache of its own."""
-    path = resolve_model(model)
-    network, config = load_model(path, getattr(torch, dtype), dequantize=dequantize)
-    return ScoringModel(network, config, load_tokenizer(path))
+    loaded = load_model_and_tokenizer(model, getattr(torch, dtype), dequantize=dequantize)
+    return ScoringModel(loaded.model, loaded.config, loaded.tokenizer)
 
 
 def tokenize_corpus(tokenizer: Tokenizer, path: str | Path, max_tokens: int | None = None) -> list[int]:

@@ -26,9 +26,10 @@ import torch
 from tqdm import tqdm
 
 from quill.errors import QuillError
+from quill.models.loader import load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.layers.quantized import INT4_GROUP_SIZES, quantize_per_channel_int8
 from quill.optimize import EMBEDDING_TYPES, QUANT_TYPES
-from quill.weights import load_checkpoint
 from quill.weights.gguf import read_gguf_tensor_types
 from quill.weights.gguf_export import write_gguf
 from quill.weights.quantized import QuantizedWeight
@@ -139,7 +140,8 @@ def quantize_checkpoint(source: str | Path, output: str | Path, qtype: str, *, g
         policy = _TensorPolicy(qtype, group_size, embeddings, bar)
         partial = output.with_name(output.name + ".partial")  # a crash must not leave a plausible file
         try:
-            write_gguf(partial, checkpoint.config, checkpoint.tensors, tokenizer_metadata, tensor_type=policy)
+            write_gguf(partial, FAMILIES.named(checkpoint.config.architecture), checkpoint.config, checkpoint.tensors,
+                       tokenizer_metadata, tensor_type=policy)
             partial.replace(output)
         finally:
             partial.unlink(missing_ok=True)

@@ -1,0 +1,13 @@
+"""Every model family Quill runs. A family is one file in this package that fills in a
+`ModelFamily` (see `quill/weights/family.py`), and one line here."""
+from __future__ import annotations
+
+from quill.models import gemma3, llama, mistral, qwen2
+from quill.weights.family import Families
+
+FAMILIES = Families([
+    llama.FAMILY,
+    mistral.FAMILY,
+    qwen2.FAMILY,
+    gemma3.FAMILY,
+])
