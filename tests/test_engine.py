@@ -212,9 +212,7 @@ def test_n_completions_share_the_prompt_blocks(reference):
 
 
 def test_logprobs_are_the_models_distribution(reference, arch, tiny_model_dir):
-    from engine_helpers import load_model
-
-    from quill.optimize.evaluate import all_position_logits
+    from engine_helpers import all_position_logits, load_model
 
     path, expected = reference
     prompt = _prompts()[2]

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import load_model, run_requests, tiny_engine
+from engine_helpers import all_position_logits, load_model, run_requests, tiny_engine
 from quill.layers.norm import RMSNorm
-from quill.optimize.evaluate import all_position_logits
 from quill.sampling_params import SamplingParams
 from quill.models.loader import load_checkpoint
 from quill.models.registry import FAMILIES

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from engine_helpers import all_position_logits
 from quill.cli import main
 from quill.layers.quantized import Int4Linear, Int8Linear
 from quill.optimize import QUANT_TYPES
-from quill.optimize.evaluate import all_position_logits
 from quill.optimize.quantize import quantize_checkpoint, quantize_int4, quantize_int8
 from quill.models.loader import build_model, load_checkpoint
 from quill.models.registry import FAMILIES

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine_helpers import run_requests
-from quill.optimize.evaluate import all_position_logits
+from engine_helpers import all_position_logits, run_requests
 from quill.engine.engine import Engine
 from quill.config import EngineConfig
 from quill.layers.linear import Linear

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quill.optimize.evaluate import all_position_logits
+from engine_helpers import all_position_logits
 from quill import LLM, SamplingParams
 from quill.engine.runner import PREFILL_IN_BF16_MIN_TOKENS
 from quill.layers.logits import BF16_HEAD_MIN_ROWS

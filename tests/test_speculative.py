@@ -8,8 +8,7 @@ import random
 import pytest
 import torch
 
-from engine_helpers import load_model, run_requests, tiny_engine
-from quill.optimize.evaluate import all_position_logits
+from engine_helpers import all_position_logits, load_model, run_requests, tiny_engine
 from quill.engine.request import Request
 from quill.errors import ModelLoadError
 from quill.engine.sampler import sampling_probabilities

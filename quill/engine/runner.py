@@ -20,6 +20,7 @@ from quill.engine.sampler import uses_only_argmax
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
 from quill.layers.linear import BATCH_INVARIANT_ROW_MULTIPLE, Linear
 from quill.layers.quantized import DENSE_MIN_ROWS, KERNEL_ROW_BLOCK, QuantizedLinear, dense_rows_from
+from quill.sampling_params import SamplingParams
 
 # With batch invariance, a request whose prompt has this many tokens to compute prefills through
 # bf16 weights. Expanding them costs ~30 ms a step (SmolLM2), shared by every bf16 row of the step:
@@ -151,3 +152,24 @@ class ModelRunner:
         argmax_only = all(map(uses_only_argmax, to_sample))
         # The sampler works on the CPU: per-request Python logic over a few rows of logits.
         return to_sample, self.model.compute_logits(hidden[sample_rows], argmax_only=argmax_only).cpu()
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Float32 logits [tokens, vocab] at every position of `token_ids` prefilled alone, as one
+        prompt, into an empty cache: the rows `execute` computes for that prompt (the same
+        attention path, the same rows through bf16 weights), all of them instead of the last.
+        What `quill eval` scores. It writes the cache from its first block on, so the runner must
+        hold no request, and have room for the tokens."""
+        num_tokens = len(token_ids)
+        request = Request("prompt-logits", token_ids, SamplingParams(), None)
+        request.block_ids = list(range(-(-num_tokens // self.block_size)))
+        positions = torch.arange(num_tokens, device=self.device)  # consecutive blocks from 0: slot = position
+        if self.prompts_as_rows:
+            rows = SingleQueryRows(None, list(range(1, num_tokens + 1)), [request.block_ids] * num_tokens,
+                                   self.block_size, self.device)
+            meta = AttentionMetadata(positions, rows, [])
+        else:
+            meta = AttentionMetadata(positions, None, [PromptSpan(0, num_tokens, num_tokens, None)])
+        with dense_rows_from(self._dense_rows_start(num_tokens, 0 if self._prefills_in_bf16(request) else None)):
+            hidden = self.model(torch.tensor(token_ids, device=self.device), positions, meta)
+        return self.model.compute_logits(hidden).cpu()
