@@ -184,6 +184,19 @@ def test_hf_tensor_with_wrong_shape(hf_dir, tmp_path):
 # --- GGUF round trips ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_gguf_names_are_llama_cpps(hf_dir, variant):
+    """Every family's GGUF architecture and tensor names are those of llama.cpp's converter: its
+    architecture list and its Hugging Face -> GGUF tensor name map, as gguf-py ships them."""
+    config = load_hf_directory(hf_dir(variant), FAMILIES).config
+    family = FAMILIES.named(config.architecture)
+    arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[family.gguf_architecture]
+    names = gguf.get_tensor_name_map(arch, config.num_layers)
+    for tensor in family.tensors(config):
+        stacked = tensor.hf.replace(".{expert}.", ".")  # the converter names a layer's stacked experts so
+        assert names.get_name(stacked, try_suffixes=(".weight", ".bias")) == tensor.gguf, tensor.hf
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_gguf_round_trip(hf_dir, variant, tmp_path):
     path, source = write_variant(hf_dir, variant, tmp_path)
     loaded = load_gguf(path, FAMILIES)
