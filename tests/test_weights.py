@@ -25,7 +25,7 @@ from quill.weights.safetensors import config_from_hf, load_hf_directory
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}  # small enough that some frequencies are smoothed
-VARIANTS = ["llama", "llama3_rope", "llama_tied", "qwen2", "gemma3"]
+VARIANTS = ["llama", "llama3_rope", "llama_tied", "qwen2", "gemma3", "qwen3"]
 Q = gguf.GGMLQuantizationType
 
 
@@ -83,7 +83,7 @@ def test_hf_directory_matches_transformers(hf_dir, variant):
     config = checkpoint.config
     assert_same_tensors(checkpoint.tensors, expected, config.tie_word_embeddings, gemma=False)
     assert all(t.dtype == torch.float32 for t in checkpoint.tensors.values())
-    assert config.tie_word_embeddings == (variant in ("llama_tied", "qwen2", "gemma3"))
+    assert config.tie_word_embeddings == (variant in ("llama_tied", "qwen2", "gemma3", "qwen3"))
     assert config.attention_bias == (variant == "qwen2")
     if variant == "llama3_rope":
         assert config.rope_scaling == LLAMA3_SCALING

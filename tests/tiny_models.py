@@ -77,10 +77,36 @@ def build_gemma3(path: Path, *, seed: int = 0, sliding_window: int = 8, softcap:
     return _save(model, path)
 
 
+def _perturb_norms(model, scale: float = 0.3) -> None:
+    """Random-init norms are all ones (or zeros): perturb them, so that a norm Quill skipped or
+    applied twice changes the logits."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * scale)
+
+
+def build_qwen3(path: Path, *, seed: int = 0) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,  # head_dim != hidden / heads, as in Qwen3
+        max_position_embeddings=256, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    )
+    model = Qwen3ForCausalLM(config).eval()
+    _perturb_norms(model)  # q/k norms included
+    return _save(model, path)
+
+
 BUILDERS = {
     "llama": build_llama,
     "qwen2": build_qwen2,
     "gemma3": build_gemma3,
+    "qwen3": build_qwen3,
     "gemma3-softcap": lambda path: build_gemma3(path, softcap=True),
     # max_position_embeddings is 256, so original_max_position_embeddings 64 puts the 24-token
     # test prompt's frequencies in all three llama3 bands (kept, smoothed, scaled).

@@ -2,7 +2,7 @@
 `ModelFamily` (see `quill/weights/family.py`), and one line here."""
 from __future__ import annotations
 
-from quill.models import gemma3, llama, mistral, qwen2
+from quill.models import gemma3, llama, mistral, qwen2, qwen3
 from quill.weights.family import Families
 
 FAMILIES = Families([
@@ -10,4 +10,5 @@ FAMILIES = Families([
     mistral.FAMILY,
     qwen2.FAMILY,
     gemma3.FAMILY,
+    qwen3.FAMILY,
 ])
