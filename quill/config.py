@@ -34,6 +34,9 @@ class ModelConfig:
     # Per-layer attention kind, "full" or "sliding"; empty means every layer is "full".
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
+    # Per layer, whether attention rotates q and k (SmolLM3 leaves some layers without RoPE);
+    # empty means every layer does.
+    rope_layers: tuple[bool, ...] = ()
     # Gemma 3: sliding layers use their own RoPE base and no scaling.
     rope_local_theta: float | None = None
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 when set
@@ -45,6 +48,10 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", (kind,) * self.num_layers)
         if len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        if not self.rope_layers:
+            object.__setattr__(self, "rope_layers", (True,) * self.num_layers)
+        if len(self.rope_layers) != self.num_layers:
+            raise ValueError(f"rope_layers has {len(self.rope_layers)} entries for {self.num_layers} layers")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 

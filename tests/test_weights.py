@@ -6,6 +6,7 @@ the same config and tensors. Damaged files must fail with ModelLoadError, never 
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from quill.weights.safetensors import config_from_hf, load_hf_directory
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}  # small enough that some frequencies are smoothed
-VARIANTS = ["llama", "llama3_rope", "llama_tied", "qwen2", "gemma3", "qwen3"]
+VARIANTS = ["llama", "llama3_rope", "llama_tied", "qwen2", "gemma3", "qwen3", "smollm3"]
 Q = gguf.GGMLQuantizationType
 
 
@@ -83,7 +84,7 @@ def test_hf_directory_matches_transformers(hf_dir, variant):
     config = checkpoint.config
     assert_same_tensors(checkpoint.tensors, expected, config.tie_word_embeddings, gemma=False)
     assert all(t.dtype == torch.float32 for t in checkpoint.tensors.values())
-    assert config.tie_word_embeddings == (variant in ("llama_tied", "qwen2", "gemma3", "qwen3"))
+    assert config.tie_word_embeddings == (variant in ("llama_tied", "qwen2", "gemma3", "qwen3", "smollm3"))
     assert config.attention_bias == (variant == "qwen2")
     if variant == "llama3_rope":
         assert config.rope_scaling == LLAMA3_SCALING
@@ -205,7 +206,7 @@ def test_gguf_round_trip(hf_dir, variant, tmp_path):
     assert ("rope_freqs.weight" in {n for n in _gguf_tensor_names(path)}) == (variant == "llama3_rope")
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "smollm3"])  # transformers reads no SmolLM3 GGUF
 def test_transformers_reads_our_gguf(hf_dir, variant, tmp_path):
     """transformers' GGUF loader (undoing llama.cpp's permutation and norm shift its own way) gets
     the original state dict back, so the writer follows llama.cpp's conventions. (`from_pretrained`
@@ -220,6 +221,16 @@ def test_transformers_reads_our_gguf(hf_dir, variant, tmp_path):
     assert (hf_config["num_hidden_layers"], hf_config["hidden_size"], hf_config["num_attention_heads"],
             hf_config["num_key_value_heads"], hf_config["vocab_size"], hf_config["tie_word_embeddings"]) == \
         (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size, c.tie_word_embeddings)
+
+
+def test_smollm3_layers_without_rope_in_gguf(hf_dir, tmp_path):
+    """llama.cpp leaves RoPE out of every fourth SmolLM3 layer and reads no key for it: that is the
+    pattern a GGUF file gives back, and the writer refuses any other."""
+    path, source = write_variant(hf_dir, "smollm3", tmp_path)
+    assert load_gguf(path, FAMILIES).config.rope_layers == (True, True, True, False) == source.config.rope_layers
+    other = dataclasses.replace(source.config, rope_layers=(True, False, True, True))
+    with pytest.raises(UnsupportedModelError, match="every 4th"):
+        write_gguf(tmp_path / "other.gguf", FAMILIES.named("smollm3"), other, source.tensors)
 
 
 def test_gguf_f16_keeps_vectors_in_f32(hf_dir, tmp_path):

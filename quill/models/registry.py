@@ -2,7 +2,7 @@
 `ModelFamily` (see `quill/weights/family.py`), and one line here."""
 from __future__ import annotations
 
-from quill.models import gemma3, llama, mistral, qwen2, qwen3
+from quill.models import gemma3, llama, mistral, qwen2, qwen3, smollm3
 from quill.weights.family import Families
 
 FAMILIES = Families([
@@ -11,4 +11,5 @@ FAMILIES = Families([
     qwen2.FAMILY,
     gemma3.FAMILY,
     qwen3.FAMILY,
+    smollm3.FAMILY,
 ])

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from quill.config import ModelConfig
-from quill.errors import ModelLoadError
+from quill.errors import ModelLoadError, UnsupportedModelError
 from quill.weights.checkpoint import Checkpoint
 from quill.weights.family import Families, hf_rope
 from quill.weights.layout import check_tensors
@@ -65,6 +65,8 @@ def config_from_hf(raw: dict[str, Any], families: Families) -> ModelConfig:
     shares here, the rest from the family's `hf_config`."""
     family = families.for_hf(raw)
     cfg = raw.get("text_config", raw)  # multimodal checkpoints keep the text model's settings here
+    if cfg.get("mlp_bias"):  # the checkpoint would hold biases that no family's tensors include
+        raise UnsupportedModelError("MLP biases (mlp_bias) are not supported")
     layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
     rope_theta, rope_scaling = hf_rope(cfg)
     window = family.hf_sliding_window(cfg)
