@@ -16,7 +16,7 @@ PROMPT = [1, 17, 250, 3, 99, 42, 7, 7, 7, 310, 64, 128, 5, 200, 33, 18, 91, 0, 4
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3", "gemma3-softcap", "llama-rope-llama3",
-                                        "llama-rope-linear", "qwen3", "smollm3"])
+                                        "llama-rope-linear", "qwen3", "smollm3", "phi3"])
 def arch(request):
     return request.param
 

@@ -26,7 +26,7 @@ from quill.weights.safetensors import config_from_hf, load_hf_directory
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}  # small enough that some frequencies are smoothed
-VARIANTS = ["llama", "llama3_rope", "llama_tied", "qwen2", "gemma3", "qwen3", "smollm3"]
+VARIANTS = ["llama", "llama3_rope", "llama_tied", "qwen2", "gemma3", "qwen3", "smollm3", "phi3"]
 Q = gguf.GGMLQuantizationType
 
 
@@ -120,6 +120,15 @@ def test_mistral_config_and_its_gguf_form(tmp_path):
     loaded = load_gguf(tmp_path / "mistral.gguf", FAMILIES)
     assert (loaded.config.architecture, loaded.config.sliding_window) == ("llama", None)
     assert all(torch.equal(loaded.tensors[name], tensor) for name, tensor in tensors.items())
+
+
+def test_phi3_config_keeps_its_window_and_refuses_partial_rotary(hf_dir):
+    raw = load_hf_directory(hf_dir("phi3"), FAMILIES).metadata
+    config = config_from_hf(raw, FAMILIES)
+    assert (config.architecture, config.sliding_window, config.layer_types) == ("phi3", 16, ("sliding",) * 3)
+    partial = raw | {"rope_parameters": {**raw["rope_parameters"], "partial_rotary_factor": 0.75}}
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor=0.75"):
+        config_from_hf(partial, FAMILIES)
 
 
 def test_sharded_safetensors_directory(hf_dir, tmp_path):

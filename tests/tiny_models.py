@@ -118,12 +118,29 @@ def build_smollm3(path: Path, *, seed: int = 0) -> Path:
     return _save(model, path)
 
 
+def build_phi3(path: Path, *, seed: int = 0, sliding_window: int = 16) -> Path:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Phi3Config(
+        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        original_max_position_embeddings=256, rms_norm_eps=1e-5, sliding_window=sliding_window,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    model = Phi3ForCausalLM(config).eval()
+    _perturb_norms(model)
+    return _save(model, path)
+
+
 BUILDERS = {
     "llama": build_llama,
     "qwen2": build_qwen2,
     "gemma3": build_gemma3,
     "qwen3": build_qwen3,
     "smollm3": build_smollm3,
+    "phi3": build_phi3,  # fused qkv and gate/up; a sliding window shorter than the test prompts
     "gemma3-softcap": lambda path: build_gemma3(path, softcap=True),
     # max_position_embeddings is 256, so original_max_position_embeddings 64 puts the 24-token
     # test prompt's frequencies in all three llama3 bands (kept, smoothed, scaled).
