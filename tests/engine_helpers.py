@@ -43,9 +43,10 @@ def tiny_engine(path: Path, dtype: str = "float32", **engine_options) -> Engine:
 
 
 def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 *, arrive_every: int = 0) -> list[list[int]]:
+                 *, arrive_every: int = 0, with_logprobs: bool = False) -> list[list]:
     """Generate for every prompt; with arrive_every=k, one new prompt joins every k steps.
-    Returns the generated token ids in prompt order."""
+    Returns the generated token ids in prompt order; `with_logprobs`: (token id, logprob, top)
+    per token, for requests that ask for logprobs."""
     params_list = params if isinstance(params, list) else [params] * len(prompts)
     pending = list(enumerate(prompts))
     index_of: dict[str, int] = {}
@@ -59,7 +60,8 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
             pending = pending[len(arriving):]
         for output in engine.step():
             if output.finished:
-                results[index_of[output.request_id]] = output.token_ids
+                results[index_of[output.request_id]] = [(r.token_id, r.logprob, r.top) for r in output.logprobs] \
+                    if with_logprobs else output.token_ids
         step += 1
     return [results[i] for i in range(len(prompts))]
 

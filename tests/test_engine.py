@@ -23,7 +23,7 @@ def _prompts(seed: int = 0, count: int = 10) -> list[list[int]]:
     return prompts + [shared + [5, 6, 7], shared[:33] + [9], list(shared)]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3", "qwen3", "smollm3", "phi3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3", "qwen3", "smollm3", "phi3", "qwen3moe"])
 def arch(request):
     return request.param
 

@@ -16,7 +16,8 @@ PROMPT = [1, 17, 250, 3, 99, 42, 7, 7, 7, 310, 64, 128, 5, 200, 33, 18, 91, 0, 4
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3", "gemma3-softcap", "llama-rope-llama3",
-                                        "llama-rope-linear", "qwen3", "smollm3", "phi3"])
+                                        "llama-rope-linear", "qwen3", "smollm3", "phi3",
+                                        "qwen3moe"])
 def arch(request):
     return request.param
 
@@ -47,6 +48,24 @@ def test_logits_match_transformers(reference_logits, gguf_copy, source):
     model, config = load_model(path if source == "hf" else gguf_copy)
     logits = all_position_logits(model, config, PROMPT)
     torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_unnormalised_expert_weights_match_transformers_and_have_no_gguf_form(tiny_model_dir, tmp_path):
+    """Qwen3-MoE may leave the top-k expert weights as they are (transformers' default); llama.cpp
+    always renormalises them, so such a model is refused as GGUF rather than written wrongly."""
+    from transformers import AutoModelForCausalLM
+
+    from quill.errors import UnsupportedModelError
+
+    path = tiny_model_dir("qwen3moe-unnormalized")
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(torch.tensor([PROMPT])).logits[0]
+    model, config = load_model(path)
+    assert not config.norm_topk_prob
+    torch.testing.assert_close(all_position_logits(model, config, PROMPT), expected, atol=2e-5, rtol=1e-4)
+    checkpoint = load_checkpoint(path)
+    with pytest.raises(UnsupportedModelError, match="norm_topk_prob"):
+        write_gguf(tmp_path / "moe.gguf", FAMILIES.named("qwen3moe"), checkpoint.config, checkpoint.tensors)
 
 
 def test_attention_in_bfloat16_as_on_a_gpu(reference_logits, monkeypatch):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from pathlib import Path
 
 import gguf
@@ -26,7 +27,7 @@ from quill.weights.safetensors import config_from_hf, load_hf_directory
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}  # small enough that some frequencies are smoothed
-VARIANTS = ["llama", "llama3_rope", "llama_tied", "qwen2", "gemma3", "qwen3", "smollm3", "phi3"]
+VARIANTS = ["llama", "llama3_rope", "llama_tied", "qwen2", "gemma3", "qwen3", "smollm3", "phi3", "qwen3moe"]
 Q = gguf.GGMLQuantizationType
 
 
@@ -68,6 +69,24 @@ def assert_same_tensors(actual: dict, expected: dict, tied: bool, gemma: bool) -
             assert torch.equal(actual[name], expected[name].float()), name
 
 
+def as_transformers_runs_them(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 runs a layer's experts as two stacked parameters (`experts.gate_up_proj`, gate
+    rows first, and `experts.down_proj`) while checkpoints, and so Quill's readers, hold them per
+    expert: stack them the same way to compare. Other tensors pass through."""
+    out, experts = {}, {}
+    for name, tensor in tensors.items():
+        match = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", name)
+        if match:
+            experts.setdefault(match[1], {}).setdefault(match[3], {})[int(match[2])] = tensor
+        else:
+            out[name] = tensor
+    for prefix, parts in experts.items():
+        ids = sorted(parts["down_proj"])
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([parts["gate_proj"][e], parts["up_proj"][e]]) for e in ids])
+        out[f"{prefix}.down_proj"] = torch.stack([parts["down_proj"][e] for e in ids])
+    return out
+
+
 def write_variant(hf_dir, variant: str, tmp_path: Path, **kwargs) -> tuple[Path, object]:
     checkpoint = load_hf_directory(hf_dir(variant), FAMILIES)
     path = tmp_path / f"{variant}.gguf"
@@ -82,7 +101,7 @@ def test_hf_directory_matches_transformers(hf_dir, variant):
     checkpoint = load_hf_directory(hf_dir(variant), FAMILIES)
     _, expected = reference_state_dict(hf_dir(variant))
     config = checkpoint.config
-    assert_same_tensors(checkpoint.tensors, expected, config.tie_word_embeddings, gemma=False)
+    assert_same_tensors(as_transformers_runs_them(checkpoint.tensors), expected, config.tie_word_embeddings, gemma=False)
     assert all(t.dtype == torch.float32 for t in checkpoint.tensors.values())
     assert config.tie_word_embeddings == (variant in ("llama_tied", "qwen2", "gemma3", "qwen3", "smollm3"))
     assert config.attention_bias == (variant == "qwen2")

@@ -52,6 +52,12 @@ def dense_rows_from(start: int | None) -> Iterator[None]:
         _dense_from.reset(token)
 
 
+def dense_rows_start() -> int | None:
+    """The `start` of the innermost `dense_rows_from` block (None outside any): for layers that
+    pass a subset of the step's rows on to quantized layers (mixture-of-experts groups)."""
+    return _dense_from.get()
+
+
 class QuantizedLinear(InferenceModule):
     """Shared plumbing: bias, and the bf16 expansion for prefill-sized rows. The int4 and int8
     kernels compute each row the same way whatever the row count, and so does the bf16 matmul for

@@ -2,7 +2,7 @@
 `ModelFamily` (see `quill/weights/family.py`), and one line here."""
 from __future__ import annotations
 
-from quill.models import gemma3, llama, mistral, phi3, qwen2, qwen3, smollm3
+from quill.models import gemma3, llama, mistral, phi3, qwen2, qwen3, qwen3moe, smollm3
 from quill.weights.family import Families
 
 FAMILIES = Families([
@@ -13,4 +13,5 @@ FAMILIES = Families([
     qwen3.FAMILY,
     smollm3.FAMILY,
     phi3.FAMILY,
+    qwen3moe.FAMILY,
 ])

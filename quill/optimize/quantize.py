@@ -7,8 +7,9 @@ Types:
   offset per group of 32..256 input columns (`Int4Linear`'s kernel). Quill's own tensor format
   (see `weights/gguf_quant.py`); only Quill reads it.
 
-What stays unquantized follows llama.cpp's practice: vectors (norms, biases) stay F32, since they
-are tiny and errors in them hit every activation. The token embedding and an untied LM head get
+What stays unquantized follows llama.cpp's practice: vectors (norms, biases) and MoE routers stay
+F32, since they are tiny and errors in them hit every activation (or send tokens to other experts).
+A layer's stacked experts are quantized like any matrix, row by row. The token embedding and an untied LM head get
 `--embeddings`: by default Q8_0 next to a GGML type (llama.cpp keeps small models' token_embd at
 Q8_0 or better; the vocabulary is a large share of their weights), and F16 next to int4/int8
 (Quill reads an embedding as floats anyway, so only the file grows). A
@@ -38,6 +39,7 @@ Q = gguf.GGMLQuantizationType
 GGML_TYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "f16": Q.F16}
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
 _EMBEDDING_NAMES = ("token_embd.weight", "output.weight")  # the LM head shares the vocabulary's policy
+_ROUTER_SUFFIX = ".ffn_gate_inp.weight"  # llama.cpp's name for a MoE layer's router
 _GGML_BLOCK = 32  # values per block of every GGML type used here
 
 
@@ -87,7 +89,7 @@ class _TensorPolicy:
 
     def __call__(self, name: str, values: np.ndarray) -> Q | QuantizedWeight:
         self.progress.update()
-        if values.ndim != 2:
+        if values.ndim != 2 or name.endswith(_ROUTER_SUFFIX):
             return self._record(Q.F32)
         wanted = self.embeddings if name in _EMBEDDING_NAMES and self.embeddings != "same" else self.qtype
         if not self._fits(wanted, values.shape[1]):
