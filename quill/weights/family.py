@@ -11,7 +11,7 @@ shifted norms).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -323,5 +323,5 @@ class Families:
     def gguf_architectures(self) -> list[str]:
         return [f.name for f in self.families if f.gguf_architecture == f.name]
 
-    def __iter__(self) -> Iterable[ModelFamily]:
+    def __iter__(self) -> Iterator[ModelFamily]:
         return iter(self.families)
