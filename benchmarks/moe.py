@@ -12,7 +12,7 @@ Each model runs in bfloat16, and in int4 (group 32) as `quill quantize --type in
 (embeddings and the router stay float), single-stream and with --streams concurrent sequences:
 decode tokens/s after every sequence's first token. A decode step of one sequence touches 8 of
 a layer's 128 experts; a batch touches more, which is where MoE costs more than its active size.
-The CPU model and its AMX flags (from lscpu) go into the JSON with the results.
+The CPU model and its AMX and AVX-512 flags (`quill.hardware`) go into the JSON with the results.
 
     python benchmarks/moe.py                 # results -> benchmarks/results/moe.json
     python benchmarks/moe.py --quick         # a small check that the script runs (seconds)
@@ -22,9 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from quill.config import EngineConfig, ModelConfig  # noqa: E402
 from quill.engine.engine import Engine  # noqa: E402
+from quill.hardware import host_description  # noqa: E402
 from quill.models.loader import build_model  # noqa: E402
 from quill.models.registry import FAMILIES  # noqa: E402
 from quill.optimize.quantize import quantize_int4  # noqa: E402
@@ -129,21 +127,6 @@ def measure(label: str, config: ModelConfig, weights: str, streams: list[int], m
     return rows
 
 
-def cpu_info() -> dict:
-    """The CPU model and AMX flags, from lscpu (/proc/cpuinfo where lscpu is missing)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        model, flags = fields.get("Model name", "").strip(), fields.get("Flags", "").split()
-    except (OSError, subprocess.CalledProcessError):
-        info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        lines = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-        model, flags = lines.get("model name", platform.processor()).strip(), lines.get("flags", "").split()
-    return {"cpu_model": model, "amx": sorted(flag for flag in flags if flag.startswith("amx")),
-            "avx512": any(flag.startswith("avx512") for flag in flags), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=2, help="decoder layers of both models (default: %(default)s)")
@@ -161,8 +144,8 @@ def main() -> int:
         args.layers, args.vocab, args.tokens, args.repeats, args.streams = 1, 1024, 6, 1, [1, 2]
     out = args.json or (Path(tempfile.gettempdir()) / "moe-quick.json" if args.quick
                         else REPO / "benchmarks" / "results" / "moe.json")
-    host = cpu_info()
-    print(f"{host['cpu_model']} ({host['cpus']} CPUs, AMX: {', '.join(host['amx']) or 'none'})")
+    host = host_description() | {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    print(host["summary"])
     results = []
     for label, config in model_configs(shapes, args.layers, args.vocab).items():
         for weights in args.weights:

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_model_options()],
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over HTTP with the OpenAI API (/v1/chat/completions, /v1/completions, "
-        "/v1/models) plus /tokenize, /detokenize, /health, /version and /metrics. SIGTERM or Ctrl-C stops "
+        "/v1/models) plus /tokenize, /detokenize, /health, /version and /metrics, and a chat page at / (--no-ui "
+        "turns it off). SIGTERM or Ctrl-C stops "
         "accepting requests and gives in-flight ones --shutdown-grace seconds. One JSON line per request is "
         "logged to stderr. Repeated deterministic requests (temperature 0, or a seed) are answered from a "
         "response cache in memory; the X-Quill-Cache response header says hit, miss or bypass, and a client "
@@ -116,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-cap", type=int, metavar="N",
                        help="clamp each request's max_tokens to N (default: no cap)")
     serve.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
+    serve.add_argument("--no-ui", action="store_true",
+                       help="do not serve the chat page at / (the API is the same either way)")
     serve.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                        help="time in-flight requests get to finish at shutdown (default: %(default)s)")
     serve.add_argument("--hourly-cost", type=float, default=DEFAULT_HOURLY_COST, metavar="USD",
@@ -173,10 +176,6 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument("--dequantize", action="store_true",
                          help="expand quantized GGUF weights to --dtype at load instead of running Q4_0/Q4_1/Q4_K "
                               "and int4/int8 weights natively (more memory, slower decoding; the reference path)")
-    options.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
-                         help="make greedy output independent of what else is in the batch (default: on; "
-                              "prompts of 32 tokens or more still prefill through bf16 weights). Off, quantized "
-                              "layers instead switch to bf16 for any step of 96 rows or more")
     options.add_argument("--max-model-len", type=int, metavar="N",
                          help="context length limit (default: the model's own)")
     options.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
@@ -330,13 +329,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         hourly_cost=args.hourly_cost, reference_prices=reference_prices,
         response_cache=not args.no_response_cache, response_cache_path=args.response_cache,
         response_cache_entries=args.response_cache_entries, response_cache_memory=args.response_cache_memory,
-        response_cache_ttl=args.response_cache_ttl,
+        response_cache_ttl=args.response_cache_ttl, ui=not args.no_ui,
     )
     app = create_app(llm, config)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    logging.getLogger("quill.server").info(
-        "serving %s as %r on http://%s:%d/v1 (API key %s)", llm.path, config.served_model_name, host, args.port,
-        "required" if config.api_key else "not required")
+    log = logging.getLogger("quill.server")
+    log.info("serving %s as %r on http://%s:%d/v1 (API key %s)", llm.path, config.served_model_name, host, args.port,
+             "required" if config.api_key else "not required")
+    if config.ui:
+        log.info("chat page on http://%s:%d/", host, args.port)
     serve(app, host=args.host, port=args.port, shutdown_grace=args.shutdown_grace)
     return 0
 
@@ -394,7 +395,7 @@ def _load_llm(args: argparse.Namespace):
     from quill import LLM  # torch loads here, so --help, pull and models stay quick
 
     return LLM(args.model, dtype=args.dtype, device=args.device, dequantize=args.dequantize,
-               batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
+               max_model_len=args.max_model_len,
                kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
 

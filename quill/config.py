@@ -86,9 +86,6 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in the running batch
     max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     enable_prefix_caching: bool = True
-    # Make every row's result independent of the batch around it (see quill/layers/linear.py),
-    # so greedy output does not change with server load. Costs some single-stream speed.
-    batch_invariant: bool = True
     seed: int = 0
     # Speculative decoding: None (off), "ngram" (prompt lookup) or a draft model sharing the
     # target's tokenizer (a path or known name). See quill/speculative/.

@@ -114,9 +114,8 @@ def tiny_gguf_pair(llama, tmp_path_factory):
 
 @pytest.mark.parametrize("length", [20, 40])
 def test_eval_scores_the_logits_the_engine_samples_from(tiny_gguf_pair, length):
-    """An int4 model in bf16: a prompt of 32 tokens or more prefills through bf16 weights in the
-    engine, a shorter one through the int4 kernel. Eval's logits at the prompt's last position
-    are the engine's, bit for bit, either way."""
+    """An int4 model in bf16, short and long prompts: eval's logits at the prompt's last position
+    are those the engine samples from, bit for bit."""
     _, int4_path, _ = tiny_gguf_pair
     prompt = TOKENS[:length]
     model, config = loader.load_model(int4_path, torch.bfloat16)

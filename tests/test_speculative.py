@@ -104,7 +104,7 @@ def test_verification_logits_are_bit_identical_to_decoding(tiny_model_dir, arch,
     model, config = load_model(tiny_model_dir(arch), dtype)
     cpu = torch.device("cpu")
     runner = ModelRunner(model, config, num_blocks=8, block_size=16, kv_cache_dtype=kv_cache_dtype("auto", dtype, cpu),
-                         device=cpu, batch_invariant=True)
+                         device=cpu)
     context, drafts = _prompts()[0][:30], [5, 9, 5, 200, 17]
     decoding = Request("decode", context[:-1], SamplingParams(), torch.Generator())
     verifying = Request("verify", context[:-1], SamplingParams(), torch.Generator())

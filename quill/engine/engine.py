@@ -72,8 +72,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, model_config, num_blocks=num_blocks, block_size=config.block_size,
-                                  kv_cache_dtype=cache_dtype, device=device,
-                                  batch_invariant=config.batch_invariant)
+                                  kv_cache_dtype=cache_dtype, device=device)
         self.speculator: Speculator | None = None if config.speculative is None else build_speculator(
             config, model_config, tokenizer, num_blocks=num_blocks, max_model_len=self.max_model_len, device=device,
             kv_cache_dtype=cache_dtype, row_block=self.runner.row_block)

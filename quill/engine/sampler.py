@@ -71,11 +71,6 @@ def apply_logit_processors(logits: torch.Tensor, requests: list[Request], eos_to
     return logits
 
 
-def uses_only_argmax(request: Request) -> bool:
-    """Whether sampling this request's next token reads nothing but the argmax of its raw logits."""
-    return request.params.greedy and request.params.logprobs is None and not _needs_processing(request)
-
-
 def _needs_processing(request: Request) -> bool:
     params = request.params
     return bool(params.logit_bias) or params.has_penalties or request.num_output_tokens < params.min_tokens

@@ -8,10 +8,8 @@ one sequence touches `top_k` of them) and never a loop over tokens. Each expert 
 plain or quantized linear layers, loaded like any dense MLP.
 
 Each token's result is independent of the batch around it: routing is per row, the expert matmuls
-are row-invariant (see `linear.py` and `quantized.py`), and a token's expert outputs are summed in
-expert order whatever else was routed where. Quantized experts take the bf16 path for the same
-tokens as every other layer: `dense_rows_from` counts rows of the step, and a gathered group's rows
-stay in step order.
+are row-invariant however many rows an expert gets (see `matmul.py`), and a token's expert outputs
+are summed in expert order whatever else was routed where.
 """
 from __future__ import annotations
 
@@ -21,7 +19,6 @@ from torch import nn
 from quill.layers.linear import Linear
 from quill.layers.mlp import GatedMLP
 from quill.layers.module import InferenceModule
-from quill.layers.quantized import dense_rows_from, dense_rows_start
 
 
 class SparseMoE(InferenceModule):
@@ -39,11 +36,10 @@ class SparseMoE(InferenceModule):
         if self.normalize_top_k:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype).flatten()
-        # (token, slot) pairs grouped by expert; a stable sort keeps each group in token order.
+        # (token, slot) pairs grouped by expert, each group in token order.
         order = chosen.flatten().argsort(stable=True)
         counts = chosen.flatten().bincount(minlength=len(self.experts)).tolist()
         tokens = order // self.top_k
-        dense_start = dense_rows_start()
         out = torch.zeros_like(x)
         end = 0
         for expert, count in enumerate(counts):
@@ -51,8 +47,5 @@ class SparseMoE(InferenceModule):
                 continue
             pairs, rows = order[end:end + count], tokens[end:end + count]
             end += count
-            group_dense_start = None if dense_start is None else int(torch.searchsorted(rows, dense_start))
-            with dense_rows_from(group_dense_start):
-                y = self.experts[expert](x[rows])
-            out.index_add_(0, rows, y * weights[pairs, None])
+            out.index_add_(0, rows, self.experts[expert](x[rows]) * weights[pairs, None])
         return out

@@ -71,8 +71,8 @@ class Gemma3ForCausalLM(nn.Module):
             x = layer(x, positions, meta)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor, *, argmax_only: bool = False) -> torch.Tensor:
-        logits = lm_head_logits(self.lm_head, hidden, argmax_only=argmax_only)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = lm_head_logits(self.lm_head, hidden)
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -59,8 +59,8 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, positions, meta)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor, *, argmax_only: bool = False) -> torch.Tensor:
-        return lm_head_logits(self.lm_head, hidden, argmax_only=argmax_only)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return lm_head_logits(self.lm_head, hidden)
 
 
 def llama_gguf_metadata(config: ModelConfig) -> dict[str, Any]:

@@ -57,13 +57,13 @@ def tokenize_corpus(tokenizer: Tokenizer, path: str | Path, max_tokens: int | No
 
 def scoring_runner(model: torch.nn.Module, config: ModelConfig, max_tokens: int) -> ModelRunner:
     """A model runner with room for `max_tokens`, configured as an engine with default settings
-    configures its own (block size, KV-cache dtype, batch invariance). It binds the model's
-    attention caches, so never build one for a model an engine is running."""
+    configures its own (block size, KV-cache dtype). It binds the model's attention caches, so
+    never build one for a model an engine is running."""
     defaults = EngineConfig()
     weight = model.embed_tokens.weight
     return ModelRunner(model, config, num_blocks=-(-max_tokens // defaults.block_size), block_size=defaults.block_size,
                        kv_cache_dtype=kv_cache_dtype(defaults.kv_cache_dtype, weight.dtype, weight.device),
-                       device=weight.device, batch_invariant=defaults.batch_invariant)
+                       device=weight.device)
 
 
 def windows(num_tokens: int, window: int) -> Iterator[tuple[int, int, int]]:

@@ -7,7 +7,7 @@ window) and shaping outputs into OpenAI's JSON and server-sent events. The rest 
 `middleware.py` (API key, body limit, request log), `errors.py` (OpenAI-shaped errors),
 `runs.py` (a request's engine streams, SSE and cleanup: a request whose client goes away is
 aborted at once so its KV blocks are freed), `cached.py` (the response cache's hits and opt-outs),
-`logprobs.py` and `metrics.py`. Each request is priced by `quill.cost.CostModel`; `GET /v1/usage`
+`logprobs.py`, `metrics.py` and `ui.py` (the chat page at `/`). Each request is priced by `quill.cost.CostModel`; `GET /v1/usage`
 reports the totals (a cache hit is free and shows what it saved: see `cached.hit_usage`).
 
 Build an app with `create_app(llm, ServerConfig(...))`; `runner.serve()` runs it with uvicorn
@@ -42,6 +42,7 @@ from quill.server.metrics import ServerMetrics
 from quill.server.middleware import Gate
 from quill.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from quill.server.runs import Run, chat_chunk, completion_chunk, sse, sse_response
+from quill.server.ui import add_ui
 
 SYSTEM_FINGERPRINT = f"quill-{__version__}"
 # Prompts longer than this (characters) are tokenized off the event loop.
@@ -67,6 +68,7 @@ class ServerConfig:
     response_cache_entries: int = 1024  # in memory; least recently used answers go first
     response_cache_memory: int = 64 << 20  # bytes of answers (JSON) in memory
     response_cache_ttl: float | None = None  # seconds an answer may be served; None: until evicted
+    ui: bool = True  # serve the chat page at / (quill/server/ui.py)
 
 
 @dataclass
@@ -99,6 +101,8 @@ def create_app(model, config: ServerConfig | None = None) -> FastAPI:
     app.add_middleware(Gate, server=server)
     add_exception_handlers(app)
     _add_routes(app, server)
+    if server.config.ui:
+        add_ui(app, server)
     return app
 
 

@@ -14,14 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 from quill.server.errors import APIError
 from quill.server.metrics import endpoint_label
+from quill.server.ui import PAGE_PATHS
 
 if TYPE_CHECKING:
     from quill.server.app import QuillServer
 
 request_log = logging.getLogger("quill.requests")
 
-# Paths that stay open when an API key is set: probes and scrapers rarely carry keys.
-OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+# Paths that stay open when an API key is set: probes and scrapers rarely carry keys, and the chat
+# page has to load before it can ask for the key.
+OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+                        *PAGE_PATHS})
 # POST endpoints whose body is JSON whatever Content-Type the client sent (curl -d sends a form type).
 JSON_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"})
 # Bodies past the limit are read and dropped up to this many bytes before the 413, so the client

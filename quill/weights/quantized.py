@@ -40,12 +40,12 @@ class QuantizedWeight:
 
     @staticmethod
     def concat(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
-        """Stack along the output dimension (fused q/k/v or gate/up); None when the parts are
-        quantized differently and so cannot share one kernel."""
+        """Stack along the output dimension (fused q/k/v or gate/up), as codes of the widest part's
+        bits; None when the parts' groups differ and so cannot share one kernel."""
         first = parts[0]
-        if any((p.bits, p.group_size) != (first.bits, first.group_size) for p in parts):
+        if any(p.group_size != first.group_size for p in parts):
             return None
         sources = sorted({p.source for p in parts})
         return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-                               torch.cat([p.offsets for p in parts]), first.bits, first.group_size,
+                               torch.cat([p.offsets for p in parts]), max(p.bits for p in parts), first.group_size,
                                "+".join(sources))
