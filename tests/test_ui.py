@@ -117,7 +117,7 @@ def test_page_settings_show_the_servers_real_defaults(served):
     another temperature (so the comparison can tell)."""
     app, client = served
     settings = client.get(CONFIG_PATH).json()
-    assert settings["max_model_len"] == app.state.server.max_model_len
+    assert settings["max_model_len"] == app.state.server.limits.max_model_len
     assert settings["max_tokens_cap"] is None and settings["defaults"]["seed"] is None
 
     def tokens(**fields) -> list:

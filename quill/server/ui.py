@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import hashlib
 from importlib import resources
-from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from quill.sampling_params import SamplingParams
 from quill.server.errors import APIError
-
-if TYPE_CHECKING:
-    from quill.server.app import QuillServer
+from quill.server.state import ServerState
 
 # name -> media type of every file the page is made of; nothing else under /ui/ is served.
 ASSETS = {
@@ -53,7 +50,7 @@ _SECURITY_HEADERS = {
 }
 
 
-def add_ui(app: FastAPI, server: QuillServer) -> None:
+def add_ui(app: FastAPI, server: ServerState) -> None:
     """Serve the chat page at `/` and its files under `/ui/`."""
     files = _load_assets()
 
@@ -79,7 +76,7 @@ def add_ui(app: FastAPI, server: QuillServer) -> None:
         return asset(name, request)
 
 
-def page_settings(server: QuillServer) -> dict:
+def page_settings(server: ServerState) -> dict:
     """What the page shows for the fields a user leaves empty (the page then leaves them out of
     the request): the server's fallbacks, which are `SamplingParams`' defaults (test_ui.py checks
     by sampling that a request without them matches), and for max_tokens the rest of the context
@@ -87,7 +84,7 @@ def page_settings(server: QuillServer) -> dict:
     return {
         "defaults": {"temperature": SamplingParams.temperature, "top_p": SamplingParams.top_p, "seed": None},
         "max_tokens_cap": server.config.max_tokens_cap,
-        "max_model_len": server.max_model_len,
+        "max_model_len": server.limits.max_model_len,
     }
 
 
