@@ -29,16 +29,6 @@ LAYERS = [
     ("cli",),
 ]
 
-# Cycles that exist today and have an owner removing them. The test also fails when one of them is
-# gone, so that its entry goes with it.
-KNOWN_CYCLES = {
-    # runs.py, middleware.py and ui.py name QuillServer (app.py) in type hints while app.py imports
-    # them: the server split of issue 23 (arch-server) removes it.
-    frozenset({"quill.server.app", "quill.server.cached", "quill.server.logprobs", "quill.server.middleware",
-               "quill.server.runs", "quill.server.ui"}),
-}
-
-
 def module_names(root: Path) -> dict[str, Path]:
     names = {}
     for path in root.rglob("*.py"):
@@ -139,11 +129,8 @@ def test_the_cycle_finder_sees_cycles_through_deferred_imports(tmp_path):
 
 
 def test_quill_has_no_import_cycles():
-    found = set(cycles(import_graph(QUILL)))
-    new = [sorted(cycle) for cycle in found - KNOWN_CYCLES]
-    assert not new, f"import cycles: {new}"
-    gone = [sorted(cycle) for cycle in KNOWN_CYCLES - found]
-    assert not gone, f"these cycles are gone: remove them from KNOWN_CYCLES: {gone}"
+    found = [sorted(cycle) for cycle in cycles(import_graph(QUILL))]
+    assert not found, f"import cycles: {found}"
 
 
 def test_the_layer_check_sees_an_upward_import():
