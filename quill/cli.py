@@ -538,7 +538,7 @@ def _add_eval_command(commands) -> None:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from quill.optimize.quantize import quantize_checkpoint
-    from quill.weights.gguf_tokenizer import TokenizerConversionError
+    from quill.optimize.gguf_tokenizer import TokenizerConversionError
 
     try:
         summary = quantize_checkpoint(args.source, args.output, args.qtype, group_size=args.group_size,

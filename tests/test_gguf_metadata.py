@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import tiny_models
-from quill.weights import load_checkpoint
+from quill.models.loader import load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.weights.gguf import load_gguf, read_gguf_metadata
 from quill.weights.gguf_export import write_gguf
 
@@ -34,7 +35,7 @@ def written(tmp_path_factory):
             folder = tmp_path_factory.mktemp(variant)
             directory = tiny_models.BUILDERS[variant](folder / "hf")
             checkpoint = load_checkpoint(directory)
-            write_gguf(folder / "model.gguf", checkpoint.config, checkpoint.tensors)
+            write_gguf(folder / "model.gguf", FAMILIES.named(checkpoint.config.architecture), checkpoint.config, checkpoint.tensors)
             made[variant] = json.loads((directory / "config.json").read_text()), folder / "model.gguf"
         return made[variant]
 
@@ -105,7 +106,7 @@ def test_llama3_rope_scaling_is_stored_as_llama_cpp_does(written):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_quill_reads_back_the_same_config(written, variant):
     config, path = written(variant)
-    assert load_gguf(path).config == load_checkpoint(path.parent / "hf").config
+    assert load_gguf(path, FAMILIES).config == load_checkpoint(path.parent / "hf").config
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1,4 +1,4 @@
-"""GGUF files Quill writes carry their tokenizer (quill/weights/gguf_tokenizer.py).
+"""GGUF files Quill writes carry their tokenizer (quill/optimize/gguf_tokenizer.py).
 
 Tiny random Llama, Qwen2 and Gemma 3 models, each with a trained byte-level BPE and a trained
 SentencePiece-style tokenizer (tests/tokenizer_helpers.py), are written by `quill quantize` to every
@@ -23,10 +23,11 @@ from quill.errors import ModelLoadError
 from quill.optimize import FLOAT_TYPES, QUANT_TYPES
 from quill.optimize.quantize import quantize_checkpoint
 from quill.tokenizer import Tokenizer, load_tokenizer
-from quill.weights import load_checkpoint
+from quill.models.loader import load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.weights.gguf import read_gguf_metadata
 from quill.weights.gguf_export import write_gguf
-from quill.weights.gguf_tokenizer import TokenizerConversionError, convert_hf_tokenizer
+from quill.optimize.gguf_tokenizer import TokenizerConversionError, convert_hf_tokenizer
 from tokenizer_helpers import random_texts, write_byte_level_bpe, write_sentencepiece_bpe
 
 ARCHS = ["llama", "qwen2", "gemma3"]
@@ -290,7 +291,7 @@ def test_gguf_source_keeps_its_tokenizer_or_needs_no_tokenizer(tiny_model_with_t
     assert keys(again) == keys(path)
     checkpoint = load_checkpoint(path)
     bare = tmp_path / "bare.gguf"
-    write_gguf(bare, checkpoint.config, checkpoint.tensors)
+    write_gguf(bare, FAMILIES.named(checkpoint.config.architecture), checkpoint.config, checkpoint.tensors)
     with pytest.raises(TokenizerConversionError, match="bare.gguf has no tokenizer to carry over"):
         quantize_checkpoint(bare, tmp_path / "out.gguf", "q8_0", progress=False)
     assert not quantize_checkpoint(bare, tmp_path / "out.gguf", "q8_0", with_tokenizer=False,

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from engine_helpers import all_position_logits
 from quill.cli import main
 from quill.layers.quantized import Int4Linear, Int8Linear
-from quill.models import build_model
 from quill.optimize import QUANT_TYPES
-from quill.optimize.evaluate import all_position_logits
 from quill.optimize.quantize import quantize_checkpoint, quantize_int4, quantize_int8
-from quill.weights import load_checkpoint
+from quill.models.loader import build_model, load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.weights.gguf_export import write_gguf
 from tokenizer_helpers import tiny_sentencepiece_metadata
 
@@ -138,7 +138,8 @@ def test_tied_model_with_biases_from_a_float_gguf(tiny_model_dir, tmp_path):
     """Qwen2: biases stay F32, the tied embedding is written once; a float GGUF source keeps its tokenizer."""
     checkpoint = load_checkpoint(tiny_model_dir("qwen2"))
     float_path = tmp_path / "f16.gguf"
-    write_gguf(float_path, checkpoint.config, checkpoint.tensors, tiny_sentencepiece_metadata(), dtype="f16")
+    write_gguf(float_path, FAMILIES.named("qwen2"), checkpoint.config, checkpoint.tensors, tiny_sentencepiece_metadata(),
+               dtype="f16")
     out = tmp_path / "int4.gguf"
     summary = quantize_checkpoint(float_path, out, "int4", progress=False)
     assert summary.has_tokenizer

@@ -9,11 +9,12 @@ Types:
 - f32, f16, bf16: no quantization, every matrix in that float type (a Hugging Face directory
   converted to GGUF, as llama.cpp's converter does).
 
-The file carries the source's tokenizer (see `weights/gguf_tokenizer.py`), so that it runs by
+The file carries the source's tokenizer (see `optimize/gguf_tokenizer.py`), so that it runs by
 itself; a tokenizer GGUF cannot describe is an error unless the caller asks for a file without one.
 
-What stays unquantized follows llama.cpp's practice: vectors (norms, biases) stay F32, since they
-are tiny and errors in them hit every activation. The token embedding and an untied LM head get
+What stays unquantized follows llama.cpp's practice: vectors (norms, biases) and MoE routers stay
+F32, since they are tiny and errors in them hit every activation (or send tokens to other experts).
+A layer's stacked experts are quantized like any matrix, row by row. The token embedding and an untied LM head get
 `--embeddings`: by default Q8_0 next to a GGML type (llama.cpp keeps small models' token_embd at
 Q8_0 or better; the vocabulary is a large share of their weights), and F16 next to int4/int8
 (Quill reads an embedding as floats anyway, so only the file grows); a float type keeps them in
@@ -32,17 +33,20 @@ import torch
 from tqdm import tqdm
 
 from quill.errors import QuillError
-from quill.layers.quantized import INT4_GROUP_SIZES, QuantizedWeight, quantize_per_channel_int8
+from quill.layers.quantized import INT4_GROUP_SIZES, quantize_per_channel_int8
+from quill.models.loader import load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.optimize import EMBEDDING_TYPES, FLOAT_TYPES, QUANT_TYPES
-from quill.weights import load_checkpoint
 from quill.weights.gguf import read_gguf_tensor_types
 from quill.weights.gguf_export import write_gguf
-from quill.weights.gguf_tokenizer import checkpoint_tokenizer
+from quill.optimize.gguf_tokenizer import checkpoint_tokenizer
+from quill.weights.quantized import QuantizedWeight
 
 Q = gguf.GGMLQuantizationType
 GGML_TYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
 _EMBEDDING_NAMES = ("token_embd.weight", "output.weight")  # the LM head shares the vocabulary's policy
+_ROUTER_SUFFIX = ".ffn_gate_inp.weight"  # llama.cpp's name for a MoE layer's router
 _GGML_BLOCK = 32  # values per block of every GGML type used here
 
 
@@ -93,7 +97,7 @@ class _TensorPolicy:
 
     def __call__(self, name: str, values: np.ndarray) -> Q | QuantizedWeight:
         self.progress.update()
-        if values.ndim != 2:
+        if values.ndim != 2 or name.endswith(_ROUTER_SUFFIX):
             return self._record(Q.F32)
         wanted = self.embeddings if name in _EMBEDDING_NAMES and self.embeddings != "same" else self.qtype
         if not self._fits(wanted, values.shape[1]):
@@ -149,7 +153,8 @@ def quantize_checkpoint(source: str | Path, output: str | Path, qtype: str, *, g
         policy = _TensorPolicy(qtype, group_size, embeddings, bar)
         partial = output.with_name(output.name + ".partial")  # a crash must not leave a plausible file
         try:
-            write_gguf(partial, checkpoint.config, checkpoint.tensors, tokenizer_metadata, tensor_type=policy)
+            write_gguf(partial, FAMILIES.named(checkpoint.config.architecture), checkpoint.config, checkpoint.tensors,
+                       tokenizer_metadata, tensor_type=policy)
             partial.replace(output)
         finally:
             partial.unlink(missing_ok=True)
