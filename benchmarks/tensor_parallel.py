@@ -1,7 +1,10 @@
 """Tensor parallelism against one process: single-stream prefill and decode speed of the same model
 split over N processes (`--tensor-parallel-size`), on this machine's CPUs or GPUs.
 
-    python benchmarks/tensor_parallel.py --model smollm2 --sizes 1 2
+    python benchmarks/tensor_parallel.py --model MODEL --sizes 1 2
+
+The size must divide the model's attention heads, KV heads and MLP width: SmolLM2-135M (9 heads, 3
+KV heads) splits 3 ways, not 2 (hence the default sizes), and Gemma 3 270M (1 KV head) not at all.
 
 Each size loads the model afresh (N ranks share the machine's cores: each takes 1/N of them), does
 one untimed warm-up run, then `--repeats` timed runs of one request: a prompt of --prompt-tokens
@@ -26,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", help="known model name, .gguf file or HF directory")
-    parser.add_argument("--sizes", nargs="+", type=int, default=[1, 2], help="tensor-parallel sizes (default: 1 2)")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[1, 3],
+                        help="tensor-parallel sizes (default: 1 3, which SmolLM2 splits into)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: %(default)s)")
     parser.add_argument("--prompt-tokens", type=int, default=512)

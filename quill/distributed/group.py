@@ -4,7 +4,6 @@ MASTER_PORT). gloo on CPUs, NCCL on GPUs."""
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,16 +19,16 @@ IDLE_TIMEOUT = timedelta(days=365)
 
 @dataclass(frozen=True)
 class GroupAddress:
-    """Where the ranks meet: rank 0's address and a free port there."""
+    """Where the ranks meet: the host and port of rank 0's store."""
 
     host: str
     port: int
 
-    @staticmethod
-    def local() -> GroupAddress:
-        with socket.socket() as s:  # a port the kernel says is free now (loopback only)
-            s.bind(("127.0.0.1", 0))
-            return GroupAddress("127.0.0.1", s.getsockname()[1])
+
+def host_local_store(size: int) -> dist.TCPStore:
+    """Rank 0's store on a loopback port the kernel picks as it binds: no window in which another
+    process could take a port chosen beforehand."""
+    return dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=IDLE_TIMEOUT, wait_for_workers=False)
 
 
 def launched_rank(size: int) -> int | None:
@@ -50,10 +49,13 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
 
 
-def join_group(rank: int, size: int, device: torch.device, address: GroupAddress | None) -> None:
-    """Join the group as `rank`; `address` None: from the launcher's environment (env://)."""
+def join_group(rank: int, size: int, device: torch.device, store: dist.Store | GroupAddress | None) -> None:
+    """Join the group as `rank`: through rank 0's `store` (or its address), or with None from the
+    launcher's environment (env://)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    init = "env://" if address is None else f"tcp://{address.host}:{address.port}"
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init, rank=rank,
-                            world_size=size, timeout=IDLE_TIMEOUT)
+    if isinstance(store, GroupAddress):
+        store = dist.TCPStore(store.host, store.port, size, is_master=False, timeout=IDLE_TIMEOUT)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
+                            init_method="env://" if store is None else None, rank=rank, world_size=size,
+                            timeout=IDLE_TIMEOUT)

@@ -16,7 +16,7 @@ from torch import nn
 
 from quill.config import ModelConfig
 from quill.distributed.channel import StepChannel
-from quill.distributed.group import GroupAddress, join_group, launched_rank, rank_device
+from quill.distributed.group import GroupAddress, host_local_store, join_group, launched_rank, rank_device
 from quill.distributed.model import build_shard, read_for_sharding
 from quill.distributed.shard import ShardPlan
 from quill.distributed.worker import WorkerSpec, run_worker, spawned_worker
@@ -62,16 +62,17 @@ def start_tensor_parallel(path: str | Path, size: int, dtype: torch.dtype, devic
     checkpoint = read_for_sharding(path, dtype, device, dequantize)
     plan = ShardPlan(checkpoint.config, 0, size)
     plan.check(checkpoint.tensors)  # before any process starts
-    processes, address, threads_before = None, None, torch.get_num_threads()
+    processes, store, threads_before = None, None, torch.get_num_threads()
     if launched is None:
-        address = GroupAddress.local()
+        store = host_local_store(size)
+        address = GroupAddress("127.0.0.1", store.port)
         threads = max(1, len(os.sched_getaffinity(0)) // size)  # the ranks share this machine's cores
         spec = WorkerSpec(str(path), size, str(dtype).removeprefix("torch."), device.type, dequantize, threads)
         processes = mp.start_processes(spawned_worker, args=(spec, address), nprocs=size - 1, join=False,
                                        start_method="spawn")
         torch.set_num_threads(threads)
     try:
-        join_group(0, size, device, address)
+        join_group(0, size, device, store)
         model = build_shard(checkpoint, plan, dtype, device)
     except BaseException:
         if dist.is_initialized():
