@@ -45,7 +45,8 @@ class LLM:
         self.parallel = None
         if tensor_parallel_size == 1:
             loaded = load_model_and_tokenizer(model, getattr(torch, dtype), self.device, dequantize=dequantize)
-            network, self.path, self.config, self.tokenizer = loaded.model, loaded.path, loaded.config, loaded.tokenizer
+            network, self.path, self.config = loaded.model, loaded.path, loaded.config
+            self.tokenizer: Tokenizer = loaded.tokenizer
         else:
             from quill.distributed import start_tensor_parallel  # torch.distributed only when asked for
 
