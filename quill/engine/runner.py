@@ -9,6 +9,9 @@ row is bit-identical to what plain one-token decoding would compute (see `quill.
 On the CPU every matmul and every attention row is computed the same way whatever else the step
 holds (see `quill.layers.matmul` and `quill.layers.attention`), so a request's tokens and logprobs
 do not depend on the batch, the chunking of its prompt or the prefix cache.
+
+A step is planned as plain data first (`plan` -> `StepBatch`), then run (`run`): with tensor
+parallelism, rank 0's runner sends each batch to the other ranks' runners (`quill.distributed`).
 """
 from __future__ import annotations
 
