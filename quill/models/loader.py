@@ -10,12 +10,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import torch
 from torch import nn
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError
 from quill.hardware import return_freed_memory_to_os
+from quill.layers.embedding import RowsEmbedding
 from quill.layers.linear import Linear
 from quill.layers.logits import int8_lm_head
 from quill.layers.quantized import quantized_linear
@@ -24,7 +26,7 @@ from quill.tokenizer import Tokenizer, load_tokenizer
 from quill.weights import read_checkpoint
 from quill.weights.checkpoint import Checkpoint
 from quill.weights.hub import resolve_model
-from quill.weights.quantized import QuantizedWeight
+from quill.weights.quantized import GGMLRows, QuantizedWeight
 
 log = logging.getLogger("quill")
 
@@ -85,7 +87,7 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype = torch.f
     with torch.device("meta"):
         model = family.module(config)
     params = _quill_tensors(tensors.copy() if not consume else tensors, config.tie_word_embeddings)
-    native = _install_quantized_layers(model, params, dtype)
+    native = _install_quantized_layers(model, params, dtype) + _install_embedding_rows(model, params, config)
     expected = {name for name, _ in model.named_parameters()}  # tied lm_head appears once, as embed_tokens
     missing = sorted(expected - params.keys())
     unexpected = sorted(params.keys() - expected - {"lm_head.weight"})
@@ -93,8 +95,8 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype = torch.f
         raise ModelLoadError(f"checkpoint does not match the {config.architecture} architecture: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict({k: v.to(dtype) for k, v in params.items() if k in expected}, strict=False, assign=True)
-    if config.tie_word_embeddings:  # assign=True replaced the shared parameter; tie it again
-        model.lm_head.weight = model.embed_tokens.weight
+    if config.tie_word_embeddings and isinstance(model.lm_head, Linear):
+        model.lm_head.weight = model.embed_tokens.weight  # assign=True replaced the shared parameter
     if native and isinstance(model.lm_head, Linear):
         # A quantized model's biggest matrix is often its float head (the tied embedding table):
         # read it through the int8 kernel too, at half the bytes of bf16 (see layers/logits.py).
@@ -102,6 +104,23 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype = torch.f
         log.info("LM head runs through the int8 kernel (top candidates recomputed from %s)",
                  str(dtype).removeprefix("torch."))
     return model.eval().requires_grad_(False)
+
+
+def _install_embedding_rows(model: nn.Module, params: dict, config: ModelConfig) -> int:
+    """An embedding table kept in its file's blocks (`GGMLRows`) becomes a `RowsEmbedding`; a head
+    tied to it runs through the int8 kernel, its top candidates recomputed from those rows.
+    Returns the number of layers that run natively."""
+    table = params.get("embed_tokens.weight")
+    if not isinstance(table, GGMLRows):
+        return 0
+    del params["embed_tokens.weight"]
+    model.embed_tokens = RowsEmbedding(table)
+    if not config.tie_word_embeddings:
+        return 0
+    model.lm_head = int8_lm_head(table)
+    log.info("LM head runs through the int8 kernel (top candidates recomputed from the file's %s rows)",
+             gguf.GGMLQuantizationType(table.qtype).name)
+    return 1
 
 
 def _install_quantized_layers(model: nn.Module, params: dict, dtype: torch.dtype) -> int:

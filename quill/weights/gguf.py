@@ -33,7 +33,7 @@ from quill.weights.checkpoint import Checkpoint
 from quill.weights.family import Families, GGUFKeys, ModelFamily
 from quill.weights.gguf_quant import CODES, NATIVE_GGML_TYPES, OFFSETS, SCALES, quill_quantized, repack_ggml
 from quill.weights.layout import check_shapes
-from quill.weights.quantized import QuantizedWeight
+from quill.weights.quantized import GGMLRows, QuantizedWeight
 
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -345,7 +345,7 @@ def load_gguf(path: str | Path, families: Families, dtype: torch.dtype | None = 
                 stored = reader.read(spec.gguf)
                 for hf_name, tensor in zip(spec.hf_names, _unstack(stored, spec.experts)):
                     tensor = family.from_gguf(hf_name, tensor, config)
-                    quantized = isinstance(tensor, QuantizedWeight)
+                    quantized = isinstance(tensor, (QuantizedWeight, GGMLRows))
                     tensors[hf_name] = tensor if quantized else tensor.to(dtype or torch.float32)
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from exc
@@ -405,9 +405,10 @@ class _TensorReader:
                 raise ModelLoadError(f"{self.path.name}: tensor {name}: {exc}") from exc
             return weight if self.keep_quantized else weight.dequantize()
         info = self.infos[name]
-        if (self.keep_quantized and info.type_id in NATIVE_GGML_TYPES and len(info.shape) >= 2
-                and name != "token_embd.weight"):  # an embedding is a lookup table, not a matmul
+        if self.keep_quantized and info.type_id in NATIVE_GGML_TYPES and len(info.shape) >= 2:
             rows = _read_raw(self.f, info, self.path)
+            if name == "token_embd.weight":  # a lookup table, not a matmul: rows expand when read
+                return GGMLRows(torch.from_numpy(rows), info.type_id, info.shape[-1], self.dtype)
             return repack_ggml(rows, gguf.GGMLQuantizationType(info.type_id), (rows.shape[0], info.shape[-1]))
         # Vectors stay float32 until the family has converted them (norm offsets are arithmetic).
         return _dequantize(self.f, info, self.path, self.dtype if len(info.shape) >= 2 else torch.float32)
