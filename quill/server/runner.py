@@ -4,11 +4,31 @@ and benchmarks).
 """
 from __future__ import annotations
 
+import logging
 import signal
+import sys
 import threading
 import time
 
 from fastapi import FastAPI
+
+
+def configure_logging() -> None:
+    """Request lines are bare JSON on stderr; other Quill messages get a level and a name. (For
+    every process that runs a server: `quill serve`, and the ingress of quill/deploy.)"""
+    requests = logging.getLogger("quill.requests")
+    if not requests.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        requests.addHandler(handler)
+        requests.setLevel(logging.INFO)
+        requests.propagate = False
+    quill = logging.getLogger("quill")
+    if not quill.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        quill.addHandler(handler)
+        quill.setLevel(logging.INFO)
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, shutdown_grace: float = 10.0,
