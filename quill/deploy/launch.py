@@ -27,26 +27,37 @@ def serve_cluster(settings: ClusterSettings, *, host: str, port: int, ray_addres
     try:
         settings.check_fits(ray.cluster_resources())
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    except BaseException:
+        ray.shutdown()
+        raise
+    stop = _stop_on_signals()  # after ray.init, which installs a SIGTERM handler that exits at once
+    try:
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")  # returns once every replica is up
         shown = f"[{host}]" if ":" in host else host
         log.info("serving %s from %s replicas on http://%s:%d/v1 (Ray Serve)", settings.model,
                  f"{settings.autoscaling.min_replicas}-{settings.autoscaling.max_replicas}" if settings.autoscaling
                  else settings.replicas, shown, port)
-        _wait_for_signal()
-        log.info("shutting down: draining requests in flight")
-        serve.delete(APP_NAME)
-        if local:
-            serve.shutdown()
-    finally:
-        ray.shutdown()
-
-
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
         while not stop.wait(1.0):
             pass
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        log.info("shutting down: draining requests in flight")
+        serve.delete(APP_NAME)  # graceful: see the module's docstring
+        if local:
+            serve.shutdown()
+        ray.shutdown()
+
+
+def _stop_on_signals() -> threading.Event:
+    """SIGINT or SIGTERM sets the event (a deployment still starting finishes first, then stops);
+    a second one interrupts at once, and the application is deleted all the same."""
+    stop = threading.Event()
+
+    def handler(signum, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        log.info("stopping (once the deployment is up, if it is still starting; again to stop at once)")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return stop
