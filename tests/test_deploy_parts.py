@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pickle
 import random
+import subprocess
+import sys
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -180,6 +182,25 @@ def test_replica_options_become_cluster_settings():
     assert settings.autoscaling.min_replicas == 2 and settings.autoscaling.max_replicas == 4
     assert settings.threads_per_replica == 2 and settings.routing.policy == "least-loaded"
     assert settings.engine["dtype"] == "float32" and settings.server.max_queue == 7
+
+
+def test_the_single_process_server_does_not_import_ray(tiny_model_with_tokenizer):
+    """`quill serve` without --replicas, and the settings and routing code, load no Ray (it is an
+    optional extra): a fresh interpreter builds the server app and checks sys.modules."""
+    script = (
+        "import sys\n"
+        "from quill.cli import _replicated, build_parser\n"
+        "from quill.server import ServerConfig, create_app\n"
+        "from quill.llm import LLM\n"
+        "import quill.deploy, quill.deploy.settings, quill.deploy.affinity\n"
+        f"args = build_parser().parse_args(['serve', {str(tiny_model_with_tokenizer('llama', 'spm'))!r}])\n"
+        "assert not _replicated(args)\n"
+        "create_app(LLM(args.model, dtype='float32'), ServerConfig())\n"
+        "loaded = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 # ------------------------------------------------------------------------------ server hooks
