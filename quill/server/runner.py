@@ -16,19 +16,19 @@ from fastapi import FastAPI
 def configure_logging() -> None:
     """Request lines are bare JSON on stderr; other Quill messages get a level and a name. (For
     every process that runs a server: `quill serve`, and the ingress of quill/deploy.)"""
-    requests = logging.getLogger("quill.requests")
-    if not requests.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        requests.addHandler(handler)
-        requests.setLevel(logging.INFO)
-        requests.propagate = False
-    quill = logging.getLogger("quill")
-    if not quill.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        quill.addHandler(handler)
-        quill.setLevel(logging.INFO)
+    _log_to_stderr("quill.requests", "%(message)s", propagate=False)
+    _log_to_stderr("quill", "%(levelname)s %(name)s: %(message)s")
+
+
+def _log_to_stderr(name: str, form: str, propagate: bool = True) -> None:
+    logger = logging.getLogger(name)
+    if logger.handlers:  # configured already (a second server in this process, or the embedding app)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(form))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = propagate
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, shutdown_grace: float = 10.0,
