@@ -136,6 +136,28 @@ def client(base: str) -> openai.OpenAI:
                          default_headers=NO_STORE)
 
 
+# ------------------------------------------------------------------------------ the application
+
+
+def test_settings_reach_ray_serve_deployment_options():
+    """Autoscaling, threads (Ray CPUs and OpenMP), health checks and the drain time, as Ray Serve
+    will apply them to the engine deployment (built without starting Ray)."""
+    settings = ClusterSettings(model="m", threads_per_replica=2, health_check_period_s=3.0,
+                               autoscaling={"min_replicas": 2, "max_replicas": 4, "target_ongoing_requests": 3},
+                               server=ServerConfig(shutdown_grace=7.0))
+    ingress = build_app(settings)._bound_deployment
+    engine = ingress.init_args[0]._bound_deployment
+    assert engine.name == ENGINE_DEPLOYMENT
+    config = engine._deployment_config
+    scaling = config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (2, 4, 3.0)
+    assert engine.ray_actor_options["num_cpus"] == 2
+    assert engine.ray_actor_options["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
+    assert config.health_check_period_s == 3.0
+    assert config.graceful_shutdown_timeout_s > settings.server.shutdown_grace  # the ingress drains first
+    assert ingress.init_args[1] == settings
+
+
 # ------------------------------------------------------------------------------ like one process
 
 
