@@ -362,6 +362,26 @@ def test_quill_serve_replicas_joins_a_cluster_and_stops_on_sigterm(cluster, chat
     assert app_status() is None  # its application was deleted; the cluster it joined keeps running
 
 
+def test_quill_serve_replicas_refuses_a_missing_model_before_starting_ray():
+    command = [sys.executable, "-m", "quill.cli", "serve", "/nonexistent/model.gguf", "--replicas", "2",
+               "--port", str(free_port())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "error: no model called '/nonexistent/model.gguf'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_replicas_that_cannot_load_the_model_fail_start_up_with_its_error(cluster):
+    """On a joined cluster the replicas resolve the model themselves: Ray Serve gives up after its
+    retries, and `quill serve` says why instead of printing Ray's traceback."""
+    _, address = cluster
+    command = [sys.executable, "-m", "quill.cli", "serve", "/nonexistent/model.gguf", "--replicas", "1",
+               "--ray-address", address, "--port", str(free_port())]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 2, done.stderr
+    assert "error: the replicas did not start" in done.stderr and "no model called" in done.stderr, done.stderr
+    assert app_status() is None
+
+
 @pytest.mark.real_model
 def test_serve_run_with_the_example_config(cluster, smollm2_gguf):
     """The example config as it is (SmolLM2, 2 replicas). Serve already runs on this cluster, so its
