@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
+from quill.model_limits import check_model_limits
 from quill.weights import Checkpoint
 from quill.weights.layout import check_tensors
 
@@ -71,6 +72,7 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     arch = _architecture(raw)
     cfg = raw.get("text_config", raw)  # multimodal Gemma 3 keeps the text model's settings here
     layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
+    check_model_limits({"num_layers": layers})  # before a list per layer is built
     gemma = arch == "gemma3"
     rope_theta, rope_scaling = _rope(cfg, "full_attention")
     return ModelConfig(
