@@ -270,15 +270,27 @@ def test_tiny_body_limit(tiny):
         assert client.post("/v1/completions", json=_tiny_completion()).status_code == 200
 
 
-def test_tiny_queue_limit(tiny):
+def test_tiny_queue_limit_tells_busy_from_never_fits(tiny):
+    """A request for more sequences than may ever wait is a 400 naming the field, even on an idle
+    server (a 429 would send a retrying client round forever); a busy server is a 429 with Retry-After."""
     app, client = tiny
-    with configured(app, max_queue=2):
-        response = client.post("/v1/completions", json=_tiny_completion(n=3))  # 3 sequences > 2
-        error = assert_error(response, 429, code="rate_limit_exceeded")
-        assert int(response.headers["retry-after"]) >= 1 and "busy" in error["message"]
-        assert client.post("/v1/completions", json=_tiny_completion(n=2)).status_code == 200
-    with configured(app, max_queue=0):
-        assert_error(client.post("/v1/completions", json=_tiny_completion(stream=True)), 429)
+    with configured(app, max_queue=4):
+        response = client.post("/v1/completions", json=_tiny_completion(n=8))  # 8 sequences > 4, server idle
+        error = assert_error(response, 400, "n", "too_many_sequences")
+        assert "retry-after" not in response.headers and "4" in error["message"] and "8" in error["message"]
+        response = client.post("/v1/completions", json=_tiny_completion(prompt=[[1, 2]] * 5))
+        assert_error(response, 400, "prompt", "too_many_sequences")
+        assert client.post("/v1/completions", json=_tiny_completion(n=4)).status_code == 200
+        admission = app.state.server.admission
+        engine_waiting = admission._engine_waiting
+        admission._engine_waiting = lambda: 3  # three sequences wait in the engine: busy
+        try:
+            response = client.post("/v1/completions", json=_tiny_completion(n=2))
+            error = assert_error(response, 429, code="rate_limit_exceeded")
+            assert int(response.headers["retry-after"]) >= 1 and "busy" in error["message"]
+            assert_error(client.post("/v1/completions", json=_tiny_completion(stream=True, n=2)), 429)
+        finally:
+            admission._engine_waiting = engine_waiting
     assert client.post("/v1/completions", json=_tiny_completion()).status_code == 200
     wait_idle(app)
 

@@ -258,11 +258,13 @@ def test_counts_return_to_zero_after_aborts_errors_and_refusals(served, monkeypa
         client.post("/v1/completions", json=long, timeout=0.05)
     assert_error(post(client, completion(prompt=[1, VOCAB])), 400)
     config = app.state.config
-    config.max_queue = 0
+    engine_waiting = admission._engine_waiting
+    config.max_queue, admission._engine_waiting = 2, lambda: 2  # the engine has two sequences waiting
     try:
-        assert_error(post(client, completion()), 429)
+        assert_error(post(client, completion()), 429)  # busy: retry
+        assert_error(post(client, completion(n=3)), 400, "n", "too_many_sequences")  # never fits
     finally:
-        config.max_queue = ServerConfig().max_queue
+        config.max_queue, admission._engine_waiting = ServerConfig().max_queue, engine_waiting
     assert post(client, completion(max_tokens=8, n=2)).status_code == 200
     wait_idle(app)
     assert (admission.waiting, admission.running) == (0, 0)

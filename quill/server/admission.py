@@ -1,7 +1,8 @@
 """Admission control and the books of who is in: the one object that decides whether a request
-may start (503 while shutting down, 429 with `Retry-After` when too many sequences already wait
-for their first token) and keeps count of the admitted sequences (waiting, then running) and of
-the request tasks in flight, which shutdown gives a grace period and then cancels.
+may start (503 while shutting down; 400 when it asks for more sequences than may ever wait at once,
+since retrying cannot help; 429 with `Retry-After` when too many sequences already wait for their
+first token) and keeps count of the admitted sequences (waiting, then running) and of the request
+tasks in flight, which shutdown gives a grace period and then cancels.
 
 Each admitted request holds a `Ticket` for its sequences; whatever way the request ends, releasing
 the ticket returns its sequences, so the counts go back to zero when the server is idle."""
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from quill.errors import InvalidRequestError
 from quill.server.config import ServerConfig
 from quill.server.errors import APIError, shutting_down
 
@@ -29,11 +31,17 @@ class Admission:
         if self.closed:
             raise shutting_down()
 
-    def admit(self, num_sequences: int) -> Ticket:
-        """Back-pressure: refuse work when too many sequences already wait for their first token."""
+    def admit(self, num_sequences: int, param: str = "n") -> Ticket:
+        """Back-pressure: refuse work when too many sequences already wait for their first token.
+        `param`: the request field that sets the number of sequences (for the error that says so)."""
         self.check_open()
-        waiting = max(self.waiting, self._engine_waiting())
         max_queue = self.config.max_queue
+        if num_sequences > max_queue:  # would wait forever: "busy, retry" would be a lie
+            raise InvalidRequestError(
+                f"This request asks for {num_sequences} sequences at once, more than the {max_queue} this server "
+                f"admits (--max-queue); retrying will not help. Ask for fewer ('{param}').",
+                param=param, code="too_many_sequences")
+        waiting = max(self.waiting, self._engine_waiting())
         if waiting + num_sequences > max_queue:
             raise APIError(429, f"The server is busy ({waiting} requests waiting, the limit is {max_queue}). "
                                 "Please retry shortly.", type="rate_limit_exceeded", code="rate_limit_exceeded",

@@ -39,7 +39,7 @@ async def respond(server: ServerState, request: Request, body: SamplingFields, r
     cache = "miss" if lease else "bypass"
     record.answered_as(reply.head.id, cache)
     try:
-        ticket = server.admission.admit(len(prompts) * params.n)
+        ticket = server.admission.admit(len(prompts) * params.n, "n" if params.n > 1 else "prompt")
     except BaseException:
         if lease:  # the waiters for this key compute it themselves
             lease.settle(None)
