@@ -228,10 +228,18 @@ def test_tiny_errors_are_openai_shaped_and_server_keeps_serving(tiny):
     wait_idle(app)
 
 
-def test_tiny_default_max_tokens_fills_the_context(tiny):
+def test_tiny_default_max_tokens_is_the_servers_within_the_window(tiny):
+    """A request without max_tokens gets the server's default (shown in /v1/models), at most the
+    room its prompt leaves in the window and the cap; an explicit value is clamped by the cap."""
     app, client = tiny
     body = _tiny_completion(ignore_eos=True)
     del body["max_tokens"]
+    assert ServerConfig().default_max_tokens == 1024
+    with configured(app, default_max_tokens=10):
+        assert client.get("/v1/models").json()["data"][0]["default_max_tokens"] == 10
+        assert client.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 10
+        with configured(app, max_tokens_cap=6):
+            assert client.get("/v1/models/tiny").json()["default_max_tokens"] == 6
     with configured(app, max_tokens_cap=6):
         response = client.post("/v1/completions", json=body)
     assert response.json()["usage"]["completion_tokens"] == 6  # clamped by the cap
@@ -251,7 +259,19 @@ def test_tiny_api_key(tiny):
             assert "API key" in error["message"]
         assert_error(client.get("/v1/models"), 401)
         assert client.get("/health").status_code == 200  # probes stay open
-        assert client.get("/metrics").status_code == 200
+        assert client.get("/version").status_code == 200
+        key = {"Authorization": "Bearer sekret"}
+        private = ("/metrics", "/docs", "/redoc", "/openapi.json")  # unless the operator makes them public
+        for path in private:
+            assert_error(client.get(path), 401, code="invalid_api_key")
+            assert client.get(path, headers=key).status_code == 200, path
+        with configured(app, public_metrics=True):
+            assert client.get("/metrics").status_code == 200
+            assert client.get("/openapi.json").status_code == 401
+        with configured(app, public_docs=True):
+            for path in private[1:]:
+                assert client.get(path).status_code == 200, path
+            assert client.get("/metrics").status_code == 401
         ok = client.post("/v1/completions", json=_tiny_completion(), headers={"Authorization": "Bearer sekret"})
         assert ok.status_code == 200
         # the official client sends the key the same way

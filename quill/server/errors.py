@@ -24,11 +24,18 @@ from quill.server.request_log import RequestRecord
 log = logging.getLogger("quill.server")
 
 
+# The longest error message sent: the messages quote client values through `quill.errors.quoted`;
+# this is the backstop for one that does not (a huge model name, a field's text).
+MAX_MESSAGE_CHARS = 1000
+
+
 class APIError(QuillError):
     """An error with an HTTP status and an OpenAI-shaped body."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "... (cut)"
         super().__init__(message, param=param, code=code)
         self.status, self.type, self.headers = status, type, headers
 
@@ -99,20 +106,16 @@ def validation_error(errors: Sequence[dict]) -> APIError:
     error = errors[0]
     kind = error.get("type", "")
     raised = (error.get("ctx") or {}).get("error")
+    loc = [part for part in error.get("loc", ()) if part != "body"]
     if isinstance(raised, QuillError):
+        if raised.param is None:  # raised by a field's own rule: the field is where pydantic found it
+            raised.param = _param(loc)
         return api_error(raised)
     if kind == "json_invalid":
         detail = (error.get("ctx") or {}).get("error", "JSON decode error")
         return APIError(400, f"We could not parse the JSON body of your request ({detail}). The body must be valid JSON.",
                         code="invalid_json")
-    loc = [part for part in error.get("loc", ()) if part != "body"]
-    parts = []
-    for part in loc:
-        if isinstance(part, int):
-            parts.append(f"[{part}]")
-        elif not _TYPE_TAGS.search(str(part)):
-            parts.append(("." if parts else "") + str(part))
-    param = "".join(parts) or None
+    param = _param(loc)
     if kind == "missing" and param is None:
         return APIError(400, "The request body is missing: send a JSON object.")
     message = error.get("msg", "invalid value")
@@ -125,3 +128,14 @@ def validation_error(errors: Sequence[dict]) -> APIError:
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     code = "missing_required_parameter" if kind == "missing" else "invalid_value"
     return APIError(400, f"Invalid '{param}': {message}.{more}", param=param, code=code)
+
+
+def _param(loc: list) -> str | None:
+    """A pydantic location as the field's name in the request: messages[0].content."""
+    parts = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif not _TYPE_TAGS.search(str(part)):
+            parts.append(("." if parts else "") + str(part))
+    return "".join(parts) or None

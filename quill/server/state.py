@@ -15,6 +15,7 @@ from quill.cache import ResponseCache, model_identity
 from quill.cost import CostModel
 from quill.engine.async_engine import AsyncEngine
 from quill.engine.limits import EngineLimits
+from quill.errors import quoted
 from quill.server.admission import Admission
 from quill.server.billing import Billing
 from quill.server.cached import build_response_cache
@@ -36,12 +37,13 @@ class ServedModel:
     def check(self, name: str | None) -> None:
         """A request naming another model is a 404 (naming none means this one)."""
         if name is not None and name != self.name:
-            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.name}`.",
+            raise APIError(404, f"The model {quoted(name)} does not exist. This server serves `{self.name}`.",
                            param="model", code="model_not_found")
 
-    def card(self) -> dict:
+    def card(self, default_max_tokens: int) -> dict:
+        """`default_max_tokens`: what a request that sets no max_tokens gets (see sampling.py)."""
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "quill",
-                "max_model_len": self.max_model_len}
+                "max_model_len": self.max_model_len, "default_max_tokens": default_max_tokens}
 
 
 @dataclass
