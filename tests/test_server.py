@@ -142,6 +142,17 @@ def test_serve_command_options():
     assert (args.kv_cache_memory, args.kv_cache_dtype) == (64 << 20, "float32")
     assert (args.served_model_name, args.log_prompts, args.shutdown_grace) == ("x", True, 2.0)
     assert args.response_cache is None and not args.no_response_cache and args.response_cache_ttl is None
+    defaults = ServerConfig()
+    args = cli.build_parser().parse_args(["serve", "m"])
+    assert (args.default_max_tokens, args.stream_idle_timeout, args.stream_buffer, args.request_timeout) == (
+        defaults.default_max_tokens, defaults.stream_idle_timeout, defaults.stream_buffer_bytes, None)
+    assert not args.public_metrics and not args.public_docs
+    args = cli.build_parser().parse_args(["serve", "m", "--default-max-tokens", "64", "--stream-idle-timeout", "5",
+                                          "--stream-buffer", "64KiB", "--request-timeout", "120", "--public-metrics",
+                                          "--public-docs"])
+    assert (args.default_max_tokens, args.stream_idle_timeout, args.stream_buffer, args.request_timeout) == (
+        64, 5.0, 64 << 10, 120.0)
+    assert args.public_metrics and args.public_docs
     args = cli.build_parser().parse_args(["serve", "m", "--response-cache", "a.db", "--response-cache-ttl", "60",
                                           "--response-cache-memory", "1MiB", "--response-cache-entries", "10"])
     assert (args.response_cache, args.response_cache_ttl, args.response_cache_memory) == ("a.db", 60.0, 1 << 20)
