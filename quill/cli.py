@@ -372,7 +372,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
              f"deadline {config.request_timeout:g} s" if config.request_timeout else "no request deadline")
     if config.ui:
         log.info("chat page on http://%s:%d/", host, args.port)
-    serve(app, host=args.host, port=args.port, shutdown_grace=args.shutdown_grace)
+    serve(app, host=args.host, port=args.port)
     return 0
 
 

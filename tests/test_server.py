@@ -719,7 +719,8 @@ def _free_port() -> int:
 
 @pytest.mark.real_model
 def test_quill_serve_exits_cleanly_on_sigterm(smollm2_gguf):
-    """The real command: serve, answer, then SIGTERM mid-stream -> the stream ends, exit status 0."""
+    """The real command: serve, answer, then SIGTERM mid-stream -> after the grace period the stream
+    ends with finish_reason "abort" and [DONE], nothing is logged as an error, exit status 0."""
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "quill.cli", "serve", str(smollm2_gguf), "--port", str(port),
@@ -742,14 +743,16 @@ def test_quill_serve_exits_cleanly_on_sigterm(smollm2_gguf):
             lines = response.iter_lines()
             next(line for line in lines if line.startswith("data: "))
             process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(httpx.TransportError):
-                for _ in lines:
-                    pass
+            events = [line[6:] for line in lines if line.startswith("data: ")]  # the stream ends whole
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
         assert process.wait(timeout=30) == 0
         log = process.stderr.read()
         request_lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
         assert request_lines and request_lines[-1]["endpoint"] == "/v1/chat/completions"
+        assert request_lines[-1]["cut_short"] == "shutdown" and request_lines[-1]["finish_reasons"] == ["abort"]
         assert "prompt" not in request_lines[-1]
+        assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+        assert "KV cache: 1.00 GiB (default) holds" in log  # the start-up line says what the cache takes
     finally:
         if process.poll() is None:
             process.kill()

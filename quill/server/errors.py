@@ -46,8 +46,23 @@ class APIError(QuillError):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class ShuttingDown(APIError):
+    """The server is shutting down: a request not yet admitted is refused, one in flight past the
+    grace period is ended (a stream with finish_reason "abort", see respond.live_events)."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "the server is shutting down", type="service_unavailable", code="server_shutting_down")
+
+
 def shutting_down() -> APIError:
-    return APIError(503, "the server is shutting down", type="service_unavailable")
+    return ShuttingDown()
+
+
+def deadline_exceeded(seconds: float) -> APIError:
+    """A request that ran past the server's `request_timeout`."""
+    return APIError(504, f"The request did not finish within the server's deadline of {seconds:g} seconds "
+                         "(--request-timeout). Ask for fewer tokens, or stream the answer.",
+                    type="timeout", code="request_timeout")
 
 
 def api_error(exc: BaseException, field_names: Mapping[str, str] | None = None) -> APIError:
@@ -103,7 +118,9 @@ def validation_error(errors: Sequence[dict]) -> APIError:
     of the protocol models that raised a typed error (`InvalidRequestError`) keeps its own."""
     if not errors:
         return APIError(400, "Invalid request body.")
-    error = errors[0]
+    # A rule that raised its own error says more than the other shapes of a union failing (a list
+    # of stop strings with a lone surrogate is not "not a string").
+    error = next((e for e in errors if isinstance((e.get("ctx") or {}).get("error"), QuillError)), errors[0])
     kind = error.get("type", "")
     raised = (error.get("ctx") or {}).get("error")
     loc = [part for part in error.get("loc", ()) if part != "body"]

@@ -62,10 +62,14 @@ class ServerState:
     # Cache keys include what the answer depends on beyond the request (see `build_state`).
     cache_identity: dict
 
-    async def shutdown(self) -> None:
-        """Refuse new requests, give in-flight ones the grace period, abort the rest, stop the engine.
-        (Under uvicorn, `serve()` sets the same grace for open connections, so little is left here.)"""
+    async def drain(self) -> None:
+        """Refuse new requests, give in-flight ones the grace period, then end the rest: streams with
+        their final events, bodies with a 503 (see `Admission.drain`). Safe to call again."""
         await self.admission.drain(self.config.shutdown_grace)
+
+    async def shutdown(self) -> None:
+        """Drain (runner.py's servers have done so before closing connections), stop the engine."""
+        await self.drain()
         if self.owns_engine:
             await asyncio.to_thread(self.engine.shutdown, 5.0)
         if self.cache is not None:
