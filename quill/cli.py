@@ -515,7 +515,7 @@ def _human_size(size: int) -> str:
 # --- quantize and eval ----------------------------------------------------------------------------
 
 def _add_quantize_command(commands) -> None:
-    from quill.optimize import EMBEDDING_TYPES, QUANT_TYPES
+    from quill.optimize import EMBEDDING_TYPES, FLOAT_TYPES, QUANT_TYPES
 
     quantize = commands.add_parser(
         "quantize",
@@ -523,21 +523,26 @@ def _add_quantize_command(commands) -> None:
         description="Weight-only quantization of a float checkpoint (a Hugging Face directory or an F32/F16/BF16 "
         "GGUF file) into a GGUF file. q8_0, q4_0 and q4_1 are GGML's standard block types (32 weights a block), "
         "which llama.cpp loads too; int8 (one scale per output row) and int4 (a scale and offset per group of "
-        "--group-size columns) are Quill's own format, run by PyTorch's int8/int4 kernels. Norms and biases stay "
-        "F32. A Hugging Face source's tokenizer is not carried into the GGUF file.",
+        "--group-size columns) are Quill's own format, run by PyTorch's int8/int4 kernels. f32, f16 and bf16 "
+        "convert without quantizing. Norms and biases stay F32. The file carries the source's tokenizer and chat "
+        "template (a Hugging Face tokenizer.json is converted as llama.cpp's converter does), so Quill and "
+        "llama.cpp run it by itself; a tokenizer GGUF cannot describe is an error.",
     )
     quantize.add_argument("source", metavar="SRC", help="float checkpoint: a Hugging Face directory or a .gguf file")
     quantize.add_argument("-o", "--output", required=True, metavar="OUT", help="the GGUF file to write")
-    quantize.add_argument("--type", required=True, choices=QUANT_TYPES, dest="qtype",
+    quantize.add_argument("--type", required=True, choices=QUANT_TYPES + FLOAT_TYPES, dest="qtype",
                           help="quantization type of the weight matrices")
     quantize.add_argument("--group-size", type=int, metavar="N",
                           help="int4 only: input columns sharing a scale and offset, 32/64/128/256 (default: 32); "
                                "a matrix whose width N does not divide is stored as Q8_0")
     quantize.add_argument("--embeddings", choices=EMBEDDING_TYPES,
                           help="type of the token embedding and an untied LM head; 'same' uses --type "
-                               "(default: q8_0 with q8_0/q4_0/q4_1, f16 with int8/int4)")
+                               "(default: q8_0 with q8_0/q4_0/q4_1, f16 with int8/int4, same with float types)")
     quantize.add_argument("--allow-requantize", action="store_true",
                           help="accept an already-quantized GGUF source (its rounding errors add up with the new ones)")
+    quantize.add_argument("--no-tokenizer", action="store_true",
+                          help="write the file without a tokenizer (then neither Quill nor llama.cpp can run it "
+                               "by itself), e.g. when the source's tokenizer cannot be converted")
     quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     quantize.set_defaults(func=_cmd_quantize)
 
@@ -567,18 +572,26 @@ def _add_eval_command(commands) -> None:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from quill.optimize.quantize import quantize_checkpoint
+    from quill.optimize.gguf_tokenizer import TokenizerConversionError
 
-    summary = quantize_checkpoint(args.source, args.output, args.qtype, group_size=args.group_size,
-                                  embeddings=args.embeddings, allow_requantize=args.allow_requantize,
-                                  progress=not args.quiet)
+    try:
+        summary = quantize_checkpoint(args.source, args.output, args.qtype, group_size=args.group_size,
+                                      embeddings=args.embeddings, allow_requantize=args.allow_requantize,
+                                      with_tokenizer=not args.no_tokenizer, progress=not args.quiet)
+    except TokenizerConversionError as exc:
+        raise TokenizerConversionError(f"{exc}. Nothing was written; pass --no-tokenizer to write the file "
+                                       "without a tokenizer") from exc
     print(f"wrote {summary.output}")
-    print(f"  size: {_human_size(summary.source_bytes)} -> {_human_size(summary.output_bytes)} "
-          f"({summary.ratio:.2f}x smaller)")
+    change = f"{summary.ratio:.2f}x smaller" if summary.ratio >= 1 else f"{1 / summary.ratio:.2f}x larger"
+    print(f"  size: {_human_size(summary.source_bytes)} -> {_human_size(summary.output_bytes)} ({change})")
     print("  tensors: " + ", ".join(f"{n} {kind}" for kind, n in summary.tensor_types.most_common()))
     for change, n in sorted(summary.fallbacks.items()):
         print(f"  {n} matrices {change}: their width is not a multiple of the group")
+    for note in summary.tokenizer_notes:
+        print(f"  note: {note}", file=sys.stderr)
     if not summary.has_tokenizer:
-        print("  note: no tokenizer in the file (a Hugging Face tokenizer.json is not converted)", file=sys.stderr)
+        print("  warning: no tokenizer in the file (--no-tokenizer): neither `quill run` nor llama.cpp can use "
+              "it by itself", file=sys.stderr)
     return 0
 
 

@@ -18,7 +18,8 @@ from quill import kernels
 from quill.layers.fixed_order import fixed_order_dot, tree_sum
 from quill.layers.linear import Linear, prepare_linears_for_cpu
 from quill.layers.matmul import PackedMatmul, RowBlockedMatmul, kernel_available, probe_row_blocks
-from quill.layers.quantized import Int4Linear, Int8GroupLinear, Int8Linear, QuantizedWeight, quantize_per_channel_int8
+from quill.layers.quantized import Int4Linear, Int8GroupLinear, Int8Linear, quantize_per_channel_int8
+from quill.weights.quantized import QuantizedWeight
 
 # (out, in) of each matmul: SmolLM2-135M, Gemma 3 270M, and the tiny test models (llama/qwen2, gemma3).
 SMOLLM2 = [(960, 576), (576, 576), (3072, 576), (576, 1536)]

@@ -115,7 +115,7 @@ def _patched_hf_dir(source: Path, tmp_path: Path, **changes) -> Path:
 @pytest.mark.parametrize("changes", [{"max_position_embeddings": 0xFFFFFFFF}, {"num_hidden_layers": 1 << 31},
                                      {"vocab_size": 1 << 40}])
 def test_corrupt_hf_config_is_refused_before_anything_is_sized(tiny_model_dir, tmp_path, changes):
-    from quill.weights import load_checkpoint
+    from quill.models.loader import load_checkpoint
 
     path = _patched_hf_dir(tiny_model_dir("llama"), tmp_path, **changes)
     started = time.perf_counter()

@@ -9,19 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from engine_helpers import run_requests
-from quill.optimize.evaluate import all_position_logits
+from engine_helpers import all_position_logits, run_requests
 from quill.engine.engine import Engine
 from quill.config import EngineConfig
 from quill.layers.linear import Linear
-from quill.layers.quantized import (Int4Linear, Int8GroupLinear, Int8Linear, QuantizedWeight, quantize_per_channel_int8,
-                                   quantized_linear)
-from quill.models import build_model
+from quill.layers.quantized import Int4Linear, Int8GroupLinear, Int8Linear, quantize_per_channel_int8, quantized_linear
 from quill.sampling_params import SamplingParams
-from quill.weights import load_checkpoint
+from quill.models.loader import build_model, load_checkpoint
+from quill.models.registry import FAMILIES
+from quill.optimize.quantize import quantize_checkpoint
+from quill.weights.gguf import read_gguf_tensor_types
 from quill.weights.gguf_quant import NATIVE_GGML_TYPES, repack_ggml
 from quill.weights.safetensors import load_hf_directory
 from quill.weights.gguf_export import write_gguf
+from quill.weights.quantized import QuantizedWeight
 
 Q = gguf.GGMLQuantizationType
 # byte offsets of the fp16 scales in a block
@@ -136,13 +137,13 @@ def test_quantized_rows_do_not_depend_on_the_batch(kind, kernels_on, monkeypatch
 # --- whole models --------------------------------------------------------------------------------
 
 def _quantized_gguf(tiny_model_dir, tmp_path, arch: str, qtype_of) -> object:
-    checkpoint = load_hf_directory(tiny_model_dir(arch))
+    checkpoint = load_hf_directory(tiny_model_dir(arch), FAMILIES)
     path = tmp_path / f"{arch}.gguf"
 
     def hook(name, values):
         return qtype_of(name) if values.ndim == 2 and name != "token_embd.weight" else Q.F32
 
-    write_gguf(path, checkpoint.config, checkpoint.tensors, tensor_type=hook)
+    write_gguf(path, FAMILIES.named(arch), checkpoint.config, checkpoint.tensors, tensor_type=hook)
     return path
 
 
@@ -159,6 +160,27 @@ def test_quantized_gguf_runs_natively_and_matches_the_dequantized_model(tiny_mod
     ids = list(range(3, 40))
     ours, theirs = (all_position_logits(m, native.config, ids) for m in (model, reference_model))
     torch.testing.assert_close(ours, theirs, atol=3e-2 * theirs.abs().max().item(), rtol=0)
+
+
+def test_quill_quantize_int4_experts_run_natively(tiny_model_dir, tmp_path):
+    """`quill quantize` on a Qwen3-MoE model: every expert's projections run through the int4
+    kernel like a dense layer's, the router stays float, and the logits stay near the float model's."""
+    source = tiny_model_dir("qwen3moe")
+    path = tmp_path / "int4.gguf"
+    summary = quantize_checkpoint(source, path, "int4", progress=False)
+    assert read_gguf_tensor_types(path)["blk.0.ffn_gate_inp.weight"] == "F32"
+    assert "blk.0.ffn_gate_exps.weight.codes" in read_gguf_tensor_types(path) and summary.tensor_types["int4 g32"]
+    checkpoint = load_checkpoint(path, torch.bfloat16, keep_quantized=True)
+    model = build_model(checkpoint.config, checkpoint.tensors, torch.bfloat16)
+    for layer in model.layers:
+        assert all(isinstance(e.gate_up_proj, Int4Linear) and isinstance(e.down_proj, Int4Linear)
+                   for e in layer.mlp.experts)
+        assert type(layer.mlp.gate) is Linear
+    reference_checkpoint = load_checkpoint(source, torch.bfloat16)
+    reference = build_model(reference_checkpoint.config, reference_checkpoint.tensors, torch.bfloat16)
+    ids = list(range(3, 40))
+    ours, theirs = (all_position_logits(m, checkpoint.config, ids).flatten() for m in (model, reference))
+    assert torch.nn.functional.cosine_similarity(ours, theirs, dim=0) > 0.98
 
 
 def test_fused_shards_of_different_formats_share_the_widest_codes(tiny_model_dir, tmp_path, caplog):
@@ -200,3 +222,18 @@ def test_quantized_model_is_batch_invariant(tiny_model_dir, tmp_path):
     together = run_requests(engine, prompts, params, arrive_every=2)
     alone = [run_requests(engine, [prompt], params)[0] for prompt in prompts]
     assert together == alone
+
+
+def test_quantized_experts_are_batch_invariant(tiny_model_dir, tmp_path):
+    """Q4_1 experts, each fed the rows of a step routed to it, however many: a request's greedy
+    tokens and logprobs are those it gets alone, whatever else the steps held and whatever the
+    prefix cache had."""
+    path = _quantized_gguf(tiny_model_dir, tmp_path, "qwen3moe", lambda name: Q.Q4_1)
+    checkpoint = load_checkpoint(path, torch.bfloat16, keep_quantized=True)
+    model = build_model(checkpoint.config, checkpoint.tensors, torch.bfloat16)
+    assert isinstance(model.layers[0].mlp.experts[0].gate_up_proj, Int4Linear)
+    engine = Engine(model, checkpoint.config, None, EngineConfig(dtype="bfloat16", max_num_batched_tokens=64))
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(5 + 9 * i)] for i in range(6)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    together = run_requests(engine, prompts, params, arrive_every=2, with_logprobs=True)
+    assert together == [run_requests(engine, [prompt], params, with_logprobs=True)[0] for prompt in prompts]

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quill.optimize.evaluate import all_position_logits
+from engine_helpers import all_position_logits
 from quill import LLM, SamplingParams
 from quill.layers.quantized import Int4Linear
-from quill.models import build_model
+from quill.models.loader import build_model, load_checkpoint
 from quill.tokenizer import load_tokenizer
-from quill.weights import load_checkpoint
 from quill.errors import ChatTemplateError, ContextLengthError, InvalidRequestError, ModelLoadError
 
 pytestmark = pytest.mark.real_model

@@ -8,7 +8,6 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 

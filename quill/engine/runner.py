@@ -122,3 +122,21 @@ class ModelRunner:
             return [], hidden.new_empty((0, 0))
         # The sampler works on the CPU: per-request Python logic over a few rows of logits.
         return to_sample, self.model.compute_logits(hidden[sample_rows]).cpu()
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Float32 logits [tokens, vocab] at every position of `token_ids` prefilled alone, as one
+        prompt, into an empty cache: the rows `execute` computes for that prompt (the same
+        attention path), all of them instead of the last. What `quill eval` scores. It writes the
+        cache from its first block on, so the runner must hold no request, and have room for the tokens."""
+        num_tokens = len(token_ids)
+        blocks = list(range(-(-num_tokens // self.block_size)))
+        positions = torch.arange(num_tokens, device=self.device)  # consecutive blocks from 0: slot = position
+        if self.prompts_as_rows:
+            rows = SingleQueryRows(None, list(range(1, num_tokens + 1)), [blocks] * num_tokens, self.block_size,
+                                   self.device)
+            meta = AttentionMetadata(positions, rows, [])
+        else:
+            meta = AttentionMetadata(positions, None, [PromptSpan(0, num_tokens, num_tokens, None)])
+        hidden = self.model(torch.tensor(token_ids, device=self.device), positions, meta)
+        return self.model.compute_logits(hidden).cpu()

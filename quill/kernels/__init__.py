@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from quill.weights.hub import quill_home
+from quill.paths import quill_home
 
 log = logging.getLogger("quill")
 

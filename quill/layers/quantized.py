@@ -7,19 +7,17 @@ runs every row through it), so one row and many go through the same arithmetic a
 does not depend on the batch (see `quill.layers.matmul`). Where no kernel can be built, PyTorch's
 int4 and int8 kernels run instead, in fixed row blocks.
 
-`QuantizedWeight` is the one format every reader produces: unsigned integer codes with a scale
-and an offset per group of consecutive input columns. GGUF's Q4_0/Q4_1/Q4_K blocks and
-`quill quantize`'s int4/int8 map onto it exactly; `quantized_linear` picks the layer.
+Every reader produces one format, `quill.weights.quantized.QuantizedWeight` (codes with a scale
+and an offset per group of input columns); `quantized_linear` picks the layer that runs it.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from quill.layers.matmul import PackedMatmul, RowBlockedMatmul, kernel_available
 from quill.layers.module import InferenceModule
+from quill.weights.quantized import QuantizedWeight
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernel (the fallback) accepts
 _INT4_BLOCK_N = 64  # PyTorch's int4 packing interleaves output rows in blocks of 64
@@ -28,45 +26,6 @@ _INT4_BLOCK_N = 64  # PyTorch's int4 packing interleaves output rows in blocks o
 # 236 us, 2 rows 258, 4 rows 302, 5 rows 353, 8 rows 466. Speculative decoding plans its extra
 # rows around it.
 KERNEL_ROW_BLOCK = 4
-
-@dataclass
-class QuantizedWeight:
-    """w[n, k] = scales[n, k // group_size] * codes[n, k] + offsets[n, k // group_size]."""
-
-    codes: torch.Tensor  # uint8 [out, in], each < 2**bits
-    scales: torch.Tensor  # float32 [out, in // group_size]
-    offsets: torch.Tensor  # float32 [out, in // group_size]
-    bits: int
-    group_size: int
-    source: str  # the format it came from ("Q4_1", "int8", ...), for load logs
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out, inp = self.codes.shape
-        groups = self.codes.view(out, inp // self.group_size, self.group_size).float()
-        values = groups * self.scales[..., None] + self.offsets[..., None]
-        return values.view(out, inp).to(dtype)
-
-    def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
-        """The weight with its output rows reordered (groups run along the input, so rows move whole)."""
-        return QuantizedWeight(self.codes[index], self.scales[index], self.offsets[index],
-                               self.bits, self.group_size, self.source)
-
-    @staticmethod
-    def concat(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
-        """Stack along the output dimension (fused q/k/v or gate/up), as codes of the widest part's
-        bits; None when the parts' groups differ and so cannot share one kernel."""
-        first = parts[0]
-        if any(p.group_size != first.group_size for p in parts):
-            return None
-        sources = sorted({p.source for p in parts})
-        return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-                               torch.cat([p.offsets for p in parts]), max(p.bits for p in parts), first.group_size,
-                               "+".join(sources))
-
 
 class QuantizedLinear(InferenceModule):
     """Shared plumbing: the row-invariant product (`self.matmul`, which adds the bias), set up by

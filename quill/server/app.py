@@ -2,7 +2,7 @@
 
 The server never runs the model: every request goes to the `AsyncEngine`, whose one thread owns
 the engine, and comes back as a stream of `RequestOutput`s. A generation request passes through
-narrow parts, each with one job (see docs/SERVER_SECTION.md for the map):
+narrow parts, each with one job (docs/ARCHITECTURE.md, "The server", has the map):
 
   middleware.Gate        API key, body limit, request id, HTTP counter, the request's log line
   routes                 every route; generation endpoints cancelled when the client leaves

@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 import torch
 
-from quill.layers.quantized import QuantizedWeight
+from quill.weights.quantized import QuantizedWeight
 
 Q = gguf.GGMLQuantizationType
 NATIVE_GGML_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0)
