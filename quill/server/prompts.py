@@ -81,5 +81,5 @@ def message_dict(message: ChatMessage) -> dict:
         result["name"] = message.name
     if message.tool_call_id is not None:
         result["tool_call_id"] = message.tool_call_id
-    # message.tool_calls is refused by the protocol until tool calls are rendered here (ChatMessage).
+    # message.tool_calls is refused by the protocol until tool calls are rendered here (ChatCompletionRequest).
     return result

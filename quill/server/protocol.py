@@ -119,7 +119,7 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextContentPart] | None = None
     name: Text | None = None
-    tool_calls: list[dict] | None = None  # refused while tool calling is not supported (see below)
+    tool_calls: list[dict] | None = None  # refused while tool calling is not supported (ChatCompletionRequest)
     tool_call_id: Text | None = None
 
     @field_validator("content", mode="before")
@@ -136,16 +136,6 @@ class ChatMessage(_Request):
                                               "Send text parts only.", code="unsupported_value")
         return content
 
-    # Tool calling is not supported yet. Its fields are refused here, the one place to change when
-    # tool calls are rendered through the chat template (prompts.message_dict), rather than
-    # dropped without a word (the answer would depend on a history the model never saw).
-    @field_validator("tool_calls")
-    @classmethod
-    def _no_tool_calls_yet(cls, tool_calls):
-        if tool_calls:
-            raise InvalidRequestError("Tool calls in history are not supported yet.", code="unsupported_parameter")
-        return tool_calls
-
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -153,8 +143,6 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = bounded("logprobs", default=None)
     add_generation_prompt: bool | None = True
-    # Tool calling is not supported yet: offering tools is refused with the messages' tool calls
-    # (ChatMessage), not ignored. `tool_choice: "none"` asks for no tool, which is what happens.
     tools: list[dict] | None = None
     tool_choice: Text | dict | None = None
     functions: list[dict] | None = None  # the deprecated names of tools and tool_choice
@@ -166,8 +154,17 @@ class ChatCompletionRequest(SamplingFields):
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         return self
 
+    # Tool calling is not supported yet. Everything about it is refused here, the one place to
+    # change when tool calls are rendered through the chat template (prompts.message_dict): offered
+    # tools, and the tool calls of past assistant messages (dropping them without a word would make
+    # the answer depend on a history the model never saw). `tool_choice: "none"` asks for no tool,
+    # which is what happens.
     @model_validator(mode="after")
-    def _no_tools_yet(self):
+    def _no_tool_calling_yet(self):
+        for index, message in enumerate(self.messages):
+            if message.tool_calls:
+                raise InvalidRequestError("Tool calls in history are not supported yet.",
+                                          param=f"messages[{index}].tool_calls", code="unsupported_parameter")
         for name in ("tools", "functions", "tool_choice", "function_call"):
             value = getattr(self, name)
             if value and value != "none":
