@@ -249,3 +249,32 @@ def test_shutdown_ends_every_stream_with_abort_and_done(tiny_model_dir):
     assert_error(bodies[0], 503, code="server_shutting_down")
     assert not errors.records, [r.getMessage() for r in errors.records]
     assert not app.state.engine.is_alive()
+
+
+def test_shutdown_with_a_stalled_reader_ends_quietly(tiny_model_dir):
+    """A stream whose client stopped reading cannot be given its final events: at shutdown it is
+    ended without them, its run aborted, and still nothing is logged at ERROR (no traceback, no
+    'returned without completing response'), and the server stops."""
+    app = _tiny_app(tiny_model_dir, shutdown_grace=0.3)
+    _slow_steps(app, 0.02)
+    errors = _ErrorRecords()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "uvicorn", "quill", "")]
+    for logger in loggers:
+        logger.addHandler(errors)
+    server = BackgroundServer(app).start()
+    body = {"prompt": [1, 5, 9], "max_tokens": 240, "ignore_eos": True, "n": 16, "logprobs": 5, "stream": True}
+    sock = _stalled_reader(server.port, body)
+    try:
+        deadline = time.monotonic() + 20
+        while app.state.engine.stats().num_generated_tokens < 16 * 20:  # its connection is full by now
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        started = time.monotonic()
+        server.stop()
+        assert time.monotonic() - started < 20 and not server.thread.is_alive()
+    finally:
+        sock.close()
+        for logger in loggers:
+            logger.removeHandler(errors)
+    assert not errors.records, [r.getMessage() for r in errors.records]
+    assert not app.state.engine.is_alive()

@@ -9,12 +9,13 @@ Two things are added to uvicorn here, both about clients that do not behave:
   [DONE]) and every waiting body with a 503, all before uvicorn looks at its connections. uvicorn's
   own shutdown would otherwise cancel the request tasks mid-stream after its timeout: a bare
   "incomplete chunked read" for the client and a CancelledError traceback per stream in the log.
-- Each connection keeps little unsent data in the kernel (`TCP_NOTSENT_LOWAT`): otherwise Linux
+- Each connection keeps little unsent data: in the kernel (`TCP_NOTSENT_LOWAT`; otherwise Linux
   grows a loopback socket's send buffer to about 4 MB, so a client that stops reading costs that
-  much memory and goes unnoticed for minutes; with it, sending blocks after about 36 KB and the
-  stream's idle timeout (streaming.py) can see the stall. `TCP_USER_TIMEOUT` (twice the idle
-  timeout, so that the server's own timeout, which says why, comes first) then lets the kernel drop
-  a connection whose peer accepts nothing, so a stalled socket does not linger.
+  much memory and goes unnoticed for minutes) and in asyncio's transport (its write buffer's high
+  mark, 64 KiB by default, is lowered). Then sending waits after a few tens of KB and the stream's
+  idle timeout (streaming.py) sees the stall. `TCP_USER_TIMEOUT` then lets the kernel drop a
+  connection whose peer accepts nothing, so a stalled socket does not linger; well past the idle
+  timeout (`streaming.kernel_drop_after` says why).
 """
 from __future__ import annotations
 
@@ -28,9 +29,14 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from quill.server.streaming import kernel_drop_after
+
 # Unsent bytes a connection may queue in the kernel before writes wait (measured on loopback:
 # 36 KB written before the transport paused, against 2.8 MB without the option).
 UNSENT_BYTES_LOW_WATER = 16 << 10
+# Bytes asyncio's transport buffers before it tells uvicorn to wait (its default is 64 KiB): at
+# 64 KiB a stalled tiny-model stream was dropped by the kernel before the idle timeout could see it.
+TRANSPORT_HIGH_WATER = 16 << 10
 # Seconds uvicorn waits for connections after the app has drained: long enough for the final
 # events to reach clients that read, short for a socket whose client never will.
 CLOSE_WAIT = 5.0
@@ -96,6 +102,7 @@ def _protocol(app: FastAPI) -> type[asyncio.Protocol]:
     class QuillHTTPProtocol(AutoHTTPProtocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
             config = getattr(app.state, "config", None)
             limit_unsent_data(transport.get_extra_info("socket"), getattr(config, "stream_idle_timeout", None))
 
@@ -104,13 +111,13 @@ def _protocol(app: FastAPI) -> type[asyncio.Protocol]:
 
 def limit_unsent_data(sock: socket.socket | None, idle_timeout: float | None) -> None:
     """Keep at most `UNSENT_BYTES_LOW_WATER` unsent bytes in the kernel and, with an idle timeout,
-    let the kernel drop the connection once its peer has accepted nothing for twice that long
-    (Linux; elsewhere what the platform lacks is skipped)."""
+    let the kernel drop the connection once its peer has accepted nothing for `kernel_drop_after`
+    seconds (Linux; elsewhere what the platform lacks is skipped)."""
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     options = [("TCP_NOTSENT_LOWAT", UNSENT_BYTES_LOW_WATER)]
     if idle_timeout:
-        options.append(("TCP_USER_TIMEOUT", int(2 * idle_timeout * 1000)))
+        options.append(("TCP_USER_TIMEOUT", int(kernel_drop_after(idle_timeout) * 1000)))
     for name, value in options:
         if hasattr(socket, name):
             try:

@@ -13,7 +13,8 @@ of its events:
 A stalled stream is cut: its run is aborted (the producer closes the events, whose cleanup aborts
 the engine requests and frees their KV blocks) and counted. Nothing more can be said to a client that
 does not read; the task then waits for the connection to go (runner.py's sockets are dropped by the
-kernel after twice the idle time) so that it ends as a disconnect, not as a response left half-sent.
+kernel after `kernel_drop_after` seconds) so that it ends as a disconnect, not as a response left
+half-sent (which uvicorn logs as an error).
 A client that disconnects ends the stream the same way, without a stall.
 """
 from __future__ import annotations
@@ -30,6 +31,17 @@ from quill.server.config import ServerConfig
 
 # Seconds a stalled stream's task waits for its connection to drop when there is no idle timeout.
 _LINGER = 5.0
+# Seconds added to twice the idle timeout before the kernel drops a connection that accepts nothing:
+# the kernel's clock starts when the peer's window closes, the idle timeout's only once the buffers
+# between (the kernel's unsent bytes, the transport's) are full too, which for a slow stream takes
+# seconds more; the server's own cut, which says why, must come first.
+_KERNEL_DROP_MARGIN = 30.0
+
+
+def kernel_drop_after(idle_timeout: float) -> float:
+    """Seconds after which the kernel drops a connection whose peer accepts nothing (runner.py's
+    TCP_USER_TIMEOUT), for a server with this idle timeout."""
+    return 2 * idle_timeout + _KERNEL_DROP_MARGIN
 
 
 @dataclass(frozen=True)
@@ -116,7 +128,8 @@ class LiveStream(Response):
                     self.on_stall(stall.reason)
                     producer.cancel()  # the events' cleanup aborts the run now, not when the socket goes
                     writer.cancel()
-                    await asyncio.wait({gone}, timeout=2 * (self.limits.idle_timeout or _LINGER))
+                    idle = self.limits.idle_timeout
+                    await asyncio.wait({gone}, timeout=kernel_drop_after(idle) + 1 if idle else _LINGER)
             except asyncio.CancelledError:  # shutdown cancelled a stream it could not end (its client does
                 asyncio.current_task().uncancel()  # not read): end it quietly, as a stall would
             finally:
