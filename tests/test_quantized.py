@@ -167,7 +167,7 @@ def test_quill_quantize_int4_experts_run_natively(tiny_model_dir, tmp_path):
     kernel like a dense layer's, the router stays float, and the logits stay near the float model's."""
     source = tiny_model_dir("qwen3moe")
     path = tmp_path / "int4.gguf"
-    summary = quantize_checkpoint(source, path, "int4", progress=False)
+    summary = quantize_checkpoint(source, path, "int4", with_tokenizer=False, progress=False)
     assert read_gguf_tensor_types(path)["blk.0.ffn_gate_inp.weight"] == "F32"
     assert "blk.0.ffn_gate_exps.weight.codes" in read_gguf_tensor_types(path) and summary.tensor_types["int4 g32"]
     checkpoint = load_checkpoint(path, torch.bfloat16, keep_quantized=True)
