@@ -27,6 +27,10 @@ from quill.hardware import host_description
 from quill.weights.hub import resolve_model  # pulls a known model on first use
 
 
+def _numbers(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(","))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-url", metavar="URL", help="an already running server")
@@ -35,6 +39,11 @@ def main() -> int:
                         help="an option for the started server, e.g. --serve-option=--stream-idle-timeout=5")
     parser.add_argument("--minutes", type=float, default=10.0, help="how long the traffic runs (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default: %(default)s)")
+    parser.add_argument("--prompt-words", type=_numbers, default=SoakPlan.prompt_words, metavar="N,N,...",
+                        help="words of notes per prompt, one picked per request (default: 0,40,300; a model "
+                             "with a short window needs fewer)")
+    parser.add_argument("--max-tokens", type=_numbers, default=SoakPlan.max_tokens, metavar="N,N,...",
+                        help="max_tokens, one picked per request (default: 8,32,96)")
     parser.add_argument("--stall-seconds", type=float, default=SoakPlan.stall_seconds,
                         help="how long a stalled reader keeps its socket (default: %(default)s)")
     parser.add_argument("--window", type=float, default=60.0, help="seconds per latency row (default: %(default)s)")
@@ -44,8 +53,9 @@ def main() -> int:
     args = parser.parse_args()
     if not (args.base_url or args.start_quill):
         parser.error("give --base-url or --start-quill")
-    plan = SoakPlan(seconds=args.minutes * 60, clients=args.clients, stall_seconds=args.stall_seconds,
-                    window=args.window, api_key=args.api_key)
+    plan = SoakPlan(seconds=args.minutes * 60, clients=args.clients, prompt_words=args.prompt_words,
+                    max_tokens=args.max_tokens, stall_seconds=args.stall_seconds, window=args.window,
+                    api_key=args.api_key)
     if args.base_url:
         report = asyncio.run(run_soak(args.base_url.rstrip("/"), plan))
     else:
