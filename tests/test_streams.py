@@ -12,6 +12,7 @@ model whose engine steps are slowed so that a run certainly outlasts what the te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -197,6 +198,20 @@ class _ErrorRecords(logging.Handler):
         self.records.append(record)
 
 
+@contextlib.contextmanager
+def _errors_logged():
+    """The records logged at ERROR by uvicorn, Quill or anyone (the root logger) inside the block."""
+    errors = _ErrorRecords()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "uvicorn", "quill", "")]
+    for logger in loggers:
+        logger.addHandler(errors)
+    try:
+        yield errors.records
+    finally:
+        for logger in loggers:
+            logger.removeHandler(errors)
+
+
 def test_shutdown_ends_every_stream_with_abort_and_done(tiny_model_dir):
     """Finding 3: after the grace period, open streams used to be cut with a bare 'incomplete
     chunked read' and a CancelledError traceback each in the log. Each now gets its final chunks
@@ -204,38 +219,33 @@ def test_shutdown_ends_every_stream_with_abort_and_done(tiny_model_dir):
     request still waiting for its whole body gets a 503; nothing is logged at ERROR."""
     app = _tiny_app(tiny_model_dir, shutdown_grace=0.3)
     _slow_steps(app, 0.02)
-    errors = _ErrorRecords()
-    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "uvicorn", "quill", "")]
-    for logger in loggers:
-        logger.addHandler(errors)
     streams: dict[int, list] = {}
     bodies: list[httpx.Response] = []
     long = {"prompt": [1, 5, 9], "max_tokens": 240, "ignore_eos": True}
-    server = BackgroundServer(app).start()
-    try:
-        def stream(key: int, fields: dict) -> None:
-            with httpx.Client(base_url=server.url, timeout=30) as http:
-                with http.stream("POST", "/v1/completions", json={**long, **fields, "stream": True}) as response:
-                    streams[key] = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    with _errors_logged() as errors:
+        server = BackgroundServer(app).start()
+        try:
+            def stream(key: int, fields: dict) -> None:
+                with httpx.Client(base_url=server.url, timeout=30) as http:
+                    with http.stream("POST", "/v1/completions", json={**long, **fields, "stream": True}) as response:
+                        streams[key] = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
 
-        def whole() -> None:
-            with httpx.Client(base_url=server.url, timeout=30) as http:
-                bodies.append(http.post("/v1/completions", json=long))
+            def whole() -> None:
+                with httpx.Client(base_url=server.url, timeout=30) as http:
+                    bodies.append(http.post("/v1/completions", json=long))
 
-        threads = [threading.Thread(target=stream, args=(0, {"n": 2, "stream_options": {"include_usage": True}})),
-                   threading.Thread(target=stream, args=(1, {"echo": True})), threading.Thread(target=whole)]
+            threads = [threading.Thread(target=stream, args=(0, {"n": 2, "stream_options": {"include_usage": True}})),
+                       threading.Thread(target=stream, args=(1, {"echo": True})), threading.Thread(target=whole)]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 20
+            while app.state.engine.stats().num_running < 4:  # every request is generating
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        finally:
+            server.stop()
         for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 20
-        while app.state.engine.stats().num_running < 4:  # every request is generating
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-    finally:
-        server.stop()
-        for logger in loggers:
-            logger.removeHandler(errors)
-    for thread in threads:
-        thread.join(30)
+            thread.join(30)
     assert streams.keys() == {0, 1}
     for key, events in streams.items():
         assert events[-1] == "[DONE]", (key, events[-3:])
@@ -247,7 +257,7 @@ def test_shutdown_ends_every_stream_with_abort_and_done(tiny_model_dir):
     assert usage["completion_tokens"] > 0 and json.loads(streams[0][-2])["choices"] == []
     assert len(bodies) == 1
     assert_error(bodies[0], 503, code="server_shutting_down")
-    assert not errors.records, [r.getMessage() for r in errors.records]
+    assert not errors, [r.getMessage() for r in errors]
     assert not app.state.engine.is_alive()
 
 
@@ -257,24 +267,19 @@ def test_shutdown_with_a_stalled_reader_ends_quietly(tiny_model_dir):
     'returned without completing response'), and the server stops."""
     app = _tiny_app(tiny_model_dir, shutdown_grace=0.3)
     _slow_steps(app, 0.02)
-    errors = _ErrorRecords()
-    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "uvicorn", "quill", "")]
-    for logger in loggers:
-        logger.addHandler(errors)
-    server = BackgroundServer(app).start()
     body = {"prompt": [1, 5, 9], "max_tokens": 240, "ignore_eos": True, "n": 16, "logprobs": 5, "stream": True}
-    sock = _stalled_reader(server.port, body)
-    try:
-        deadline = time.monotonic() + 20
-        while app.state.engine.stats().num_generated_tokens < 16 * 20:  # its connection is full by now
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        started = time.monotonic()
-        server.stop()
-        assert time.monotonic() - started < 20 and not server.thread.is_alive()
-    finally:
-        sock.close()
-        for logger in loggers:
-            logger.removeHandler(errors)
-    assert not errors.records, [r.getMessage() for r in errors.records]
+    with _errors_logged() as errors:
+        server = BackgroundServer(app).start()
+        sock = _stalled_reader(server.port, body)
+        try:
+            deadline = time.monotonic() + 20
+            while app.state.engine.stats().num_generated_tokens < 16 * 20:  # its connection is full by now
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            started = time.monotonic()
+            server.stop()
+            assert time.monotonic() - started < 20 and not server.thread.is_alive()
+        finally:
+            sock.close()
+    assert not errors, [r.getMessage() for r in errors]
     assert not app.state.engine.is_alive()
