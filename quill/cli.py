@@ -19,6 +19,7 @@ from quill.cost import DEFAULT_HOURLY_COST, comparison_lines, load_price_file, u
 from quill.errors import ChatTemplateError, InvalidRequestError, QuillError
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
+from quill.server.config import ServerConfig  # plain settings: FastAPI and the engine load with `serve`
 from quill.table import format_table
 from quill.weights import hub
 
@@ -110,17 +111,36 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require `Authorization: Bearer KEY` (default: $QUILL_API_KEY; none if unset)")
     serve.add_argument("--served-model-name", metavar="NAME",
                        help="the model name clients send (default: the MODEL argument)")
-    serve.add_argument("--max-queue", type=int, default=256, metavar="N",
-                       help="sequences allowed to wait for their first token; more get 429 (default: %(default)s)")
-    serve.add_argument("--max-body-bytes", type=_byte_size, default=4 << 20, metavar="SIZE",
-                       help="largest request body, e.g. 4MiB; larger ones get 413 (default: 4MiB)")
-    serve.add_argument("--max-tokens-cap", type=int, metavar="N",
-                       help="clamp each request's max_tokens to N (default: no cap)")
+    serve.add_argument("--public-metrics", action="store_true",
+                       help="with an API key, let /metrics answer without it (for scrapers that send none)")
+    serve.add_argument("--public-docs", action="store_true",
+                       help="with an API key, let /docs, /redoc and /openapi.json answer without it")
     serve.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
     serve.add_argument("--no-ui", action="store_true",
                        help="do not serve the chat page at / (the API is the same either way)")
-    serve.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
-                       help="time in-flight requests get to finish at shutdown (default: %(default)s)")
+    serve.add_argument("--shutdown-grace", type=float, default=ServerConfig.shutdown_grace, metavar="SECONDS",
+                       help="time in-flight requests get to finish at shutdown; then each open stream ends with "
+                            "finish_reason \"abort\" and [DONE] (default: %(default)s)")
+    limits = serve.add_argument_group("per-request limits")
+    limits.add_argument("--default-max-tokens", type=int, default=ServerConfig.default_max_tokens, metavar="N",
+                        help="max_tokens of a request that sets none, at most the rest of the context window; "
+                             "shown in /v1/models (default: %(default)s)")
+    limits.add_argument("--max-tokens-cap", type=int, metavar="N",
+                        help="clamp each request's max_tokens to N (default: no cap)")
+    limits.add_argument("--max-queue", type=int, default=ServerConfig.max_queue, metavar="N",
+                        help="sequences allowed to wait for their first token: more get 429 with Retry-After, and "
+                             "a request for more than N at once gets 400 (default: %(default)s)")
+    limits.add_argument("--max-body-bytes", type=_byte_size, default=ServerConfig.max_body_bytes, metavar="SIZE",
+                        help="largest request body, e.g. 4MiB; larger ones get 413 (default: 4MiB)")
+    limits.add_argument("--stream-idle-timeout", type=float, default=ServerConfig.stream_idle_timeout,
+                        metavar="SECONDS", help="abort a stream (and free its KV cache) when its client has accepted "
+                                                "no data for this long; 0: never (default: %(default)s)")
+    limits.add_argument("--stream-buffer", type=_byte_size, default=ServerConfig.stream_buffer_bytes, metavar="SIZE",
+                        help="most bytes of events held for a client that reads slower than the model writes; "
+                             "past it the stream is aborted (default: 256KiB)")
+    limits.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                        help="deadline from admission to the last token: later, the request ends with an error "
+                             "(code request_timeout) and its KV cache is freed (default: none)")
     serve.add_argument("--hourly-cost", type=float, default=DEFAULT_HOURLY_COST, metavar="USD",
                        help="what this machine costs per hour; with the throughput the server measures it gives "
                             "the self-hosted price per 1K tokens (default: $%(default)s, about a 2-vCPU on-demand "
@@ -212,8 +232,9 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument("--max-model-len", type=int, metavar="N",
                          help="context length limit (default: the model's own)")
     options.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
-                         help="memory for the paged KV cache, e.g. 512MiB or 2GiB (default: room for "
-                              "64 full-length sequences, at most 1GiB)")
+                         help="memory for the paged KV cache, e.g. 512MiB or 2GiB; never exceeded: a context window "
+                              "longer than it holds is shortened, with a warning (default: 1GiB, or less when 64 "
+                              "full-length sequences need less)")
     options.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                          help="what the KV cache stores keys and values in (default: auto, float16 on a CPU for a "
                               "bfloat16 model, which halves the bytes decoding reads per token; otherwise --dtype)")
@@ -330,10 +351,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise InvalidRequestError(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_queue < 0:
-        raise InvalidRequestError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.max_tokens_cap is not None and args.max_tokens_cap < 1:
-        raise InvalidRequestError(f"--max-tokens-cap must be >= 1, got {args.max_tokens_cap}")
+    if args.max_queue < 1:
+        raise InvalidRequestError(f"--max-queue must be >= 1, got {args.max_queue}")
+    for name in ("max_tokens_cap", "default_max_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise InvalidRequestError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.stream_idle_timeout < 0:
+        raise InvalidRequestError(f"--stream-idle-timeout must be >= 0, got {args.stream_idle_timeout}")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise InvalidRequestError(f"--request-timeout must be > 0, got {args.request_timeout}")
     if args.hourly_cost < 0:
         raise InvalidRequestError(f"--hourly-cost must be >= 0, got {args.hourly_cost}")
     reference_prices = load_price_file(args.price_file) if args.price_file else None
@@ -342,12 +368,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.response_cache_entries < 1:
         raise InvalidRequestError(f"--response-cache-entries must be >= 1, got {args.response_cache_entries}")
     template = _read_chat_template(args)
-    from quill.server import ServerConfig, create_app, serve
+    from quill.server import create_app, serve
     from quill.server.runner import configure_logging
+    from quill.server.sampling import default_max_tokens
 
     config = ServerConfig(
         served_model_name=args.served_model_name or args.model, api_key=args.api_key or os.environ.get("QUILL_API_KEY"),
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
+        default_max_tokens=args.default_max_tokens, stream_idle_timeout=args.stream_idle_timeout or None,
+        stream_buffer_bytes=args.stream_buffer, request_timeout=args.request_timeout,
+        public_metrics=args.public_metrics, public_docs=args.public_docs,
         log_prompts=args.log_prompts, chat_template=template, shutdown_grace=args.shutdown_grace,
         hourly_cost=args.hourly_cost, reference_prices=reference_prices,
         response_cache=not args.no_response_cache, response_cache_path=args.response_cache,
@@ -372,9 +402,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("quill.server")
     log.info("serving %s as %r on http://%s:%d/v1 (API key %s)", llm.path, config.served_model_name, host, args.port,
              "required" if config.api_key else "not required")
+    log.info(llm.engine.kv_plan.describe())
+    log.info("requests without max_tokens get %d; streams idle for %s are aborted; %s", default_max_tokens(config),
+             f"{config.stream_idle_timeout:g} s" if config.stream_idle_timeout else "ever (never aborted)",
+             f"deadline {config.request_timeout:g} s" if config.request_timeout else "no request deadline")
     if config.ui:
         log.info("chat page on http://%s:%d/", host, args.port)
-    serve(app, host=args.host, port=args.port, shutdown_grace=args.shutdown_grace)
+    serve(app, host=args.host, port=args.port)
     return 0
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quill.errors import InvalidRequestError
+from quill.model_limits import MODEL_LIMITS, check_model_limits
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -50,6 +51,7 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
 
     def __post_init__(self) -> None:
+        check_model_limits({name: getattr(self, name) for name in MODEL_LIMITS})  # before sizing anything
         if not self.layer_types:
             kind = "sliding" if self.sliding_window else "full"
             object.__setattr__(self, "layer_types", (kind,) * self.num_layers)
