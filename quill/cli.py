@@ -191,6 +191,8 @@ def _model_options() -> argparse.ArgumentParser:
                               "model's tokenizer; output is unchanged, only faster (default: off)")
     options.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                          help="the most draft tokens per sequence and step (default: %(default)s)")
+    options.add_argument("--enforce-eager", action="store_true",
+                         help="on a GPU, run decode steps eagerly instead of replaying them as CUDA graphs")
     return options
 
 
@@ -397,7 +399,8 @@ def _load_llm(args: argparse.Namespace):
     return LLM(args.model, dtype=args.dtype, device=args.device, dequantize=args.dequantize,
                max_model_len=args.max_model_len,
                kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-               speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
+               speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+               decode_graphs="off" if args.enforce_eager else "auto")
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "kb": 10**3, "mib": 2**20, "mb": 10**6, "gib": 2**30, "gb": 10**9}
