@@ -217,7 +217,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="a dry run's settings: 1 layer, SmolLM2 shapes, 2 prompts, streams 1 and 2, 8 tokens")
     parser.add_argument("--skip-speed", action="store_true", help="correctness only")
-    parser.add_argument("--out", type=Path, help="write the results here as JSON (after every model, too)")
+    parser.add_argument("--out", type=Path, help="write the results here as JSON, after every model (a file of the "
+                                                   "same device's earlier runs keeps their models)")
     args = parser.parse_args()
     args.prompts, args.max_tokens, args.logit_tokens = 8, 32, 256
     args.streams, args.decode_tokens, args.prefill_tokens = [1, 16, 64], 128, 512
@@ -230,6 +231,10 @@ def main() -> int:
         return 1
     report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
               "torch": torch.__version__, "models": {}}
+    if args.out and args.out.exists():  # runs split across calls add to one file, per device
+        earlier = json.loads(args.out.read_text())
+        if earlier.get("device") == report["device"]:
+            report["models"] = earlier.get("models", {})
     with tempfile.TemporaryDirectory() as scratch:
         for shape in args.shapes.split(","):
             for fmt in args.formats.split(","):
