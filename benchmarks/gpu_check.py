@@ -229,7 +229,8 @@ def main() -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA GPU visible to PyTorch", file=sys.stderr)
         return 1
-    report = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+    cuda = args.device.startswith("cuda")
+    report = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
               "torch": torch.__version__, "models": {}}
     if args.out and args.out.exists():  # runs split across calls add to one file, per device
         earlier = json.loads(args.out.read_text())

@@ -72,7 +72,7 @@ def test_padding_rows_leave_real_rows_bit_identical(tiny_model_dir):
 
 
 def test_modes_choose_the_runner(tiny_model_dir):
-    model, config = load_model(tiny_model_dir("llama"))
+    model, _ = load_model(tiny_model_dir("llama"))
     options = dict(max_num_seqs=4, max_blocks=8, block_size=16, pad_block=10, device=torch.device("cpu"))
     assert build_decode_runner("auto", model, has_experts=False, **options) is None  # no graphs on a CPU
     assert build_decode_runner("off", model, has_experts=False, **options) is None
