@@ -149,7 +149,11 @@ def check_engine(path: Path, device: str, prompts: list[list[int]], max_tokens: 
     # where there are no graphs, the padded steps against the plain path.
     graphs = "auto" if device.startswith("cuda") else "eager"
     reference = "eager" if device.startswith("cuda") else "off"
-    replayed, _ = generate(engine_for(path, "bfloat16", device, decode_graphs=graphs), prompts, max_tokens, 1)
+    try:  # never run on a GPU before this script: a failed capture is a finding, not the end of the run
+        replayed, _ = generate(engine_for(path, "bfloat16", device, decode_graphs=graphs), prompts, max_tokens, 1)
+    except Exception as exc:  # noqa: BLE001
+        result["decode_graphs_error"] = repr(exc)
+        return result
     eager, _ = generate(engine_for(path, "bfloat16", device, decode_graphs=reference), prompts, max_tokens, 1)
     result["decode_graphs_vs"] = f"{graphs} vs {reference}"
     result["decode_graphs_identical_sequences"] = count_identical(replayed, eager)
@@ -161,26 +165,36 @@ def check_engine(path: Path, device: str, prompts: list[list[int]], max_tokens: 
 def measure_speed(path: Path, device: str, *, streams: list[int], decode_tokens: int, prefill_tokens: int) -> dict:
     result = {}
     for mode in ("auto", "off"):  # CUDA graphs, then --enforce-eager
-        engine = engine_for(path, "bfloat16", device, max_num_seqs=max(streams), decode_graphs=mode,
-                            max_num_batched_tokens=max(512, prefill_tokens))
-        vocab = engine.model_config.vocab_size
-        warm_up, prompt = ([(i * 7919 + offset) % vocab for i in range(prefill_tokens)] for offset in (1, 0))
-        generate(engine, [warm_up], 4)  # kernels, allocator; another prompt, so the prefix cache cannot help
-        for count in streams:  # capture every bucket's graph before timing
-            generate(engine, [[(i * 13 + j) % vocab for j in range(16)] for i in range(count)], 4)
-        label = "graphs" if mode == "auto" else "eager"
-        if mode == "auto":
-            _, seconds = generate(engine, [prompt], 1)
-            result[f"prefill_{prefill_tokens}_tokens_per_s"] = prefill_tokens / seconds
-        for count in streams:
-            prompts = [[(i * 31 + j) % vocab for j in range(16)] for i in range(count)]
-            _, seconds = generate(engine, prompts, decode_tokens + 1)
-            result[f"decode_{count}_streams_{label}_tokens_per_s"] = count * decode_tokens / seconds
-        if mode == "auto":
-            result["graphs_captured"] = getattr(engine.runner.decode, "num_graphs", 0)
-        del engine
+        try:
+            result.update(_measure_mode(path, device, mode, streams, decode_tokens, prefill_tokens))
+        except Exception as exc:  # noqa: BLE001 (see check_engine)
+            result[f"error_{mode}"] = repr(exc)
     if device.startswith("cuda"):
         result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def _measure_mode(path: Path, device: str, mode: str, streams: list[int], decode_tokens: int,
+                  prefill_tokens: int) -> dict:
+    """Speed with CUDA graphs ("auto") or without ("off")."""
+    result = {}
+    engine = engine_for(path, "bfloat16", device, max_num_seqs=max(streams), decode_graphs=mode,
+                        max_num_batched_tokens=max(512, prefill_tokens))
+    vocab = engine.model_config.vocab_size
+    warm_up, prompt = ([(i * 7919 + offset) % vocab for i in range(prefill_tokens)] for offset in (1, 0))
+    generate(engine, [warm_up], 4)  # kernels, allocator; another prompt, so the prefix cache cannot help
+    for count in streams:  # capture every bucket's graph before timing
+        generate(engine, [[(i * 13 + j) % vocab for j in range(16)] for i in range(count)], 4)
+    label = "graphs" if mode == "auto" else "eager"
+    if mode == "auto":
+        _, seconds = generate(engine, [prompt], 1)
+        result[f"prefill_{prefill_tokens}_tokens_per_s"] = prefill_tokens / seconds
+    for count in streams:
+        prompts = [[(i * 31 + j) % vocab for j in range(16)] for i in range(count)]
+        _, seconds = generate(engine, prompts, decode_tokens + 1)
+        result[f"decode_{count}_streams_{label}_tokens_per_s"] = count * decode_tokens / seconds
+    if mode == "auto":
+        result["graphs_captured"] = getattr(engine.runner.decode, "num_graphs", 0)
     return result
 
 
