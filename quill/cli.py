@@ -245,6 +245,8 @@ def _model_options() -> argparse.ArgumentParser:
                               "model's tokenizer; output is unchanged, only faster (default: off)")
     options.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                          help="the most draft tokens per sequence and step (default: %(default)s)")
+    options.add_argument("--enforce-eager", action="store_true",
+                         help="on a GPU, run decode steps eagerly instead of replaying them as CUDA graphs")
     return options
 
 
@@ -453,7 +455,8 @@ def _llm_options(args: argparse.Namespace) -> dict:
     """The model options (`LLM` keyword arguments), here and in each replica of `serve --replicas`."""
     return dict(dtype=args.dtype, device=args.device, dequantize=args.dequantize, max_model_len=args.max_model_len,
                 kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
+                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                decode_graphs="off" if args.enforce_eager else "auto")
 
 
 _REPLICA_OPTIONS = ("threads_per_replica", "gpus_per_replica", "ray_address", "routing", "min_replicas",

@@ -15,6 +15,7 @@ from torch import nn
 
 from quill.config import EngineConfig, ModelConfig
 from quill.engine.detokenizer import IncrementalDetokenizer
+from quill.engine.device_sampler import sample_on_device
 from quill.engine.kv_cache import KVCacheManager, plan_kv_cache
 from quill.engine.limits import EngineLimits
 from quill.engine.request import Request, RequestStatus
@@ -76,7 +77,8 @@ class Engine:
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, model_config, num_blocks=num_blocks, block_size=config.block_size,
-                                  kv_cache_dtype=cache_dtype, device=device)
+                                  kv_cache_dtype=cache_dtype, device=device, decode_graphs=config.decode_graphs,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
         self.speculator: Speculator | None = None if config.speculative is None else build_speculator(
             config, model_config, tokenizer, num_blocks=num_blocks, max_model_len=self.max_model_len, device=device,
             kv_cache_dtype=cache_dtype, row_block=self.runner.row_block)
@@ -112,6 +114,9 @@ class Engine:
             internal_id = request_id if params.n == 1 else f"{request_id}#{index}"
             request = Request(internal_id, prompt_ids, params, self._generator(params, index), prompt_text,
                               group_id=request_id, index=index)
+            if self.runner.device.type != "cpu":  # the device sampler draws there, seeded alike
+                request.device_generator = torch.Generator(self.runner.device).manual_seed(
+                    request.generator.initial_seed())
             if self.tokenizer is not None:
                 self._detokenizers[internal_id] = IncrementalDetokenizer(
                     self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
@@ -188,9 +193,12 @@ class Engine:
         """The tokens (and logprob records) each request commits this step."""
         eos_ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
         if not any(r.draft_token_ids for r in requests):
-            tokens, logprobs = sample(logits, requests, eos_ids)
+            # On the CPU the plain sampler; on a GPU its tensor-op twin, which copies back only the
+            # chosen tokens (and logprobs asked for) instead of the logits.
+            sampler = sample if logits.device.type == "cpu" else sample_on_device
+            tokens, logprobs = sampler(logits, requests, eos_ids)
             return [([t], [lp]) for t, lp in zip(tokens, logprobs)]
-        verdicts = self.speculator.verify(logits, requests, eos_ids)
+        verdicts = self.speculator.verify(logits.cpu(), requests, eos_ids)
         for request, verdict in zip(requests, verdicts):
             if request.draft_token_ids:  # keep the accepted drafts' KV, release the rejected ones'
                 request.num_computed_tokens += verdict.num_accepted
