@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quill.errors import InvalidRequestError
+from quill.model_limits import MODEL_LIMITS, check_model_limits
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+DECODE_GRAPH_MODES = ("auto", "off", "eager")  # EngineConfig.decode_graphs
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class ModelConfig:
     final_logit_softcapping: float | None = None
 
     def __post_init__(self) -> None:
+        check_model_limits({name: getattr(self, name) for name in MODEL_LIMITS})  # before sizing anything
         if not self.layer_types:
             kind = "sliding" if self.sliding_window else "full"
             object.__setattr__(self, "layer_types", (kind,) * self.num_layers)
@@ -92,6 +95,9 @@ class EngineConfig:
     speculative: str | None = None
     num_speculative_tokens: int = 4  # the most draft tokens per sequence and step
     adaptive_speculation: bool = True  # shorten or pause drafting while drafts are rejected
+    # Pure decode steps padded to batch buckets and replayed as CUDA graphs (quill/engine/decode_graphs.py):
+    # "auto" (on CUDA; nothing changes on the CPU), "off" (--enforce-eager), "eager" (padded, never captured).
+    decode_graphs: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -109,5 +115,8 @@ class EngineConfig:
             raise InvalidRequestError("speculative must be None, 'ngram' or a draft model")
         if self.num_speculative_tokens <= 0:
             raise InvalidRequestError(f"num_speculative_tokens must be positive, got {self.num_speculative_tokens}")
+        if self.decode_graphs not in DECODE_GRAPH_MODES:
+            raise InvalidRequestError(f"decode_graphs must be one of {', '.join(DECODE_GRAPH_MODES)}, "
+                                      f"got {self.decode_graphs!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise InvalidRequestError(f"max_model_len must be positive, got {self.max_model_len}")

@@ -18,7 +18,7 @@ QUILL = Path(__file__).resolve().parent.parent / "quill"
 # Bottom first. A module may import from its own layer and the layers below it. Parts are quill's
 # top-level modules and packages; "quill" is the package's own __init__ (the public API).
 LAYERS = [
-    ("errors", "paths", "hardware", "table"),
+    ("errors", "paths", "hardware", "table", "model_limits"),
     ("config", "rope", "sampling_params", "outputs", "cost", "cache"),
     ("weights", "kernels"),  # checkpoint formats and the quantized-weight format; C kernel builds
     ("layers", "tokenizer"),
@@ -27,6 +27,7 @@ LAYERS = [
     ("distributed",),  # tensor parallelism: shards, collectives, the ranks past 0 run the engine's runner
     ("optimize", "llm", "quill"),
     ("server", "bench"),
+    ("deploy",),  # replicas on Ray Serve: the server's app in front of engines in other processes
     ("cli",),
 ]
 

@@ -45,6 +45,28 @@ def test_a_step_travels_to_the_other_ranks_unchanged():
     assert decode(encode(StepBatch())) == StepBatch()
 
 
+class _RecordingChannel:
+    def __init__(self) -> None:
+        self.batches: list[StepBatch] = []
+
+    def open(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype) -> None:
+        self.num_blocks = num_blocks
+
+    def send(self, batch: StepBatch) -> None:
+        self.batches.append(batch)
+
+
+def test_decode_graphs_are_off_with_a_step_channel_so_the_other_ranks_see_every_decode_step(tiny_model_dir):
+    """A padded decode step does not go through `ModelRunner.run`: with a channel it must not be taken."""
+    model, config = load_model(tiny_model_dir("llama"), torch.float32)
+    channel = _RecordingChannel()
+    engine = Engine(model, config, None, EngineConfig(dtype="float32", decode_graphs="eager"), step_channel=channel)
+    assert engine.runner.decode is None
+    run_requests(engine, PROMPTS[:2], GREEDY)
+    decode_steps = [b for b in channel.batches if len(b.token_ids) == 2 and b.single_rows == [0, 1]]
+    assert len(decode_steps) == GREEDY.max_tokens - 1  # the first token of each comes from its prompt's step
+
+
 def test_the_ranks_shares_rebuild_every_weight(tmp_path):
     """Heads, KV heads, MLP width and an odd vocabulary split into parts that, put back together,
     are the whole tensors; a row-parallel bias is added once; quantized groups split whole."""

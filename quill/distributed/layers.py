@@ -44,14 +44,16 @@ class RowParallel(InferenceModule):
 class VocabParallelEmbedding(InferenceModule):
     """Rows `start:start + len(local)` of the table; others look up zeros, summed away."""
 
-    def __init__(self, local: nn.Embedding, start: int) -> None:
+    def __init__(self, local: nn.Module, start: int) -> None:
+        """`local`: an `nn.Embedding`, or a `RowsEmbedding` over the file's blocks."""
         super().__init__()
         self.local, self.start = local, start
+        self.num_rows = local.weight.shape[0]
         self.weight = local.weight  # what readers of `embed_tokens.weight` (a tied head) find
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local_ids = ids - self.start
-        inside = (local_ids >= 0) & (local_ids < self.local.num_embeddings)
+        inside = (local_ids >= 0) & (local_ids < self.num_rows)
         rows = self.local(torch.where(inside, local_ids, 0))
         return all_reduce(torch.where(inside[:, None], rows, 0))
 

@@ -20,9 +20,9 @@ import torch
 
 from quill.config import ModelConfig
 from quill.errors import UnsupportedModelError
-from quill.weights.quantized import QuantizedWeight
+from quill.weights.quantized import GGMLRows, QuantizedWeight
 
-Weight = torch.Tensor | QuantizedWeight
+Weight = torch.Tensor | QuantizedWeight | GGMLRows
 
 _HEADS = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv"}
 _MLP_COLUMNS = ("gate_proj", "up_proj")
@@ -119,6 +119,8 @@ def _rows(weight: Weight, ranges: list[tuple[int, int]]) -> Weight:
     index = torch.cat([torch.arange(a, b) for a, b in ranges])
     if isinstance(weight, QuantizedWeight):
         return weight.select_rows(index)
+    if isinstance(weight, GGMLRows):  # an embedding table in its file's blocks: one row of blocks per token
+        return GGMLRows(weight.blocks.index_select(0, index), weight.qtype, weight.shape[1], weight.dtype)
     return weight.index_select(0, index)
 
 

@@ -22,7 +22,9 @@ from torch import nn
 
 from quill.config import ModelConfig
 from quill.engine.batch import PromptPlan, StepBatch, StepChannel
+from quill.engine.decode_graphs import build_decode_runner
 from quill.engine.request import Request
+from quill.hardware import return_freed_memory_to_os
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
 from quill.layers.linear import prepare_linears_for_cpu
 from quill.layers.matmul import describe_paths
@@ -51,7 +53,8 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, *, num_blocks: int, block_size: int,
-                 kv_cache_dtype: torch.dtype, device: torch.device, channel: StepChannel | None = None) -> None:
+                 kv_cache_dtype: torch.dtype, device: torch.device, decode_graphs: str = "off",
+                 max_num_seqs: int = 1, max_model_len: int = 1, channel: StepChannel | None = None) -> None:
         """`channel`: where rank 0 of a tensor-parallel group sends each step for the other ranks
         (`quill.distributed`); None in a single process."""
         self.model = model
@@ -60,7 +63,16 @@ class ModelRunner:
             channel.open(num_blocks, block_size, kv_cache_dtype)
         self.block_size = block_size
         self.device = device
-        num_slots = num_blocks * block_size
+        # Pure decode steps padded to batch buckets, replayed as CUDA graphs on a GPU (None: as is).
+        # Padding rows write into one more block than the KV-cache manager has (see decode_graphs).
+        # Off with a step channel: a padded step never goes through `run`, so the other ranks
+        # would not see it.
+        if channel is not None:
+            decode_graphs = "off"
+        self.decode = build_decode_runner(decode_graphs, model, has_experts=config.num_experts > 0,
+                                          max_num_seqs=max_num_seqs, max_blocks=-(-max_model_len // block_size),
+                                          block_size=block_size, pad_block=num_blocks, device=device)
+        num_slots = (num_blocks + (self.decode is not None)) * block_size
         attention = [module for module in model.modules() if isinstance(module, PagedAttention)]
         for module in attention:
             module.bind_cache(num_slots, kv_cache_dtype, device)
@@ -70,6 +82,7 @@ class ModelRunner:
         self.prompts_as_rows = device.type == "cpu"
         if device.type == "cpu":
             prepare_linears_for_cpu(model)
+            return_freed_memory_to_os()  # the float weights the packed copies replaced
             log.info(describe_paths(model))
         self._block_offsets = torch.arange(block_size, device=device)
         self.quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
@@ -93,6 +106,10 @@ class ModelRunner:
         """Run one forward pass. Returns the requests to sample for and their logits: one row each,
         or 1 + len(draft_token_ids) consecutive rows for a request verifying drafts."""
         batch, to_sample = self.plan(requests, num_new_tokens)
+        if self.decode is not None and self.decode.takes(num_new_tokens):
+            hidden = self.decode.run(batch.token_ids, batch.positions, batch.slot_mapping, batch.single_tables,
+                                     batch.single_context_lens)
+            return to_sample, self.model.compute_logits(hidden[batch.sample_rows])
         return to_sample, self.run(batch)
 
     def plan(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[StepBatch, list[Request]]:
@@ -122,8 +139,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:
-        """One forward pass over `batch`; float32 logits of its `sample_rows` on the CPU (empty when
-        none). With a step channel (tensor parallelism), the other ranks run the same batch."""
+        """One forward pass over `batch`; float32 logits of its `sample_rows`, on the model's device
+        (empty when none). With a step channel (tensor parallelism), the other ranks run the same batch."""
         if self.channel is not None:
             self.channel.send(batch)
         device = self.device
@@ -140,8 +157,8 @@ class ModelRunner:
                             torch.tensor(batch.positions, device=device), meta)
         if not batch.sample_rows:
             return hidden.new_empty((0, 0))
-        # The sampler works on the CPU: per-request Python logic over a few rows of logits.
-        return self.model.compute_logits(hidden[batch.sample_rows]).cpu()
+        # Logits stay where they were computed: a GPU samples them there (quill.engine.device_sampler).
+        return self.model.compute_logits(hidden[batch.sample_rows])
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits [tokens, vocab] at every position of `token_ids` prefilled alone, as one
@@ -158,4 +175,4 @@ class ModelRunner:
             batch.single_tables = [blocks] * num_tokens
         else:
             batch.prompts = [PromptPlan(0, num_tokens, num_tokens, None)]
-        return self.run(batch)
+        return self.run(batch).cpu()

@@ -23,7 +23,7 @@ async def chat_completion(server: ServerState, request: Request, body: ChatCompl
     messages = [message_dict(m) for m in body.messages]
     record.described(model=server.model.name, stream=bool(body.stream), n=body.n, user=body.user, prompt=messages)
     prompt_ids = await server.prompts.encode_chat(messages, body.add_generation_prompt is not False)
-    params = sampling_params(body, [prompt_ids], server.limits, server.config.max_tokens_cap)
+    params = sampling_params(body, [prompt_ids], server.limits, server.config)
     head = Head(f"chatcmpl-{record.request_id}", server.model.name, int(time.time()), body.include_usage)
     reply = ChatReply(head, server.token_text, params.skip_special_tokens, logprobs=bool(body.logprobs),
                       top_logprobs=body.top_logprobs or 0)

@@ -11,11 +11,12 @@ cost counter, only the cache's own (hits, and the dollars they saved).
 """
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client import disable_created_metrics
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from quill.cost import SELF_HOSTED, CostModel
+from quill.engine.engine import EngineStats
 
 # No `*_created` series next to every counter and histogram (vLLM drops them too). This is a
 # process-wide switch in prometheus-client; nothing else in Quill wants those series.
@@ -41,7 +42,9 @@ def _counter(name: str, doc: str, labels: dict[str, str], value: float) -> Count
 
 
 class _EngineCollector:
-    """Engine-wide gauges and counters, from `AsyncEngine.stats()` at scrape time."""
+    """Engine-wide gauges and counters, from `AsyncEngine.stats()` at scrape time. An engine of
+    several replicas (quill/deploy) has `replica_stats()`: each replica's series then carry a
+    `replica` label, and the measured price is the whole deployment's."""
 
     def __init__(self, engine, model_name: str, costs: CostModel) -> None:
         self.engine = engine
@@ -49,9 +52,24 @@ class _EngineCollector:
         self.costs = costs
 
     def collect(self):
-        stats = self.engine.stats()
-        label = {"model_name": self.model_name}
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for label, stats in self._snapshots():
+            for family in self._families(label, stats):
+                if family.name in families:
+                    families[family.name].samples.extend(family.samples)
+                else:
+                    families[family.name] = family
+        yield from families.values()
+        yield self._prices(self.engine.stats())
 
+    def _snapshots(self) -> list[tuple[dict[str, str], EngineStats]]:
+        label = {"model_name": self.model_name}
+        per_replica = getattr(self.engine, "replica_stats", None)
+        if per_replica is None:
+            return [(label, self.engine.stats())]
+        return [({**label, "replica": replica}, stats) for replica, stats in sorted(per_replica().items())]
+
+    def _families(self, label: dict[str, str], stats):
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return _gauge(name, doc, label, value)
 
@@ -62,6 +80,12 @@ class _EngineCollector:
         yield gauge("quill:num_requests_waiting", "Sequences waiting to be scheduled.", stats.num_waiting)
         yield gauge("quill:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", stats.kv_cache_usage)
         yield gauge("quill:num_kv_blocks", "KV-cache blocks in the engine.", stats.num_kv_blocks)
+        limits = self.engine.limits()
+        yield gauge("quill:kv_cache_memory_bytes", "Memory of the KV cache (within --kv-cache-memory).",
+                    limits.kv_cache_bytes)
+        yield gauge("quill:kv_cache_capacity_tokens", "Tokens the KV cache holds.", limits.kv_capacity_tokens)
+        yield gauge("quill:max_model_len", "The usable context window, in tokens (at most the KV cache).",
+                    limits.max_model_len)
         yield counter("quill:prefix_cache_queries", "Prefix-cache lookups.", stats.prefix_cache_queries)
         yield counter("quill:prefix_cache_hits", "Prefix-cache lookups that hit.", stats.prefix_cache_hits)
         yield counter("quill:num_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions)
@@ -79,7 +103,6 @@ class _EngineCollector:
                       stats.prefill_seconds)
         yield counter("quill:engine_decode_seconds", "Engine step time attributed to output tokens.",
                       stats.decode_seconds)
-        yield self._prices(stats)
 
     def _prices(self, stats) -> GaugeMetricFamily:
         family = GaugeMetricFamily("quill:price_per_1k_tokens_dollars",
@@ -143,10 +166,16 @@ class ServerMetrics:
                                                ["model_name"], buckets=_TOKEN_COUNT_BUCKETS, registry=registry)
         self.request_generation_tokens = Histogram("quill:request_generation_tokens", "Tokens generated per sequence.",
                                                    ["model_name"], buckets=_TOKEN_COUNT_BUCKETS, registry=registry)
+        self.requests_cut = Counter("quill:requests_cut_short",
+                                    "Requests the server ended early, by reason: a stream whose client stopped "
+                                    "reading (idle_timeout, buffer_full), the request deadline, shutdown.",
+                                    ["model_name", "reason"], registry=registry)
         self.cost = Counter("quill:request_cost_dollars",
                             "Cost of the tokens served: self-hosted at the measured price, and at reference API prices.",
                             ["model_name", "price"], registry=registry)
         registry.register(_EngineCollector(engine, model_name, costs))
+        # The server process's resident memory and CPU time (process_resident_memory_bytes, ...).
+        ProcessCollector(registry=registry)
         if response_cache is not None:
             self.cache_saved = Counter("quill:response_cache_saved_dollars",
                                        "Self-hosted cost of computing the answers served from the response cache.",
@@ -176,6 +205,10 @@ class ServerMetrics:
                                  (self.e2e_latency, metrics.e2e_latency)):
             if value is not None:
                 histogram.labels(name).observe(max(0.0, value))
+
+    def observe_cut(self, reason: str) -> None:
+        """A request the server ended early (see `requests_cut`)."""
+        self.requests_cut.labels(self.model_name, reason).inc()
 
     def observe_cost(self, cost: dict) -> None:
         """Add one request's cost (`CostModel.charge`) to the cumulative counters."""

@@ -56,8 +56,9 @@ async def _tokenize(size: int, function, *args):
         return function(*args)
     except QuillError:
         raise
-    except (TypeError, ValueError, UnicodeError) as exc:  # e.g. lone surrogates the tokenizer cannot take
-        raise APIError(400, f"The text could not be tokenized (is it valid Unicode?): {exc}") from None
+    except (TypeError, ValueError, UnicodeError):  # the protocol refuses invalid Unicode; this is the backstop
+        # The tokenizer's own message names its internals ("TextInputSequence must be str"): not the client's business.
+        raise APIError(400, "The text could not be tokenized: is it valid Unicode?", code="invalid_value") from None
 
 
 def prompt_list(prompt) -> list[str | list[int]]:
@@ -78,4 +79,7 @@ def message_dict(message: ChatMessage) -> dict:
     result = {"role": role, "content": content}
     if message.name is not None:
         result["name"] = message.name
+    if message.tool_call_id is not None:
+        result["tool_call_id"] = message.tool_call_id
+    # message.tool_calls is refused by the protocol until tool calls are rendered here (ChatCompletionRequest).
     return result

@@ -6,15 +6,17 @@ raised as typed errors that name the field. The sampling rules (ranges, stop str
 are `SamplingParams`': a field named like a `SamplingParams` field is handed to it unchanged
 (`quill/server/sampling.py`), and the schema publishes its `BOUNDS`. Each request model also says
 what the endpoint calls the engine's fields (`field_names`), so an error keeps the client's names.
-Unknown fields are ignored, as OpenAI does. The response models document the API (they feed
-`/openapi.json`); the routes build plain dicts of the same shape, which is cheaper than
-validating every streamed chunk.
+Types are strict (`true` is not an integer, `"yes"` is not a boolean) and every string must be
+valid Unicode (no lone surrogates). Unknown fields are ignored, as OpenAI does; known ones Quill
+cannot honour yet (tool calling, non-text content) are refused by name. The response models
+document the API (they feed `/openapi.json`); the routes build plain dicts of the same shape, which
+is cheaper than validating every streamed chunk.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quill.errors import InvalidRequestError
 from quill.sampling_params import BOUNDS
@@ -29,8 +31,21 @@ def bounded(name: str, **field) -> Any:
     return Field(**field, json_schema_extra=schema)
 
 
+def _valid_unicode(text: str) -> str:
+    """JSON may escape a lone surrogate (\\ud800); no tokenizer, log or client can take one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"The text has a lone surrogate (U+{ord(text[exc.start]):04X}) at character "
+                                  f"{exc.start}, which is not valid Unicode.", code="invalid_value") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # every string a request carries
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Request):
@@ -40,18 +55,20 @@ class StreamOptions(_Request):
 class SamplingFields(_Request):
     """Parameters shared by chat and text completions (OpenAI's, then Quill's extensions)."""
 
-    model: str | None = Field(default=None, description="the served model name; defaults to the only model")
-    max_tokens: int | None = bounded("max_tokens", default=None, description="defaults to the rest of the context window")
+    model: Text | None = Field(default=None, description="the served model name; defaults to the only model")
+    max_tokens: int | None = bounded("max_tokens", default=None,
+                                     description="defaults to the server's default_max_tokens (see /v1/models), "
+                                                 "at most the rest of the context window")
     # OpenAI's API stops at 2 (SamplingParams allows up to 100 for the Python API).
     temperature: float | None = bounded("temperature", default=None, le=2.0)
     top_p: float | None = bounded("top_p", default=None)
     n: int = bounded("n", default=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = bounded("seed", default=None)
     presence_penalty: float | None = bounded("presence_penalty", default=None)
     frequency_penalty: float | None = bounded("frequency_penalty", default=None)
     logit_bias: dict[str, float] | None = Field(default=None, description="token id (as a string) -> bias in [-100, 100]")
-    user: str | None = None
+    user: Text | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # Extensions (vLLM's names).
@@ -95,13 +112,29 @@ class SamplingFields(_Request):
 
 class TextContentPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: Text | list[TextContentPart] | None = None
+    name: Text | None = None
+    tool_calls: list[dict] | None = None  # refused while tool calling is not supported (ChatCompletionRequest)
+    tool_call_id: Text | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):
+        """A part that is not text is refused by its kind (the union's own error would list every
+        shape it tried: "Input should be a valid string (and 2 more problems)")."""
+        if isinstance(content, list):
+            for index, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    what = "images are" if "image" in kind else f"content parts of type {kind[:40]!r} are"
+                    raise InvalidRequestError(f"Part {index} is {kind[:40]!r}: {what} not supported by this model. "
+                                              "Send text parts only.", code="unsupported_value")
+        return content
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -110,11 +143,33 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = bounded("logprobs", default=None)
     add_generation_prompt: bool | None = True
+    tools: list[dict] | None = None
+    tool_choice: Text | dict | None = None
+    functions: list[dict] | None = None  # the deprecated names of tools and tool_choice
+    function_call: Text | dict | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        return self
+
+    # Tool calling is not supported yet. Everything about it is refused here, the one place to
+    # change when tool calls are rendered through the chat template (prompts.message_dict): offered
+    # tools, and the tool calls of past assistant messages (dropping them without a word would make
+    # the answer depend on a history the model never saw). `tool_choice: "none"` asks for no tool,
+    # which is what happens.
+    @model_validator(mode="after")
+    def _no_tool_calling_yet(self):
+        for index, message in enumerate(self.messages):
+            if message.tool_calls:
+                raise InvalidRequestError("Tool calls in history are not supported yet.",
+                                          param=f"messages[{index}].tool_calls", code="unsupported_parameter")
+        for name in ("tools", "functions", "tool_choice", "function_call"):
+            value = getattr(self, name)
+            if value and value != "none":
+                raise InvalidRequestError(f"Tool calling is not supported yet: '{name}' cannot be honoured.",
+                                          param=name, code="unsupported_parameter")
         return self
 
     @property
@@ -132,9 +187,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 PromptInput = Union[
-    str,
+    Text,
     Annotated[list[int], Field(min_length=1)],
-    Annotated[list[str], Field(min_length=1)],
+    Annotated[list[Text], Field(min_length=1)],
     Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)],
 ]
 
@@ -149,8 +204,8 @@ class CompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -163,7 +218,7 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 
@@ -291,6 +346,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "quill"
     max_model_len: int | None = None
+    default_max_tokens: int | None = Field(default=None, description="max_tokens of a request that sets none "
+                                                                     "(at most the room its prompt leaves)")
 
 
 class ModelList(BaseModel):

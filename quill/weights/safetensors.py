@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
+from quill.model_limits import check_model_limits
 from quill.weights.checkpoint import Checkpoint
 from quill.weights.family import Families, hf_rope
 from quill.weights.layout import check_tensors
@@ -68,6 +69,7 @@ def config_from_hf(raw: dict[str, Any], families: Families) -> ModelConfig:
     if cfg.get("mlp_bias"):  # the checkpoint would hold biases that no family's tensors include
         raise UnsupportedModelError("MLP biases (mlp_bias) are not supported")
     layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
+    check_model_limits({"num_layers": layers})  # before a list per layer is built
     rope_theta, rope_scaling = hf_rope(cfg)
     window = family.hf_sliding_window(cfg)
     if cfg.get("layer_types"):
