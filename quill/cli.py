@@ -596,7 +596,7 @@ def _add_prune_distill_commands(commands) -> None:
         description="Structured pruning ranked by activations on a calibration text (default: the dev split of "
         "Quill's corpus): MLP channels, query heads (the same number from each grouped-query group), whole layers "
         "(those that change their input least), and the LM head's vocabulary (the tokens the text uses most, and "
-        "every special token; generation is then restricted to them, and only Quill loads the result). "
+        "the tokens generation needs; generation is then restricted to them, and only Quill loads the result). "
         "--sparsity and --two-four zero weights instead: quality baselines, no faster on a CPU. Writes a Hugging "
         "Face directory, or a float32 GGUF file when OUT ends in .gguf; both carry the tokenizer. Distil "
         "afterwards (`quill distill`) to recover quality.")
@@ -645,6 +645,7 @@ def _add_prune_distill_commands(commands) -> None:
         value = defaults[flag.replace("-", "_")]
         distill.add_argument(f"--{flag}", type=kind, default=value, metavar="X", help=f"{text} (default: {value})")
     distill.add_argument("--no-bf16", action="store_true", help="compute the forward pass in float32")
+    distill.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
     distill.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     distill.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     distill.set_defaults(func=_cmd_distill)
@@ -681,7 +682,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     from quill.optimize.distill import distill
     from quill.optimize.distill_options import DistillOptions
 
-    names = _distill_defaults().keys() - {"bf16", "warmup", "teacher_dtype"}
+    names = _distill_defaults().keys() - {"bf16", "warmup", "teacher_dtype"}  # device: its own flag above
     options = DistillOptions(bf16=not args.no_bf16, **{name: getattr(args, name) for name in names})
     summary = distill(args.teacher, args.student, args.output, options, data=args.data, generate=args.generate,
                       resume=args.resume, progress=not args.quiet)

@@ -133,3 +133,17 @@ def test_jsonl_data_is_read_by_record(tmp_path):
     path.write_text('{"other": 1}\n')
     with pytest.raises(Exception, match="d.jsonl:1"):
         read_texts(path)
+
+
+def test_distill_command_trains_on_a_text_file(tiny_model_with_tokenizer, tmp_path, capsys):
+    from quill.cli import main
+
+    teacher = tiny_model_with_tokenizer("llama", "bpe")
+    data = tmp_path / "data.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    out = tmp_path / "student"
+    assert main(["distill", "--teacher", str(teacher), "--student", str(teacher), "-o", str(out), "--data", str(data),
+                 "--seq-len", "32", "--batch-size", "2", "--max-tokens", "128", "--top-k", "8", "-q"]) == 0
+    assert "2/2 steps" in capsys.readouterr().out
+    assert (out / "teacher-topk.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert load_checkpoint(out).config == load_checkpoint(teacher).config

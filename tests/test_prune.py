@@ -192,3 +192,27 @@ def test_build_model_of_a_pruned_config_runs(tiny_model_dir):
     config, tensors, _, _ = prune(checkpoint, PruneOptions(heads_keep=0.5, mlp_width=96), CALIBRATION)
     model = build_model(config, tensors)
     assert model.layers[0].self_attn.num_heads == 2 and model.layers[0].mlp.intermediate_size == 96
+
+
+def test_prune_command_writes_a_model_that_loads_with_its_tokenizer(tiny_model_with_tokenizer, tmp_path, capsys):
+    from quill.cli import main
+    from quill.tokenizer import load_tokenizer
+
+    source = tiny_model_with_tokenizer("llama", "bpe")
+    for out in (tmp_path / "pruned", tmp_path / "pruned.gguf"):
+        assert main(["prune", str(source), "-o", str(out), "--mlp-width", "64", "--drop-layers", "1",
+                     "--calibration-tokens", "200", "-q"]) == 0
+        config = load_checkpoint(out).config
+        assert (config.intermediate_size, config.num_layers) == (64, 2)
+        text = "The pruned model reads text as the source does."
+        assert load_tokenizer(out).encode(text) == load_tokenizer(source).encode(text)
+    assert "parameters:" in capsys.readouterr().out
+
+
+def test_prune_command_reports_bad_options(tiny_model_with_tokenizer, tmp_path, capsys):
+    from quill.cli import main
+
+    assert main(["prune", str(tiny_model_with_tokenizer("llama", "bpe")), "-o", str(tmp_path / "x"),
+                 "--mlp-keep", "0"]) == 2
+    assert "--mlp-keep must be a fraction" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -117,6 +117,6 @@ def measure(model: nn.Module, config: ModelConfig, token_ids: list[int], *, prog
     return result
 
 
-def calibration_tokens(tokenizer: Tokenizer, path: str | Path | None, max_tokens: int) -> list[int]:
-    """The first `max_tokens` tokens of the calibration text (the shipped corpus's dev split by default)."""
+def calibration_tokens(tokenizer: Tokenizer, path: str | Path | None, max_tokens: int | None) -> list[int]:
+    """The first `max_tokens` tokens (all: None) of the calibration text (the shipped corpus's dev split by default)."""
     return tokenize_corpus(tokenizer, path or corpus_path("dev"), max_tokens)

@@ -103,6 +103,8 @@ def train(model: torch.nn.Module, targets: TeacherTargets, options: DistillOptio
     """Distil into `model` (a transformers causal LM, float32) in place; see the module docstring.
     `should_stop(step)` is asked after every step (the minutes budget is one)."""
     torch.manual_seed(options.seed)
+    device = _training_device(options.device)
+    model.to(device)
     num_sequences = len(targets.tokens)
     steps = total_steps(options, num_sequences)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
@@ -121,11 +123,11 @@ def train(model: torch.nn.Module, targets: TeacherTargets, options: DistillOptio
         loss_sum = 0.0
         for micro in range(options.grad_accum):
             rows = torch.tensor(picks[micro * options.batch_size:(micro + 1) * options.batch_size])
-            tokens = targets.tokens[rows]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=options.bf16):
+            tokens = targets.tokens[rows].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.bf16):
                 logits = model(tokens).logits
-            loss = distillation_loss(logits, targets.top_logits[rows], targets.top_ids[rows], tokens,
-                                     options.temperature, options.ce_weight) / options.grad_accum
+            loss = distillation_loss(logits, targets.top_logits[rows].to(device), targets.top_ids[rows].to(device),
+                                     tokens, options.temperature, options.ce_weight) / options.grad_accum
             loss.backward()
             loss_sum += float(loss.detach())
         optimizer.step()
@@ -149,11 +151,12 @@ def train(model: torch.nn.Module, targets: TeacherTargets, options: DistillOptio
 def _save_checkpoint(directory: Path, model, optimizer, options: DistillOptions, state: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     names = {id(p): name for name, p in model.named_parameters()}  # tied weights appear once
-    save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, str(directory / "weights.partial"))
+    save_file({name: p.detach().cpu().contiguous() for name, p in model.named_parameters()},
+              str(directory / "weights.partial"))
     moments = {}
     for p, values in optimizer.state.items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
-            moments[f"{names[id(p)]}:{key}"] = values[key].detach().reshape(values[key].shape).contiguous()
+            moments[f"{names[id(p)]}:{key}"] = values[key].detach().cpu().contiguous()
     save_file(moments, str(directory / "optimizer.partial"))
     (directory / "state.partial").write_text(json.dumps(state | {"options": options.curve_settings()}))
     for name, suffix in (("weights", "safetensors"), ("optimizer", "safetensors"), ("state", "json")):
@@ -174,8 +177,17 @@ def _load_checkpoint(directory: Path, model, optimizer, options: DistillOptions)
     model.load_state_dict(weights, strict=False)
     for name, p in model.named_parameters():
         if f"{name}:step" in moments:
-            optimizer.state[p] = {key: moments[f"{name}:{key}"] for key in ("exp_avg", "exp_avg_sq", "step")}
+            optimizer.state[p] = {key: moments[f"{name}:{key}"].to(p.device if key != "step" else "cpu")
+                                  for key in ("exp_avg", "exp_avg_sq", "step")}
     return state
+
+
+def _training_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise DistillError(f"--device must be cpu, cuda, cuda:N or auto, got {name!r}")
+    return torch.device(name)
 
 
 def check_same_tokenizer(teacher: Path, student: Path, teacher_config: ModelConfig, student_config: ModelConfig) -> None:
@@ -233,7 +245,7 @@ def distill(teacher: str | Path, student: str | Path, output: str | Path, option
     else:
         stop = should_stop
     summary = train(model, targets, options, output / "checkpoint", resume=resume, should_stop=stop, progress=progress)
-    tensors = {name: p.detach() for name, p in model.state_dict().items()}
+    tensors = {name: p.detach().cpu() for name, p in model.state_dict().items()}
     save_hf_directory(output, student_config, tensors, student_path)
     summary.output = output
     (output / "distill.json").write_text(json.dumps({"teacher": str(teacher_path), "student": str(student_path),

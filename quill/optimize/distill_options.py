@@ -28,6 +28,7 @@ class DistillOptions:
     bf16: bool = True  # bfloat16 autocast for the forward pass (master weights stay float32)
     checkpoint_every: int = 50
     teacher_dtype: str = "bfloat16"
+    device: str = "auto"  # where the student trains: cpu, cuda, cuda:N, or auto (CUDA when present)
 
     def check(self) -> None:
         rules = {"temperature": self.temperature > 0, "top_k": self.top_k >= 1, "ce_weight": 0 <= self.ce_weight <= 1,
@@ -47,4 +48,4 @@ class DistillOptions:
 
     def curve_settings(self) -> dict:
         """What determines the loss curve: a resumed run must share it."""
-        return {k: v for k, v in asdict(self).items() if k != "max_minutes"}
+        return {k: v for k, v in asdict(self).items() if k not in ("max_minutes", "device")}

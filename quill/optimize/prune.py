@@ -10,7 +10,7 @@ What goes, per decoder layer, ranked by the statistics of `calibrate.py` (as in 
 - whole layers (`drop_layers`): those whose output is most like their input (1 - cosine);
 - the output vocabulary (`trim_vocab`): the LM head keeps the rows of the tokens the calibration
   text uses most (ties: the lower id, which in a BPE vocabulary is the earlier, commoner merge)
-  and every special token; the input embedding stays whole. The result records the kept ids in
+  and the tokens generation needs (BOS, stop tokens, the chat template's); the input embedding stays whole. The result records the kept ids in
   its config (`ModelConfig.output_token_ids`) and its logits are -inf elsewhere, so the model
   never generates a trimmed token, and picks what the full model picks whenever that is kept.
 Nothing is retrained here: distillation (`distill.py`) recovers what pruning cost.
@@ -36,7 +36,7 @@ from quill.models.registry import FAMILIES
 from quill.optimize.calibrate import DEFAULT_CALIBRATION_TOKENS, Activations, calibration_tokens, measure
 from quill.optimize.gguf_tokenizer import checkpoint_tokenizer
 from quill.optimize.hf_export import save_hf_directory
-from quill.tokenizer import load_tokenizer
+from quill.tokenizer import Tokenizer, load_tokenizer
 from quill.weights.checkpoint import Checkpoint
 from quill.weights.gguf_export import write_gguf
 from quill.weights.hub import resolve_model
@@ -175,7 +175,7 @@ def plan_pruning(config: ModelConfig, activations: Activations, token_ids: list[
 
 
 def trimmed_vocabulary(token_ids: list[int], vocab_size: int, keep: int, special_ids: frozenset[int]) -> list[int]:
-    """The `keep` output tokens to keep: every special token, then the most used (ties: lower id)."""
+    """The `keep` output tokens to keep: each of `special_ids`, then the most used (ties: lower id)."""
     special = sorted(i for i in special_ids if i < vocab_size)
     if len(special) > keep:
         raise PruneError(f"--trim-vocab {keep} cannot hold the model's {len(special)} special tokens")
@@ -264,14 +264,14 @@ def count_parameters(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> i
 
 def prune(checkpoint: Checkpoint, options: PruneOptions, token_ids: list[int],
           special_ids: frozenset[int] = frozenset(), *, progress: bool = False) -> tuple[ModelConfig, dict, PrunePlan, int]:
-    """Prune a float checkpoint, ranking by its activations on `token_ids` (the calibration text).
-    Returns the new config and tensors, the plan, and how many weights the baselines zeroed."""
+    """Prune a float checkpoint, ranking by its activations on the first `calibration_tokens` of
+    `token_ids` (the calibration text) and the output vocabulary by all of them. Returns the new config and tensors, the plan, and how many weights the baselines zeroed."""
     config = checkpoint.config
     check_options(options, config)
     activations = None
     if options.is_structured or ((options.sparsity or options.two_four) and options.sparsity_method == "wanda"):
-        activations = measure(build_model(config, checkpoint.tensors, torch.float32), config, token_ids,
-                              progress=progress)
+        activations = measure(build_model(config, checkpoint.tensors, torch.float32), config,
+                              token_ids[:options.calibration_tokens], progress=progress)
     plan = plan_pruning(config, activations, token_ids, options, special_ids) if activations else \
         PrunePlan(list(range(config.num_layers)))
     tensors, zeroed = sparsify(checkpoint.tensors, config, activations, options)
@@ -290,9 +290,8 @@ def prune_checkpoint(source: str | Path, output: str | Path, options: PruneOptio
     checkpoint = load_checkpoint(path, torch.float32)
     check_options(options, checkpoint.config)
     tokenizer = load_tokenizer(path)
-    token_ids = calibration_tokens(tokenizer, calibration, options.calibration_tokens)
-    special = tokenizer.special_token_ids | tokenizer.eos_token_ids | {i for i in [tokenizer.bos_token_id] if i is not None}
-    config, tensors, plan, zeroed = prune(checkpoint, options, token_ids, frozenset(special), progress=progress)
+    token_ids = calibration_tokens(tokenizer, calibration, None)  # counting tokens is cheap: all of them
+    config, tensors, plan, zeroed = prune(checkpoint, options, token_ids, generation_tokens(tokenizer), progress=progress)
     save_checkpoint(output, config, tensors, checkpoint)
     if output.is_dir():
         record = {"source": str(path), "options": asdict(options), "calibration": str(calibration or "dev split"),
@@ -300,6 +299,15 @@ def prune_checkpoint(source: str | Path, output: str | Path, options: PruneOptio
         (output / "quill_prune.json").write_text(json.dumps(record, indent=1) + "\n")
     return PruneSummary(path, output, count_parameters(checkpoint.config, checkpoint.tensors),
                         count_parameters(config, tensors), config, plan, zeroed)
+
+
+def generation_tokens(tokenizer: Tokenizer) -> frozenset[int]:
+    """Tokens a trimmed vocabulary must keep whatever the text: BOS, the stop tokens, and the
+    special tokens the chat template writes (not every special token: Gemma 3 has thousands unused)."""
+    template = tokenizer.chat_template or ""
+    used = {i for i, token in tokenizer.backend.get_added_tokens_decoder().items()
+            if token.special and token.content and token.content in template}
+    return frozenset(used | tokenizer.eos_token_ids | ({tokenizer.bos_token_id} - {None}))
 
 
 def save_checkpoint(output: Path, config: ModelConfig, tensors: dict, source: Checkpoint) -> None:
