@@ -12,7 +12,13 @@ each of the three quantized by `quill quantize --type TYPE` (made once into --wo
 Columns: parameters; file size; resident memory added by loading (each row in its own process,
 64 MiB KV cache); prefill rate of a 512-token prompt and single-stream greedy decode rate (best of
 --repeats); perplexity on Quill's held-out corpus; mean KL divergence from the teacher float
-model's next-token distribution to the row's, per scored token; greedy agreement with the teacher.
+model's next-token distribution to the row's, per scored token; greedy agreement with the teacher;
+and the share of positions whose next token the row can produce at all (below 100% only with a
+trimmed vocabulary, whose perplexity and KL are then over what it can produce; see `_worker`).
+
+    python -m quill.cli prune gemma3 -o /tmp/quill-compression/gemma3-trimmed.gguf --trim-vocab 32768
+    python benchmarks/compression.py --teacher gemma3 --pruned /tmp/quill-compression/gemma3-trimmed.gguf
+
 The teacher runs in float32 as the reference for KL and agreement; every row computes in --dtype.
 Results go to benchmarks/results/compression.json.
 """
@@ -123,20 +129,27 @@ def _worker(job: dict) -> int:
     reference = load_scoring_model(job["teacher"], "float32")
     ours = scoring_runner(llm.engine.runner.model, config, min(job["window"], len(tokens)))
     theirs = scoring_runner(reference.model, reference.config, min(job["window"], len(tokens)))
-    targets, nll, kl, agree, scored = torch.tensor(tokens), 0.0, 0.0, 0, 0
+    targets, nll, kl, agree, scored, covered = torch.tensor(tokens), 0.0, 0.0, 0, 0, 0
+    # A trimmed output vocabulary cannot produce some tokens: perplexity is over the positions whose
+    # next token it can produce (their share is the "covered" column), and KL is from the teacher's
+    # distribution restricted to the kept tokens (renormalised). Untrimmed, both are the usual ones.
+    kept = torch.zeros(config.vocab_size, dtype=torch.bool)
+    kept[list(config.output_token_ids) or slice(None)] = True
     for start, end, first in windows(len(tokens), job["window"]):
         rows = slice(first - start - 1, end - start - 1)
         log_q = torch.log_softmax(ours.prompt_logits(tokens[start:end])[rows].float(), -1)
-        log_p = torch.log_softmax(theirs.prompt_logits(tokens[start:end])[rows].float(), -1)
-        nll -= float(log_q.gather(1, targets[first:end, None]).sum())
-        # -inf for tokens a trimmed vocabulary cannot produce: they add +inf where the teacher gives them mass.
-        kl += float((log_p.exp() * (log_p - log_q)).nan_to_num(nan=0.0).sum())
-        agree += int((log_q.argmax(-1) == log_p.argmax(-1)).sum())
+        teacher = theirs.prompt_logits(tokens[start:end])[rows].float()
+        log_p = torch.log_softmax(teacher.masked_fill(~kept, float("-inf")), -1)
+        target = targets[first:end]
+        nll -= float(log_q.gather(1, target[:, None])[kept[target]].sum())
+        kl += float((log_p.exp() * (log_p - log_q)).nan_to_num(nan=0.0).sum())  # 0 * -inf terms are 0
+        agree += int((log_q.argmax(-1) == teacher.argmax(-1)).sum())
         scored += end - first
+        covered += int(kept[target].sum())
     result = {"parameters": parameters, "file_mb": _size(Path(job["path"])) / 2**20, "rss_mb": loaded_rss,
               "prefill_tokens_per_s": max(PROMPT_TOKENS / m.ttft for m in runs),
               "decode_tokens_per_s": max((job["decode_tokens"] - 1) / (m.e2e_latency - m.ttft) for m in runs),
-              "tokens_scored": scored, "perplexity": float(torch.tensor(nll / scored).exp()),
+              "tokens_scored": scored, "covered": covered / scored, "perplexity": float(torch.tensor(nll / covered).exp()),
               "kl_to_teacher": kl / scored, "greedy_agreement": agree / scored}
     Path(job["result"]).write_text(json.dumps(result))
     return 0
@@ -150,10 +163,10 @@ def _print_table(rows: list[dict]) -> None:
     from quill.table import format_table
 
     print(format_table(["variant", "params (M)", "file MiB", "RSS MiB", "prefill tok/s", "decode tok/s", "perplexity",
-                        "KL to teacher", "greedy agreement"],
+                        "KL to teacher", "greedy agreement", "covered"],
                        [[r["variant"], f"{r['parameters'] / 1e6:.1f}", f"{r['file_mb']:.1f}", f"{r['rss_mb']:.0f}",
                          f"{r['prefill_tokens_per_s']:.0f}", f"{r['decode_tokens_per_s']:.1f}", f"{r['perplexity']:.3f}",
-                         f"{r['kl_to_teacher']:.4f}", f"{r['greedy_agreement']:.1%}"] for r in rows], numeric=True))
+                         f"{r['kl_to_teacher']:.4f}", f"{r['greedy_agreement']:.1%}", f"{r['covered']:.1%}"] for r in rows], numeric=True))
 
 
 if __name__ == "__main__":

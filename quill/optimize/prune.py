@@ -49,6 +49,10 @@ _LINEARS = {  # HF projection -> the Quill module whose input it reads (where Wa
 }
 
 
+# Families whose checkpoints keep q/k/v and gate/up apart (Phi-3 fuses them; Qwen3-MoE has experts).
+_WIDTH_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3"})
+
+
 class PruneError(QuillError):
     """A pruning the user asked for cannot be done (bad option, unsupported model)."""
 
@@ -128,10 +132,6 @@ def check_options(options: PruneOptions, config: ModelConfig) -> None:
         if width % options.multiple:
             raise PruneError(f"--heads-keep {options.heads_keep} leaves query heads {width} wide, not a multiple "
                              f"of {options.multiple} (quantized formats store rows in blocks of {options.multiple})")
-
-
-# Families whose checkpoints keep q/k/v and gate/up apart (Phi-3 fuses them; Qwen3-MoE has experts).
-_WIDTH_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3"})
 
 
 def mlp_width(options: PruneOptions, config: ModelConfig) -> int:
