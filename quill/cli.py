@@ -622,8 +622,8 @@ def _add_prune_distill_commands(commands) -> None:
     distill = commands.add_parser(
         "distill", help="train a student model to imitate a teacher",
         description="Knowledge distillation: the student learns the teacher's next-token distributions (KL at "
-        "--temperature over the teacher's top-k tokens, computed once and cached in OUT), optionally mixed with "
-        "the next-token loss. AdamW, bfloat16 autocast over float32 weights, a cosine schedule; checkpoints in "
+        "--temperature over the teacher's top-k tokens, computed once and cached in OUT/checkpoint), optionally "
+        "mixed with the next-token loss. AdamW, bfloat16 autocast over float32 weights, a cosine schedule; checkpoints in "
         "OUT/checkpoint (--resume continues them), the loss curve in OUT/loss.png. The student (usually a "
         "`quill prune`d teacher) must share the teacher's tokenizer; OUT is a Hugging Face directory that Quill "
         "runs, `quill quantize` converts and `--speculative` uses as a draft model. Needs transformers (quill[train]).")

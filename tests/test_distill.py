@@ -145,5 +145,5 @@ def test_distill_command_trains_on_a_text_file(tiny_model_with_tokenizer, tmp_pa
     assert main(["distill", "--teacher", str(teacher), "--student", str(teacher), "-o", str(out), "--data", str(data),
                  "--seq-len", "32", "--batch-size", "2", "--max-tokens", "128", "--top-k", "8", "-q"]) == 0
     assert "2/2 steps" in capsys.readouterr().out
-    assert (out / "teacher-topk.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "checkpoint" / "teacher-topk.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert load_checkpoint(out).config == load_checkpoint(teacher).config

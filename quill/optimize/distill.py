@@ -226,7 +226,8 @@ def distill(teacher: str | Path, student: str | Path, output: str | Path, option
             cache: str | Path | None = None, resume: bool = False, progress: bool = True,
             should_stop: Callable[[int], bool] | None = None) -> DistillSummary:
     """`quill distill`: train `student` on `teacher`'s distributions and save it as a Hugging Face
-    directory `output` (checkpoints in output/checkpoint, the loss curve in output/loss.png).
+    directory `output` (checkpoints and the teacher's cached logits in output/checkpoint, the loss
+    curve in output/loss.png).
     Data: `token_sequences` [n, seq_len] if given, else `data` (see `distill_data.read_texts`),
     else the shipped dev split; with `generate`, that many teacher continuations of its prompts."""
     options.check()
@@ -236,8 +237,9 @@ def distill(teacher: str | Path, student: str | Path, output: str | Path, option
     check_same_tokenizer(teacher_path, student_path, teacher_config, student_config)
     if token_sequences is None:
         token_sequences = _training_sequences(teacher_path, options, data, generate)
-    targets = teacher_targets(teacher_path, token_sequences, options.top_k, Path(cache or output / "teacher-topk.safetensors"),
-                              dtype=options.teacher_dtype, progress=progress)
+    cache = Path(cache or output / "checkpoint" / "teacher-topk.safetensors")
+    targets = teacher_targets(teacher_path, token_sequences, options.top_k, cache, dtype=options.teacher_dtype,
+                              progress=progress)
     if options.max_minutes:
         deadline = time.monotonic() + options.max_minutes * 60
         budget = lambda step: time.monotonic() > deadline  # noqa: E731

@@ -10,7 +10,8 @@ What goes, per decoder layer, ranked by the statistics of `calibrate.py` (as in 
 - whole layers (`drop_layers`): those whose output is most like their input (1 - cosine);
 - the output vocabulary (`trim_vocab`): the LM head keeps the rows of the tokens the calibration
   text uses most (ties: the lower id, which in a BPE vocabulary is the earlier, commoner merge)
-  and the tokens generation needs (BOS, stop tokens, the chat template's); the input embedding stays whole. The result records the kept ids in
+  and the tokens generation needs (BOS, stop tokens, the chat template's); the input embedding
+  stays whole. The result records the kept ids in
   its config (`ModelConfig.output_token_ids`) and its logits are -inf elsewhere, so the model
   never generates a trimmed token, and picks what the full model picks whenever that is kept.
 Nothing is retrained here: distillation (`distill.py`) recovers what pruning cost.
@@ -259,13 +260,16 @@ def _two_four_mask(score: torch.Tensor) -> torch.Tensor:
 
 def count_parameters(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> int:
     """Parameters the model holds (a tied head counted once)."""
-    return sum(t.numel() for name, t in tensors.items() if not (config.tie_word_embeddings and name == "lm_head.weight"))
+    tied = config.tie_word_embeddings
+    return sum(t.numel() for name, t in tensors.items() if not (tied and name == "lm_head.weight"))
 
 
 def prune(checkpoint: Checkpoint, options: PruneOptions, token_ids: list[int],
-          special_ids: frozenset[int] = frozenset(), *, progress: bool = False) -> tuple[ModelConfig, dict, PrunePlan, int]:
+          special_ids: frozenset[int] = frozenset(), *,
+          progress: bool = False) -> tuple[ModelConfig, dict, PrunePlan, int]:
     """Prune a float checkpoint, ranking by its activations on the first `calibration_tokens` of
-    `token_ids` (the calibration text) and the output vocabulary by all of them. Returns the new config and tensors, the plan, and how many weights the baselines zeroed."""
+    `token_ids` (the calibration text) and the output vocabulary by all of them. Returns the new
+    config and tensors, the plan, and how many weights the baselines zeroed."""
     config = checkpoint.config
     check_options(options, config)
     activations = None
