@@ -11,9 +11,9 @@ What goes, per decoder layer, ranked by the statistics of `calibrate.py` (as in 
 - the output vocabulary (`trim_vocab`): the LM head keeps the rows of the tokens the calibration
   text uses most (ties: the lower id, which in a BPE vocabulary is the earlier, commoner merge)
   and the tokens generation needs (BOS, stop tokens, the chat template's); the input embedding
-  stays whole. The result records the kept ids in
-  its config (`ModelConfig.output_token_ids`) and its logits are -inf elsewhere, so the model
-  never generates a trimmed token, and picks what the full model picks whenever that is kept.
+  stays whole. The result records the kept ids in its config (`ModelConfig.output_token_ids`)
+  and its logits are -inf elsewhere, so the model never generates a trimmed token, and picks
+  what the full model picks whenever that is kept.
 Nothing is retrained here: distillation (`distill.py`) recovers what pruning cost.
 
 Unstructured magnitude or Wanda (|W| * ||X_j||) sparsity and 2:4 masks zero weights in place and
