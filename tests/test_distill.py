@@ -147,3 +147,18 @@ def test_distill_command_trains_on_a_text_file(tiny_model_with_tokenizer, tmp_pa
     assert "2/2 steps" in capsys.readouterr().out
     assert (out / "checkpoint" / "teacher-topk.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert load_checkpoint(out).config == load_checkpoint(teacher).config
+
+
+def test_generate_trains_on_the_teachers_own_continuations_of_data_prompts(tiny_model_with_tokenizer, tmp_path):
+    from quill.optimize.distill import _training_sequences
+    from quill.tokenizer import load_tokenizer
+
+    teacher = tiny_model_with_tokenizer("llama", "bpe")
+    data = tmp_path / "data.txt"
+    data.write_text("A small river runs past the old mill and into the sea. " * 40)
+    options = DistillOptions(seq_len=48, seed=7)
+    first = _training_sequences(teacher, options, data, generate=3)
+    assert torch.equal(first, _training_sequences(teacher, options, data, generate=3))  # seeded
+    stream = load_tokenizer(teacher).encode(data.read_text())
+    assert first[0, :32].tolist() == stream[:32]  # the first prompt, then what the teacher wrote
+    assert first[0, 32:].tolist() != stream[32:48]
