@@ -72,8 +72,10 @@ class PruneOptions:
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS
 
     @property
-    def is_structured(self) -> bool:
-        return bool(self.mlp_keep or self.mlp_width or self.heads_keep or self.drop_layers or self.trim_vocab)
+    def needs_activations(self) -> bool:
+        """Whether anything is ranked by activations (the vocabulary is ranked by token counts)."""
+        wanda = (self.sparsity or self.two_four) and self.sparsity_method == "wanda"
+        return bool(self.mlp_keep or self.mlp_width or self.heads_keep or self.drop_layers or wanda)
 
 
 @dataclass
@@ -156,12 +158,16 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def plan_pruning(config: ModelConfig, activations: Activations, token_ids: list[int], options: PruneOptions,
+def plan_pruning(config: ModelConfig, activations: Activations | None, token_ids: list[int], options: PruneOptions,
                  special_ids: frozenset[int] = frozenset()) -> PrunePlan:
-    """Which layers, channels, heads and output tokens stay (see the module docstring)."""
-    importance = activations.layer_importance()
-    layers = _top(importance, config.num_layers - options.drop_layers)
-    plan = PrunePlan(layers)
+    """Which layers, channels, heads and output tokens stay (see the module docstring); without
+    `activations`, every layer, channel and head."""
+    plan = PrunePlan(list(range(config.num_layers)))
+    if options.trim_vocab is not None and options.trim_vocab < config.vocab_size:
+        plan.vocab = trimmed_vocabulary(token_ids, config.vocab_size, options.trim_vocab, special_ids)
+    if activations is None:
+        return plan
+    plan.layers = layers = _top(activations.layer_importance(), config.num_layers - options.drop_layers)
     width, per_group = mlp_width(options, config), heads_per_group(options, config)
     group = config.num_heads // config.num_kv_heads
     for layer in layers:
@@ -170,8 +176,6 @@ def plan_pruning(config: ModelConfig, activations: Activations, token_ids: list[
         if per_group != group:
             scores = activations.head_importance(layer).view(config.num_kv_heads, group)
             plan.heads[layer] = [g * group + h for g in range(config.num_kv_heads) for h in _top(scores[g], per_group)]
-    if options.trim_vocab is not None and options.trim_vocab < config.vocab_size:
-        plan.vocab = trimmed_vocabulary(token_ids, config.vocab_size, options.trim_vocab, special_ids)
     return plan
 
 
@@ -273,11 +277,10 @@ def prune(checkpoint: Checkpoint, options: PruneOptions, token_ids: list[int],
     config = checkpoint.config
     check_options(options, config)
     activations = None
-    if options.is_structured or ((options.sparsity or options.two_four) and options.sparsity_method == "wanda"):
+    if options.needs_activations:
         activations = measure(build_model(config, checkpoint.tensors, torch.float32), config,
                               token_ids[:options.calibration_tokens], progress=progress)
-    plan = plan_pruning(config, activations, token_ids, options, special_ids) if activations else \
-        PrunePlan(list(range(config.num_layers)))
+    plan = plan_pruning(config, activations, token_ids, options, special_ids)
     tensors, zeroed = sparsify(checkpoint.tensors, config, activations, options)
     new_config, tensors = apply_plan(config, tensors, plan)
     return new_config, tensors, plan, zeroed
