@@ -1,9 +1,9 @@
 """Pruning and distillation in one table: the teacher, its pruned copy and the pruned copy after
 distillation, each as a float model and quantized.
 
-    python -m quill.cli prune smollm2 -o /tmp/quill-compression/pruned --mlp-keep 0.5 --heads-keep 0.67 --drop-layers 4
+    python -m quill.cli prune smollm2 -o /tmp/quill-compression/pruned --mlp-keep 0.67 --heads-keep 0.67 --drop-layers 2
     python -m quill.cli distill --teacher smollm2 --student /tmp/quill-compression/pruned \\
-        -o /tmp/quill-compression/distilled --max-minutes 60
+        -o /tmp/quill-compression/distilled --lr 3e-4 --max-tokens 160000 --max-minutes 55
     python benchmarks/compression.py --pruned /tmp/quill-compression/pruned --distilled /tmp/quill-compression/distilled
 
 Rows: the teacher's float model (its packaged GGUF dequantized and written as F16, as
