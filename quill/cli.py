@@ -184,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_quantize_command(commands)
     _add_eval_command(commands)
+    _add_prune_distill_commands(commands)
     return parser
 
 
@@ -712,6 +713,111 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model_scores, reference_scores = results[0][2], results[1][2]
         print(f"greedy agreement with {args.reference}: {model_scores.agreement(reference_scores):.2%} "
               f"of {model_scores.tokens_scored:,} positions")
+    return 0
+
+
+# --- prune and distill (quill/optimize/prune.py, distill.py) --------------------------------------
+
+def _add_prune_distill_commands(commands) -> None:
+    prune = commands.add_parser(
+        "prune", help="remove the least important channels, heads, layers or output tokens of a model",
+        description="Structured pruning ranked by activations on a calibration text (default: the dev split of "
+        "Quill's corpus): MLP channels, query heads (the same number from each grouped-query group), whole layers "
+        "(those that change their input least), and the LM head's vocabulary (the tokens the text uses most, and "
+        "the tokens generation needs; generation is then restricted to them, and only Quill loads the result). "
+        "--sparsity and --two-four zero weights instead: quality baselines, no faster on a CPU. Writes a Hugging "
+        "Face directory, or a float32 GGUF file when OUT ends in .gguf; both carry the tokenizer. Distil "
+        "afterwards (`quill distill`) to recover quality.")
+    prune.add_argument("model", help=MODEL_HELP)
+    prune.add_argument("-o", "--output", required=True, metavar="OUT", help="directory, or a .gguf file")
+    prune.add_argument("--mlp-keep", type=float, metavar="F", help="fraction of MLP channels kept per layer")
+    prune.add_argument("--mlp-width", type=int, metavar="N", help="or the MLP width itself")
+    prune.add_argument("--heads-keep", type=float, metavar="F", help="fraction of query heads kept per GQA group")
+    prune.add_argument("--drop-layers", type=int, default=0, metavar="N", help="layers removed (default: 0)")
+    prune.add_argument("--trim-vocab", type=int, metavar="N", help="output tokens the LM head keeps")
+    prune.add_argument("--multiple", type=int, default=32, metavar="N",
+                       help="widths are multiples of N: 32 for Q8_0/Q4_0/Q4_1/int4, 256 for k-quants (default: 32)")
+    prune.add_argument("--sparsity", type=float, metavar="F", help="baseline: zero this fraction of each weight row")
+    prune.add_argument("--sparsity-method", choices=["wanda", "magnitude"], default="wanda",
+                       help="how --sparsity/--two-four rank weights: |W| * input norm, or |W| (default: wanda)")
+    prune.add_argument("--two-four", action="store_true", help="baseline: zero 2 of every 4 consecutive weights")
+    prune.add_argument("--calibration", metavar="FILE", help="UTF-8 calibration text (default: the dev split)")
+    prune.add_argument("--calibration-tokens", type=int, default=4096, metavar="N",
+                       help="tokens of it to run (default: %(default)s)")
+    prune.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    prune.set_defaults(func=_cmd_prune)
+
+    distill = commands.add_parser(
+        "distill", help="train a student model to imitate a teacher",
+        description="Knowledge distillation: the student learns the teacher's next-token distributions (KL at "
+        "--temperature over the teacher's top-k tokens, computed once and cached in OUT/checkpoint), optionally "
+        "mixed with the next-token loss. AdamW, bfloat16 autocast over float32 weights, a cosine schedule; checkpoints in "
+        "OUT/checkpoint (--resume continues them), the loss curve in OUT/loss.png. The student (usually a "
+        "`quill prune`d teacher) must share the teacher's tokenizer; OUT is a Hugging Face directory that Quill "
+        "runs, `quill quantize` converts and `--speculative` uses as a draft model. Needs transformers (quill[train]).")
+    distill.add_argument("--teacher", required=True, metavar="MODEL", help=MODEL_HELP)
+    distill.add_argument("--student", required=True, metavar="MODEL", help="the model to train (same tokenizer)")
+    distill.add_argument("-o", "--output", required=True, metavar="OUT", help="directory for the trained student")
+    distill.add_argument("--data", metavar="FILE", help="text or JSONL ('text' or 'prompt'+'completion') file "
+                         "(default: the dev split of Quill's corpus)")
+    distill.add_argument("--generate", type=int, default=0, metavar="N",
+                         help="train on N continuations the teacher writes from prompts taken from the data")
+    defaults = _distill_defaults()
+    for flag, kind, text in (("temperature", float, "softmax temperature"), ("top-k", int, "teacher logits kept"),
+                             ("ce-weight", float, "share of the next-token loss, 0..1"), ("lr", float, "peak rate"),
+                             ("weight-decay", float, "AdamW weight decay"), ("batch-size", int, "sequences per batch"),
+                             ("grad-accum", int, "batches per step"), ("seq-len", int, "tokens per sequence"),
+                             ("epochs", int, "passes over the data"), ("max-tokens", int, "training tokens (overrides --epochs)"),
+                             ("max-minutes", float, "stop and save after this long"), ("seed", int, "random seed"),
+                             ("checkpoint-every", int, "steps between checkpoints")):
+        value = defaults[flag.replace("-", "_")]
+        distill.add_argument(f"--{flag}", type=kind, default=value, metavar="X", help=f"{text} (default: {value})")
+    distill.add_argument("--no-bf16", action="store_true", help="compute the forward pass in float32")
+    distill.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
+    distill.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    distill.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    distill.set_defaults(func=_cmd_distill)
+
+
+def _distill_defaults() -> dict:
+    from dataclasses import fields
+
+    from quill.optimize.distill_options import DistillOptions
+
+    return {f.name: f.default for f in fields(DistillOptions)}
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from quill.optimize.prune import PruneOptions, prune_checkpoint
+
+    options = PruneOptions(mlp_keep=args.mlp_keep, mlp_width=args.mlp_width, heads_keep=args.heads_keep,
+                           drop_layers=args.drop_layers, trim_vocab=args.trim_vocab, multiple=args.multiple,
+                           sparsity=args.sparsity, sparsity_method=args.sparsity_method, two_four=args.two_four,
+                           calibration_tokens=args.calibration_tokens)
+    summary = prune_checkpoint(args.model, args.output, options, calibration=args.calibration, progress=not args.quiet)
+    c = summary.config
+    print(f"wrote {summary.output}")
+    print(f"  parameters: {summary.params_before:,} -> {summary.params_after:,} "
+          f"({summary.params_after / summary.params_before:.1%})")
+    print(f"  layers {c.num_layers}, query heads {c.num_heads} (kv {c.num_kv_heads}), MLP width {c.intermediate_size}"
+          + (f", output vocabulary {len(c.output_token_ids):,} of {c.vocab_size:,}" if c.output_token_ids else ""))
+    if summary.zeroed:
+        print(f"  {summary.zeroed:,} weights zeroed (a quality baseline: no faster without sparse kernels)")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from quill.optimize.distill import distill
+    from quill.optimize.distill_options import DistillOptions
+
+    names = _distill_defaults().keys() - {"bf16", "warmup", "teacher_dtype"}  # device: its own flag above
+    options = DistillOptions(bf16=not args.no_bf16, **{name: getattr(args, name) for name in names})
+    summary = distill(args.teacher, args.student, args.output, options, data=args.data, generate=args.generate,
+                      resume=args.resume, progress=not args.quiet)
+    state = "stopped early (--max-minutes)" if summary.stopped_early else "done"
+    print(f"wrote {summary.output}: {summary.steps}/{summary.total_steps} steps, {summary.tokens:,} tokens, {state}")
+    if summary.losses:
+        print(f"  loss {summary.losses[0]:.4f} -> {summary.losses[-1]:.4f} (curve: {summary.output / 'loss.png'})")
     return 0
 
 

@@ -50,6 +50,10 @@ class ModelConfig:
     rope_local_theta: float | None = None
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 when set
     final_logit_softcapping: float | None = None
+    # A trimmed output vocabulary (`quill prune --trim-vocab`): the LM head has one row per id here,
+    # in this (ascending) order, and every other token's logit is -inf, so it is never generated.
+    # The input embedding keeps all `vocab_size` rows. Empty: the head covers the whole vocabulary.
+    output_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_model_limits({name: getattr(self, name) for name in MODEL_LIMITS})  # before sizing anything
@@ -66,6 +70,17 @@ class ModelConfig:
             raise ValueError(f"num_experts_per_token {self.num_experts_per_token} is not in 1..{self.num_experts}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.output_token_ids:
+            ids = self.output_token_ids
+            if self.tie_word_embeddings:
+                raise ValueError("a trimmed output vocabulary needs an LM head of its own (tie_word_embeddings False)")
+            if list(ids) != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.vocab_size:
+                raise ValueError(f"output_token_ids must be ascending, distinct ids below vocab_size {self.vocab_size}")
+
+    @property
+    def output_vocab_size(self) -> int:
+        """Rows of the LM head: the kept tokens when the output vocabulary is trimmed."""
+        return len(self.output_token_ids) or self.vocab_size
 
     @property
     def attention_scale(self) -> float:

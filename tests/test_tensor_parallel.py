@@ -5,6 +5,7 @@ do not split are refused before any process starts."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -103,6 +104,15 @@ def test_a_model_whose_kv_heads_do_not_split_is_refused_before_any_process_start
     with pytest.raises(UnsupportedModelError, match="does not divide the model's 1 KV heads"):
         start_tensor_parallel(tiny_model_dir("gemma3"), 2, torch.float32, CPU)
     assert not torch.distributed.is_initialized()
+
+
+def test_a_trimmed_output_vocabulary_is_refused_before_any_process_starts(tiny_model_dir):
+    """Its LM head has a row per kept token, not the vocabulary's rows that the split divides."""
+    path = tiny_model_dir("llama")
+    config = dataclasses.replace(load_checkpoint(path, torch.float32).config, tie_word_embeddings=False,
+                                 output_token_ids=(3, 5, 8))
+    with pytest.raises(UnsupportedModelError, match="trimmed output vocabulary"):
+        ShardPlan(config, 0, 2).check({})
 
 
 def test_quantized_groups_that_a_split_would_cut_are_refused(tiny_model_dir, tmp_path):

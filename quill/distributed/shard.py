@@ -55,6 +55,9 @@ class ShardPlan:
         c, n = self.config, self.size
         if c.num_experts:
             raise UnsupportedModelError("tensor parallelism does not split mixture-of-experts layers yet")
+        if c.output_token_ids:  # the head's rows are not the vocabulary's, which the split assumes
+            raise UnsupportedModelError("tensor parallelism does not split a trimmed output vocabulary "
+                                        "(quill prune --trim-vocab) yet")
         for what, count in (("attention heads", c.num_heads), ("KV heads", c.num_kv_heads),
                             ("MLP width (intermediate_size)", c.intermediate_size)):
             if count % n:

@@ -22,6 +22,9 @@ from quill.weights.checkpoint import Checkpoint
 from quill.weights.family import Families, hf_rope
 from quill.weights.layout import check_tensors
 
+# Quill's own config.json key for a trimmed output vocabulary (`ModelConfig.output_token_ids`);
+# transformers knows no such thing and cannot load such a directory.
+OUTPUT_TOKEN_IDS_KEY = "quill_output_token_ids"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Multimodal checkpoints (Gemma 3's) nest the text model under one of these prefixes (transformers 4 / 5 layouts).
 _NESTED_PREFIXES = {
@@ -95,6 +98,7 @@ def config_from_hf(raw: dict[str, Any], families: Families) -> ModelConfig:
         layer_types=tuple("sliding" if is_sliding and window else "full" for is_sliding in sliding),
         sliding_window=window if any(sliding) else None,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        output_token_ids=tuple(cfg.get(OUTPUT_TOKEN_IDS_KEY) or ()),
     )
     return ModelConfig(architecture=family.name, **(fields | family.hf_config(cfg)))
 
