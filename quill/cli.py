@@ -246,6 +246,9 @@ def _model_options() -> argparse.ArgumentParser:
                               "model's tokenizer; output is unchanged, only faster (default: off)")
     options.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                          help="the most draft tokens per sequence and step (default: %(default)s)")
+    options.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                         help="split the model over N processes (gloo on CPUs, NCCL on GPUs), spawned here, or "
+                              "started by torchrun for several machines (see README: Scaling out) (default: 1)")
     options.add_argument("--enforce-eager", action="store_true",
                          help="on a GPU, run decode steps eagerly instead of replaying them as CUDA graphs")
     return options
@@ -399,7 +402,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     num_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     llm = _load_llm(args)
-    torch.set_num_threads(num_threads)  # the default for threads that start torch work later
+    # the default for threads that start torch work later; tensor-parallel ranks share the cores
+    torch.set_num_threads(max(1, num_threads // args.tensor_parallel_size))
     app = create_app(llm, config)
     host = f"[{args.host}]" if ":" in args.host else args.host
     log = logging.getLogger("quill.server")
@@ -449,6 +453,8 @@ def _load_llm(args: argparse.Namespace):
     """Build the `LLM` for a command; tests replace this with a fake."""
     from quill import LLM  # torch loads here, so --help, pull and models stay quick
 
+    if args.tensor_parallel_size > 1:
+        _serve_as_worker_under_a_launcher(args)
     return LLM(args.model, **_llm_options(args))
 
 
@@ -457,7 +463,22 @@ def _llm_options(args: argparse.Namespace) -> dict:
     return dict(dtype=args.dtype, device=args.device, dequantize=args.dequantize, max_model_len=args.max_model_len,
                 kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
                 speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
-                decode_graphs="off" if args.enforce_eager else "auto")
+                decode_graphs="off" if args.enforce_eager else "auto",
+                tensor_parallel_size=args.tensor_parallel_size)
+
+
+def _serve_as_worker_under_a_launcher(args: argparse.Namespace) -> None:
+    """Under torchrun (RANK set), every rank runs the same command; ranks past 0 hold their share
+    of the model and run rank 0's steps, then exit here, never reaching the command itself."""
+    import torch
+
+    from quill.distributed import serve_as_worker
+    from quill.llm import resolve_device
+    from quill.weights.hub import resolve_model
+
+    if serve_as_worker(resolve_model(args.model), args.tensor_parallel_size, getattr(torch, args.dtype),
+                       resolve_device(args.device), dequantize=args.dequantize):
+        raise SystemExit(0)
 
 
 _REPLICA_OPTIONS = ("threads_per_replica", "gpus_per_replica", "ray_address", "routing", "min_replicas",

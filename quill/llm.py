@@ -13,7 +13,8 @@ from quill.errors import InvalidRequestError
 from quill.models.loader import load_model_and_tokenizer
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
-from quill.tokenizer import Tokenizer
+from quill.tokenizer import Tokenizer, load_tokenizer
+from quill.weights.hub import resolve_model
 
 Messages = list[dict]
 
@@ -30,20 +31,43 @@ def resolve_device(name: str) -> torch.device:
 
 class LLM:
     def __init__(self, model: str | Path, *, dtype: str = "bfloat16", max_model_len: int | None = None,
-                 chat_template: str | None = None, dequantize: bool = False, **engine_options) -> None:
+                 chat_template: str | None = None, dequantize: bool = False, tensor_parallel_size: int = 1,
+                 **engine_options) -> None:
         """`model`: a .gguf file, a Hugging Face directory, or a known name (pulled on first use).
         Quantized GGUF weights run natively unless `dequantize` expands them all to `dtype` (the
-        reference path). `engine_options` are `EngineConfig` fields (block_size, kv_cache_memory, ...)."""
+        reference path). `tensor_parallel_size` > 1 splits the model over that many processes
+        (spawned here, each with its share of the cores; see `quill.distributed`); `close()` stops
+        them. `engine_options` are `EngineConfig` fields (block_size, kv_cache_memory, ...)."""
         started = time.perf_counter()
         engine_config = EngineConfig(dtype=dtype, max_model_len=max_model_len, **engine_options)
         engine_config.validate()  # before the slow part
         self.device = resolve_device(engine_config.device)
-        loaded = load_model_and_tokenizer(model, getattr(torch, dtype), self.device, dequantize=dequantize)
-        self.path, self.config = loaded.path, loaded.config
-        self.tokenizer: Tokenizer = loaded.tokenizer
+        self.parallel = None
+        if tensor_parallel_size == 1:
+            loaded = load_model_and_tokenizer(model, getattr(torch, dtype), self.device, dequantize=dequantize)
+            network, self.path, self.config = loaded.model, loaded.path, loaded.config
+            self.tokenizer: Tokenizer = loaded.tokenizer
+        else:
+            from quill.distributed import start_tensor_parallel  # torch.distributed only when asked for
+
+            self.path = resolve_model(model)
+            self.tokenizer = load_tokenizer(self.path)
+            self.parallel = start_tensor_parallel(self.path, tensor_parallel_size, getattr(torch, dtype),
+                                                  self.device, dequantize=dequantize)
+            network, self.config = self.parallel.model, self.parallel.config
         self.chat_template = chat_template
-        self.engine = Engine(loaded.model, self.config, self.tokenizer, engine_config)
+        try:
+            self.engine = Engine(network, self.config, self.tokenizer, engine_config,
+                                 step_channel=None if self.parallel is None else self.parallel.channel)
+        except BaseException:
+            self.close()
+            raise
         self.load_seconds = time.perf_counter() - started
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel model (nothing to do in one process)."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  params: SamplingParams | None = None) -> list[RequestOutput]:

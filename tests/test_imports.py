@@ -24,6 +24,7 @@ LAYERS = [
     ("layers", "tokenizer"),
     ("models",),  # one file per family, the registry, the loader
     ("engine", "speculative"),  # the engine drives speculation; drafters run the engine's runner
+    ("distributed",),  # tensor parallelism: shards, collectives, the ranks past 0 run the engine's runner
     ("optimize", "llm", "quill"),
     ("server", "bench"),
     ("deploy",),  # replicas on Ray Serve: the server's app in front of engines in other processes

@@ -18,7 +18,7 @@ def _save(model, path: Path) -> Path:
 
 
 def build_llama(path: Path, *, seed: int = 0, rope_scaling: dict | None = None, tie: bool = False,
-                vocab_size: int = 320) -> Path:
+                vocab_size: int = 320, intermediate_size: int = 160) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -26,7 +26,7 @@ def build_llama(path: Path, *, seed: int = 0, rope_scaling: dict | None = None, 
     if rope_scaling:
         rope = {**rope, **rope_scaling}
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         rms_norm_eps=1e-5, rope_parameters=rope, tie_word_embeddings=tie,
         bos_token_id=1, eos_token_id=2,
@@ -34,12 +34,12 @@ def build_llama(path: Path, *, seed: int = 0, rope_scaling: dict | None = None, 
     return _save(LlamaForCausalLM(config).eval(), path)
 
 
-def build_qwen2(path: Path, *, seed: int = 0, vocab_size: int = 320) -> Path:
+def build_qwen2(path: Path, *, seed: int = 0, vocab_size: int = 320, intermediate_size: int = 160) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=intermediate_size, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
@@ -53,13 +53,13 @@ def build_qwen2(path: Path, *, seed: int = 0, vocab_size: int = 320) -> Path:
 
 
 def build_gemma3(path: Path, *, seed: int = 0, sliding_window: int = 8, softcap: bool = False,
-                 vocab_size: int = 320, rope_scaling: dict | None = None) -> Path:
+                 vocab_size: int = 320, rope_scaling: dict | None = None, num_kv_heads: int = 1) -> Path:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
     config = Gemma3TextConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=num_kv_heads, head_dim=32, max_position_embeddings=256,
         rms_norm_eps=1e-6, query_pre_attn_scalar=32, sliding_window=sliding_window,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
         rope_parameters={

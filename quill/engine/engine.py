@@ -19,6 +19,7 @@ from quill.engine.device_sampler import sample_on_device
 from quill.engine.kv_cache import KVCacheManager, plan_kv_cache
 from quill.engine.limits import EngineLimits
 from quill.engine.request import Request, RequestStatus
+from quill.engine.batch import StepChannel
 from quill.engine.runner import ModelRunner, kv_bytes_per_token, kv_cache_dtype
 from quill.engine.sampler import TokenLogprob, sample
 from quill.engine.scheduler import Scheduler
@@ -54,8 +55,11 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model: nn.Module, model_config: ModelConfig, tokenizer, config: EngineConfig) -> None:
-        """`tokenizer` may be None for a token-ids-only engine (no text, no stop strings)."""
+    def __init__(self, model: nn.Module, model_config: ModelConfig, tokenizer, config: EngineConfig, *,
+                 step_channel: StepChannel | None = None) -> None:
+        """`tokenizer` may be None for a token-ids-only engine (no text, no stop strings). With
+        tensor parallelism, `model` is rank 0's shard and `step_channel` sends each step to the
+        other ranks (see `quill.distributed`); the KV budget is then the whole model's, 1/N per rank."""
         config.validate()
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -78,7 +82,8 @@ class Engine:
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, model_config, num_blocks=num_blocks, block_size=config.block_size,
                                   kv_cache_dtype=cache_dtype, device=device, decode_graphs=config.decode_graphs,
-                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
+                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                                  channel=step_channel)
         self.speculator: Speculator | None = None if config.speculative is None else build_speculator(
             config, model_config, tokenizer, num_blocks=num_blocks, max_model_len=self.max_model_len, device=device,
             kv_cache_dtype=cache_dtype, row_block=self.runner.row_block)

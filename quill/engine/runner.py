@@ -9,6 +9,9 @@ row is bit-identical to what plain one-token decoding would compute (see `quill.
 On the CPU every matmul and every attention row is computed the same way whatever else the step
 holds (see `quill.layers.matmul` and `quill.layers.attention`), so a request's tokens and logprobs
 do not depend on the batch, the chunking of its prompt or the prefix cache.
+
+A step is planned as plain data first (`plan` -> `StepBatch`), then run (`run`): with tensor
+parallelism, rank 0's runner sends each batch to the other ranks' runners (`quill.distributed`).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from torch import nn
 
 from quill.config import ModelConfig
+from quill.engine.batch import PromptPlan, StepBatch, StepChannel
 from quill.engine.decode_graphs import build_decode_runner
 from quill.engine.request import Request
 from quill.hardware import return_freed_memory_to_os
@@ -50,12 +54,21 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, *, num_blocks: int, block_size: int,
                  kv_cache_dtype: torch.dtype, device: torch.device, decode_graphs: str = "off",
-                 max_num_seqs: int = 1, max_model_len: int = 1) -> None:
+                 max_num_seqs: int = 1, max_model_len: int = 1, channel: StepChannel | None = None) -> None:
+        """`channel`: where rank 0 of a tensor-parallel group sends each step for the other ranks
+        (`quill.distributed`); None in a single process."""
         self.model = model
+        self.channel = channel
+        if channel is not None:
+            channel.open(num_blocks, block_size, kv_cache_dtype)
         self.block_size = block_size
         self.device = device
         # Pure decode steps padded to batch buckets, replayed as CUDA graphs on a GPU (None: as is).
         # Padding rows write into one more block than the KV-cache manager has (see decode_graphs).
+        # Off with a step channel: a padded step never goes through `run`, so the other ranks
+        # would not see it.
+        if channel is not None:
+            decode_graphs = "off"
         self.decode = build_decode_runner(decode_graphs, model, has_experts=config.num_experts > 0,
                                           max_num_seqs=max_num_seqs, max_blocks=-(-max_model_len // block_size),
                                           block_size=block_size, pad_block=num_blocks, device=device)
@@ -80,10 +93,10 @@ class ModelRunner:
             # shape: 1.3 ms of CPU time per call on an H100. Flash/memory-efficient kernels need none.
             torch.backends.cuda.enable_cudnn_sdp(False)
 
-    def _context_slots(self, request: Request, num_tokens: int) -> torch.Tensor:
+    def _context_slots(self, request: Request, num_tokens: int) -> list[int]:
         """Cache slots of the request's first `num_tokens` positions."""
-        blocks = torch.tensor(request.block_ids[:-(-num_tokens // self.block_size)], device=self.device)
-        return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:num_tokens]
+        size = self.block_size
+        return [request.block_ids[p // size] * size + p % size for p in range(num_tokens)]
 
     def _slot(self, request: Request, position: int) -> int:
         return request.block_ids[position // self.block_size] * self.block_size + position % self.block_size
@@ -92,50 +105,61 @@ class ModelRunner:
     def execute(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[list[Request], torch.Tensor]:
         """Run one forward pass. Returns the requests to sample for and their logits: one row each,
         or 1 + len(draft_token_ids) consecutive rows for a request verifying drafts."""
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        prompts: list[PromptSpan] = []
-        single_rows: list[int] = []
-        single_context_lens: list[int] = []
-        single_tables: list[list[int]] = []
-        sample_rows: list[int] = []
+        batch, to_sample = self.plan(requests, num_new_tokens)
+        if self.decode is not None and self.decode.takes(num_new_tokens):
+            hidden = self.decode.run(batch.token_ids, batch.positions, batch.slot_mapping, batch.single_tables,
+                                     batch.single_context_lens)
+            return to_sample, self.model.compute_logits(hidden[batch.sample_rows])
+        return to_sample, self.run(batch)
+
+    def plan(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[StepBatch, list[Request]]:
+        """The step as plain data, and the requests that get logits rows (in `sample_rows` order)."""
+        batch = StepBatch()
         to_sample: list[Request] = []
         row = 0
         for request, num_new in zip(requests, num_new_tokens):
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
             num_drafts = max(0, end - request.num_tokens)  # the scheduler schedules all drafts or none
-            token_ids.extend(request.token_ids[start:end])
+            batch.token_ids.extend(request.token_ids[start:end])
             if num_drafts:
-                token_ids.extend(request.draft_token_ids)
-            positions.extend(range(start, end))
-            slot_mapping.extend(self._slot(request, p) for p in range(start, end))
+                batch.token_ids.extend(request.draft_token_ids)
+            batch.positions.extend(range(start, end))
+            batch.slot_mapping.extend(self._slot(request, p) for p in range(start, end))
             if num_new == 1 or num_drafts or self.prompts_as_rows:  # each query attends alone
-                single_rows.extend(range(row, row + num_new))
-                single_context_lens.extend(range(start + 1, end + 1))
-                single_tables.extend([request.block_ids] * num_new)
+                batch.single_rows.extend(range(row, row + num_new))
+                batch.single_context_lens.extend(range(start + 1, end + 1))
+                batch.single_tables.extend([request.block_ids] * num_new)
             else:  # part of the context cached already: attention reads it all from there
-                prompts.append(PromptSpan(row, num_new, end, self._context_slots(request, end) if start else None))
+                batch.prompts.append(PromptPlan(row, num_new, end, self._context_slots(request, end) if start else None))
             row += num_new
             if end >= request.num_tokens:
-                sample_rows.extend(range(row - 1 - num_drafts, row))
+                batch.sample_rows.extend(range(row - 1 - num_drafts, row))
                 to_sample.append(request)
-        if self.decode is not None and self.decode.takes(num_new_tokens):
-            hidden = self.decode.run(token_ids, positions, slot_mapping, single_tables, single_context_lens)
-            return to_sample, self.model.compute_logits(hidden[sample_rows])
-        single = None
-        if single_rows:
-            rows = None if len(single_rows) == row else torch.tensor(single_rows, device=self.device)
-            single = SingleQueryRows(rows, single_context_lens, single_tables, self.block_size, self.device)
-        meta = AttentionMetadata(torch.tensor(slot_mapping, device=self.device), single, prompts)
-        input_ids = torch.tensor(token_ids, device=self.device)
-        hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta)
-        if not to_sample:
-            return [], hidden.new_empty((0, 0))
-        # Logits stay where they were computed: a GPU samples them there (quill.engine.device_sampler).
-        return to_sample, self.model.compute_logits(hidden[sample_rows])
+        return batch, to_sample
 
     @torch.inference_mode()
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        """One forward pass over `batch`; float32 logits of its `sample_rows`, on the model's device
+        (empty when none). With a step channel (tensor parallelism), the other ranks run the same batch."""
+        if self.channel is not None:
+            self.channel.send(batch)
+        device = self.device
+        single = None
+        if batch.single_rows:
+            all_rows = len(batch.single_rows) == len(batch.token_ids)
+            rows = None if all_rows else torch.tensor(batch.single_rows, device=device)
+            single = SingleQueryRows(rows, batch.single_context_lens, batch.single_tables, self.block_size, device)
+        prompts = [PromptSpan(p.start, p.num_queries, p.context_len,
+                              None if p.context_slots is None else torch.tensor(p.context_slots, device=device))
+                   for p in batch.prompts]
+        meta = AttentionMetadata(torch.tensor(batch.slot_mapping, device=device), single, prompts)
+        hidden = self.model(torch.tensor(batch.token_ids, device=device),
+                            torch.tensor(batch.positions, device=device), meta)
+        if not batch.sample_rows:
+            return hidden.new_empty((0, 0))
+        # Logits stay where they were computed: a GPU samples them there (quill.engine.device_sampler).
+        return self.model.compute_logits(hidden[batch.sample_rows])
+
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits [tokens, vocab] at every position of `token_ids` prefilled alone, as one
         prompt, into an empty cache: the rows `execute` computes for that prompt (the same
@@ -143,12 +167,12 @@ class ModelRunner:
         cache from its first block on, so the runner must hold no request, and have room for the tokens."""
         num_tokens = len(token_ids)
         blocks = list(range(-(-num_tokens // self.block_size)))
-        positions = torch.arange(num_tokens, device=self.device)  # consecutive blocks from 0: slot = position
+        positions = list(range(num_tokens))  # consecutive blocks from 0: slot = position
+        batch = StepBatch(token_ids=list(token_ids), positions=positions, slot_mapping=positions,
+                          sample_rows=positions)
         if self.prompts_as_rows:
-            rows = SingleQueryRows(None, list(range(1, num_tokens + 1)), [blocks] * num_tokens, self.block_size,
-                                   self.device)
-            meta = AttentionMetadata(positions, rows, [])
+            batch.single_rows, batch.single_context_lens = positions, list(range(1, num_tokens + 1))
+            batch.single_tables = [blocks] * num_tokens
         else:
-            meta = AttentionMetadata(positions, None, [PromptSpan(0, num_tokens, num_tokens, None)])
-        hidden = self.model(torch.tensor(token_ids, device=self.device), positions, meta)
-        return self.model.compute_logits(hidden).cpu()
+            batch.prompts = [PromptPlan(0, num_tokens, num_tokens, None)]
+        return self.run(batch).cpu()

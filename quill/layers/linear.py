@@ -50,7 +50,7 @@ def prepare_linears_for_cpu(model: nn.Module) -> None:
     paths = Counter()
     for name, module in model.named_modules():
         if isinstance(module, Linear) and module.matmul is None:
-            keep = readers[id(module.weight)] > 1 or name == "lm_head"
+            keep = readers[id(module.weight)] > 1 or name.split(".")[0] == "lm_head"  # or a parallel head's slice
             paths[f"{tuple(module.weight.shape)} {module.weight.dtype}".replace("torch.", "") + " -> "
                   + module.prepare_for_cpu(keep_weight=keep)] += 1
     if paths:

@@ -17,6 +17,8 @@ the float head at every row count: 2.1 against 6.9 ms for one row of SmolLM2's 4
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -35,14 +37,17 @@ def int8_lm_head(weight: torch.Tensor) -> Int8Linear:
     return head
 
 
-def lm_head_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """[rows, vocab] float32 logits, exact near each row's maximum."""
+def lm_head_logits(lm_head: nn.Module, hidden: torch.Tensor, *,
+                   reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """[rows, vocab] float32 logits, exact near each row's maximum. `reduce_max` turns the row
+    maxima [rows, 1] of a slice of the vocabulary into the whole vocabulary's (tensor parallelism)."""
     exact_weight = getattr(lm_head, "exact_weight", None)
     logits = lm_head(hidden).float()
     weight = exact_weight if exact_weight is not None else getattr(lm_head, "weight", None)
     if weight is None or (exact_weight is None and weight.dtype == torch.float32):
         return logits  # a quantized head with no float weight to consult, or exact already
-    return _refine_near_maximum(logits, weight, hidden, None if exact_weight is None else lm_head.error_bound(hidden))
+    return _refine_near_maximum(logits, weight, hidden, None if exact_weight is None else lm_head.error_bound(hidden),
+                                reduce_max)
 
 
 def output_token_ids(config) -> torch.Tensor | None:
@@ -64,10 +69,13 @@ def full_vocabulary_logits(logits: torch.Tensor, token_ids: torch.Tensor | None,
 
 
 def _refine_near_maximum(logits: torch.Tensor, weight: torch.Tensor, hidden: torch.Tensor,
-                         head_error: torch.Tensor | None = None) -> torch.Tensor:
+                         head_error: torch.Tensor | None = None,
+                         reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Recompute in float32, from `weight`, the logits that could be the row's maximum: those
     within the bf16 rounding of it, plus `head_error` (the int8 head's bound, [rows, 1])."""
     row_max = logits.amax(dim=-1, keepdim=True)  # 10x faster than max(dim).values on a CPU
+    if reduce_max is not None:
+        row_max = reduce_max(row_max)
     error = _BF16_RELATIVE_ERROR * row_max.abs()
     if head_error is not None:
         error = error + head_error

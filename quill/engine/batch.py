@@ -1,0 +1,45 @@
+"""One forward pass, as plain data: what the runner decided from the scheduled requests, before it
+becomes tensors.
+
+The runner plans a `StepBatch` from the requests and then runs it. Keeping the two apart lets
+tensor parallelism (`quill.distributed`) send rank 0's plan to the other ranks, which hold no
+requests and run the same batch on their shards of the model. Plain lists of ints, so that the
+wire format needs no pickle.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class PromptPlan:
+    """A prompt span attended through PyTorch's attention (see `quill.layers.attention.PromptSpan`)."""
+
+    start: int  # first row among the step's tokens
+    num_queries: int
+    context_len: int
+    context_slots: list[int] | None  # the whole context's cache slots, None when it is all in this step
+
+
+@dataclass
+class StepBatch:
+    token_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)  # cache slot of each new token
+    single_rows: list[int] = field(default_factory=list)  # rows that each attend one query alone
+    single_context_lens: list[int] = field(default_factory=list)
+    single_tables: list[list[int]] = field(default_factory=list)  # per single row, its KV blocks
+    prompts: list[PromptPlan] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)  # rows whose logits come back
+
+
+class StepChannel(Protocol):
+    """Where rank 0 of a tensor-parallel group sends the cache's shape once, then every step
+    (implemented by `quill.distributed.channel`)."""
+
+    def open(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype) -> None: ...
+
+    def send(self, batch: StepBatch) -> None: ...
