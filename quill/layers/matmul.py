@@ -81,20 +81,9 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return unpack_pairs(torch.cat(halves, dim=2), n)
 
 
-def pack_groups(values: torch.Tensor) -> torch.Tensor:
-    """Per-group values [n, groups] -> [panels, groups, 16]."""
-    values = _pad_rows(values, LANES)
-    n, groups = values.shape
-    return values.view(n // LANES, LANES, groups).permute(0, 2, 1).contiguous()
-
-
-def unpack_groups(packed: torch.Tensor, n: int) -> torch.Tensor:
-    panels, groups = packed.shape[:2]
-    return packed.permute(0, 2, 1).reshape(panels * LANES, groups)[:n]
-
-
 def pack_columns(w: torch.Tensor) -> torch.Tensor:
-    """float32 [n, k] -> [panels, k, 16] (F32)."""
+    """[n, m] -> [panels, m, 16]: the m values of each panel's 16 output rows side by side (F32
+    weights; the per-group scales and zeros of every format)."""
     w = _pad_rows(w, LANES)
     n, k = w.shape
     return w.view(n // LANES, LANES, k).permute(0, 2, 1).contiguous()
@@ -189,16 +178,16 @@ class PackedMatmul:
              bias: torch.Tensor | None = None) -> PackedMatmul:
         """codes uint8 [out, in] in 0..15; scales and zeros bf16 [out, in / group_size]."""
         out, inp = codes.shape
-        return cls("int4", out, inp, pack_nibbles(codes), scales=pack_groups(scales.to(torch.bfloat16)),
-                   zeros=pack_groups(zeros.to(torch.bfloat16)), group_size=group_size, bias=bias)
+        return cls("int4", out, inp, pack_nibbles(codes), scales=pack_columns(scales.to(torch.bfloat16)),
+                   zeros=pack_columns(zeros.to(torch.bfloat16)), group_size=group_size, bias=bias)
 
     @classmethod
     def int8g(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None) -> PackedMatmul:
         """codes int8 [out, in]; scales and zeros bf16 [out, in / group_size]."""
         out, inp = codes.shape
-        return cls("int8g", out, inp, pack_pairs(codes), scales=pack_groups(scales.to(torch.bfloat16)),
-                   zeros=pack_groups(zeros.to(torch.bfloat16)), group_size=group_size, bias=bias)
+        return cls("int8g", out, inp, pack_pairs(codes), scales=pack_columns(scales.to(torch.bfloat16)),
+                   zeros=pack_columns(zeros.to(torch.bfloat16)), group_size=group_size, bias=bias)
 
     @classmethod
     def int8(cls, codes: torch.Tensor, channel_scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -231,7 +220,7 @@ class PackedMatmul:
             codes = unpack_pairs(self.packed, n).float()
         else:
             codes = unpack_nibbles(self.packed, n).float() - 8
-        scales, zeros = (unpack_groups(t, n).float() for t in (self.scales, self.zeros))
+        scales, zeros = (unpack_columns(t, n).float() for t in (self.scales, self.zeros))
         grouped = codes.view(n, -1, self.group_size)
         # code * scale + zero in float32, rounded once to bf16: what the kernel multiplies by
         values = (grouped * scales[..., None] + zeros[..., None]).view(n, -1)
