@@ -167,6 +167,87 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
+# What POST /v1/responses cannot honour: set to anything but its off value, a 400 naming it.
+RESPONSES_REFUSED = {
+    "background": "background mode", "conversation": "conversations (use previous_response_id)",
+    "prompt": "stored prompt templates", "reasoning": "reasoning options", "include": "extra output data (include)",
+    "context_management": "context management", "top_logprobs": "logprobs", "moderation": "moderation",
+}
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+
+class ResponseTextConfig(_Request):
+    format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ResponsesRequest(SamplingFields):
+    """POST /v1/responses, OpenAI's Responses API, answered as a chat: `input` (a string, or message
+    and function-call items, checked and translated in `response_items.py`) after the stored
+    conversation of `previous_response_id` and the `instructions`. The sampling extensions of chat
+    apply (`seed`, `stop`, `top_k`, ...); `max_output_tokens` is its `max_tokens`."""
+
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = bounded("max_tokens", default=None, description="defaults to the rest of the context window")
+    metadata: dict[str, str] | None = None
+    store: bool | None = True
+    previous_response_id: str | None = None
+    text: ResponseTextConfig | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    background: Any = None
+    conversation: Any = None
+    prompt: Any = None
+    reasoning: Any = None
+    include: Any = None
+    context_management: Any = None
+    top_logprobs: Any = None
+    moderation: Any = None
+
+    @model_validator(mode="after")
+    def _refuse_what_quill_cannot_honour(self):
+        for name, what in RESPONSES_REFUSED.items():
+            if getattr(self, name) not in (None, False, 0, [], {}):
+                raise InvalidRequestError(f"'{name}': {what} is not supported by this server.", param=name,
+                                          code="unsupported_parameter")
+        if self.truncation == "auto":
+            raise InvalidRequestError("'truncation': only \"disabled\" is supported (a prompt too long for the "
+                                      "context window is an error).", param="truncation", code="unsupported_value")
+        if self.text is not None and self.text.verbosity is not None:
+            raise InvalidRequestError("'text.verbosity' is not supported by this server.", param="text.verbosity",
+                                      code="unsupported_parameter")
+        if self.n != 1:
+            raise InvalidRequestError("'n': a response has one output; n must be 1.", param="n", code="invalid_value")
+        return self
+
+    @model_validator(mode="after")
+    def _metadata_within_openai_limits(self):
+        metadata = self.metadata or {}
+        if len(metadata) > MAX_METADATA_PAIRS:
+            raise InvalidRequestError(f"'metadata' may hold at most {MAX_METADATA_PAIRS} pairs.", param="metadata")
+        for key, value in metadata.items():
+            if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+                raise InvalidRequestError(f"'metadata': keys are at most {MAX_METADATA_KEY} characters and values "
+                                          f"at most {MAX_METADATA_VALUE} ({key[:64]!r} is not).", param="metadata")
+        return self
+
+    @property
+    def field_names(self) -> dict[str, str]:
+        names = {"prompt": "input", "messages": "input"}
+        if self.max_output_tokens is not None or self.max_tokens is None:
+            names["max_tokens"] = "max_output_tokens"
+        return names
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_output_tokens if self.max_output_tokens is not None else self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        return None  # top_logprobs is refused
+
+
 # ------------------------------------------------------------------------------ responses
 
 

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from quill import __version__
+from quill.server.errors import APIError
 from quill.server.logprobs import TokenText, chat_logprobs, completion_logprobs
 from quill.server.runs import Run, Update
 
@@ -67,6 +68,25 @@ class Reply:
     def replay(self, choices: list[dict]) -> Iterator[dict]:
         """The chunk choices of a stored answer's `choices`."""
         raise NotImplementedError
+
+    # A stream is `opening()`, then `events(update)` per engine update (or `replayed(choices)` for a
+    # stored answer), then `closing(usage)`; `failure(error)` ends one that failed after it began.
+    # Chat and text completions send one chunk per choice update, then usage and [DONE]; an endpoint
+    # with other events (the Responses API) overrides these.
+    def opening(self) -> list[str]:
+        return []
+
+    def events(self, update: Update) -> list[str]:
+        return [self.chunk([choice]) for choice in self.live(update)]
+
+    def replayed(self, choices: list[dict]) -> list[str]:
+        return [self.chunk([choice]) for choice in self.replay(choices)]
+
+    def closing(self, usage: dict) -> list[str]:
+        return ([self.chunk([], usage)] if self.head.include_usage else []) + [DONE]
+
+    def failure(self, error: APIError) -> list[str]:
+        return [sse(error.body()), DONE]
 
 
 class ChatReply(Reply):
@@ -165,8 +185,10 @@ def _completion_entry(index: int, text: str, logprobs=None, finish_reason: str |
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+def sse(payload: dict, event: str | None = None) -> str:
+    """One server-sent event; `event` names it (the Responses API's events are named, chat's are not)."""
+    data = f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return data if event is None else f"event: {event}\n{data}"
 
 
 def sse_response(events: AsyncIterator[str], cleanup: Callable[[], None] | None = None) -> StreamingResponse:

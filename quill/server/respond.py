@@ -18,7 +18,7 @@ from quill.server.answer import LiveAnswer
 from quill.server.cached import CACHE_HEADER, answer_key, may_use_cache, stored_answer
 from quill.server.errors import api_error
 from quill.server.protocol import SamplingFields
-from quill.server.replies import DONE, Reply, sse, sse_response
+from quill.server.replies import Reply, sse_response
 from quill.server.request_log import RequestRecord
 from quill.server.runs import Run, Update
 from quill.server.state import ServerState
@@ -76,24 +76,26 @@ async def _first_update(answer: LiveAnswer) -> Update | None:
 
 async def live_events(answer: LiveAnswer, first: Update | None, reply: Reply, admission: Admission,
                       field_names: Mapping[str, str]) -> AsyncIterator[str]:
-    """A live answer's stream: its chunks, the usage chunk when asked for, then [DONE]. An error
-    after the stream began becomes an error event (the status line is long gone). However the
-    stream ends (cancelled on disconnect or shutdown included), the answer is closed."""
+    """A live answer's stream, as its `Reply` frames it (chat: its chunks, the usage chunk when asked
+    for, then [DONE]). An error after the stream began becomes an error event (the status line is
+    long gone). However the stream ends (cancelled on disconnect or shutdown included), the answer
+    is closed."""
     with admission.track(asyncio.current_task()):
         try:
+            for event in reply.opening():
+                yield event
             update = first
             while update is not None:
-                for choice in reply.live(update):
-                    yield reply.chunk([choice])
+                for event in reply.events(update):
+                    yield event
                 update = await answer.next()
-            if reply.head.include_usage:
-                yield reply.chunk([], answer.usage)
-            yield DONE
+            for event in reply.closing(answer.usage):
+                yield event
         except Exception as exc:
             error = api_error(exc, field_names)
             answer.record.failed(error.message, stream_status=error.status)
-            yield sse(error.body())
-            yield DONE
+            for event in reply.failure(error):
+                yield event
         finally:
             answer.close()
 
@@ -115,8 +117,5 @@ def replay(server: ServerState, record: RequestRecord, body: SamplingFields, rep
 
 
 async def replayed_events(reply: Reply, choices: list[dict], usage: dict) -> AsyncIterator[str]:
-    for choice in reply.replay(choices):
-        yield reply.chunk([choice])
-    if reply.head.include_usage:
-        yield reply.chunk([], usage)
-    yield DONE
+    for event in [*reply.opening(), *reply.replayed(choices), *reply.closing(usage)]:
+        yield event

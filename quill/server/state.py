@@ -23,6 +23,7 @@ from quill.server.errors import APIError
 from quill.server.logprobs import TokenText
 from quill.server.metrics import ServerMetrics
 from quill.server.prompts import Prompts
+from quill.server.response_store import ResponseStore, build_response_store
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class ServerState:
     metrics: ServerMetrics
     billing: Billing
     cache: ResponseCache | None
+    responses: ResponseStore  # the Responses API's stored responses
     # Cache keys include what the answer depends on beyond the request (see `build_state`).
     cache_identity: dict
 
@@ -68,6 +70,7 @@ class ServerState:
             await asyncio.to_thread(self.engine.shutdown, 5.0)
         if self.cache is not None:
             self.cache.close()
+        self.responses.close()
 
 
 def build_state(model, config: ServerConfig) -> ServerState:
@@ -88,6 +91,7 @@ def build_state(model, config: ServerConfig) -> ServerState:
         token_text=TokenText(engine.tokenizer),
         admission=Admission(config, lambda: engine.stats().num_waiting),
         metrics=metrics, billing=Billing(costs, engine.stats, metrics, name), cache=cache,
+        responses=build_response_store(config),
         # A model without a file (an engine built in process) gets an identity of its own, so no
         # stored answer matches it.
         cache_identity={"model": name, "dtype": limits.dtype, "quill": __version__,
