@@ -18,6 +18,7 @@ from engine_helpers import tiny_text_engine
 from test_server import assert_error, wait_idle
 from quill.server import BackgroundServer, ServerConfig, create_app
 from quill.server.protocol import ResponsesRequest
+from quill.server.response_items import PlainText
 from quill.server.response_store import build_response_store
 from quill.server.sampling import SAMPLING_FIELDS
 
@@ -276,3 +277,93 @@ def test_every_request_field_is_honoured_refused_or_handled():
                "truncation", "background", "conversation", "prompt", "reasoning", "include", "context_management",
                "top_logprobs", "moderation"}
     assert not set(ResponsesRequest.model_fields) - SAMPLING_FIELDS - handled
+
+
+# ------------------------------------------------------------------------------ conformance
+
+
+def sdk_event_model(kind: str):
+    """The openai SDK's pydantic model of one stream event type."""
+    import typing
+
+    from openai.types.responses import ResponseStreamEvent
+
+    union = typing.get_args(ResponseStreamEvent)[0]
+    (model,) = [m for m in typing.get_args(union) if typing.get_args(m.model_fields["type"].annotation) == (kind,)]
+    return model
+
+
+def test_bodies_and_events_validate_against_the_openai_sdk_models(served):
+    """The client builds its objects without validating; here every field is checked strictly."""
+    from openai.types.responses import Response
+
+    _, _, http = served
+    body = {"model": "tiny", "input": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_output_tokens": 6,
+            "metadata": {"a": "b"}}
+    Response.model_validate(http.post("/v1/responses", json=body).json())
+    streamed = http.post("/v1/responses", json={**body, "stream": True})
+    for event in _events(streamed.text):
+        sdk_event_model(event["type"]).model_validate(event)
+
+
+def test_a_failure_after_the_stream_began_is_an_error_event_then_response_failed():
+    from quill.server.errors import APIError
+    from quill.server.replies import Head
+    from quill.server.responses_reply import ResponsesReply
+
+    stored = []
+    reply = ResponsesReply(Head("resp_x", "tiny", 0, False), None, True, ECHOED, new_parser=PlainText,
+                           shape={}, on_final=stored.append)
+    began = [*reply.opening(), *reply.events(_Update("Hel"))]
+    text = "".join(began + reply.failure(APIError(500, "the engine failed", type="server_error")))
+    events = _events(text)
+    assert [e["type"] for e in events] == ["response.created", "response.in_progress", "response.output_item.added",
+                                           "response.content_part.added", "response.output_text.delta",
+                                           "error", "response.failed"]
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "Hel"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-2]["message"] == "the engine failed"
+    assert events[-1]["response"]["status"] == "failed" and events[-1]["response"]["error"]["code"] == "server_error"
+    for event in events:
+        sdk_event_model(event["type"]).model_validate(event)
+    assert stored == []  # a failed response is not kept
+
+
+ECHOED = {"metadata": {}, "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+
+
+class _Update:
+    """An engine update's fields that a ResponsesReply reads (an unfinished one)."""
+
+    def __init__(self, delta: str) -> None:
+        self.delta, self.finished, self.choice = delta, False, None
+
+
+# ------------------------------------------------------------------------------ SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    from quill import LLM
+
+    llm = LLM(smollm2_gguf)
+    app = create_app(llm, ServerConfig(served_model_name="smollm2", response_cache=False))
+    with BackgroundServer(app) as server:
+        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120), llm
+
+
+@pytest.mark.real_model
+def test_smollm2_answers_streams_and_continues_a_conversation(smollm2):
+    client, llm = smollm2
+    question = "Name the capital of France."
+    first = client.responses.create(model="smollm2", input=question, temperature=0, max_output_tokens=12)
+    assert "Paris" in first.output_text
+    with client.responses.stream(model="smollm2", input=question, temperature=0, max_output_tokens=12) as stream:
+        streamed = list(stream)[-1].response
+    assert streamed.output_text == first.output_text
+    second = client.responses.create(model="smollm2", input="And of Italy?", previous_response_id=first.id,
+                                     temperature=0, max_output_tokens=12)
+    history = [{"role": "user", "content": question}, {"role": "assistant", "content": first.output_text},
+               {"role": "user", "content": "And of Italy?"}]
+    assert second.usage.input_tokens == len(llm.tokenizer.encode_chat(history))
+    assert "Rome" in second.output_text

@@ -64,7 +64,7 @@ class ResponsesReply(Reply):
                 self._event({"type": "response.in_progress", "response": snapshot})]
 
     def events(self, update: Update) -> list[str]:
-        return self._output(update.delta, update.finished, update.choice.finish_reason)
+        return self._output(update.delta, update.finished, update.choice.finish_reason if update.finished else None)
 
     def replayed(self, choices: list[dict]) -> list[str]:
         (choice,) = choices
@@ -122,6 +122,8 @@ def _item_status(finish_reason: str | None) -> str:
 def response_usage(usage: dict) -> dict:
     """Chat's usage in the Responses API's names (Quill's `quill` object kept)."""
     return {"input_tokens": usage["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]},
+            # Quill writes every prompt into its prefix cache as a matter of course: nothing to report.
+            "input_tokens_details": {"cached_tokens": usage["prompt_tokens_details"]["cached_tokens"],
+                                     "cache_write_tokens": 0},
             "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": usage["total_tokens"], "quill": usage["quill"]}
