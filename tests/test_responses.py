@@ -259,6 +259,7 @@ def _without_deltas(events: list[dict]) -> list[str]:
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x" * 5000}, "input"),
+    ({"input": []}, "input"),
     ({"model": "other"}, "model"),
 ])
 def test_what_cannot_be_honoured_is_refused_by_name(served, fields, param):

@@ -187,7 +187,7 @@ class ResponsesRequest(SamplingFields):
     conversation of `previous_response_id` and the `instructions`. The sampling extensions of chat
     apply (`seed`, `stop`, `top_k`, ...); `max_output_tokens` is its `max_tokens`."""
 
-    input: str | list[dict[str, Any]]
+    input: str | Annotated[list[dict[str, Any]], Field(min_length=1)]
     instructions: str | None = None
     max_output_tokens: int | None = bounded("max_tokens", default=None, description="defaults to the rest of the context window")
     metadata: dict[str, str] | None = None
