@@ -206,6 +206,23 @@ def test_stored_responses_persist_in_the_response_cache_file_and_memory_is_bound
     assert memory_only.get("a") is None and memory_only.get("b") is not None
 
 
+def test_a_conversation_continues_on_another_server_sharing_the_cache_file(served, tmp_path):
+    app, _, _ = served
+    config = ServerConfig(served_model_name="tiny", chat_template=CHAT_TEMPLATE,
+                          response_cache_path=str(tmp_path / "cache.sqlite"))
+    body = {"model": "tiny", "input": "Hello", "temperature": 0, "max_output_tokens": 4}
+    with BackgroundServer(create_app(app.state.engine, config)) as server:
+        first = httpx.post(f"{server.url}/v1/responses", json=body, timeout=30).json()
+    with BackgroundServer(create_app(app.state.engine, config)) as server:  # a restart
+        assert httpx.get(f"{server.url}/v1/responses/{first['id']}", timeout=30).json() == first
+        second = httpx.post(f"{server.url}/v1/responses", json={**body, "input": "Again", "cache": False,
+                                                                "previous_response_id": first["id"]}, timeout=30)
+    history = [{"role": "user", "content": "Hello"},
+               {"role": "assistant", "content": first["output"][0]["content"][0]["text"]},
+               {"role": "user", "content": "Again"}]
+    assert second.json()["usage"]["input_tokens"] == prompt_tokens(app, history)
+
+
 def test_a_response_cache_hit_replays_the_same_events(served):
     app, _, _ = served
     body = {"model": "tiny", "input": "Cached?", "temperature": 0, "max_output_tokens": 5, "stream": True}
