@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from quill.errors import InvalidRequestError
+from quill.structured.constraints import Constraint, constraint_from_fields
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -37,6 +39,13 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
     speculative: bool = True  # allow speculative decoding when the engine has it on (no effect on output)
+    # Structured output (at most one; see quill/structured/constraints.py). The output is
+    # constrained token by token, and ends (finish_reason "stop") once the grammar is complete.
+    json_schema: dict[str, Any] | str | None = None  # a JSON Schema, or its JSON text
+    json_object: bool = False  # any JSON object (OpenAI's JSON mode)
+    regex: str | None = None
+    choice: list[str] | None = None  # exactly one of these strings
+    grammar: str | None = None  # Lark (llguidance dialect) or GBNF
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,6 +56,7 @@ class SamplingParams:
             self.top_k = 0
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         self._check()
+        self._constraint = self._checked_constraint()
         if self.temperature < SAMPLING_EPS or self.top_p < SAMPLING_EPS:
             self.temperature, self.top_p = 0.0, 1.0
 
@@ -85,6 +95,20 @@ class SamplingParams:
             raise bad("logit_bias", "a map of token id to a bias in [-100, 100]")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+
+    def _checked_constraint(self) -> Constraint | None:
+        constraint = constraint_from_fields(json_schema=self.json_schema, json_object=self.json_object,
+                                            regex=self.regex, choice=self.choice, grammar=self.grammar)
+        if constraint is not None and self.ignore_eos:
+            # Nothing can follow a complete grammar: ignore_eos could not be honoured.
+            raise InvalidRequestError(f"ignore_eos cannot be combined with {constraint.kind}: "
+                                      f"a constrained output ends where its grammar ends")
+        return constraint
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """The structured-output constraint, validated (None: free text)."""
+        return self._constraint
 
     @property
     def greedy(self) -> bool:
