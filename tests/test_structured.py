@@ -16,7 +16,7 @@ from quill.structured.masks import TokenMasks
 from quill.structured.matcher import fill_masks, mask_words
 from quill.structured.stats import Histogram
 from quill.tokenizer import Tokenizer
-from tokenizer_helpers import tiny_sentencepiece_metadata
+from tokenizer_helpers import tiny_sentencepiece_metadata, tiny_text_ids
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 9}},
@@ -32,14 +32,6 @@ def tokenizer() -> Tokenizer:
 @pytest.fixture()
 def compiler(tokenizer) -> GrammarCompiler:
     return GrammarCompiler(tokenizer, MODEL_VOCAB, cache_size=2)
-
-
-def _ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """`text` one byte at a time, exactly (no SentencePiece space in front): single-letter pieces
-    where the vocabulary has them (llguidance allows one token per byte string, the piece, not
-    the <0xNN> fallback), byte tokens (<0x00> is id 3) for the rest."""
-    pieces = {chr(byte): tokenizer.backend.token_to_id(chr(byte)) for byte in range(128)} | {" ": 259}  # "▁"
-    return [pieces.get(chr(byte)) or 3 + byte for byte in text.encode()]
 
 
 def _allowed(matcher, vocab: int = MODEL_VOCAB) -> set[int]:
@@ -100,7 +92,7 @@ def test_gbnf_grammars_are_accepted_as_well_as_lark(tokenizer, compiler):
     lark = 'start: "yes" | "no"'
     for grammar in (gbnf, lark):
         (matcher,) = compiler.matchers(SamplingParams(grammar=grammar).constraint)
-        assert all(matcher.advance(t) for t in _ids(tokenizer, "no")) and matcher.is_terminated
+        assert all(matcher.advance(t) for t in tiny_text_ids(tokenizer, "no")) and matcher.is_terminated
 
 
 # --------------------------------------------------------------------------------- compiler
@@ -120,7 +112,7 @@ def test_grammar_cache_hits_and_lru_bound(compiler):
 def test_copies_from_the_cache_are_independent(tokenizer, compiler):
     constraint = SamplingParams(json_schema=PERSON).constraint
     first, second = compiler.matchers(constraint, 2)
-    for token in _ids(tokenizer, '{"name": "'):
+    for token in tiny_text_ids(tokenizer, '{"name": "'):
         assert first.advance(token)
     assert _allowed(second) == _allowed(compiler.matchers(constraint)[0])  # still at the start
 
@@ -129,7 +121,7 @@ def test_copies_from_the_cache_are_independent(tokenizer, compiler):
 def test_matcher_follows_a_json_schema(tokenizer, compiler):
     (matcher,) = compiler.matchers(SamplingParams(json_schema=PERSON).constraint)
     text = json.dumps({"name": "Hello", "age": 7})
-    for token in _ids(tokenizer, text):
+    for token in tiny_text_ids(tokenizer, text):
         assert token in _allowed(matcher)
         assert matcher.advance(token)
     assert matcher.is_accepting and matcher.is_terminated
@@ -147,14 +139,14 @@ def test_eos_only_where_the_grammar_accepts(tokenizer, compiler):
     (matcher,) = compiler.matchers(SamplingParams(regex=r"[0-9]{1,3}").constraint)
     eos = tokenizer.eos_token_ids
     assert not _allowed(matcher) & eos
-    matcher.advance(_ids(tokenizer, "7")[0])
+    matcher.advance(tiny_text_ids(tokenizer, "7")[0])
     assert matcher.is_accepting and not matcher.is_terminated and _allowed(matcher) & eos
 
 
 def test_valid_prefix_and_rollback(tokenizer, compiler):
     (matcher,) = compiler.matchers(SamplingParams(json_schema=PERSON).constraint)
-    good = _ids(tokenizer, '{"name": "He"')  # then "}": age is missing
-    assert matcher.valid_prefix(good + _ids(tokenizer, "}")) == len(good)  # nothing consumed
+    good = tiny_text_ids(tokenizer, '{"name": "He"')  # then "}": age is missing
+    assert matcher.valid_prefix(good + tiny_text_ids(tokenizer, "}")) == len(good)  # nothing consumed
     before = _allowed(matcher)
     masks_along = []
     for token in good:
@@ -169,11 +161,11 @@ def test_valid_prefix_and_rollback(tokenizer, compiler):
 def test_fill_masks_for_drafts_leaves_the_matchers_where_they_were(tokenizer, compiler):
     person = SamplingParams(json_schema=PERSON).constraint
     first, second = compiler.matchers(person, 2)
-    drafts = _ids(tokenizer, '{"name"') + _ids(tokenizer, "}") + _ids(tokenizer, "ll")  # '}' is invalid here
+    drafts = tiny_text_ids(tokenizer, '{"name"') + tiny_text_ids(tokenizer, "}") + tiny_text_ids(tokenizer, "ll")  # '}' is invalid here
     rows = torch.full((2 + len(drafts) + 1, mask_words(MODEL_VOCAB)), -1, dtype=torch.int32)
     fill_masks([(first, 0, []), (second, 1, drafts)], rows)
     valid = second.valid_prefix(drafts)
-    assert valid == len(_ids(tokenizer, '{"name"'))
+    assert valid == len(tiny_text_ids(tokenizer, '{"name"'))
     allowed = TokenMasks(list(range(len(rows))), rows).allowed(MODEL_VOCAB)
     expected = compiler.matchers(person)[0]
     assert set(allowed[0].nonzero().flatten().tolist()) == _allowed(expected)

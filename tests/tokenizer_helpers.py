@@ -39,3 +39,12 @@ def tiny_sentencepiece_metadata(**overrides):
         "tokenizer.ggml.unknown_token_id": 0,
         **overrides,
     }
+
+
+def tiny_text_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`text` in the tiny SentencePiece vocabulary one byte at a time, exactly (no space put in
+    front, as encoding would): the single-letter piece where there is one ("▁" for a space), else
+    the byte token (<0x00> is id 3). Grammar matchers accept one token per byte string: the piece,
+    not its <0xNN> fallback."""
+    pieces = {chr(byte): tokenizer.backend.token_to_id(chr(byte)) for byte in range(128)} | {" ": 259}
+    return [pieces.get(chr(byte)) or 3 + byte for byte in text.encode()]
