@@ -33,7 +33,10 @@ from pathlib import Path
 
 import torch
 
-JSON_SEPARATORS = (", ", ": ")  # what json.dumps writes, and what Quill's JSON grammars allow
+from quill.structured.constraints import JSON_COMPILE_OPTIONS
+
+# Every library writes JSON in Quill's layout (json.dumps separators, no other whitespace).
+JSON_SEPARATORS = (JSON_COMPILE_OPTIONS["item_separator"], JSON_COMPILE_OPTIONS["key_separator"])
 
 # (name, schema, a valid instance): the cases timed for compile and mask cost.
 TIMED_SCHEMAS = [
@@ -166,8 +169,7 @@ class Llguidance(Matcher):
     def compile(self, kind: str, spec):
         M = self.llg.LLMatcher
         if kind == "json":
-            grammar = M.grammar_from_json_schema(spec, defaults={
-                "whitespace_flexible": False, "item_separator": JSON_SEPARATORS[0], "key_separator": JSON_SEPARATORS[1]})
+            grammar = M.grammar_from_json_schema(spec, defaults=JSON_COMPILE_OPTIONS)
         elif kind == "regex":
             grammar = M.grammar_from_regex(spec)
         elif kind == "choice":

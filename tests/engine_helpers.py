@@ -8,6 +8,7 @@ import torch
 from quill.config import EngineConfig
 from quill.engine.engine import Engine
 from quill.models import build_model
+from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
 from quill.weights import load_checkpoint
 
@@ -22,14 +23,15 @@ def tiny_engine(path: Path, dtype: str = "float32", **engine_options) -> Engine:
     return Engine(model, config, None, EngineConfig(dtype=dtype, **engine_options))
 
 
-def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 *, arrive_every: int = 0) -> list[list[int]]:
-    """Generate for every prompt; with arrive_every=k, one new prompt joins every k steps.
-    Returns the generated token ids in prompt order."""
+def run_outputs(engine: Engine, prompts: list, params: SamplingParams | list[SamplingParams],
+                *, arrive_every: int = 0) -> list:
+    """Generate for every prompt (token ids or text); with arrive_every=k, one new prompt joins
+    every k steps. Returns each prompt's final RequestOutput, in prompt order (with n > 1, the
+    list of its n outputs in index order)."""
     params_list = params if isinstance(params, list) else [params] * len(prompts)
     pending = list(enumerate(prompts))
     index_of: dict[str, int] = {}
-    results: dict[int, list[int]] = {}
+    results: dict[int, dict[int, RequestOutput]] = {}
     step = 0
     while pending or engine.has_unfinished():
         if pending and (arrive_every == 0 or step % arrive_every == 0):
@@ -39,9 +41,16 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
             pending = pending[len(arriving):]
         for output in engine.step():
             if output.finished:
-                results[index_of[output.request_id]] = output.token_ids
+                results.setdefault(index_of[output.request_id], {})[output.index] = output
         step += 1
-    return [results[i] for i in range(len(prompts))]
+    return [results[i][0] if len(results[i]) == 1 else [results[i][k] for k in sorted(results[i])]
+            for i in range(len(prompts))]
+
+
+def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 *, arrive_every: int = 0) -> list[list[int]]:
+    """`run_outputs`' generated token ids (one completion per prompt)."""
+    return [output.token_ids for output in run_outputs(engine, prompts, params, arrive_every=arrive_every)]
 
 
 def tiny_text_engine(path: Path, **engine_options) -> Engine:

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import torch
 
-from engine_helpers import load_model, tiny_engine, tiny_text_engine
+from engine_helpers import run_outputs, tiny_engine, tiny_text_engine
 from quill.engine.engine import Engine
 from quill.errors import InvalidRequestError, StructuredOutputError
 from quill.outputs import RequestOutput
@@ -28,22 +28,6 @@ LARK = 'start: "(" expr ")"\nexpr: NUM | NUM "+" expr\nNUM: /[0-9]/'
 @pytest.fixture(scope="module")
 def llama(tiny_model_dir):
     return tiny_model_dir("llama")
-
-
-def _outputs(engine: Engine, prompts: list, params: list[SamplingParams], arrive_every: int = 0) -> list[RequestOutput]:
-    """Final outputs in prompt order (with n > 1: a list of the n outputs per prompt)."""
-    pending, ids, done, step = list(enumerate(prompts)), {}, {}, 0
-    while pending or engine.has_unfinished():
-        if pending and (arrive_every == 0 or step % arrive_every == 0):
-            arriving = pending if arrive_every == 0 else pending[:1]
-            for i, prompt in arriving:
-                ids[engine.add_request(prompt, params[i])] = i
-            pending = pending[len(arriving):]
-        for output in engine.step():
-            if output.finished:
-                done.setdefault(ids[output.request_id], {})[output.index] = output
-        step += 1
-    return [done[i][0] if len(done[i]) == 1 else [done[i][k] for k in sorted(done[i])] for i in range(len(prompts))]
 
 
 def _assert_obeys(output: RequestOutput, params: SamplingParams) -> None:
@@ -82,7 +66,7 @@ def _assert_no_leaks(engine: Engine) -> None:
 def test_every_kind_of_constraint_is_obeyed(llama, sampling):
     engine = tiny_text_engine(llama)
     params = _constrained(**sampling)
-    for output, p in zip(_outputs(engine, ["Hello world"] * len(params), params), params):
+    for output, p in zip(run_outputs(engine, ["Hello world"] * len(params), params), params):
         _assert_obeys(output, p)
     _assert_no_leaks(engine)
 
@@ -93,7 +77,7 @@ def test_penalties_and_bias_cannot_break_the_grammar(llama):
     params = [SamplingParams(json_schema=PERSON, max_tokens=60, temperature=0, repetition_penalty=1.5,
                              frequency_penalty=1.0, logit_bias={eos: 100.0, 128: 100.0}),  # 128 is '}'
               SamplingParams(choice=["Hello", "world"], temperature=0, min_tokens=5)]  # EOS comes too early
-    for output, p in zip(_outputs(engine, ["Hello"] * 2, params), params):
+    for output, p in zip(run_outputs(engine, ["Hello"] * 2, params), params):
         _assert_obeys(output, p)
 
 
@@ -114,7 +98,7 @@ def _mixed_batch() -> tuple[list[str], list[SamplingParams]]:
 def alone(llama) -> list[RequestOutput]:
     """Each request of the mixed batch run alone (one at a time, nothing cached from the others)."""
     engine = tiny_text_engine(llama, enable_prefix_caching=False)
-    return [_outputs(engine, [prompt], [p])[0] for prompt, p in zip(*_mixed_batch())]
+    return [run_outputs(engine, [prompt], [p])[0] for prompt, p in zip(*_mixed_batch())]
 
 
 @pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 16}, {"enable_prefix_caching": False}],
@@ -122,7 +106,7 @@ def alone(llama) -> list[RequestOutput]:
 def test_constrained_output_is_identical_alone_and_in_a_busy_batch(llama, alone, options):
     prompts, params = _mixed_batch()
     engine = tiny_text_engine(llama, **options)
-    together = _outputs(engine, prompts, params, arrive_every=1)
+    together = run_outputs(engine, prompts, params, arrive_every=1)
     assert len(prompts) == 16
     for a, b, p in zip(alone, together, params):
         assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
@@ -134,7 +118,7 @@ def test_constrained_output_is_identical_alone_and_in_a_busy_batch(llama, alone,
 def test_preemption_keeps_each_matcher_in_place(llama, alone):
     prompts, params = _mixed_batch()
     engine = tiny_text_engine(llama, block_size=4, kv_cache_memory=20 * 4 * 768)  # 20 blocks, 768 B a token
-    tight = _outputs(engine, prompts, params)
+    tight = run_outputs(engine, prompts, params)
     assert engine.stats().num_preemptions > 0
     assert [o.token_ids for o in tight] == [o.token_ids for o in alone]
     _assert_no_leaks(engine)
@@ -170,12 +154,12 @@ def test_speculation_does_not_change_constrained_greedy_output(llama, drafter):
                "Hello world Hello world Hello"]
     params = [SamplingParams(json_schema=PERSON, temperature=0, max_tokens=60), SamplingParams(grammar=LARK, temperature=0),
               SamplingParams(regex=r"(Hello |world ){1,6}", temperature=0, max_tokens=40)]
-    plain = _outputs(tiny_text_engine(llama), prompts, params)
+    plain = run_outputs(tiny_text_engine(llama), prompts, params)
     engine = tiny_text_engine(llama, speculative="ngram", num_speculative_tokens=4)
     if drafter == "oracle":
         ids = [engine.tokenizer.encode(p) for p in prompts]
         engine.speculator.drafter = _OracleDrafter({tuple(i): o.token_ids for i, o in zip(ids, plain)})
-    speculated = _outputs(engine, prompts, params)
+    speculated = run_outputs(engine, prompts, params)
     assert [o.token_ids for o in speculated] == [o.token_ids for o in plain]
     if drafter == "oracle":
         assert engine.stats().spec_num_accepted_tokens > 0  # drafts were used, some rejected
@@ -187,12 +171,12 @@ def test_sampled_drafts_the_grammar_rejects_are_never_accepted(llama):
     """Drafts drawn from a distribution are verified whole: invalid ones must be rejected there."""
     prompts = ["Hello world"] * 4
     params = [SamplingParams(json_schema=PERSON, temperature=1.0, seed=s, max_tokens=60) for s in range(4)]
-    plain = _outputs(tiny_text_engine(llama), prompts, [SamplingParams(json_schema=PERSON, temperature=0,
+    plain = run_outputs(tiny_text_engine(llama), prompts, [SamplingParams(json_schema=PERSON, temperature=0,
                                                                        max_tokens=60)] * 4)
     engine = tiny_text_engine(llama, speculative="ngram")
     ids = engine.tokenizer.encode(prompts[0])
     engine.speculator.drafter = _OracleDrafter({tuple(ids): plain[0].token_ids}, probs=True)
-    for output, p in zip(_outputs(engine, prompts, params), params):
+    for output, p in zip(run_outputs(engine, prompts, params), params):
         _assert_obeys(output, p)
     assert engine.stats().spec_num_draft_tokens == engine.speculator.drafter.proposed  # none cut
     _assert_no_leaks(engine)
@@ -203,7 +187,7 @@ def test_n_completions_each_follow_their_own_matcher(llama):
     engine = tiny_text_engine(llama)
     sampled = SamplingParams(json_schema=PERSON, n=3, temperature=1.0, seed=11, max_tokens=60)
     greedy = SamplingParams(regex=r"[a-d]{2,4}-[0-9]{3}", n=2, temperature=0)
-    sampled_out, greedy_out = _outputs(engine, ["Hello", "Hello"], [sampled, greedy])
+    sampled_out, greedy_out = run_outputs(engine, ["Hello", "Hello"], [sampled, greedy])
     for output in sampled_out:
         _assert_obeys(output, sampled)
     assert len({o.text for o in sampled_out}) > 1
@@ -214,7 +198,7 @@ def test_n_completions_each_follow_their_own_matcher(llama):
 def test_logprobs_are_those_of_the_masked_distribution(llama):
     engine = tiny_text_engine(llama)
     choices = ["Hello", "world", "Hi"]
-    output = _outputs(engine, ["Hello"], [SamplingParams(choice=choices, temperature=0, logprobs=20)])[0]
+    output = run_outputs(engine, ["Hello"], [SamplingParams(choice=choices, temperature=0, logprobs=20)])[0]
     first = output.logprobs[0]
     allowed_first = {engine.tokenizer.encode(c, add_special_tokens=False)[0] for c in choices} | \
         {t for c in choices for t in range(engine.tokenizer.vocab_size)
@@ -227,15 +211,15 @@ def test_logprobs_are_those_of_the_masked_distribution(llama):
 
 def test_stop_string_ends_a_constrained_output_early(llama):
     engine = tiny_text_engine(llama)
-    full = _outputs(engine, ["Hello"], [SamplingParams(json_schema=PERSON, temperature=0, max_tokens=60)])[0]
+    full = run_outputs(engine, ["Hello"], [SamplingParams(json_schema=PERSON, temperature=0, max_tokens=60)])[0]
     stop = full.text[5:8]
-    cut = _outputs(engine, ["Hello"], [SamplingParams(json_schema=PERSON, temperature=0, max_tokens=60, stop=[stop])])[0]
+    cut = run_outputs(engine, ["Hello"], [SamplingParams(json_schema=PERSON, temperature=0, max_tokens=60, stop=[stop])])[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
 
 
 def test_a_grammar_that_cannot_finish_in_max_tokens_ends_with_length(llama):
     engine = tiny_text_engine(llama)
-    output = _outputs(engine, ["Hello"], [SamplingParams(regex="a{50}", temperature=0, max_tokens=10)])[0]
+    output = run_outputs(engine, ["Hello"], [SamplingParams(regex="a{50}", temperature=0, max_tokens=10)])[0]
     assert output.finish_reason == "length" and output.text == "a" * len(output.token_ids) and len(output.token_ids) == 10
     _assert_no_leaks(engine)
 
@@ -257,7 +241,7 @@ def test_bad_constraints_leave_the_engine_untouched(llama, tiny_model_dir):
 def test_stats_count_requests_compiles_cache_hits_and_masks(llama):
     engine = tiny_text_engine(llama)
     params = [SamplingParams(json_schema=PERSON, temperature=0, max_tokens=60)] * 3 + [SamplingParams(regex="ab", n=2)]
-    outputs = _outputs(engine, ["Hello"] * 4, params + [SamplingParams(max_tokens=3)])
+    outputs = run_outputs(engine, ["Hello"] * 4, params + [SamplingParams(max_tokens=3)])
     stats = engine.stats().structured
     assert stats.num_constrained_requests == 4
     assert (stats.grammar_cache_misses, stats.grammar_cache_hits) == (2, 2)
@@ -265,3 +249,31 @@ def test_stats_count_requests_compiles_cache_hits_and_masks(llama):
     sampled_positions = sum(len(o.token_ids) for o in outputs[:3]) + 2 * 2
     assert stats.mask_seconds_count == sampled_positions == stats.mask_seconds_buckets[-1][1]
     assert stats.mask_seconds_sum > 0 and stats.mask_wait_seconds >= 0
+
+
+def test_a_step_that_fails_mid_forward_leaves_the_matchers_usable(llama, monkeypatch):
+    """The mask job started before the forward pass is waited out, not raced, by the next step."""
+    engine = tiny_text_engine(llama)
+    params = SamplingParams(json_schema=PERSON, temperature=0, max_tokens=60)
+    expected = run_outputs(tiny_text_engine(llama), ["Hello"], [params])[0]
+    engine.add_request("Hello", params)
+    engine.step()
+    execute = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.step()
+    monkeypatch.setattr(engine.runner, "execute", execute)
+    outputs = []
+    while engine.has_unfinished():
+        outputs += engine.step()
+    assert outputs[-1].token_ids == expected.token_ids
+
+
+def test_masks_are_filled_on_the_engine_thread_when_no_job_foresaw_them(llama):
+    engine = tiny_text_engine(llama)
+    engine.add_request("Hello", SamplingParams(regex="[a-d]{3}", temperature=0))
+    batch = engine.scheduler.schedule()
+    job = engine.structured.start(batch.requests, batch.num_new_tokens)
+    foreseen = engine.structured.collect(job, batch.requests)
+    unforeseen = engine.structured.collect(None, batch.requests)
+    assert foreseen.rows == unforeseen.rows == [0] and torch.equal(foreseen.bits, unforeseen.bits)

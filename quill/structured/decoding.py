@@ -3,8 +3,9 @@
 Step order (see `Engine.step`):
 1. the scheduler picks the batch; `start` hands the matchers of the constrained requests that
    sample this step to a worker thread, which fills their masks (one row per position: the last
-   token and each scheduled draft) while the engine thread runs the forward pass. llguidance
-   releases the GIL while it computes, and the worker touches no torch op, so the two overlap;
+   token and each scheduled draft) while the engine thread runs the forward pass: one call into
+   llguidance for the whole batch, which releases the GIL while it computes (the worker runs no
+   torch op), so the two overlap;
 2. after the forward pass, `collect` waits for the worker (usually long done) and lines the masks
    up with the logits rows; the sampler or verifier applies them before anything else;
 3. each committed token advances its matcher (`advance`); a grammar that is complete ends the
@@ -79,9 +80,6 @@ class StructuredDecoding:
 
     def finish(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)  # an in-flight job keeps its own reference
-
-    def is_constrained(self, request_id: str) -> bool:
-        return request_id in self._matchers
 
     # -------------------------------------------------------------------------- the step
     def start(self, requests: list[Request], num_new_tokens: list[int]) -> MaskJob | None:
