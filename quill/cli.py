@@ -219,8 +219,8 @@ def _sampling_options() -> argparse.ArgumentParser:
 
 def _add_structured_output_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "structured output", "Constrain the answer token by token (at most one of these). The answer ends as "
-        "soon as it is complete; one cut off by --max-tokens is incomplete (the stats line says 'hit --max-tokens').")
+        "structured output", "Constrain the answer token by token (at most one of these). The answer ends "
+        "as soon as it is complete; one cut off by --max-tokens is incomplete (the stats line then says so).")
     exclusive = group.add_mutually_exclusive_group()
     exclusive.add_argument("--json-schema", metavar="FILE",
                            help="answer with JSON that validates against the JSON Schema in FILE")

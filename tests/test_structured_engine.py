@@ -16,6 +16,7 @@ from quill.errors import InvalidRequestError, StructuredOutputError
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
 from quill.speculative.drafter import Draft
+from structured_schemas import property_test_schemas, validate
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 6},
@@ -34,7 +35,7 @@ def _assert_obeys(output: RequestOutput, params: SamplingParams) -> None:
     assert output.finish_reason == "stop", (output.text, output.finish_reason)
     text = output.text
     if params.json_schema is not None:
-        jsonschema.validate(json.loads(text), params.json_schema)
+        validate(json.loads(text), params.json_schema)
     elif params.json_object:
         assert isinstance(json.loads(text), dict)
     elif params.regex is not None:
@@ -68,6 +69,25 @@ def test_every_kind_of_constraint_is_obeyed(llama, sampling):
     params = _constrained(**sampling)
     for output, p in zip(run_outputs(engine, ["Hello world"] * len(params), params), params):
         _assert_obeys(output, p)
+    _assert_no_leaks(engine)
+
+
+def test_every_output_validates_for_200_schemas(llama):
+    """The property test: 200 schemas (tool shapes and generated ones), each once greedy and once
+    sampled, batched 100 at a time; every output parses and validates with `jsonschema`."""
+    engine = tiny_text_engine(llama, max_num_seqs=100)
+    schemas = property_test_schemas(200)
+    params = [SamplingParams(json_schema=s, temperature=0, max_tokens=400) for s in schemas] + \
+             [SamplingParams(json_schema=s, temperature=1.0, seed=i, max_tokens=400) for i, s in enumerate(schemas)]
+    failures = []
+    for start in range(0, len(params), 100):
+        batch = params[start:start + 100]
+        for output, p in zip(run_outputs(engine, ["Hello world"] * len(batch), batch), batch):
+            try:
+                _assert_obeys(output, p)
+            except (AssertionError, ValueError, jsonschema.ValidationError) as exc:
+                failures.append((p.json_schema, output.text, str(exc)[:200]))
+    assert not failures, f"{len(failures)} of {len(params)} failed, e.g. {failures[:2]}"
     _assert_no_leaks(engine)
 
 
