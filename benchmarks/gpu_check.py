@@ -8,8 +8,8 @@ random weights are as good as trained ones for comparing two devices on the same
     python benchmarks/gpu_check.py --out results.json        # on a machine with a GPU
     python benchmarks/gpu_check.py --device cpu --layers 2   # a quick dry run of the script anywhere
 
-Correctness: logits at every position of a 256-token sequence (CUDA float32 and bfloat16 against
-CPU float32), greedy tokens of a batch (CUDA against CPU), and whether greedy output on CUDA
+Correctness: logits at every position of a 256-token sequence as the engine's runner prefills it
+(CUDA float32 and bfloat16 against CPU float32), greedy tokens of a batch (CUDA against CPU), and whether greedy output on CUDA
 depends on the batch. Speed (bfloat16): prefill of a 512-token prompt, single-stream decode, and
 aggregate decode throughput with 16 and 64 concurrent sequences.
 """
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from quill.config import EngineConfig  # noqa: E402
 from quill.engine.engine import Engine  # noqa: E402
-from quill.models import load_model  # noqa: E402
-from quill.optimize.evaluate import all_position_logits  # noqa: E402
+from quill.models.loader import load_model  # noqa: E402
+from quill.optimize.evaluate import scoring_runner  # noqa: E402
 from quill.sampling_params import SamplingParams  # noqa: E402
 
 SMOLLM2_SHAPES = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
@@ -69,11 +69,11 @@ def engine_for(path: Path, dtype: str, device: str, **options) -> Engine:
 def check_correctness(path: Path, device: str, prompts: list[list[int]]) -> dict:
     sequence = prompts[0] * 4
     reference_model, config = load_model(path, torch.float32, "cpu")
-    reference = all_position_logits(reference_model, config, sequence)
+    reference = scoring_runner(reference_model, config, len(sequence)).prompt_logits(sequence)
     result = {}
     for dtype in (torch.float32, torch.bfloat16):
         model, _ = load_model(path, dtype, device)
-        logits = all_position_logits(model, config, sequence).cpu()
+        logits = scoring_runner(model, config, len(sequence)).prompt_logits(sequence)
         error = (logits - reference).abs()
         result[f"logits_{str(dtype).removeprefix('torch.')}"] = {
             "max_abs_error": error.max().item(), "mean_abs_error": error.mean().item(),

@@ -121,12 +121,14 @@ def _make_files(model: str, work_dir: Path) -> dict[str, Path]:
 
 _FLOAT_SCRIPT = """
 import sys
-from quill.weights import load_checkpoint
+from quill.models.loader import load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.weights.gguf_export import write_gguf
 source, out = sys.argv[1:]
 checkpoint = load_checkpoint(source)  # dequantized to float32
 tokenizer = {k: v for k, v in checkpoint.metadata.items() if k.startswith("tokenizer.")}
-write_gguf(out, checkpoint.config, checkpoint.tensors, tokenizer, dtype="f16")
+write_gguf(out, FAMILIES.named(checkpoint.config.architecture), checkpoint.config, checkpoint.tensors, tokenizer,
+           dtype="f16")
 """
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -38,6 +36,7 @@ from quill.bench.client import Target, fetch_model, send_request
 from quill.bench.report import percentile
 from quill.bench.servers import free_port, llama_cpp_command, quill_serve_command, started_server
 from quill.bench.workload import RequestSpec, synthetic_workload
+from quill.hardware import host_description
 from quill.table import format_table
 from quill.weights.hub import resolve_model  # pulls a known model on first use
 
@@ -127,7 +126,7 @@ def main() -> int:
 
     print_table(results)
     if args.json:
-        report = {"host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        report = {"host": host_description(),
                   "clients": args.clients, "max_tokens": args.max_tokens, "temperature": args.temperature,
                   "ignore_eos": args.ignore_eos, "results": results}
         args.json.parent.mkdir(parents=True, exist_ok=True)

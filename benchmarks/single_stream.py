@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -185,8 +183,9 @@ def _print_table(results: list[dict]) -> None:
 
 
 def _host() -> dict:
-    return {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "python": platform.python_version()}
+    from quill.hardware import host_description
+
+    return host_description()
 
 
 if __name__ == "__main__":

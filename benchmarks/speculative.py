@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -138,8 +136,9 @@ def _print_table(results: list[dict]) -> None:
 
 
 def _host() -> dict:
-    return {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    from quill.hardware import host_description
+
+    return {**host_description(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[_model_options()],
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over HTTP with the OpenAI API (/v1/chat/completions, /v1/completions, "
-        "/v1/models) plus /tokenize, /detokenize, /health, /version and /metrics. SIGTERM or Ctrl-C stops "
+        "/v1/models) plus /tokenize, /detokenize, /health, /version and /metrics, and a chat page at / (--no-ui "
+        "turns it off). SIGTERM or Ctrl-C stops "
         "accepting requests and gives in-flight ones --shutdown-grace seconds. One JSON line per request is "
         "logged to stderr. Repeated deterministic requests (temperature 0, or a seed) are answered from a "
         "response cache in memory; the X-Quill-Cache response header says hit, miss or bypass, and a client "
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-tokens-cap", type=int, metavar="N",
                        help="clamp each request's max_tokens to N (default: no cap)")
     serve.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
+    serve.add_argument("--no-ui", action="store_true",
+                       help="do not serve the chat page at / (the API is the same either way)")
     serve.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                        help="time in-flight requests get to finish at shutdown (default: %(default)s)")
     serve.add_argument("--hourly-cost", type=float, default=DEFAULT_HOURLY_COST, metavar="USD",
@@ -174,10 +177,6 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument("--dequantize", action="store_true",
                          help="expand quantized GGUF weights to --dtype at load instead of running Q4_0/Q4_1/Q4_K "
                               "and int4/int8 weights natively (more memory, slower decoding; the reference path)")
-    options.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
-                         help="make greedy output independent of what else is in the batch (default: on; "
-                              "prompts of 32 tokens or more still prefill through bf16 weights). Off, quantized "
-                              "layers instead switch to bf16 for any step of 96 rows or more")
     options.add_argument("--max-model-len", type=int, metavar="N",
                          help="context length limit (default: the model's own)")
     options.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
@@ -362,13 +361,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         hourly_cost=args.hourly_cost, reference_prices=reference_prices,
         response_cache=not args.no_response_cache, response_cache_path=args.response_cache,
         response_cache_entries=args.response_cache_entries, response_cache_memory=args.response_cache_memory,
-        response_cache_ttl=args.response_cache_ttl,
+        response_cache_ttl=args.response_cache_ttl, ui=not args.no_ui,
     )
     app = create_app(llm, config)
     host = f"[{args.host}]" if ":" in args.host else args.host
-    logging.getLogger("quill.server").info(
-        "serving %s as %r on http://%s:%d/v1 (API key %s)", llm.path, config.served_model_name, host, args.port,
-        "required" if config.api_key else "not required")
+    log = logging.getLogger("quill.server")
+    log.info("serving %s as %r on http://%s:%d/v1 (API key %s)", llm.path, config.served_model_name, host, args.port,
+             "required" if config.api_key else "not required")
+    if config.ui:
+        log.info("chat page on http://%s:%d/", host, args.port)
     serve(app, host=args.host, port=args.port, shutdown_grace=args.shutdown_grace)
     return 0
 
@@ -426,7 +427,7 @@ def _load_llm(args: argparse.Namespace):
     from quill import LLM  # torch loads here, so --help, pull and models stay quick
 
     return LLM(args.model, dtype=args.dtype, device=args.device, dequantize=args.dequantize,
-               batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
+               max_model_len=args.max_model_len,
                kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
 
@@ -512,7 +513,7 @@ def _human_size(size: int) -> str:
 # --- quantize and eval ----------------------------------------------------------------------------
 
 def _add_quantize_command(commands) -> None:
-    from quill.optimize import EMBEDDING_TYPES, QUANT_TYPES
+    from quill.optimize import EMBEDDING_TYPES, FLOAT_TYPES, QUANT_TYPES
 
     quantize = commands.add_parser(
         "quantize",
@@ -520,21 +521,26 @@ def _add_quantize_command(commands) -> None:
         description="Weight-only quantization of a float checkpoint (a Hugging Face directory or an F32/F16/BF16 "
         "GGUF file) into a GGUF file. q8_0, q4_0 and q4_1 are GGML's standard block types (32 weights a block), "
         "which llama.cpp loads too; int8 (one scale per output row) and int4 (a scale and offset per group of "
-        "--group-size columns) are Quill's own format, run by PyTorch's int8/int4 kernels. Norms and biases stay "
-        "F32. A Hugging Face source's tokenizer is not carried into the GGUF file.",
+        "--group-size columns) are Quill's own format, run by PyTorch's int8/int4 kernels. f32, f16 and bf16 "
+        "convert without quantizing. Norms and biases stay F32. The file carries the source's tokenizer and chat "
+        "template (a Hugging Face tokenizer.json is converted as llama.cpp's converter does), so Quill and "
+        "llama.cpp run it by itself; a tokenizer GGUF cannot describe is an error.",
     )
     quantize.add_argument("source", metavar="SRC", help="float checkpoint: a Hugging Face directory or a .gguf file")
     quantize.add_argument("-o", "--output", required=True, metavar="OUT", help="the GGUF file to write")
-    quantize.add_argument("--type", required=True, choices=QUANT_TYPES, dest="qtype",
+    quantize.add_argument("--type", required=True, choices=QUANT_TYPES + FLOAT_TYPES, dest="qtype",
                           help="quantization type of the weight matrices")
     quantize.add_argument("--group-size", type=int, metavar="N",
                           help="int4 only: input columns sharing a scale and offset, 32/64/128/256 (default: 32); "
                                "a matrix whose width N does not divide is stored as Q8_0")
     quantize.add_argument("--embeddings", choices=EMBEDDING_TYPES,
                           help="type of the token embedding and an untied LM head; 'same' uses --type "
-                               "(default: q8_0 with q8_0/q4_0/q4_1, f16 with int8/int4)")
+                               "(default: q8_0 with q8_0/q4_0/q4_1, f16 with int8/int4, same with float types)")
     quantize.add_argument("--allow-requantize", action="store_true",
                           help="accept an already-quantized GGUF source (its rounding errors add up with the new ones)")
+    quantize.add_argument("--no-tokenizer", action="store_true",
+                          help="write the file without a tokenizer (then neither Quill nor llama.cpp can run it "
+                               "by itself), e.g. when the source's tokenizer cannot be converted")
     quantize.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     quantize.set_defaults(func=_cmd_quantize)
 
@@ -564,18 +570,26 @@ def _add_eval_command(commands) -> None:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from quill.optimize.quantize import quantize_checkpoint
+    from quill.optimize.gguf_tokenizer import TokenizerConversionError
 
-    summary = quantize_checkpoint(args.source, args.output, args.qtype, group_size=args.group_size,
-                                  embeddings=args.embeddings, allow_requantize=args.allow_requantize,
-                                  progress=not args.quiet)
+    try:
+        summary = quantize_checkpoint(args.source, args.output, args.qtype, group_size=args.group_size,
+                                      embeddings=args.embeddings, allow_requantize=args.allow_requantize,
+                                      with_tokenizer=not args.no_tokenizer, progress=not args.quiet)
+    except TokenizerConversionError as exc:
+        raise TokenizerConversionError(f"{exc}. Nothing was written; pass --no-tokenizer to write the file "
+                                       "without a tokenizer") from exc
     print(f"wrote {summary.output}")
-    print(f"  size: {_human_size(summary.source_bytes)} -> {_human_size(summary.output_bytes)} "
-          f"({summary.ratio:.2f}x smaller)")
+    change = f"{summary.ratio:.2f}x smaller" if summary.ratio >= 1 else f"{1 / summary.ratio:.2f}x larger"
+    print(f"  size: {_human_size(summary.source_bytes)} -> {_human_size(summary.output_bytes)} ({change})")
     print("  tensors: " + ", ".join(f"{n} {kind}" for kind, n in summary.tensor_types.most_common()))
     for change, n in sorted(summary.fallbacks.items()):
         print(f"  {n} matrices {change}: their width is not a multiple of the group")
+    for note in summary.tokenizer_notes:
+        print(f"  note: {note}", file=sys.stderr)
     if not summary.has_tokenizer:
-        print("  note: no tokenizer in the file (a Hugging Face tokenizer.json is not converted)", file=sys.stderr)
+        print("  warning: no tokenizer in the file (--no-tokenizer): neither `quill run` nor llama.cpp can use "
+              "it by itself", file=sys.stderr)
     return 0
 
 

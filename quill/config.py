@@ -10,13 +10,12 @@ from typing import Any
 
 from quill.errors import InvalidRequestError
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # one of SUPPORTED_ARCHITECTURES
+    architecture: str  # a model family's name (quill/models/registry.py)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -35,6 +34,16 @@ class ModelConfig:
     # Per-layer attention kind, "full" or "sliding"; empty means every layer is "full".
     layer_types: tuple[str, ...] = ()
     sliding_window: int | None = None
+    # Per layer, whether attention rotates q and k (SmolLM3 leaves some layers without RoPE);
+    # empty means every layer does.
+    rope_layers: tuple[bool, ...] = ()
+    # Mixture of experts (Qwen3-MoE): every layer's MLP is `num_experts` experts of
+    # `moe_intermediate_size`, of which each token uses `num_experts_per_token`, weighted by the
+    # router's probabilities (renormalised over the chosen ones when `norm_topk_prob`). 0: dense.
+    num_experts: int = 0
+    num_experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
     # Gemma 3: sliding layers use their own RoPE base and no scaling.
     rope_local_theta: float | None = None
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 when set
@@ -46,6 +55,12 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", (kind,) * self.num_layers)
         if len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        if not self.rope_layers:
+            object.__setattr__(self, "rope_layers", (True,) * self.num_layers)
+        if len(self.rope_layers) != self.num_layers:
+            raise ValueError(f"rope_layers has {len(self.rope_layers)} entries for {self.num_layers} layers")
+        if self.num_experts and not 0 < self.num_experts_per_token <= self.num_experts:
+            raise ValueError(f"num_experts_per_token {self.num_experts_per_token} is not in 1..{self.num_experts}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
@@ -71,9 +86,6 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences in the running batch
     max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     enable_prefix_caching: bool = True
-    # Make every row's result independent of the batch around it (see quill/layers/linear.py),
-    # so greedy output does not change with server load. Costs some single-stream speed.
-    batch_invariant: bool = True
     seed: int = 0
     # Speculative decoding: None (off), "ngram" (prompt lookup) or a draft model sharing the
     # target's tokenizer (a path or known name). See quill/speculative/.

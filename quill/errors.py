@@ -1,9 +1,27 @@
 """Typed errors that users can cause. The server maps each to a 4xx response; none of them
-should ever surface as a traceback from deep inside the engine."""
+should ever surface as a traceback from deep inside the engine.
+
+An error knows which request field it is about (`param`, in the engine's and `SamplingParams`'
+names: "prompt", "max_tokens", "logit_bias", ...) and a stable machine-readable `code` where
+clients act on one (OpenAI's `context_length_exceeded`). Whoever raises it says so; nobody
+recovers either from the message text. The server renames `param` to its own field names
+(a chat request's prompt is its `messages`)."""
+from __future__ import annotations
 
 
 class QuillError(Exception):
     """Base class for every error Quill raises on purpose."""
+
+    param: str | None = None  # the request field at fault, if one is
+    code: str | None = None  # a stable reason clients can act on
+
+    def __init__(self, message: str = "", *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if param is not None:
+            self.param = param
+        if code is not None:
+            self.code = code
 
 
 class ModelLoadError(QuillError):
@@ -21,15 +39,19 @@ class InvalidRequestError(QuillError, ValueError):
 class ContextLengthError(InvalidRequestError):
     """The prompt (plus the requested output) does not fit the model's context window."""
 
+    param = "prompt"
+    code = "context_length_exceeded"
+
 
 class ChatTemplateError(InvalidRequestError):
     """The model has no chat template, or the template failed to render these messages."""
+
+    param = "messages"
 
 
 class StructuredOutputError(InvalidRequestError):
     """A structured-output constraint (JSON schema, regex, choice, grammar, tools) is invalid or
     uses a feature the grammar matcher does not support. `param` names the field at fault."""
 
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
+    def __init__(self, message: str, *, param: str, code: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)

@@ -10,11 +10,10 @@ import torch
 from quill.config import EngineConfig
 from quill.engine.engine import Engine
 from quill.errors import InvalidRequestError
-from quill.models import load_model
+from quill.models.loader import load_model_and_tokenizer
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
-from quill.tokenizer import Tokenizer, load_tokenizer
-from quill.weights.hub import resolve_model
+from quill.tokenizer import Tokenizer
 
 Messages = list[dict]
 
@@ -39,11 +38,11 @@ class LLM:
         engine_config = EngineConfig(dtype=dtype, max_model_len=max_model_len, **engine_options)
         engine_config.validate()  # before the slow part
         self.device = resolve_device(engine_config.device)
-        self.path = resolve_model(model)
-        network, self.config = load_model(self.path, getattr(torch, dtype), self.device, dequantize=dequantize)
-        self.tokenizer: Tokenizer = load_tokenizer(self.path)
+        loaded = load_model_and_tokenizer(model, getattr(torch, dtype), self.device, dequantize=dequantize)
+        self.path, self.config = loaded.path, loaded.config
+        self.tokenizer: Tokenizer = loaded.tokenizer
         self.chat_template = chat_template
-        self.engine = Engine(network, self.config, self.tokenizer, engine_config)
+        self.engine = Engine(loaded.model, self.config, self.tokenizer, engine_config)
         self.load_seconds = time.perf_counter() - started
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],

@@ -26,7 +26,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
 from quill.errors import ChatTemplateError, ModelLoadError, UnsupportedModelError
@@ -34,7 +34,7 @@ from quill.errors import ChatTemplateError, ModelLoadError, UnsupportedModelErro
 logger = logging.getLogger(__name__)
 
 # llama.cpp token types (`tokenizer.ggml.token_type`).
-_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED = 1, 2, 3, 4
 
 # Tokens that end a turn or a document. llama.cpp treats each of these as end-of-generation when
 # the vocabulary has it as a special token, whatever `eos_token_id` says; so do HF generation
@@ -61,10 +61,14 @@ _TEKKEN_SPLIT = (
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# llama.cpp's pre-tokenizer for files that name none (or "default"): punctuation runs first.
+_LLAMA_CPP_DEFAULT_SPLITS = (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]")
+
 # `tokenizer.ggml.pre` -> the regexes that split text into words, applied one after the other
 # (each to the pieces the previous one produced), as in llama.cpp's `llm_tokenizer_bpe`.
 _PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "trillion"), (_GPT2_SPLIT,)),
+    "default": _LLAMA_CPP_DEFAULT_SPLITS,
+    **dict.fromkeys(("gpt2", "gpt-2", "mpt", "olmo", "jais", "trillion"), (_GPT2_SPLIT,)),
     # StarCoder-style vocabularies (SmolLM among them) never merge digits: split them off first.
     **dict.fromkeys(
         ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
@@ -79,6 +83,29 @@ _PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2"), (_GPT4O_SPLIT,)),
     "tekken": (_TEKKEN_SPLIT,),
 }
+# Pre-tokenizers for which llama.cpp emits a word that is itself in the vocabulary as one token,
+# without merging (`ignore_merges`, as Llama 3's tokenizer.json says); merges can reach a different
+# split of such a word.
+_IGNORE_MERGES = frozenset(
+    ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "lfm2", "tekken")
+)
+# The name the GGUF writer gives each behaviour: one llama.cpp reads as the same splits and merge
+# rule (llama.cpp rejects some names Quill reads, e.g. "gpt2" for "gpt-2").
+_WRITTEN_PRE_TOKENIZERS = ("llama-bpe", "smaug-bpe", "qwen2", "gpt-2", "smollm", "gpt-4o", "tekken")
+GPT2_SPLIT = _GPT2_SPLIT  # what a byte-level pre-tokenizer with use_regex applies
+
+
+def gguf_pre_tokenizer_name(splits: Sequence[str], ignore_merges: bool) -> str | None:
+    """The `tokenizer.ggml.pre` for byte-level BPE that splits words with these regexes (in order)
+    and does or does not skip merges for whole-word tokens; None when llama.cpp has no such name."""
+    for name in _WRITTEN_PRE_TOKENIZERS:
+        if _PRE_TOKENIZER_SPLITS[name] == tuple(splits) and (name in _IGNORE_MERGES) == ignore_merges:
+            return name
+    return None
+
+
+def known_pre_tokenizer_names() -> tuple[str, ...]:
+    return _WRITTEN_PRE_TOKENIZERS
 
 
 class Tokenizer:
@@ -296,13 +323,14 @@ def _byte_level_bpe(tokens: list[str], metadata: Mapping[str, Any]) -> BackendTo
     merges = metadata.get("tokenizer.ggml.merges")
     if merges is None:
         raise ModelLoadError("the GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
-    bpe = models.BPE(vocab=_vocab(tokens), merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
-    backend = BackendTokenizer(bpe)
     pre = metadata.get("tokenizer.ggml.pre", "default")
     splits = _PRE_TOKENIZER_SPLITS.get(pre)
     if splits is None:
         logger.warning("unknown tokenizer.ggml.pre %r; splitting words like GPT-2", pre)
         splits = (_GPT2_SPLIT,)
+    bpe = models.BPE(vocab=_vocab(tokens), merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False,
+                     ignore_merges=pre in _IGNORE_MERGES)
+    backend = BackendTokenizer(bpe)
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -336,9 +364,11 @@ def _sentencepiece_bpe(tokens: list[str], token_types: list[int], metadata: Mapp
     )
     backend = BackendTokenizer(bpe)
     add_space_prefix = metadata.get("tokenizer.ggml.add_space_prefix", True)
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme="first" if add_space_prefix else "never", split=False
-    )
+    # llama.cpp puts the prefix space before every run of text that starts the prompt or follows a
+    # special token, even a run that starts with a space ("  hi" -> "▁▁▁hi"). A normalizer does the
+    # same: it runs on each piece between added tokens. (Metaspace would skip both cases.)
+    escape = [normalizers.Replace(" ", "\u2581")]
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), *escape] if add_space_prefix else escape)
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_space_prefix:  # drop the space the encoder put in front of the text
         steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -356,7 +386,8 @@ def _vocab(tokens: list[str]) -> dict[str, int]:
 def _add_gguf_added_tokens(backend: BackendTokenizer, tokens: list[str], token_types: list[int]) -> None:
     """Match control and user-defined tokens whole in the text, as llama.cpp does.
 
-    Control tokens (`<|im_start|>`) are special: skipped when decoding with skip_special_tokens.
+    Control tokens (`<|im_start|>`) and the unknown token (`<unk>`) are special: skipped when
+    decoding with skip_special_tokens.
     User-defined ones (Gemma's "\\n\\n", "<table>") are ordinary text that must not be cut up.
     Tokens the builder respelled (SentencePiece space runs) are left to BPE: they are no longer
     in the vocabulary under the file's spelling.
@@ -368,7 +399,7 @@ def _add_gguf_added_tokens(backend: BackendTokenizer, tokens: list[str], token_t
             if token_type == kind and backend.token_to_id(token) == index
         ]
 
-    backend.add_special_tokens(added(_CONTROL, special=True))
+    backend.add_special_tokens(added(_CONTROL, special=True) + added(_UNKNOWN, special=True))
     backend.add_tokens(added(_USER_DEFINED, special=False))
 
 

@@ -38,3 +38,21 @@ def tiny_model_dir(tmp_path_factory):
         return built[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_tokenizer(tmp_path_factory):
+    """tiny_model_with_tokenizer("llama" | "qwen2" | "gemma3", "bpe" | "spm") -> a saved Hugging Face
+    directory whose vocabulary (512) holds a trained tokenizer of that kind (see tokenizer_helpers)."""
+    from tokenizer_helpers import TOKENIZER_KINDS
+
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, kind: str) -> Path:
+        if (arch, kind) not in built:
+            directory = tmp_path_factory.mktemp(f"tiny-{arch}-{kind}")
+            getattr(tiny_models, f"build_{arch}")(directory, vocab_size=512)
+            built[arch, kind] = TOKENIZER_KINDS[arch][kind](directory)
+        return built[arch, kind]
+
+    return get

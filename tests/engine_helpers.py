@@ -5,17 +5,37 @@ from pathlib import Path
 
 import torch
 
-from quill.config import EngineConfig
+from quill.config import EngineConfig, ModelConfig
 from quill.engine.engine import Engine
-from quill.models import build_model
+from quill.engine.runner import kv_cache_dtype
+from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan
+from quill.models.loader import build_model, load_checkpoint
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
-from quill.weights import load_checkpoint
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32):
     checkpoint = load_checkpoint(path)
     return build_model(checkpoint.config, checkpoint.tensors, dtype), checkpoint.config
+
+
+@torch.inference_mode()
+def all_position_logits(model, config: ModelConfig, token_ids: list[int]) -> torch.Tensor:
+    """The plain path the engine's paths are tested against: logits at every position of one
+    sequence, from a single forward pass on a scratch KV cache, the whole sequence one prompt span
+    through PyTorch's attention, no engine. It rebinds the model's attention caches, so never call
+    it on a model an engine is running."""
+    n = len(token_ids)
+    weight = model.embed_tokens.weight
+    device = weight.device
+    cache_dtype = kv_cache_dtype("auto", weight.dtype, device)  # as the engine's default
+    for module in model.modules():
+        if isinstance(module, PagedAttention):
+            module.bind_cache(n, cache_dtype, device)
+    positions = torch.arange(n, device=device)
+    meta = AttentionMetadata(slot_mapping=positions, single_query=None,
+                             prompts=[PromptSpan(start=0, num_queries=n, context_len=n, context_slots=None)])
+    return model.compute_logits(model(torch.tensor(token_ids, device=device), positions, meta))
 
 
 def tiny_engine(path: Path, dtype: str = "float32", **engine_options) -> Engine:
@@ -48,9 +68,11 @@ def run_outputs(engine: Engine, prompts: list, params: SamplingParams | list[Sam
 
 
 def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 *, arrive_every: int = 0) -> list[list[int]]:
-    """`run_outputs`' generated token ids (one completion per prompt)."""
-    return [output.token_ids for output in run_outputs(engine, prompts, params, arrive_every=arrive_every)]
+                 *, arrive_every: int = 0, with_logprobs: bool = False) -> list[list]:
+    """`run_outputs`' generated token ids (one completion per prompt); `with_logprobs`: (token id,
+    logprob, top) per token, for requests that ask for logprobs."""
+    outputs = run_outputs(engine, prompts, params, arrive_every=arrive_every)
+    return [[(r.token_id, r.logprob, r.top) for r in o.logprobs] if with_logprobs else o.token_ids for o in outputs]
 
 
 def tiny_text_engine(path: Path, **engine_options) -> Engine:

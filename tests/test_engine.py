@@ -23,7 +23,7 @@ def _prompts(seed: int = 0, count: int = 10) -> list[list[int]]:
     return prompts + [shared + [5, 6, 7], shared[:33] + [9], list(shared)]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3", "qwen3", "smollm3", "phi3", "qwen3moe"])
 def arch(request):
     return request.param
 
@@ -212,9 +212,7 @@ def test_n_completions_share_the_prompt_blocks(reference):
 
 
 def test_logprobs_are_the_models_distribution(reference, arch, tiny_model_dir):
-    from engine_helpers import load_model
-
-    from quill.optimize.evaluate import all_position_logits
+    from engine_helpers import all_position_logits, load_model
 
     path, expected = reference
     prompt = _prompts()[2]

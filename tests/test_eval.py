@@ -9,9 +9,14 @@ import torch
 
 from engine_helpers import load_model
 from quill.cli import main
-from quill.optimize.evaluate import corpus_path, score, windows
+from quill.config import EngineConfig
+from quill.engine.engine import Engine
+from quill.models import loader
+from quill.optimize.evaluate import corpus_path, score, scoring_runner, windows
 from quill.optimize.quantize import quantize_checkpoint
-from quill.weights import load_checkpoint
+from quill.sampling_params import SamplingParams
+from quill.models.loader import load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.weights.gguf_export import write_gguf
 from tokenizer_helpers import tiny_sentencepiece_metadata
 
@@ -71,7 +76,7 @@ def test_greedy_agreement(llama, tiny_model_dir, tmp_path):
     reference = score(model, config, TOKENS, window=32)
     assert reference.agreement(reference) == 1.0
     quantized = tmp_path / "q8_0.gguf"
-    quantize_checkpoint(llama, quantized, "q8_0", progress=False)
+    quantize_checkpoint(llama, quantized, "q8_0", with_tokenizer=False, progress=False)  # scores token ids only
     agreement = score(*load_model(quantized), TOKENS, window=32).agreement(reference)
     assert 0.8 < agreement <= 1.0
     with pytest.raises(ValueError, match="cannot compare"):
@@ -100,11 +105,29 @@ def tiny_gguf_pair(llama, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval")
     checkpoint = load_checkpoint(llama)
     float_path = folder / "f32.gguf"
-    write_gguf(float_path, checkpoint.config, checkpoint.tensors, tiny_sentencepiece_metadata())
+    write_gguf(float_path, FAMILIES.named("llama"), checkpoint.config, checkpoint.tensors, tiny_sentencepiece_metadata())
     int4_path = folder / "int4.gguf"
     quantize_checkpoint(float_path, int4_path, "int4", progress=False)
     (folder / "corpus.txt").write_text("Hello world. " * 100, encoding="utf-8")
     return float_path, int4_path, folder / "corpus.txt"
+
+
+@pytest.mark.parametrize("length", [20, 40])
+def test_eval_scores_the_logits_the_engine_samples_from(tiny_gguf_pair, length):
+    """An int4 model in bf16, short and long prompts: eval's logits at the prompt's last position
+    are those the engine samples from, bit for bit."""
+    _, int4_path, _ = tiny_gguf_pair
+    prompt = TOKENS[:length]
+    model, config = loader.load_model(int4_path, torch.bfloat16)
+    logprobs = torch.log_softmax(scoring_runner(model, config, length).prompt_logits(prompt)[-1], -1)
+    engine_model, _ = loader.load_model(int4_path, torch.bfloat16)
+    engine = Engine(engine_model, config, None, EngineConfig(dtype="bfloat16"))
+    engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=5))
+    while engine.has_unfinished():
+        outputs = engine.step()
+    first = outputs[-1].logprobs[0]
+    top = logprobs.topk(5)
+    assert first.top == list(zip(top.indices.tolist(), top.values.tolist()))
 
 
 def test_cli_eval_reports_perplexity_and_agreement(tiny_gguf_pair, capsys):

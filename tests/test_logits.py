@@ -1,10 +1,11 @@
 """LM-head logits: bf16 rounding never decides between near-tied tokens."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from quill.layers.linear import Linear
-from quill.layers.logits import BF16_HEAD_MIN_ROWS, int8_lm_head, lm_head_logits
+from quill.layers.linear import Linear, prepare_linears_for_cpu
+from quill.layers.logits import int8_lm_head, lm_head_logits
 
 
 def test_tokens_near_the_maximum_get_exact_float32_logits():
@@ -54,21 +55,33 @@ def test_int8_head_of_a_float32_model_is_refined_too():
     assert torch.equal(lm_head_logits(head, hidden).argmax(-1), exact.argmax(-1))
 
 
-def test_argmax_only_rows_read_the_float_head_and_still_get_its_maximum():
-    torch.manual_seed(3)
-    vocab, hidden_size = 4000, 128
+def _near_ties(vocab: int, hidden_size: int, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
     weight = (torch.randn(vocab, hidden_size) * 0.05).to(torch.bfloat16)
-    weight[1::2] = weight[0::2]  # near-ties that bf16 rounding decides
+    weight[1::2] = weight[0::2]  # near-ties that rounding decides
     weight[1::2, 0] += weight[1::2, 0].abs() * 2 ** -7
-    head = int8_lm_head(weight)
-    hidden = (torch.randn(4 * BF16_HEAD_MIN_ROWS, hidden_size) * 2).to(torch.bfloat16)
-    exact = hidden.float() @ weight.float().T
-    assert not torch.equal((hidden @ weight.T).float().argmax(-1), exact.argmax(-1))
+    return weight
 
-    through_int8 = lm_head_logits(head, hidden)
-    through_bf16 = lm_head_logits(head, hidden, argmax_only=True)
-    assert not torch.equal(through_bf16, through_int8)  # the other matmul ran
-    assert torch.equal(through_bf16.argmax(-1), exact.argmax(-1))
-    assert torch.equal(through_int8.argmax(-1), exact.argmax(-1))
-    few = BF16_HEAD_MIN_ROWS - 1  # below the threshold the int8 kernel stays
-    assert torch.equal(lm_head_logits(head, hidden[:few], argmax_only=True), through_int8[:few])
+
+@pytest.mark.parametrize("head_kind", ["int8", "bfloat16", "float32"])
+def test_a_rows_logits_do_not_depend_on_the_rows_beside_it(head_kind):
+    """Every logit, not only the maximum: logprobs must not change with the batch either."""
+    weight = _near_ties(3000, 128, seed=3)
+    if head_kind == "int8":
+        head = int8_lm_head(weight)
+    else:
+        head = Linear(128, 3000, bias=False).to(getattr(torch, head_kind))
+        with torch.no_grad():
+            head.weight.copy_(weight)
+
+        class Model(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lm_head = head
+        prepare_linears_for_cpu(Model())
+    hidden = (torch.randn(40, 128) * 2).to(weight.dtype if head_kind != "float32" else torch.float32)
+    together = lm_head_logits(head, hidden)
+    for start, size in [(0, 1), (3, 1), (5, 4), (7, 17), (0, 40)]:
+        assert torch.equal(lm_head_logits(head, hidden[start:start + size]), together[start:start + size])
+    exact = hidden.float() @ weight.float().T
+    assert torch.equal(together.argmax(-1), exact.argmax(-1))

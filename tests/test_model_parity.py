@@ -5,18 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_helpers import load_model, run_requests, tiny_engine
+from engine_helpers import all_position_logits, load_model, run_requests, tiny_engine
 from quill.layers.norm import RMSNorm
-from quill.optimize.evaluate import all_position_logits
 from quill.sampling_params import SamplingParams
-from quill.weights import load_checkpoint
+from quill.models.loader import load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.weights.gguf_export import write_gguf
 
 PROMPT = [1, 17, 250, 3, 99, 42, 7, 7, 7, 310, 64, 128, 5, 200, 33, 18, 91, 0, 4, 150, 260, 11, 76, 9]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "gemma3", "gemma3-softcap", "llama-rope-llama3",
-                                        "llama-rope-linear"])
+                                        "llama-rope-linear", "qwen3", "smollm3", "phi3",
+                                        "qwen3moe"])
 def arch(request):
     return request.param
 
@@ -37,7 +38,7 @@ def gguf_copy(reference_logits, tmp_path_factory):
     path, _ = reference_logits
     checkpoint = load_checkpoint(path)
     out = tmp_path_factory.mktemp("gguf") / "model.gguf"
-    write_gguf(out, checkpoint.config, checkpoint.tensors)
+    write_gguf(out, FAMILIES.named(checkpoint.config.architecture), checkpoint.config, checkpoint.tensors)
     return out
 
 
@@ -47,6 +48,24 @@ def test_logits_match_transformers(reference_logits, gguf_copy, source):
     model, config = load_model(path if source == "hf" else gguf_copy)
     logits = all_position_logits(model, config, PROMPT)
     torch.testing.assert_close(logits, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_unnormalised_expert_weights_match_transformers_and_have_no_gguf_form(tiny_model_dir, tmp_path):
+    """Qwen3-MoE may leave the top-k expert weights as they are (transformers' default); llama.cpp
+    always renormalises them, so such a model is refused as GGUF rather than written wrongly."""
+    from transformers import AutoModelForCausalLM
+
+    from quill.errors import UnsupportedModelError
+
+    path = tiny_model_dir("qwen3moe-unnormalized")
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(torch.tensor([PROMPT])).logits[0]
+    model, config = load_model(path)
+    assert not config.norm_topk_prob
+    torch.testing.assert_close(all_position_logits(model, config, PROMPT), expected, atol=2e-5, rtol=1e-4)
+    checkpoint = load_checkpoint(path)
+    with pytest.raises(UnsupportedModelError, match="norm_topk_prob"):
+        write_gguf(tmp_path / "moe.gguf", FAMILIES.named("qwen3moe"), checkpoint.config, checkpoint.tensors)
 
 
 def test_attention_in_bfloat16_as_on_a_gpu(reference_logits, monkeypatch):

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from engine_helpers import all_position_logits
 from quill.cli import main
 from quill.layers.quantized import Int4Linear, Int8Linear
-from quill.models import build_model
 from quill.optimize import QUANT_TYPES
-from quill.optimize.evaluate import all_position_logits
 from quill.optimize.quantize import quantize_checkpoint, quantize_int4, quantize_int8
-from quill.weights import load_checkpoint
+from quill.models.loader import build_model, load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.weights.gguf_export import write_gguf
 from tokenizer_helpers import tiny_sentencepiece_metadata
 
@@ -23,9 +23,9 @@ MATRIX_TYPE = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
 
 
 @pytest.fixture(scope="module")
-def source(tiny_model_dir):
-    """The tiny Llama (untied LM head) as a Hugging Face directory."""
-    return tiny_model_dir("llama")
+def source(tiny_model_with_tokenizer):
+    """The tiny Llama (untied LM head) as a Hugging Face directory, with a Llama 3 style tokenizer."""
+    return tiny_model_with_tokenizer("llama", "bpe")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,8 @@ def test_int4_group_size_and_fallback(quantized):
     assert summary.tensor_types["int4 g64"] == 18 and summary.tensor_types["Q8_0"] == 3
     checkpoint = load_checkpoint(path, keep_quantized=True)
     assert checkpoint.tensors["model.layers.0.self_attn.q_proj.weight"].group_size == 64
-    assert isinstance(checkpoint.tensors["model.layers.0.mlp.down_proj.weight"], torch.Tensor)
+    down = checkpoint.tensors["model.layers.0.mlp.down_proj.weight"]  # Q8_0 stays quantized (byte codes)
+    assert (down.source, down.bits, down.group_size) == ("Q8_0", 8, 32)
 
 
 def test_embeddings_option(quantized):
@@ -137,7 +138,8 @@ def test_tied_model_with_biases_from_a_float_gguf(tiny_model_dir, tmp_path):
     """Qwen2: biases stay F32, the tied embedding is written once; a float GGUF source keeps its tokenizer."""
     checkpoint = load_checkpoint(tiny_model_dir("qwen2"))
     float_path = tmp_path / "f16.gguf"
-    write_gguf(float_path, checkpoint.config, checkpoint.tensors, tiny_sentencepiece_metadata(), dtype="f16")
+    write_gguf(float_path, FAMILIES.named("qwen2"), checkpoint.config, checkpoint.tensors, tiny_sentencepiece_metadata(),
+               dtype="f16")
     out = tmp_path / "int4.gguf"
     summary = quantize_checkpoint(float_path, out, "int4", progress=False)
     assert summary.has_tokenizer
@@ -155,7 +157,7 @@ def test_cli_quantize_prints_a_summary(source, tmp_path, capsys):
     assert main(["quantize", str(source), "-o", str(out), "--type", "q4_1", "-q"]) == 0
     printed = capsys.readouterr()
     assert f"wrote {out}" in printed.out and "x smaller" in printed.out and "21 Q4_1" in printed.out
-    assert "no tokenizer" in printed.err
+    assert "tokenizer" not in printed.err  # it is in the file
     assert out.exists() and not list(tmp_path.glob("*.partial"))
 
 

@@ -9,22 +9,26 @@ import numpy as np
 import pytest
 import torch
 
-from engine_helpers import run_requests
-from quill.optimize.evaluate import all_position_logits
+from engine_helpers import all_position_logits, run_requests
 from quill.engine.engine import Engine
 from quill.config import EngineConfig
 from quill.layers.linear import Linear
-from quill.layers.quantized import (Int4Linear, Int8Linear, QuantizedWeight, dense_rows_from,
-                                   quantize_per_channel_int8, quantized_linear)
-from quill.models import build_model
+from quill.layers.quantized import Int4Linear, Int8GroupLinear, Int8Linear, quantize_per_channel_int8, quantized_linear
 from quill.sampling_params import SamplingParams
-from quill.weights import load_checkpoint
+from quill.models.loader import build_model, load_checkpoint
+from quill.models.registry import FAMILIES
+from quill.optimize.quantize import quantize_checkpoint
+from quill.weights.gguf import read_gguf_tensor_types
 from quill.weights.gguf_quant import NATIVE_GGML_TYPES, repack_ggml
 from quill.weights.safetensors import load_hf_directory
 from quill.weights.gguf_export import write_gguf
+from quill.weights.quantized import QuantizedWeight
 
 Q = gguf.GGMLQuantizationType
-_FP16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2)}  # byte offsets of fp16 scales in a block
+# byte offsets of the fp16 scales in a block
+_FP16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q4_K: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q5_K: (0, 2),
+                Q.Q6_K: (208,), Q.Q8_0: (0,)}
+_BITS = {Q.Q5_0: 5, Q.Q5_1: 5, Q.Q5_K: 5, Q.Q6_K: 6, Q.Q8_0: 8}  # 4 for the others
 
 
 def random_blocks(qtype: Q, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -43,23 +47,27 @@ def test_ggml_repacking_is_bit_exact(qtype):
     raw = random_blocks(qtype, rows, cols, np.random.default_rng(0))
     weight = repack_ggml(raw, qtype, (rows, cols))
     expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(rows, cols))
-    assert weight.bits == 4 and weight.codes.max() <= 15
+    bits = _BITS.get(qtype, 4)
+    top = int(weight.codes.max())  # random blocks use every bit the format has, and no more
+    assert weight.bits == bits and 2 ** (bits - 1) <= top < 2 ** bits
     assert torch.equal(weight.dequantize(), expected)
 
 
 @pytest.mark.parametrize("qtype", NATIVE_GGML_TYPES, ids=lambda t: t.name)
-def test_int4_kernel_matches_dequantize_then_matmul(qtype):
+def test_native_kernels_match_dequantize_then_matmul(qtype):
     rows, cols = 192, 512
     weight = repack_ggml(random_blocks(qtype, rows, cols, np.random.default_rng(1)), qtype, (rows, cols))
     layer = quantized_linear(weight)
-    assert isinstance(layer, Int4Linear)
+    assert isinstance(layer, Int4Linear if qtype in (Q.Q4_0, Q.Q4_1, Q.Q4_K) else Int8GroupLinear)
     x = torch.randn(5, cols)
     expected = x @ weight.dequantize().T
     # bf16 activations and bf16 scales: about 3 significant digits.
     torch.testing.assert_close(layer(x), expected, atol=2e-2 * expected.abs().max().item(), rtol=0)
-    # The kernel's bf16 scale and zero point each round to 8 significant bits.
+    # The kernel's bf16 scale and zero point each round to 8 significant bits, and so does the
+    # weight they make (the kernel multiplies bf16 by bf16).
     dense = weight.dequantize()
-    torch.testing.assert_close(layer.dequantize(torch.float32), dense, atol=2 ** -8 * dense.abs().max().item(), rtol=0)
+    torch.testing.assert_close(layer.dequantize(torch.float32), dense, atol=(2 ** -8 + 2 ** -9) * dense.abs().max().item(),
+                               rtol=0)
 
 
 def _random_weight(rows: int, cols: int, bits: int, group: int, symmetric: bool = False) -> QuantizedWeight:
@@ -69,22 +77,22 @@ def _random_weight(rows: int, cols: int, bits: int, group: int, symmetric: bool 
     return QuantizedWeight(codes, scales, offsets, bits, group, "test")
 
 
-@pytest.mark.parametrize("kernels_on", ["1", "0"])  # bf16: the C expansion, and the PyTorch one
+@pytest.mark.parametrize("kernels_on", ["1", "0"])  # the packed kernel, and PyTorch's int4 kernel
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
-def test_int4_packed_layout_unpacks_to_the_codes(group, kernels_on, monkeypatch):
-    """Int4Linear reads codes back out of PyTorch's packed layout (for the bf16 path of big
-    batches); this pins that layout, so a PyTorch change shows up here."""
+def test_int4_layers_multiply_by_bf16_of_code_times_scale_plus_zero(group, kernels_on, monkeypatch):
+    """What the layer multiplies by: (code - 8) * scale + zero in float32 from its bf16 scale and
+    zero, rounded once to bf16 (rounding each step instead changed a real model's greedy answer).
+    This pins both the packed layout's round trip and the PyTorch fallback's."""
     monkeypatch.setenv("QUILL_KERNELS", kernels_on)
     weight = _random_weight(320, 512, 4, group)
     layer = Int4Linear(weight)
-    assert layer._expand is None or kernels_on == "1"
-    # What the kernel computes: (code - 8) * scale + zero in float32, from its bf16 scale and zero.
-    scales, zeros = layer.scales_and_zeros.float().unbind(-1)  # [in // group, out]
+    scales = weight.scales.to(torch.bfloat16).float()
+    zeros = (weight.offsets + 8 * weight.scales).to(torch.bfloat16).float()
     codes = weight.codes.float().view(320, 512 // group, group)
-    expected = ((codes - 8) * scales.t()[..., None] + zeros.t()[..., None]).view(320, 512)
-    assert torch.equal(layer.dequantize(torch.float32), expected)
-    # bf16 rounds that once: rounding each step instead changed a real model's greedy answer.
-    assert torch.equal(layer.dequantize(torch.bfloat16), expected.to(torch.bfloat16))
+    expected = ((codes - 8) * scales[..., None] + zeros[..., None]).view(320, 512).to(torch.bfloat16)
+    assert torch.equal(layer.dequantize(torch.bfloat16), expected)
+    x = torch.randn(3, 512).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x).float(), x.float() @ expected.float().T, atol=1e-2, rtol=1e-2)
 
 
 def test_int8_per_channel_kernel():
@@ -96,49 +104,46 @@ def test_int8_per_channel_kernel():
     torch.testing.assert_close(layer(x), expected, atol=2e-2 * expected.abs().max().item(), rtol=0)
 
 
-def test_formats_without_a_kernel_are_refused():
-    assert quantized_linear(_random_weight(128, 256, 8, 32, symmetric=True)) is None  # int8 per group
+def test_byte_codes_run_natively_only_through_the_packed_kernel(monkeypatch):
+    assert isinstance(quantized_linear(_random_weight(128, 256, 8, 32, symmetric=True)), Int8GroupLinear)
+    assert isinstance(quantized_linear(_random_weight(128, 256, 6, 16)), Int8GroupLinear)
+    monkeypatch.setenv("QUILL_KERNELS", "0")
+    assert quantized_linear(_random_weight(128, 256, 8, 32, symmetric=True)) is None  # PyTorch has no kernel
     assert quantized_linear(_random_weight(128, 256, 5, 32)) is None
-    assert quantized_linear(_random_weight(96, 256, 4, 32)) is None  # rows not whole blocks of 64
 
 
+def test_formats_without_a_kernel_are_refused(monkeypatch):
+    assert quantized_linear(_random_weight(128, 256, 8, 33)) is None  # an odd group
+    assert isinstance(quantized_linear(_random_weight(96, 256, 4, 32)), Int4Linear)
+    monkeypatch.setenv("QUILL_KERNELS", "0")
+    assert quantized_linear(_random_weight(96, 256, 4, 32)) is None  # PyTorch's takes whole blocks of 64
+
+
+@pytest.mark.parametrize("kernels_on", ["1", "0"])
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_quantized_rows_do_not_depend_on_the_batch(kind):
-    """The layers rely on it for batch invariance: they pad no rows."""
+def test_quantized_rows_do_not_depend_on_the_batch(kind, kernels_on, monkeypatch):
+    """One row (decoding) and many (a prompt) through the same arithmetic: any row, in a call of
+    any size from 1 to 64 and at any position, comes out as it does alone."""
+    monkeypatch.setenv("QUILL_KERNELS", kernels_on)
     layer = quantized_linear(_random_weight(256, 512, 4, 32) if kind == "int4"
                              else quantize_per_channel_int8(torch.randn(256, 512)))
-    x = torch.randn(37, 512, dtype=torch.bfloat16)
+    x = torch.randn(80, 512, dtype=torch.bfloat16)
     alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
-    for rows in (2, 3, 5, 16, 37):
-        assert torch.equal(layer(x[:rows]), alone[:rows]), rows
-    assert torch.equal(layer(x[5:9]), alone[5:9])
-
-
-def test_rows_can_take_the_bf16_path():
-    layer = Int4Linear(_random_weight(256, 512, 4, 32), bias=torch.randn(256))
-    x = torch.randn(11, 512)
-    kernel = layer(x)
-    with dense_rows_from(0):
-        dense = layer(x)
-    with dense_rows_from(5):
-        split = layer(x)
-    torch.testing.assert_close(dense, kernel, atol=5e-2 * kernel.abs().max().item(), rtol=0)
-    assert torch.equal(split[:5], kernel[:5]) and not torch.equal(split[5:], kernel[5:])
-    # bf16 rows do not depend on how many others share the matmul, either
-    with dense_rows_from(0):
-        assert torch.equal(torch.cat([layer(x[i:i + 1]) for i in range(len(x))]), dense)
+    for rows in range(1, 65):
+        start = (7 * rows) % (len(x) - rows + 1)
+        assert torch.equal(layer(x[start:start + rows]), alone[start:start + rows]), rows
 
 
 # --- whole models --------------------------------------------------------------------------------
 
 def _quantized_gguf(tiny_model_dir, tmp_path, arch: str, qtype_of) -> object:
-    checkpoint = load_hf_directory(tiny_model_dir(arch))
+    checkpoint = load_hf_directory(tiny_model_dir(arch), FAMILIES)
     path = tmp_path / f"{arch}.gguf"
 
     def hook(name, values):
         return qtype_of(name) if values.ndim == 2 and name != "token_embd.weight" else Q.F32
 
-    write_gguf(path, checkpoint.config, checkpoint.tensors, tensor_type=hook)
+    write_gguf(path, FAMILIES.named(arch), checkpoint.config, checkpoint.tensors, tensor_type=hook)
     return path
 
 
@@ -157,17 +162,54 @@ def test_quantized_gguf_runs_natively_and_matches_the_dequantized_model(tiny_mod
     torch.testing.assert_close(ours, theirs, atol=3e-2 * theirs.abs().max().item(), rtol=0)
 
 
-def test_fused_shards_of_different_formats_are_expanded_and_logged(tiny_model_dir, tmp_path, caplog):
-    # v_proj in Q8_0 (no kernel) cannot share a fused qkv matmul with Q4_1 q/k.
+def test_quill_quantize_int4_experts_run_natively(tiny_model_dir, tmp_path):
+    """`quill quantize` on a Qwen3-MoE model: every expert's projections run through the int4
+    kernel like a dense layer's, the router stays float, and the logits stay near the float model's."""
+    source = tiny_model_dir("qwen3moe")
+    path = tmp_path / "int4.gguf"
+    summary = quantize_checkpoint(source, path, "int4", progress=False)
+    assert read_gguf_tensor_types(path)["blk.0.ffn_gate_inp.weight"] == "F32"
+    assert "blk.0.ffn_gate_exps.weight.codes" in read_gguf_tensor_types(path) and summary.tensor_types["int4 g32"]
+    checkpoint = load_checkpoint(path, torch.bfloat16, keep_quantized=True)
+    model = build_model(checkpoint.config, checkpoint.tensors, torch.bfloat16)
+    for layer in model.layers:
+        assert all(isinstance(e.gate_up_proj, Int4Linear) and isinstance(e.down_proj, Int4Linear)
+                   for e in layer.mlp.experts)
+        assert type(layer.mlp.gate) is Linear
+    reference_checkpoint = load_checkpoint(source, torch.bfloat16)
+    reference = build_model(reference_checkpoint.config, reference_checkpoint.tensors, torch.bfloat16)
+    ids = list(range(3, 40))
+    ours, theirs = (all_position_logits(m, checkpoint.config, ids).flatten() for m in (model, reference))
+    assert torch.nn.functional.cosine_similarity(ours, theirs, dim=0) > 0.98
+
+
+def test_fused_shards_of_different_formats_share_the_widest_codes(tiny_model_dir, tmp_path, caplog):
+    # v_proj in Q8_0 beside Q4_1 q/k: one fused qkv matmul of byte codes, exact for both.
     path = _quantized_gguf(tiny_model_dir, tmp_path, "llama",
                            lambda name: Q.Q8_0 if ".attn_v." in name else Q.Q4_1)
     checkpoint = load_checkpoint(path, torch.float32, keep_quantized=True)
     with caplog.at_level(logging.INFO, logger="quill"):
         model = build_model(checkpoint.config, checkpoint.tensors, torch.float32)
     layers = model.layers[0]
-    assert isinstance(layers.self_attn.qkv_proj, Linear)
+    assert isinstance(layers.self_attn.qkv_proj, Int8GroupLinear)
     assert isinstance(layers.mlp.gate_up_proj, Int4Linear)
-    assert "Q4_1 as Int4Linear" in caplog.text and "expanded" in caplog.text
+    assert "Q4_1+Q8_0 as Int8GroupLinear" in caplog.text and "Q4_1 as Int4Linear" in caplog.text
+    reference = load_checkpoint(path, torch.float32)
+    fused = torch.cat([reference.tensors[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv"])
+    dense = layers.self_attn.qkv_proj.dequantize(torch.float32)
+    torch.testing.assert_close(dense, fused, atol=2 ** -8 * fused.abs().max().item(), rtol=0)
+
+
+def test_formats_without_a_kernel_are_expanded_and_logged(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("QUILL_KERNELS", "0")  # byte codes have no PyTorch kernel
+    path = _quantized_gguf(tiny_model_dir, tmp_path, "llama",
+                           lambda name: Q.Q8_0 if ".attn_v." in name else Q.Q4_1)
+    checkpoint = load_checkpoint(path, torch.float32, keep_quantized=True)
+    with caplog.at_level(logging.INFO, logger="quill"):
+        model = build_model(checkpoint.config, checkpoint.tensors, torch.float32)
+    assert isinstance(model.layers[0].self_attn.qkv_proj, Linear)
+    assert isinstance(model.layers[0].mlp.gate_up_proj, Int4Linear)
+    assert "expanded" in caplog.text
 
 
 def test_quantized_model_is_batch_invariant(tiny_model_dir, tmp_path):
@@ -180,3 +222,18 @@ def test_quantized_model_is_batch_invariant(tiny_model_dir, tmp_path):
     together = run_requests(engine, prompts, params, arrive_every=2)
     alone = [run_requests(engine, [prompt], params)[0] for prompt in prompts]
     assert together == alone
+
+
+def test_quantized_experts_are_batch_invariant(tiny_model_dir, tmp_path):
+    """Q4_1 experts, each fed the rows of a step routed to it, however many: a request's greedy
+    tokens and logprobs are those it gets alone, whatever else the steps held and whatever the
+    prefix cache had."""
+    path = _quantized_gguf(tiny_model_dir, tmp_path, "qwen3moe", lambda name: Q.Q4_1)
+    checkpoint = load_checkpoint(path, torch.bfloat16, keep_quantized=True)
+    model = build_model(checkpoint.config, checkpoint.tensors, torch.bfloat16)
+    assert isinstance(model.layers[0].mlp.experts[0].gate_up_proj, Int4Linear)
+    engine = Engine(model, checkpoint.config, None, EngineConfig(dtype="bfloat16", max_num_batched_tokens=64))
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(5 + 9 * i)] for i in range(6)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    together = run_requests(engine, prompts, params, arrive_every=2, with_logprobs=True)
+    assert together == [run_requests(engine, [prompt], params, with_logprobs=True)[0] for prompt in prompts]

@@ -8,7 +8,6 @@ import json
 import logging
 import sqlite3
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -471,7 +470,7 @@ def test_concurrent_identical_requests_run_the_model_once(tiny, monkeypatch):
     async def fire():
         async with httpx.AsyncClient(base_url=str(client.base_url), timeout=60) as http:
             requests = [asyncio.ensure_future(http.post("/v1/completions", json=body)) for _ in range(20)]
-            while len(server.active_tasks) < 20:  # all in, while the first is still computing
+            while len(server.admission.active_tasks) < 20:  # all in, while the first is still computing
                 await asyncio.sleep(0.005)
             resume.set()
             return await asyncio.gather(*requests)
@@ -501,7 +500,7 @@ def test_waiters_recompute_when_the_leader_disconnects(tiny, monkeypatch):
             leader = asyncio.ensure_future(http.post("/v1/completions", json=body))
             await asyncio.sleep(0.1)
             waiter = asyncio.ensure_future(http.post("/v1/completions", json=body))
-            while len(server.active_tasks) < 2:  # both handlers are in: the leader's and its waiter's
+            while len(server.admission.active_tasks) < 2:  # both handlers are in: the leader's and its waiter's
                 await asyncio.sleep(0.005)
             leader.cancel()  # the leader's client leaves before any answer
             with contextlib.suppress(asyncio.CancelledError):

@@ -28,7 +28,7 @@ from engine_helpers import tiny_engine
 from quill.server import BackgroundServer, ServerConfig, create_app
 from quill.server.errors import validation_error
 from quill.server.logprobs import TokenText
-from quill.server.runs import timings
+from quill.server.usage import timings
 from quill.outputs import RequestMetrics
 
 # ------------------------------------------------------------------------------ helpers
@@ -54,14 +54,14 @@ def wait_idle(app, timeout: float = 20.0):
     deadline = time.monotonic() + timeout
     while True:
         stats = engine.stats()
-        server = app.state.server
+        admission = app.state.server.admission
         idle = (stats.num_running == stats.num_waiting == 0 and stats.num_free_kv_blocks == stats.num_kv_blocks
-                and server.waiting == 0 and not server.active_tasks)
+                and admission.waiting == 0 and not admission.active_tasks)
         if idle:
             return stats
         if time.monotonic() > deadline:
-            raise AssertionError(f"engine not idle after {timeout} s: {stats}, server waiting {server.waiting}, "
-                                 f"active tasks {len(server.active_tasks)}")
+            raise AssertionError(f"engine not idle after {timeout} s: {stats}, server waiting {admission.waiting}, "
+                                 f"active tasks {len(admission.active_tasks)}")
         time.sleep(0.02)
 
 
@@ -160,7 +160,7 @@ def tiny(tiny_model_dir):
     with BackgroundServer(app) as server:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             yield app, client
-    assert not app.state.server.engine_alive()  # the app owned the engine and shut it down
+    assert not app.state.engine.is_alive()  # the app owned the engine and shut it down
 
 
 def _tiny_completion(**fields) -> dict:

@@ -72,4 +72,4 @@ def test_fuzz_openapi_schema_no_server_errors(server):
             break
         assert time.monotonic() < deadline, stats
         time.sleep(0.05)
-    assert app.state.server.waiting == 0
+    assert app.state.server.admission.waiting == 0

@@ -8,8 +8,7 @@ import random
 import pytest
 import torch
 
-from engine_helpers import load_model, run_requests, tiny_engine
-from quill.optimize.evaluate import all_position_logits
+from engine_helpers import all_position_logits, load_model, run_requests, tiny_engine
 from quill.engine.request import Request
 from quill.errors import ModelLoadError
 from quill.engine.sampler import sampling_probabilities
@@ -105,7 +104,7 @@ def test_verification_logits_are_bit_identical_to_decoding(tiny_model_dir, arch,
     model, config = load_model(tiny_model_dir(arch), dtype)
     cpu = torch.device("cpu")
     runner = ModelRunner(model, config, num_blocks=8, block_size=16, kv_cache_dtype=kv_cache_dtype("auto", dtype, cpu),
-                         device=cpu, batch_invariant=True)
+                         device=cpu)
     context, drafts = _prompts()[0][:30], [5, 9, 5, 200, 17]
     decoding = Request("decode", context[:-1], SamplingParams(), torch.Generator())
     verifying = Request("verify", context[:-1], SamplingParams(), torch.Generator())
@@ -125,7 +124,7 @@ def test_verification_logits_are_bit_identical_to_decoding(tiny_model_dir, arch,
     assert torch.equal(together, torch.stack(one_by_one))
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])  # gemma3: sliding-window layers
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3", "qwen3", "smollm3", "phi3", "qwen3moe"])  # gemma3, phi3: sliding windows
 def test_greedy_identical_on_other_architectures(tiny_model_dir, arch):
     path = tiny_model_dir(arch)
     prompts = _prompts(seed=1)

@@ -6,7 +6,9 @@ the same config and tensors. Damaged files must fail with ModelLoadError, never 
 """
 from __future__ import annotations
 
+import dataclasses
 import random
+import re
 from pathlib import Path
 
 import gguf
@@ -17,15 +19,15 @@ import torch
 import tiny_models
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
-from quill.weights import load_checkpoint
+from quill.models.loader import load_checkpoint
+from quill.models.registry import FAMILIES
 from quill.weights.gguf import _read_header, load_gguf, read_gguf_metadata
 from quill.weights.gguf_export import write_gguf
-from quill.weights.layout import expected_shapes
 from quill.weights.safetensors import config_from_hf, load_hf_directory
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 64}  # small enough that some frequencies are smoothed
-VARIANTS = ["llama", "llama3_rope", "llama_tied", "qwen2", "gemma3"]
+VARIANTS = ["llama", "llama3_rope", "llama_tied", "qwen2", "gemma3", "qwen3", "smollm3", "phi3", "qwen3moe"]
 Q = gguf.GGMLQuantizationType
 
 
@@ -67,10 +69,28 @@ def assert_same_tensors(actual: dict, expected: dict, tied: bool, gemma: bool) -
             assert torch.equal(actual[name], expected[name].float()), name
 
 
+def as_transformers_runs_them(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 runs a layer's experts as two stacked parameters (`experts.gate_up_proj`, gate
+    rows first, and `experts.down_proj`) while checkpoints, and so Quill's readers, hold them per
+    expert: stack them the same way to compare. Other tensors pass through."""
+    out, experts = {}, {}
+    for name, tensor in tensors.items():
+        match = re.fullmatch(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight", name)
+        if match:
+            experts.setdefault(match[1], {}).setdefault(match[3], {})[int(match[2])] = tensor
+        else:
+            out[name] = tensor
+    for prefix, parts in experts.items():
+        ids = sorted(parts["down_proj"])
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([parts["gate_proj"][e], parts["up_proj"][e]]) for e in ids])
+        out[f"{prefix}.down_proj"] = torch.stack([parts["down_proj"][e] for e in ids])
+    return out
+
+
 def write_variant(hf_dir, variant: str, tmp_path: Path, **kwargs) -> tuple[Path, object]:
-    checkpoint = load_hf_directory(hf_dir(variant))
+    checkpoint = load_hf_directory(hf_dir(variant), FAMILIES)
     path = tmp_path / f"{variant}.gguf"
-    write_gguf(path, checkpoint.config, checkpoint.tensors, **kwargs)
+    write_gguf(path, FAMILIES.named(checkpoint.config.architecture), checkpoint.config, checkpoint.tensors, **kwargs)
     return path, checkpoint
 
 
@@ -78,12 +98,12 @@ def write_variant(hf_dir, variant: str, tmp_path: Path, **kwargs) -> tuple[Path,
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_hf_directory_matches_transformers(hf_dir, variant):
-    checkpoint = load_hf_directory(hf_dir(variant))
+    checkpoint = load_hf_directory(hf_dir(variant), FAMILIES)
     _, expected = reference_state_dict(hf_dir(variant))
     config = checkpoint.config
-    assert_same_tensors(checkpoint.tensors, expected, config.tie_word_embeddings, gemma=False)
+    assert_same_tensors(as_transformers_runs_them(checkpoint.tensors), expected, config.tie_word_embeddings, gemma=False)
     assert all(t.dtype == torch.float32 for t in checkpoint.tensors.values())
-    assert config.tie_word_embeddings == (variant in ("llama_tied", "qwen2", "gemma3"))
+    assert config.tie_word_embeddings == (variant in ("llama_tied", "qwen2", "gemma3", "qwen3", "smollm3"))
     assert config.attention_bias == (variant == "qwen2")
     if variant == "llama3_rope":
         assert config.rope_scaling == LLAMA3_SCALING
@@ -95,11 +115,11 @@ def test_hf_directory_matches_transformers(hf_dir, variant):
 
 def test_transformers4_style_gemma3_config_gives_same_config(hf_dir):
     """Old-style keys (rope_theta, rope_local_base_freq, sliding_window_pattern) mean the same."""
-    new = load_hf_directory(hf_dir("gemma3")).metadata
+    new = load_hf_directory(hf_dir("gemma3"), FAMILIES).metadata
     old = {k: v for k, v in new.items() if k not in ("rope_parameters", "layer_types")}
     old |= {"rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": {"type": "linear", "factor": 8},
             "sliding_window_pattern": 3}
-    config = config_from_hf(old)
+    config = config_from_hf(old, FAMILIES)
     assert config.layer_types == ("sliding", "sliding", "full", "sliding")
     assert (config.rope_theta, config.rope_local_theta) == (1e6, 1e4)
     assert config.rope_scaling == {"rope_type": "linear", "factor": 8.0}
@@ -112,19 +132,28 @@ def test_mistral_config_and_its_gguf_form(tmp_path):
 
     raw = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, sliding_window=16).to_dict() | {"architectures": ["MistralForCausalLM"]}
-    config = config_from_hf(raw)
+    config = config_from_hf(raw, FAMILIES)
     assert (config.architecture, config.layer_types, config.sliding_window) == ("mistral", ("sliding",) * 2, 16)
-    tensors = {name: torch.randn(shape) for name, shape in expected_shapes(config).items()}
-    write_gguf(tmp_path / "mistral.gguf", config, tensors)
-    loaded = load_gguf(tmp_path / "mistral.gguf")
+    tensors = {name: torch.randn(shape) for name, shape in FAMILIES.named("mistral").hf_shapes(config).items()}
+    write_gguf(tmp_path / "mistral.gguf", FAMILIES.named("mistral"), config, tensors)
+    loaded = load_gguf(tmp_path / "mistral.gguf", FAMILIES)
     assert (loaded.config.architecture, loaded.config.sliding_window) == ("llama", None)
     assert all(torch.equal(loaded.tensors[name], tensor) for name, tensor in tensors.items())
+
+
+def test_phi3_config_keeps_its_window_and_refuses_partial_rotary(hf_dir):
+    raw = load_hf_directory(hf_dir("phi3"), FAMILIES).metadata
+    config = config_from_hf(raw, FAMILIES)
+    assert (config.architecture, config.sliding_window, config.layer_types) == ("phi3", 16, ("sliding",) * 3)
+    partial = raw | {"rope_parameters": {**raw["rope_parameters"], "partial_rotary_factor": 0.75}}
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor=0.75"):
+        config_from_hf(partial, FAMILIES)
 
 
 def test_sharded_safetensors_directory(hf_dir, tmp_path):
     from safetensors.torch import save_file
 
-    source = load_hf_directory(hf_dir("qwen2"))
+    source = load_hf_directory(hf_dir("qwen2"), FAMILIES)
     names = list(source.tensors)
     shards = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
     weight_map = {}
@@ -133,7 +162,7 @@ def test_sharded_safetensors_directory(hf_dir, tmp_path):
         weight_map |= dict.fromkeys(shard_names, shard)
     (tmp_path / "config.json").write_text((hf_dir("qwen2") / "config.json").read_text())
     (tmp_path / "model.safetensors.index.json").write_text(__import__("json").dumps({"weight_map": weight_map}))
-    loaded = load_hf_directory(tmp_path)
+    loaded = load_hf_directory(tmp_path, FAMILIES)
     for name in names:  # bf16 on disk, float32 in memory
         assert loaded.tensors[name].dtype == torch.float32
         assert torch.equal(loaded.tensors[name], source.tensors[name].to(torch.bfloat16).float())
@@ -141,7 +170,7 @@ def test_sharded_safetensors_directory(hf_dir, tmp_path):
 
 def test_missing_directory(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
-        load_hf_directory(tmp_path / "nope")
+        load_hf_directory(tmp_path / "nope", FAMILIES)
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
 
@@ -149,7 +178,7 @@ def test_missing_directory(tmp_path):
 def test_missing_config_json(hf_dir, tmp_path):
     (tmp_path / "model.safetensors").write_bytes((hf_dir("llama") / "model.safetensors").read_bytes())
     with pytest.raises(ModelLoadError, match="config.json is missing"):
-        load_hf_directory(tmp_path)
+        load_hf_directory(tmp_path, FAMILIES)
 
 
 def test_pickle_only_directory_is_refused(hf_dir, tmp_path):
@@ -167,32 +196,45 @@ def test_unsupported_hf_architecture(hf_dir, tmp_path):
     config = (hf_dir("llama") / "config.json").read_text().replace("LlamaForCausalLM", "MambaForCausalLM")
     (tmp_path / "config.json").write_text(config.replace('"model_type": "llama"', '"model_type": "mamba"'))
     with pytest.raises(UnsupportedModelError, match="MambaForCausalLM"):
-        load_hf_directory(tmp_path)
+        load_hf_directory(tmp_path, FAMILIES)
 
 
 def test_hf_tensor_with_wrong_shape(hf_dir, tmp_path):
     from safetensors.torch import save_file
 
-    tensors = load_hf_directory(hf_dir("llama")).tensors
+    tensors = load_hf_directory(hf_dir("llama"), FAMILIES).tensors
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
     save_file(tensors, tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((hf_dir("llama") / "config.json").read_text())
     with pytest.raises(ModelLoadError, match=r"model.layers.1.mlp.up_proj.weight has shape \(3, 3\)"):
-        load_hf_directory(tmp_path)
+        load_hf_directory(tmp_path, FAMILIES)
 
 
 # --- GGUF round trips ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", VARIANTS)
+def test_gguf_names_are_llama_cpps(hf_dir, variant):
+    """Every family's GGUF architecture and tensor names are those of llama.cpp's converter: its
+    architecture list and its Hugging Face -> GGUF tensor name map, as gguf-py ships them."""
+    config = load_hf_directory(hf_dir(variant), FAMILIES).config
+    family = FAMILIES.named(config.architecture)
+    arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[family.gguf_architecture]
+    names = gguf.get_tensor_name_map(arch, config.num_layers)
+    for tensor in family.tensors(config):
+        stacked = tensor.hf.replace(".{expert}.", ".")  # the converter names a layer's stacked experts so
+        assert names.get_name(stacked, try_suffixes=(".weight", ".bias")) == tensor.gguf, tensor.hf
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_gguf_round_trip(hf_dir, variant, tmp_path):
     path, source = write_variant(hf_dir, variant, tmp_path)
-    loaded = load_gguf(path)
+    loaded = load_gguf(path, FAMILIES)
     assert loaded.config == source.config
     assert_same_tensors(loaded.tensors, source.tensors, tied=False, gemma=variant == "gemma3")
     assert ("rope_freqs.weight" in {n for n in _gguf_tensor_names(path)}) == (variant == "llama3_rope")
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "smollm3"])  # transformers reads no SmolLM3 GGUF
 def test_transformers_reads_our_gguf(hf_dir, variant, tmp_path):
     """transformers' GGUF loader (undoing llama.cpp's permutation and norm shift its own way) gets
     the original state dict back, so the writer follows llama.cpp's conventions. (`from_pretrained`
@@ -209,11 +251,21 @@ def test_transformers_reads_our_gguf(hf_dir, variant, tmp_path):
         (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size, c.tie_word_embeddings)
 
 
+def test_smollm3_layers_without_rope_in_gguf(hf_dir, tmp_path):
+    """llama.cpp leaves RoPE out of every fourth SmolLM3 layer and reads no key for it: that is the
+    pattern a GGUF file gives back, and the writer refuses any other."""
+    path, source = write_variant(hf_dir, "smollm3", tmp_path)
+    assert load_gguf(path, FAMILIES).config.rope_layers == (True, True, True, False) == source.config.rope_layers
+    other = dataclasses.replace(source.config, rope_layers=(True, False, True, True))
+    with pytest.raises(UnsupportedModelError, match="every 4th"):
+        write_gguf(tmp_path / "other.gguf", FAMILIES.named("smollm3"), other, source.tensors)
+
+
 def test_gguf_f16_keeps_vectors_in_f32(hf_dir, tmp_path):
     path, source = write_variant(hf_dir, "qwen2", tmp_path, dtype="f16")
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     assert types["blk.0.attn_q.weight"] == Q.F16 and types["blk.0.attn_q.bias"] == Q.F32
-    loaded = load_gguf(path).tensors
+    loaded = load_gguf(path, FAMILIES).tensors
     for name, tensor in source.tensors.items():
         expected = tensor.half().float() if tensor.ndim == 2 else tensor
         assert torch.equal(loaded[name], expected), name
@@ -225,7 +277,7 @@ def test_tensor_type_hook_and_dequantization(hf_dir, tmp_path, qtype):
     what gguf-py's dequantizer makes of gguf-py's quantization, in the right layout."""
     hook = lambda name, values: qtype if values.ndim == 2 else Q.F32  # noqa: E731
     path, source = write_variant(hf_dir, "qwen2", tmp_path, tensor_type=hook)
-    loaded = load_gguf(path).tensors
+    loaded = load_gguf(path, FAMILIES).tensors
     for name, tensor in source.tensors.items():
         values = tensor.numpy()
         expected = gguf.quants.dequantize(gguf.quants.quantize(values, qtype), qtype) if tensor.ndim == 2 else values
@@ -240,13 +292,13 @@ def test_k_quant_layout(tmp_path, qtype):
     config = ModelConfig(architecture="qwen2", vocab_size=16, hidden_size=256, intermediate_size=512, num_layers=1,
                          num_heads=2, num_kv_heads=1, head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=64,
                          rope_theta=1e4, attention_bias=True)
-    tensors = {n: torch.randn(s) for n, s in expected_shapes(config).items()}
-    write_gguf(tmp_path / "f32.gguf", config, tensors)
+    tensors = {n: torch.randn(s) for n, s in FAMILIES.named("qwen2").hf_shapes(config).items()}
+    write_gguf(tmp_path / "f32.gguf", FAMILIES.named("qwen2"), config, tensors)
     rng = np.random.default_rng(0)
     # bytes below 64 keep every float16 scale finite (its exponent bits lie in the high byte)
     raw = rng.integers(0, 64, gguf.quants.quant_shape_to_byte_shape((512, 256), qtype), dtype=np.uint8)
     _rewrite(tmp_path / "f32.gguf", tmp_path / "q.gguf", replace={"blk.0.ffn_up.weight": (raw, qtype)})
-    loaded = load_gguf(tmp_path / "q.gguf").tensors["model.layers.0.mlp.up_proj.weight"]
+    loaded = load_gguf(tmp_path / "q.gguf", FAMILIES).tensors["model.layers.0.mlp.up_proj.weight"]
     np.testing.assert_array_equal(loaded.numpy(), gguf.quants.dequantize(raw, qtype))
 
 
@@ -296,7 +348,7 @@ def test_truncated_gguf(hf_dir, tmp_path):
         damaged = tmp_path / f"cut{cut}.gguf"
         damaged.write_bytes(data[:cut])
         with pytest.raises(ModelLoadError, match=f"cut{cut}.gguf") as info:
-            load_gguf(damaged)
+            load_gguf(damaged, FAMILIES)
         assert type(info.value) is ModelLoadError, (cut, info.value)
         if cut > header_end:
             assert "truncated" in str(info.value)
@@ -307,7 +359,7 @@ def test_random_bytes_are_not_gguf(tmp_path):
     path = tmp_path / "noise.gguf"
     path.write_bytes(bytes(rng.randrange(256) for _ in range(4096)))
     with pytest.raises(ModelLoadError, match="noise.gguf is not a GGUF file"):
-        load_gguf(path)
+        load_gguf(path, FAMILIES)
 
 
 def test_corrupted_header_bytes_give_model_load_error(hf_dir, tmp_path):
@@ -323,7 +375,7 @@ def test_corrupted_header_bytes_give_model_load_error(hf_dir, tmp_path):
             corrupt[rng.randrange(4, header_end)] = rng.randrange(256)
         damaged.write_bytes(corrupt)
         try:
-            load_gguf(damaged)
+            load_gguf(damaged, FAMILIES)
         except ModelLoadError:
             pass
 
@@ -334,14 +386,14 @@ def test_unsupported_architecture(tmp_path):
     writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     with pytest.raises(UnsupportedModelError, match=r"'mamba' is not supported; supported: llama, qwen2, gemma3"):
-        load_gguf(tmp_path / "mamba.gguf")
+        load_gguf(tmp_path / "mamba.gguf", FAMILIES)
 
 
 def test_unsupported_tensor_type(hf_dir, tmp_path):
     path, _ = write_variant(hf_dir, "llama", tmp_path)
     _rewrite(path, tmp_path / "i32.gguf", replace={"blk.1.ffn_up.weight": (np.zeros((160, 64), np.int32), Q.I32)})
     with pytest.raises(UnsupportedModelError, match="blk.1.ffn_up.weight has type I32"):
-        load_gguf(tmp_path / "i32.gguf")
+        load_gguf(tmp_path / "i32.gguf", FAMILIES)
     # A type id that GGML does not define at all (patched into the tensor info).
     data = bytearray(path.read_bytes())
     name = b"blk.1.ffn_up.weight"
@@ -349,24 +401,24 @@ def test_unsupported_tensor_type(hf_dir, tmp_path):
     data[type_at:type_at + 4] = (99).to_bytes(4, "little")
     (tmp_path / "type99.gguf").write_bytes(data)
     with pytest.raises(UnsupportedModelError, match="blk.1.ffn_up.weight has unknown GGML type 99"):
-        load_gguf(tmp_path / "type99.gguf")
+        load_gguf(tmp_path / "type99.gguf", FAMILIES)
 
 
 def test_missing_and_misshapen_gguf_tensors(hf_dir, tmp_path):
     path, _ = write_variant(hf_dir, "llama", tmp_path)
     _rewrite(path, tmp_path / "missing.gguf", drop={"blk.2.attn_v.weight"})
     with pytest.raises(ModelLoadError, match="missing.gguf: missing tensors blk.2.attn_v.weight"):
-        load_gguf(tmp_path / "missing.gguf")
+        load_gguf(tmp_path / "missing.gguf", FAMILIES)
     _rewrite(path, tmp_path / "shape.gguf", replace={"blk.0.ffn_down.weight": (np.zeros((64, 32), np.float32), Q.F32)})
     with pytest.raises(ModelLoadError, match=r"blk.0.ffn_down.weight has shape \(64, 32\), expected \(64, 160\)"):
-        load_gguf(tmp_path / "shape.gguf")
+        load_gguf(tmp_path / "shape.gguf", FAMILIES)
 
 
 # --- real models --------------------------------------------------------------------------------
 
 @pytest.mark.real_model
 def test_real_smollm2(smollm2_gguf):
-    checkpoint = load_gguf(smollm2_gguf)
+    checkpoint = load_gguf(smollm2_gguf, FAMILIES)
     c = checkpoint.config
     assert (c.architecture, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.vocab_size) == \
         ("llama", 30, 576, 9, 3, 49152)
@@ -385,7 +437,7 @@ def test_real_smollm2_matches_transformers_gguf_loader(smollm2_gguf):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     expected = load_gguf_checkpoint(str(smollm2_gguf), return_tensors=True, model_to_load=model)["tensors"]
-    ours = load_gguf(smollm2_gguf).tensors
+    ours = load_gguf(smollm2_gguf, FAMILIES).tensors
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
                  "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight"):
         torch.testing.assert_close(ours[name], expected[name], atol=1e-6, rtol=0)
@@ -395,7 +447,7 @@ def test_real_smollm2_matches_transformers_gguf_loader(smollm2_gguf):
 
 @pytest.mark.real_model
 def test_real_gemma3(gemma3_gguf):
-    checkpoint = load_gguf(gemma3_gguf)
+    checkpoint = load_gguf(gemma3_gguf, FAMILIES)
     c = checkpoint.config
     assert (c.architecture, c.num_layers, c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads) == \
         ("gemma3", 18, 640, 256, 4, 1)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import datetime
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from quill.bench.report import cost_lines, format_report, level_name, load_runs,
 from quill.bench.workload import RequestSpec, load_jsonl, poisson_arrivals, synthetic_workload, take
 from quill.cost import REFERENCE_PRICES, Price, load_price_file
 from quill.errors import InvalidRequestError
+from quill.hardware import host_description
 
 # Not measured: the first request of a run pays for connection set-up and lazy initialisation.
 _WARM_UP = RequestSpec(max_tokens=4, messages=[{"role": "user", "content": "Say hello."}], prompt="Say hello.")
@@ -179,7 +179,7 @@ async def _measure_async(url: str, label: str | None, sweep: Sweep) -> dict:
         "workload": {"source": sweep.workload_name, "prompt_words": None if args.workload else args.prompt_words,
                      "max_tokens": args.max_tokens, "ignore_eos": args.ignore_eos, "temperature": args.temperature},
         "slo": {"ttft_s": args.slo_ttft_ms / 1000}, "hourly_cost_usd": args.hourly_cost,
-        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "host": host_description(),
         "started_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "levels": levels,
     }

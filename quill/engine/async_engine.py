@@ -16,14 +16,20 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from quill.engine.engine import Engine, EngineStats
+from quill.engine.limits import EngineLimits
+from quill.errors import QuillError
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
 
 log = logging.getLogger("quill.engine")
 
 
-class EngineStepError(RuntimeError):
+class EngineStepError(QuillError, RuntimeError):
     """The engine failed while running a step; the requests in flight were aborted."""
+
+
+class EngineShutdownError(EngineStepError):
+    """The engine stopped (the server is shutting down); the requests in flight were aborted."""
 
 
 @dataclass
@@ -44,6 +50,7 @@ class AsyncEngine:
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, _Stream] = {}  # touched only by the engine thread
         self._stats = engine.stats()
+        self.tokenizer = engine.tokenizer  # None for a token-ids-only engine
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="quill-engine", daemon=True)
         self._thread.start()
@@ -83,6 +90,14 @@ class AsyncEngine:
         """A snapshot taken after the latest step (safe to read from any thread)."""
         return self._stats
 
+    def limits(self) -> EngineLimits:
+        """What a request must fit (fixed, safe to read from any thread)."""
+        return self.engine.limits()
+
+    def is_alive(self) -> bool:
+        """Whether the engine thread still runs (it stops at shutdown)."""
+        return self._thread.is_alive()
+
     def shutdown(self, timeout: float | None = 10.0) -> None:
         self._stopping.set()
         self._commands.put(("wake", None, None))
@@ -96,7 +111,7 @@ class AsyncEngine:
                 self._step()
             self._stats = self.engine.stats()
         for request_id in list(self._streams):
-            self._fail(request_id, EngineStepError("the engine is shutting down"))
+            self._fail(request_id, EngineShutdownError("the engine is shutting down"))
 
     def _run_commands(self, block: bool) -> None:
         try:

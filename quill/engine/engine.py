@@ -20,6 +20,7 @@ from torch import nn
 from quill.config import EngineConfig, ModelConfig
 from quill.engine.detokenizer import IncrementalDetokenizer
 from quill.engine.kv_cache import KVCacheManager
+from quill.engine.limits import EngineLimits
 from quill.engine.request import Request, RequestStatus
 from quill.engine.runner import ModelRunner, kv_bytes_per_token, kv_cache_dtype
 from quill.engine.sampler import TokenLogprob, sample
@@ -75,11 +76,12 @@ class Engine:
         kv_bytes = config.kv_cache_memory or self._default_kv_cache_bytes(per_token)
         num_blocks = max(1, kv_bytes // (per_token * config.block_size))
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self._limits = EngineLimits(self.max_model_len, model_config.vocab_size, num_blocks, config.block_size,
+                                    config.dtype)
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, model_config, num_blocks=num_blocks, block_size=config.block_size,
-                                  kv_cache_dtype=cache_dtype, device=device,
-                                  batch_invariant=config.batch_invariant)
+                                  kv_cache_dtype=cache_dtype, device=device)
         self.speculator: Speculator | None = None if config.speculative is None else build_speculator(
             config, model_config, tokenizer, num_blocks=num_blocks, max_model_len=self.max_model_len, device=device,
             kv_cache_dtype=cache_dtype, row_block=self.runner.row_block)
@@ -108,7 +110,7 @@ class Engine:
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise InvalidRequestError("this engine has no tokenizer: pass token ids")
+                raise InvalidRequestError("this engine has no tokenizer: pass token ids", param="prompt")
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
         else:
             prompt_text, prompt_ids = None, list(prompt)
@@ -117,7 +119,7 @@ class Engine:
         if request_id in self._groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if params.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer")
+            raise InvalidRequestError("stop strings need a tokenizer", param="stop")
         matchers = self._matchers(params)
         members = []
         for index in range(params.n):
@@ -154,24 +156,17 @@ class Engine:
         return torch.Generator().manual_seed(seed)
 
     def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        if any(t >= vocab for t in params.logit_bias):
-            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ContextLengthError(
-                f"the prompt has {len(prompt_ids)} tokens; the context window is {self.max_model_len} "
-                f"and at least one token must be left to generate"
-            )
+        self._limits.check_request(prompt_ids, params)
         needed = self.kv_cache.blocks_needed(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
         if needed > self.kv_cache.num_blocks:
             raise ContextLengthError(
                 f"the request needs {needed} KV blocks but the cache only has {self.kv_cache.num_blocks}; "
                 f"shorten the prompt or max_tokens, or raise the KV-cache memory"
             )
+
+    def limits(self) -> EngineLimits:
+        """What a request must fit (read-only, fixed once the engine is built)."""
+        return self._limits
 
     def abort(self, request_id: str) -> None:
         """Stop a request (all its n completions) now and free its KV blocks. Unknown or

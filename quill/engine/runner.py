@@ -6,27 +6,25 @@ processed this step (a partial prefill chunk has nothing to sample yet). A reque
 draft tokens gets them appended to its input and one logits row per position from its last token
 on, for the verifier; each of its queries is attended as a decoding row of its own, so that every
 row is bit-identical to what plain one-token decoding would compute (see `quill.layers.attention`).
-With quantized weights, the prompt rows of long prompts go last in the batch and through bf16
-weights, all other rows through the quantized kernel (see `_prefills_in_bf16`).
+On the CPU every matmul and every attention row is computed the same way whatever else the step
+holds (see `quill.layers.matmul` and `quill.layers.attention`), so a request's tokens and logprobs
+do not depend on the batch, the chunking of its prompt or the prefix cache.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
 
 from quill.config import ModelConfig
 from quill.engine.request import Request
-from quill.engine.sampler import uses_only_argmax
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
-from quill.layers.linear import BATCH_INVARIANT_ROW_MULTIPLE, Linear
-from quill.layers.quantized import DENSE_MIN_ROWS, KERNEL_ROW_BLOCK, QuantizedLinear, dense_rows_from
+from quill.layers.linear import prepare_linears_for_cpu
+from quill.layers.matmul import describe_paths
+from quill.layers.quantized import KERNEL_ROW_BLOCK, QuantizedLinear
 
-# With batch invariance, a request whose prompt has this many tokens to compute prefills through
-# bf16 weights. Expanding them costs ~30 ms a step (SmolLM2), shared by every bf16 row of the step:
-# alone, a 32-token prompt pays ~25 ms more than through the int4 kernel (which wins up to ~100
-# rows), but prompts seldom come alone under load, and 16 prompts of 32-128 tokens prefill 1.5x
-# faster together (benchmarks/throughput.py at 16 streams: 399 -> 428 tokens/s, TTFT p50 -30%).
-PREFILL_IN_BF16_MIN_TOKENS = 32
+log = logging.getLogger("quill")
 
 
 def kv_cache_dtype(requested: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -49,7 +47,7 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, *, num_blocks: int, block_size: int,
-                 kv_cache_dtype: torch.dtype, device: torch.device, batch_invariant: bool) -> None:
+                 kv_cache_dtype: torch.dtype, device: torch.device) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -57,14 +55,13 @@ class ModelRunner:
         attention = [module for module in model.modules() if isinstance(module, PagedAttention)]
         for module in attention:
             module.bind_cache(num_slots, kv_cache_dtype, device)
-        # Where the C kernel attends (see quill.layers.attention), prompt tokens are attended as
-        # single-query rows too: each then computes exactly what decoding that position would,
-        # however the prompt is chunked or served from the prefix cache.
-        self.prompts_as_rows = all(module.attends_rows_in_kernel for module in attention)
-        for module in model.modules():
-            if isinstance(module, Linear):
-                module.row_multiple = BATCH_INVARIANT_ROW_MULTIPLE if batch_invariant else 1
-        self.batch_invariant = batch_invariant
+        # On the CPU prompt tokens are attended as single-query rows too: each then computes exactly
+        # what decoding that position would, however the prompt is chunked or served from the
+        # prefix cache (see quill.layers.attention). GPUs attend prompts through fused kernels.
+        self.prompts_as_rows = device.type == "cpu"
+        if device.type == "cpu":
+            prepare_linears_for_cpu(model)
+            log.info(describe_paths(model))
         self._block_offsets = torch.arange(block_size, device=device)
         self.quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
         # A step's rows are paid for in blocks of this many (None: row by row, or nearly free).
@@ -78,24 +75,6 @@ class ModelRunner:
         """Cache slots of the request's first `num_tokens` positions."""
         blocks = torch.tensor(request.block_ids[:-(-num_tokens // self.block_size)], device=self.device)
         return (blocks[:, None] * self.block_size + self._block_offsets).flatten()[:num_tokens]
-
-    def _prefills_in_bf16(self, request: Request) -> bool:
-        """Whether this step's rows of the request go through bf16 weights rather than the
-        quantized kernel: the prompt rows of a request that computes a prompt of some length
-        itself (not served from the prefix cache; see PREFILL_IN_BF16_MIN_TOKENS). It depends on
-        the request alone, never on the batch or on how the prompt is chunked, so greedy output
-        stays batch-invariant."""
-        num_to_compute = request.num_prompt_tokens - request.metrics.num_cached_prompt_tokens
-        return (self.quantized and self.batch_invariant and num_to_compute >= PREFILL_IN_BF16_MIN_TOKENS
-                and request.num_computed_tokens < request.num_prompt_tokens)
-
-    def _dense_rows_start(self, num_rows: int, first_bf16_row: int | None) -> int | None:
-        """The first row of the step that quantized layers multiply in bf16 (None: none)."""
-        if not self.quantized:
-            return None
-        if self.batch_invariant:
-            return first_bf16_row
-        return 0 if num_rows >= DENSE_MIN_ROWS else None  # the whole step, by its size
 
     def _slot(self, request: Request, position: int) -> int:
         return request.block_ids[position // self.block_size] * self.block_size + position % self.block_size
@@ -114,13 +93,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         to_sample: list[Request] = []
         row = 0
-        first_bf16_row = None
-        # Requests prefilling through bf16 weights go last, so that their rows form one tail.
-        in_bf16 = [self._prefills_in_bf16(request) for request in requests]
-        for i in sorted(range(len(requests)), key=in_bf16.__getitem__):
-            request, num_new = requests[i], num_new_tokens[i]
-            if in_bf16[i] and first_bf16_row is None:
-                first_bf16_row = row
+        for request, num_new in zip(requests, num_new_tokens):
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
             num_drafts = max(0, end - request.num_tokens)  # the scheduler schedules all drafts or none
             token_ids.extend(request.token_ids[start:end])
@@ -144,10 +117,26 @@ class ModelRunner:
             single = SingleQueryRows(rows, single_context_lens, single_tables, self.block_size, self.device)
         meta = AttentionMetadata(torch.tensor(slot_mapping, device=self.device), single, prompts)
         input_ids = torch.tensor(token_ids, device=self.device)
-        with dense_rows_from(self._dense_rows_start(row, first_bf16_row)):
-            hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta)
+        hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta)
         if not to_sample:
             return [], hidden.new_empty((0, 0))
-        argmax_only = all(map(uses_only_argmax, to_sample))
         # The sampler works on the CPU: per-request Python logic over a few rows of logits.
-        return to_sample, self.model.compute_logits(hidden[sample_rows], argmax_only=argmax_only).cpu()
+        return to_sample, self.model.compute_logits(hidden[sample_rows]).cpu()
+
+    @torch.inference_mode()
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Float32 logits [tokens, vocab] at every position of `token_ids` prefilled alone, as one
+        prompt, into an empty cache: the rows `execute` computes for that prompt (the same
+        attention path), all of them instead of the last. What `quill eval` scores. It writes the
+        cache from its first block on, so the runner must hold no request, and have room for the tokens."""
+        num_tokens = len(token_ids)
+        blocks = list(range(-(-num_tokens // self.block_size)))
+        positions = torch.arange(num_tokens, device=self.device)  # consecutive blocks from 0: slot = position
+        if self.prompts_as_rows:
+            rows = SingleQueryRows(None, list(range(1, num_tokens + 1)), [blocks] * num_tokens, self.block_size,
+                                   self.device)
+            meta = AttentionMetadata(positions, rows, [])
+        else:
+            meta = AttentionMetadata(positions, None, [PromptSpan(0, num_tokens, num_tokens, None)])
+        hidden = self.model(torch.tensor(token_ids, device=self.device), positions, meta)
+        return self.model.compute_logits(hidden).cpu()

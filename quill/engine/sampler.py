@@ -90,14 +90,6 @@ def _ban_ending_tokens(row: torch.Tensor, params: SamplingParams, eos_token_ids:
         row[banned] = kept
 
 
-def uses_only_argmax(request: Request) -> bool:
-    """Whether sampling this request's next token reads nothing but the argmax of its raw logits.
-    Not so for a constrained request: its masked maximum can be any allowed token, far from the
-    row's maximum, where only exact logits make the choice independent of the batch."""
-    params = request.params
-    return params.greedy and params.logprobs is None and params.constraint is None and not _needs_processing(request)
-
-
 def _needs_processing(request: Request) -> bool:
     params = request.params
     return bool(params.logit_bias) or params.has_penalties or request.num_output_tokens < params.min_tokens

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from quill.weights.hub import quill_home
+from quill.paths import quill_home
 
 log = logging.getLogger("quill")
 
@@ -33,10 +33,10 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 POINTER, INT32, INT64, FLOAT = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
 
 
-def function(name: str, argtypes: list, restype=None):
-    """The C function `name`, from `name`.c, typed, or None where kernels are off or cannot be
-    built here. Pass tensors as their `data_ptr()`."""
-    library = _load(name) if os.environ.get("QUILL_KERNELS", "1") != "0" else None
+def function(name: str, argtypes: list, restype=None, *, source: str | None = None):
+    """The C function `name`, from `source`.c (default `name`.c), typed, or None where kernels are
+    off or cannot be built here. Pass tensors as their `data_ptr()`."""
+    library = _load(source or name) if os.environ.get("QUILL_KERNELS", "1") != "0" else None
     if library is None:
         return None
     kernel = getattr(library, name)
@@ -54,24 +54,27 @@ def _load(name: str) -> ctypes.CDLL | None:
         return None
 
 
-def _build(name: str) -> Path:
-    """Compile once per source, flags and CPU; later calls find the library in the cache."""
+def _build(name: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile once per source, flags and CPU; later calls find the library in the cache. The
+    tests build variants with `extra_flags` (e.g. without AVX-512) to check the portable paths."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
     source = SOURCE_DIR / f"{name}.c"
     headers = b"".join(header.read_bytes() for header in sorted(SOURCE_DIR.glob("*.h")))  # what it may include
-    key = hashlib.sha256(source.read_bytes() + headers + " ".join([compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
-    target = quill_home() / "kernels" / f"{name}-{key}.so"
+    flags = [*FLAGS, *extra_flags]
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join([compiler, *flags, _cpu()]).encode()).hexdigest()[:16]
+    variant = "".join("+" + flag.lstrip("-") for flag in extra_flags)
+    target = quill_home() / "kernels" / f"{name}{variant}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename: a concurrent process never loads a half-written file.
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"],
+            subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
                            check=True, capture_output=True, text=True)
             os.replace(built, target)
-        for stale in target.parent.glob(f"{name}-*.so"):  # builds of older sources or another CPU
+        for stale in target.parent.glob(f"{name}{variant}-*.so"):  # builds of older sources or another CPU
             if stale != target:
                 stale.unlink(missing_ok=True)
         log.info("built C kernel %s -> %s", name, target)

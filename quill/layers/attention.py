@@ -34,7 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from quill import kernels
+from quill.layers.fixed_order import tree_sum
 from quill.layers.module import InferenceModule
+
+# Elements of the [rows, heads, keys, dim] products the PyTorch path builds at a time (64 MB).
+FALLBACK_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -254,15 +258,27 @@ class PagedAttention(InferenceModule):
         return out
 
     def _attend_group(self, q: torch.Tensor, group: KeyGroup) -> torch.Tensor:
-        """Contiguous operands throughout: batched matmul over strided views picks kernels by
-        batch size, and rows would then depend on their neighbours."""
+        """The rows of one group, a chunk at a time. Every sum is a `tree_sum` and everything else
+        elementwise, so a row's result depends neither on the rows beside it nor on the group's
+        width (padding adds exact zeros); the exponentials run on widths padded to whole vectors,
+        so no row's falls to a scalar tail loop that rounds differently."""
         rows, width = group.hidden.shape
-        keys, values = self._gather(group.cache_rows, (rows, self.num_kv_heads, width, self.head_dim))
-        queries = (q * self.scale).view(rows, self.num_kv_heads, -1, self.head_dim)
-        scores = torch.matmul(queries, keys.transpose(-1, -2))  # [rows, kv_heads, heads per kv head, width]
-        scores.masked_fill_(group.hidden[:, None, None, :], float("-inf"))
-        out = torch.matmul(scores.softmax(dim=-1), values)  # [rows, kv_heads, heads per kv head, dim]
-        return out.view(rows, self.num_heads * self.head_dim)
+        chunk = max(1, FALLBACK_CHUNK_ELEMENTS // (self.num_heads * width * self.head_dim))
+        parts = [self._attend_rows(q[i:i + chunk], group.cache_rows.view(rows, -1)[i:i + chunk].flatten(),
+                                   group.hidden[i:i + chunk]) for i in range(0, rows, chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _attend_rows(self, q: torch.Tensor, cache_rows: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        rows, width = hidden.shape
+        keys, values = self._gather(cache_rows, (rows, self.num_kv_heads, 1, width, self.head_dim))
+        queries = (q * self.scale).view(rows, self.num_kv_heads, -1, 1, self.head_dim)
+        scores = tree_sum(queries * keys)  # [rows, kv_heads, heads per kv head, width]
+        scores = F.pad(scores.masked_fill(hidden[:, None, None, :], float("-inf")), (0, -width % 16),
+                       value=float("-inf"))
+        weights = (scores - scores.amax(dim=-1, keepdim=True)).exp()
+        weights = (weights / tree_sum(weights)[..., None])[..., :width]
+        out = tree_sum(weights[..., None] * values, dim=-2)  # [rows, kv_heads, heads per kv head, dim]
+        return out.reshape(rows, self.num_heads * self.head_dim)
 
     def _attend_prompt(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span: PromptSpan) -> torch.Tensor:
         """The span's queries (the last of its context) together, through the fused kernel, which

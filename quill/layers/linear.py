@@ -1,28 +1,57 @@
-"""Linear layers with an optional batch-invariant mode.
+"""Dense linear layers whose rows do not depend on the batch (see `quill.layers.matmul`).
 
-CPU GEMM libraries pick different kernels (and so different reduction orders) by the number of
-rows: a row multiplied alone (GEMV) and the same row inside a batch can differ in the last bits,
-enough to flip a greedy token. Measured on this machine (PyTorch 2.13, fp32): results for row r
-are bit-identical for every row count that is a multiple of 4, and differ otherwise. Padding the
-rows up to `row_multiple` therefore makes each row's result independent of the batch around it.
+A layer multiplies through `F.linear` until `prepare_linears_for_cpu` gives it a row-invariant
+product: the packed kernel where it can be built, otherwise PyTorch's matmul in fixed row blocks.
+On a GPU it stays with `F.linear`.
 """
 from __future__ import annotations
+
+import logging
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quill.layers.matmul import PackedMatmul, RowBlockedMatmul, kernel_available
 from quill.layers.module import InferenceModule
 
-BATCH_INVARIANT_ROW_MULTIPLE = 4
+log = logging.getLogger("quill")
 
 
 class Linear(InferenceModule, nn.Linear):
-    row_multiple: int = 1  # set to BATCH_INVARIANT_ROW_MULTIPLE by the runner when invariance is on
+    matmul = None  # set by `prepare_for_cpu`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        pad = -rows % self.row_multiple
-        if not pad:
+        if self.matmul is None:
             return F.linear(x, self.weight, self.bias)
-        return F.linear(F.pad(x, (0, 0, 0, pad)), self.weight, self.bias)[:rows]
+        return self.matmul(x)
+
+    def prepare_for_cpu(self, *, keep_weight: bool) -> str:
+        """Multiply row-invariantly from now on; returns which path it took. Without `keep_weight`
+        (nothing else reads the float weight) the packed copy replaces it, and `weight` is None."""
+        if kernel_available() and self.in_features % 2 == 0:
+            self.matmul = PackedMatmul.dense(self.weight, self.bias)
+            if not keep_weight:
+                self.weight = None
+            return f"{self.matmul.format} kernel"
+        weight, bias = self.weight.float(), None if self.bias is None else self.bias.float()
+        self.matmul = RowBlockedMatmul(lambda x: F.linear(x, weight, bias), self.in_features,
+                                       ("linear", self.out_features, bias is not None))
+        return f"PyTorch in blocks of {'/'.join(map(str, self.matmul.blocks))} rows"
+
+
+def prepare_linears_for_cpu(model: nn.Module) -> None:
+    """Give every dense `Linear` of a CPU model its row-invariant product (once; later calls do
+    nothing). Float weights stay where something else reads them: a tied embedding, and the LM
+    head's exact recomputation of its top logits (`quill.layers.logits`). The load log says which
+    path the layers took."""
+    readers = Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
+    paths = Counter()
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and module.matmul is None:
+            keep = readers[id(module.weight)] > 1 or name == "lm_head"
+            paths[f"{tuple(module.weight.shape)} {module.weight.dtype}".replace("torch.", "") + " -> "
+                  + module.prepare_for_cpu(keep_weight=keep)] += 1
+    if paths:
+        log.info("dense layers: %s", "; ".join(f"{n} x {path}" for path, n in sorted(paths.items())))

@@ -1,102 +1,37 @@
 """Weight-only quantized linear layers: weights stay small in memory and are multiplied natively.
 
-On a CPU, decoding is limited by the bytes of weights read per token, so a 4-bit weight read
-through PyTorch's int4 kernel (`_weight_int4pack_mm_for_cpu`, bf16 activations) is several times
-faster than a float one for a few rows. For many rows (a long prefill) the kernel is compute
-bound and slower than a bf16 matmul; there the layer expands its weight to bf16 for that call
-instead, for the rows from `dense_rows_from(start)` on. The runner decides which rows those are:
-the prompt rows of long prompts, whatever else is in the batch (a decision that depends only on
-the request keeps greedy output batch-invariant; see `linear.py`), or, with batch invariance off,
-every row of a step that has many.
+On a CPU, decoding is limited by the bytes of weights read per token, so 4-bit weights read
+through a kernel that expands them to bf16 on the fly are several times faster than float ones.
+The same kernel takes a long prompt's rows too (it expands each block of weights once per call and
+runs every row through it), so one row and many go through the same arithmetic and greedy output
+does not depend on the batch (see `quill.layers.matmul`). Where no kernel can be built, PyTorch's
+int4 and int8 kernels run instead, in fixed row blocks.
 
-`QuantizedWeight` is the one format every reader produces: unsigned integer codes with a scale
-and an offset per group of consecutive input columns. GGUF's Q4_0/Q4_1/Q4_K blocks and
-`quill quantize`'s int4/int8 map onto it exactly; `quantized_linear` picks the kernel.
+Every reader produces one format, `quill.weights.quantized.QuantizedWeight` (codes with a scale
+and an offset per group of input columns); `quantized_linear` picks the layer that runs it.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from quill import kernels
-from quill.layers.linear import BATCH_INVARIANT_ROW_MULTIPLE
+from quill.layers.matmul import PackedMatmul, RowBlockedMatmul, kernel_available
 from quill.layers.module import InferenceModule
+from quill.weights.quantized import QuantizedWeight
 
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernel accepts
-_INT4_BLOCK_N = 64  # the CPU packing interleaves output rows in blocks of 64 (see Int4Linear.dequantize)
-# Row count from which expanding to bf16 beats the int4 kernel in one call, measured on this
-# machine for SmolLM2's four matrices of a layer: even at 80 rows (1.7 ms either way), 10% faster
-# at 96, 37% at 192.
-DENSE_MIN_ROWS = 96
-# Both kernels work through rows in blocks of 4: 5 to 8 rows cost what 8 do (measured for every
-# SmolLM2 matrix: qkv 19 us for 4 rows, 32 us for 5). Speculative decoding plans its extra rows
-# around it.
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what PyTorch's int4 kernel (the fallback) accepts
+_INT4_BLOCK_N = 64  # PyTorch's int4 packing interleaves output rows in blocks of 64
+# The kernel takes up to 4 rows in one pass over 4 panels of expanded weights; from the fifth, rows
+# cost more each. Measured on SmolLM2's four int4 matrices of a layer, one thread (AMD EPYC): 1 row
+# 236 us, 2 rows 258, 4 rows 302, 5 rows 353, 8 rows 466. Speculative decoding plans its extra
+# rows around it.
 KERNEL_ROW_BLOCK = 4
 
-_dense_from: ContextVar[int | None] = ContextVar("dense_from", default=None)
-
-
-@contextmanager
-def dense_rows_from(start: int | None) -> Iterator[None]:
-    """Within this block, quantized layers multiply rows `start:` through their weight expanded to
-    bf16 (None: no row), and the rows before it through their kernel."""
-    token = _dense_from.set(start)
-    try:
-        yield
-    finally:
-        _dense_from.reset(token)
-
-
-@dataclass
-class QuantizedWeight:
-    """w[n, k] = scales[n, k // group_size] * codes[n, k] + offsets[n, k // group_size]."""
-
-    codes: torch.Tensor  # uint8 [out, in], each < 2**bits
-    scales: torch.Tensor  # float32 [out, in // group_size]
-    offsets: torch.Tensor  # float32 [out, in // group_size]
-    bits: int
-    group_size: int
-    source: str  # the format it came from ("Q4_1", "int8", ...), for load logs
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.codes.shape
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out, inp = self.codes.shape
-        groups = self.codes.view(out, inp // self.group_size, self.group_size).float()
-        values = groups * self.scales[..., None] + self.offsets[..., None]
-        return values.view(out, inp).to(dtype)
-
-    def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
-        """The weight with its output rows reordered (groups run along the input, so rows move whole)."""
-        return QuantizedWeight(self.codes[index], self.scales[index], self.offsets[index],
-                               self.bits, self.group_size, self.source)
-
-    @staticmethod
-    def concat(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
-        """Stack along the output dimension (fused q/k/v or gate/up); None when the parts are
-        quantized differently and so cannot share one kernel."""
-        first = parts[0]
-        if any((p.bits, p.group_size) != (first.bits, first.group_size) for p in parts):
-            return None
-        sources = sorted({p.source for p in parts})
-        return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-                               torch.cat([p.offsets for p in parts]), first.bits, first.group_size,
-                               "+".join(sources))
-
-
 class QuantizedLinear(InferenceModule):
-    """Shared plumbing: bias, and the bf16 expansion for prefill-sized rows. The int4 and int8
-    kernels compute each row the same way whatever the row count, and so does the bf16 matmul for
-    row counts that are multiples of 4 (tests pin both): batch invariance holds for each row as
-    long as the same kernel takes it."""
+    """Shared plumbing: the row-invariant product (`self.matmul`, which adds the bias), set up by
+    the subclasses from their weight. The bias stays a parameter too, as checkpoints name it."""
+
+    matmul = None
 
     def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -104,28 +39,7 @@ class QuantizedLinear(InferenceModule):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        start = _dense_from.get()
-        if start is None or start >= x.shape[0]:
-            y = self._kernel(x)
-        elif start == 0:
-            y = self._dense(x)
-        else:
-            y = torch.cat([self._kernel(x[:start]), self._dense(x[start:])])
-        return y if self.bias is None else y + self.bias
-
-    def _kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16:  # the usual case; even a no-op .to() costs a microsecond a call
-            return self._matmul(x)
-        return self._matmul(x.to(torch.bfloat16)).to(x.dtype)
-
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        pad = -rows % BATCH_INVARIANT_ROW_MULTIPLE
-        padded = F.pad(x, (0, 0, 0, pad)) if pad else x
-        return F.linear(padded, self.dequantize(x.dtype))[:rows]
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.matmul(x)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
@@ -135,84 +49,128 @@ class QuantizedLinear(InferenceModule):
 
 
 class Int4Linear(QuantizedLinear):
-    """Group-wise asymmetric 4-bit weights in PyTorch's packed CPU layout."""
+    """Group-wise asymmetric 4-bit weights: weight = (code - 8) * scale + zero, with bf16 scale and
+    zero per group of inputs (zero = offset + 8 * scale), rounded to bf16."""
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         out, inp = weight.shape
         super().__init__(out, inp, bias)
         self.group_size = weight.group_size
-        # The kernel computes (q - 8) * scale + zero; ours is q * scale + offset.
-        scales, zeros = weight.scales, weight.offsets + 8 * weight.scales
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.int(), 1))
-        self.register_buffer("scales_and_zeros", torch.stack([scales.t(), zeros.t()], dim=-1)
-                             .to(torch.bfloat16).contiguous())
-        pointer, i32 = kernels.POINTER, kernels.INT32
-        self._expand = kernels.function("expand_int4", [pointer, pointer, pointer, i32, i32, i32])
+        scales = weight.scales.to(torch.bfloat16)
+        zeros = (weight.offsets + 8 * weight.scales).to(torch.bfloat16)
+        if kernel_available():
+            self.matmul = PackedMatmul.int4(weight.codes, scales, zeros, self.group_size, bias)
+        else:  # PyTorch's kernel computes (q - 8) * scale + zero too
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.int(), 1)
+            self.scales_and_zeros = torch.stack([scales.t(), zeros.t()], dim=-1).contiguous()
+            self.matmul = RowBlockedMatmul(_int4_matmul(self.packed, self.group_size, self.scales_and_zeros, bias),
+                                           inp, ("int4", out, self.group_size, bias is not None))
 
     @staticmethod
     def supports(weight: QuantizedWeight) -> bool:
         out, inp = weight.shape
-        return (weight.bits == 4 and weight.group_size in INT4_GROUP_SIZES and out % _INT4_BLOCK_N == 0
-                and inp % weight.group_size == 0)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_and_zeros)
+        if weight.bits != 4 or inp % weight.group_size:
+            return False
+        if kernel_available():
+            return weight.group_size % 2 == 0
+        return weight.group_size in INT4_GROUP_SIZES and out % _INT4_BLOCK_N == 0  # PyTorch's kernel
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """W [out, in], as the transpose of a contiguous [in, out] tensor. bf16 on the CPU comes from
-        a C kernel (`quill/kernels/expand_int4.c`, the same bits in one pass). The packed layout stores,
-        per block of 64 output rows and for each input column, 32 bytes: rows 0-31 in the low
-        nibbles, 32-63 in the high ones (tests pin it against `_convert_weight_to_int4pack_for_cpu`).
-        It unpacks to [in, out] order in 64-byte runs, and the [in // group, out] scales then
-        broadcast along contiguous memory: 2.3x faster than expanding in [out, in] order, and as
-        fast to multiply by."""
+        """W [out, in] as the layer multiplies by it: bf16((code - 8) * scale + zero), as `dtype`."""
+        if isinstance(self.matmul, PackedMatmul):
+            return self.matmul.weight(dtype)
+        # PyTorch's packing stores, per block of 64 outputs and per input, 32 bytes: outputs 0-31 in
+        # the low nibbles, 32-63 in the high ones (the tests pin it).
         out, inp, group = self.out_features, self.in_features, self.group_size
-        if dtype == torch.bfloat16 and self._expand is not None and self.packed.device.type == "cpu":
-            values = torch.empty(inp, out, dtype=dtype)
-            self._expand(self.packed.data_ptr(), self.scales_and_zeros.data_ptr(), values.data_ptr(), out, inp, group)
-            return values.t()
         blocks = self.packed.view(out // _INT4_BLOCK_N, inp, _INT4_BLOCK_N // 2)
-        nibbles = torch.stack([blocks & 15, blocks >> 4], dim=2).view(torch.int8).sub_(8)  # [blocks, in, 2, 32]
-        values = torch.empty(inp, out, dtype=dtype)  # code - 8: small integers, exact in any float type
-        values.view(inp, out // _INT4_BLOCK_N, 2, _INT4_BLOCK_N // 2).copy_(nibbles.permute(1, 0, 2, 3))
-        # [in // group, 1, out] each; contiguous, or the broadcast below is 4x slower
-        scales, zeros = self.scales_and_zeros.to(dtype).permute(2, 0, 1).contiguous().unsqueeze(2)
-        # (code - 8) * scale + zero, computed in float32 (as the kernel does) and rounded once. Bf16
-        # rounding after each step instead turned SmolLM2's "Paris" into "L'Étoile" for a chat prompt.
-        grouped = values.view(inp // group, group, out)
-        torch.addcmul(zeros, grouped, scales, out=grouped)
-        return values.t()
+        codes = torch.stack([blocks & 15, blocks >> 4], dim=2).permute(0, 2, 3, 1).reshape(out, inp).float()
+        scales, zeros = self.scales_and_zeros.float().unbind(-1)  # [in // group, out]
+        values = (codes.view(out, -1, group) - 8) * scales.t()[..., None] + zeros.t()[..., None]
+        return values.view(out, inp).to(torch.bfloat16).to(dtype)
+
+
+def _int4_matmul(packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None):
+    """PyTorch's int4 kernel on float32 activations (see `RowBlockedMatmul`)."""
+    scales_and_zeros, bias = scales_and_zeros.float(), None if bias is None else bias.float()
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+        return y if bias is None else y + bias
+    return matmul
 
 
 class Int8Linear(QuantizedLinear):
-    """Per-output-channel symmetric 8-bit weights (`_weight_int8pack_mm`)."""
+    """Per-output-channel symmetric 8-bit weights: weight = code * scale, the scale applied to the
+    output."""
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         out, inp = weight.shape
         super().__init__(out, inp, bias)
-        # code - 128 as int8: flipping the top bit of the unsigned code, with no wider copy
-        self.register_buffer("weight_int8", (weight.codes ^ 0x80).view(torch.int8))
-        self.register_buffer("scales", weight.scales[:, 0].to(torch.bfloat16).contiguous())
+        codes = (weight.codes ^ 0x80).view(torch.int8)  # code - 128, flipping the top bit: no wider copy
+        self.scales = weight.scales[:, 0].float()
         self.max_step = weight.scales.max().item()
+        if kernel_available():
+            self.matmul = PackedMatmul.int8(codes, self.scales, bias)
+            self._codes = None
+        else:
+            self._codes = codes
+            self.matmul = RowBlockedMatmul(_int8_matmul(codes, self.scales, bias), inp, ("int8", out, bias is not None))
 
     @staticmethod
     def supports(weight: QuantizedWeight) -> bool:
         return (weight.bits == 8 and weight.group_size == weight.shape[1]
                 and torch.equal(weight.offsets, -128 * weight.scales))
 
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return torch._weight_int8pack_mm(x, self.weight_int8, self.scales)
-
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None]
+        codes = self.matmul.weight() if self._codes is None else self._codes
+        return (codes.float() * self.scales[:, None]).to(dtype)
 
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
         """[rows, 1]: how far outputs can be from x @ W.T with the weight it was quantized from.
         Rounding to codes leaves each weight off by an independent, uniform error of at most half
         a step, so an output's error has a standard deviation of at most step * |x|_2 / sqrt(12);
-        this is six of them (the worst case, step / 2 * |x|_1, is ~20x wider and useless). The
-        bf16 rounding of the scales is relative to each output, like bf16 output rounding."""
+        this is six of them (the worst case, step / 2 * |x|_1, is ~20x wider and useless)."""
         return 6 * self.max_step / 12 ** 0.5 * x.float().norm(dim=-1, keepdim=True)
+
+
+class Int8GroupLinear(QuantizedLinear):
+    """Group-wise affine codes of up to 8 bits, one byte each (GGML's Q5_0, Q5_1, Q5_K, Q6_K and
+    Q8_0, and fused shards of mixed formats), centred per group: weight = bf16((code - c) * scale
+    + zero) with bf16 scale and zero = offset + c * scale, c the code nearest -offset / scale (that
+    fits a signed byte). Centring keeps the zero small, so that rounding it to bf16 costs nothing:
+    an uncentred Q8_0 zero of -128 * scale would be off by a quarter of a step; a symmetric
+    format's zero becomes exactly 0. Half the bytes of bf16 weights. Only the packed kernel takes
+    them: without it the loader expands them to the model's dtype."""
+
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        out, inp = weight.shape
+        super().__init__(out, inp, bias)
+        self.group_size = weight.group_size
+        groups = weight.codes.view(out, -1, self.group_size).to(torch.int16)
+        ideal = torch.nan_to_num(-weight.offsets / weight.scales, nan=128.0, posinf=128.0, neginf=128.0).round()
+        centre = torch.minimum(torch.maximum(ideal, groups.amax(-1) - 127.0), groups.amin(-1) + 128.0)
+        codes = (groups - centre[..., None].to(torch.int16)).to(torch.int8).view(out, inp)
+        zeros = weight.offsets + centre * weight.scales
+        self.matmul = PackedMatmul.int8g(codes, weight.scales, zeros, self.group_size, bias)
+
+    @staticmethod
+    def supports(weight: QuantizedWeight) -> bool:
+        out, inp = weight.shape
+        return (kernel_available() and weight.bits <= 8 and weight.group_size % 2 == 0
+                and inp % weight.group_size == 0)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.matmul.weight(dtype)
+
+
+def _int8_matmul(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    """PyTorch's int8 kernel on float32 activations (see `RowBlockedMatmul`)."""
+    bias = None if bias is None else bias.float()
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x, codes, scales)
+        return y if bias is None else y + bias
+    return matmul
 
 
 def quantize_per_channel_int8(weight: torch.Tensor, rows_per_chunk: int = 4096) -> QuantizedWeight:
@@ -232,7 +190,7 @@ def quantize_per_channel_int8(weight: torch.Tensor, rows_per_chunk: int = 4096) 
 
 def quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantizedLinear | None:
     """The native layer for `weight` on the CPU, or None when no kernel takes its format."""
-    for layer in (Int4Linear, Int8Linear):
+    for layer in (Int4Linear, Int8Linear, Int8GroupLinear):
         if layer.supports(weight):
             return layer(weight, bias)
     return None

@@ -1,5 +1,6 @@
 """The attention block of a decoder layer: fused QKV projection, optional per-head norms
-(Gemma 3), rotary embeddings, paged attention, output projection."""
+(Gemma 3, Qwen3), rotary embeddings (unless the config leaves the layer without), paged attention,
+output projection."""
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,7 @@ class SelfAttention(InferenceModule):
         if qk_norm_offset is not None:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, weight_offset=qk_norm_offset)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, weight_offset=qk_norm_offset)
-        self.rotary = rotary
+        self.rotary = rotary if config.rope_layers[layer_index] else None
         sliding = config.layer_types[layer_index] == "sliding"
         self.attn = PagedAttention(
             self.num_heads, self.num_kv_heads, self.head_dim, config.attention_scale,
@@ -38,11 +39,15 @@ class SelfAttention(InferenceModule):
         dtype = self.attn.dtype
         qkv = self.qkv_proj(x).to(dtype)
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.q_norm is None:  # q and k are adjacent: rotate them in one pass
+        if self.q_norm is None and self.rotary is not None:  # q and k are adjacent: rotate them in one pass
             qk = self.rotary(positions, qkv[:, :self.q_size + self.kv_size].view(-1, heads + kv_heads, dim))
             q, k = qk.to(dtype).split([heads, kv_heads], dim=1)
         else:
             q, k = qkv[:, :self.q_size].view(-1, heads, dim), qkv[:, self.q_size:-self.kv_size].view(-1, kv_heads, dim)
-            q, k = self.rotary(positions, self.q_norm(q)).to(dtype), self.rotary(positions, self.k_norm(k)).to(dtype)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if self.rotary is not None:
+                q, k = self.rotary(positions, q), self.rotary(positions, k)
+            q, k = q.to(dtype), k.to(dtype)
         v = qkv[:, -self.kv_size:].view(-1, kv_heads, dim)
         return self.o_proj(self.attn(q, k, v, meta).to(x.dtype))

@@ -1,5 +1,8 @@
-"""Llama family: Llama 2/3, Mistral and Qwen2 (the same graph; Qwen2 adds q/k/v biases)."""
+"""Llama (2, 3, 3.x), and the decoder other families build on: Mistral, Qwen2 and Phi-3 run it as
+it is, Qwen3 and Qwen3-MoE replace parts of a layer through `LlamaForCausalLM.decoder_layer`."""
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,13 +16,17 @@ from quill.layers.module import InferenceModule
 from quill.layers.norm import RMSNorm
 from quill.layers.rotary import RotaryEmbedding
 from quill.layers.self_attention import SelfAttention
+from quill.weights.family import InterleavedRope, ModelFamily, llama_like_tensors
 
 
 class LlamaDecoderLayer(InferenceModule):
-    def __init__(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding) -> None:
+    """x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding, mlp: nn.Module, *,
+                 qk_norm_offset: float | None = None) -> None:
         super().__init__()
-        self.self_attn = SelfAttention(config, layer_index, rotary)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act)
+        self.self_attn = SelfAttention(config, layer_index, rotary, qk_norm_offset=qk_norm_offset)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -34,11 +41,16 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, rotary) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(self.decoder_layer(config, i, rotary) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def decoder_layer(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding) -> LlamaDecoderLayer:
+        """Layer `layer_index`. A family that differs from Llama only inside its layers overrides this."""
+        return LlamaDecoderLayer(config, layer_index, rotary,
+                                 GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final norm, [tokens, hidden]."""
@@ -47,5 +59,20 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, positions, meta)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor, *, argmax_only: bool = False) -> torch.Tensor:
-        return lm_head_logits(self.lm_head, hidden, argmax_only=argmax_only)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return lm_head_logits(self.lm_head, hidden)
+
+
+def llama_gguf_metadata(config: ModelConfig) -> dict[str, Any]:
+    return {"rope.dimension_count": config.head_dim}  # llama.cpp and transformers read head_dim from it
+
+
+FAMILY = ModelFamily(
+    name="llama",
+    module=LlamaForCausalLM,
+    tensors=llama_like_tensors,
+    hf_architectures=("LlamaForCausalLM",),
+    hf_model_types=("llama",),
+    gguf_metadata=llama_gguf_metadata,
+    gguf_conventions=(InterleavedRope(),),
+)

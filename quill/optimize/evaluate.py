@@ -3,8 +3,9 @@
 The corpus is tokenized once and cut into windows of `window` tokens that overlap by half: the
 first window scores all its tokens, each later one only its second half, so every token after
 the first is scored exactly once, with at least `window // 2` tokens of context once there are
-that many. Each window is one forward pass of the bare model over all its positions (no engine,
-no sampling), so the numbers depend on the weights alone.
+that many. Each window is one forward pass through the engine's model runner, set up as the
+engine's defaults set it up, over all its positions as one prompt (`ModelRunner.prompt_logits`):
+the logits are those the engine computes for that prompt, bit for bit, and no sampling is involved.
 """
 from __future__ import annotations
 
@@ -17,14 +18,11 @@ from typing import Iterator
 import torch
 from tqdm import tqdm
 
-from quill.config import ModelConfig
+from quill.config import EngineConfig, ModelConfig
+from quill.engine.runner import ModelRunner, kv_cache_dtype
 from quill.errors import InvalidRequestError
-from quill.engine.runner import kv_cache_dtype
-from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan
-from quill.layers.quantized import DENSE_MIN_ROWS, dense_rows_from
-from quill.models import load_model
-from quill.tokenizer import Tokenizer, load_tokenizer
-from quill.weights.hub import resolve_model
+from quill.models.loader import load_model_and_tokenizer
+from quill.tokenizer import Tokenizer
 
 DEFAULT_WINDOW = 512
 
@@ -44,9 +42,8 @@ class ScoringModel:
 def load_scoring_model(model: str | Path, dtype: str = "bfloat16", dequantize: bool = False) -> ScoringModel:
     """The bare network and tokenizer of a checkpoint, loaded as `LLM` would load them (quantized
     weights native unless `dequantize`), without an engine or KV cache of its own."""
-    path = resolve_model(model)
-    network, config = load_model(path, getattr(torch, dtype), dequantize=dequantize)
-    return ScoringModel(network, config, load_tokenizer(path))
+    loaded = load_model_and_tokenizer(model, getattr(torch, dtype), dequantize=dequantize)
+    return ScoringModel(loaded.model, loaded.config, loaded.tokenizer)
 
 
 def tokenize_corpus(tokenizer: Tokenizer, path: str | Path, max_tokens: int | None = None) -> list[int]:
@@ -58,21 +55,15 @@ def tokenize_corpus(tokenizer: Tokenizer, path: str | Path, max_tokens: int | No
     return tokenizer.encode(text)[:max_tokens]
 
 
-@torch.inference_mode()
-def all_position_logits(model, config: ModelConfig, token_ids: list[int]) -> torch.Tensor:
-    """Logits at every position of one sequence, from a single forward pass on a scratch KV cache.
-    It rebinds the model's attention caches, so never call it on a model an engine is running."""
-    n = len(token_ids)
+def scoring_runner(model: torch.nn.Module, config: ModelConfig, max_tokens: int) -> ModelRunner:
+    """A model runner with room for `max_tokens`, configured as an engine with default settings
+    configures its own (block size, KV-cache dtype). It binds the model's attention caches, so
+    never build one for a model an engine is running."""
+    defaults = EngineConfig()
     weight = model.embed_tokens.weight
-    device = weight.device
-    cache_dtype = kv_cache_dtype("auto", weight.dtype, device)  # as the engine's default
-    for module in model.modules():
-        if isinstance(module, PagedAttention):
-            module.bind_cache(n, cache_dtype, device)
-    positions = torch.arange(n, device=device)
-    meta = AttentionMetadata(slot_mapping=positions, single_query=None,
-                             prompts=[PromptSpan(start=0, num_queries=n, context_len=n, context_slots=None)])
-    return model.compute_logits(model(torch.tensor(token_ids, device=device), positions, meta))
+    return ModelRunner(model, config, num_blocks=-(-max_tokens // defaults.block_size), block_size=defaults.block_size,
+                       kv_cache_dtype=kv_cache_dtype(defaults.kv_cache_dtype, weight.dtype, weight.device),
+                       device=weight.device)
 
 
 def windows(num_tokens: int, window: int) -> Iterator[tuple[int, int, int]]:
@@ -127,10 +118,9 @@ def score(model, config: ModelConfig, token_ids: list[int], window: int = DEFAUL
     targets = torch.tensor(token_ids)
     nll, greedy = [], []
     spans = list(windows(len(token_ids), window))
+    runner = scoring_runner(model, config, min(window, len(token_ids)))
     for start, end, first in tqdm(spans, unit="window", desc="scoring", disable=not progress, leave=False):
-        # Windows are prompt-sized: long ones go through bf16 weights, as the engine's prefill does.
-        with dense_rows_from(0 if end - start >= DENSE_MIN_ROWS else None):
-            logits = all_position_logits(model, config, token_ids[start:end])[first - start - 1:end - start - 1]
+        logits = runner.prompt_logits(token_ids[start:end])[first - start - 1:end - start - 1]
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         nll.append(-log_probs.gather(1, targets[first:end, None])[:, 0].double())
         greedy.append(logits.argmax(dim=-1))

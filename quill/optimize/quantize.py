@@ -6,13 +6,20 @@ Types:
 - int8: one symmetric scale per output row (`Int8Linear`'s kernel); int4: an asymmetric scale and
   offset per group of 32..256 input columns (`Int4Linear`'s kernel). Quill's own tensor format
   (see `weights/gguf_quant.py`); only Quill reads it.
+- f32, f16, bf16: no quantization, every matrix in that float type (a Hugging Face directory
+  converted to GGUF, as llama.cpp's converter does).
 
-What stays unquantized follows llama.cpp's practice: vectors (norms, biases) stay F32, since they
-are tiny and errors in them hit every activation. The token embedding and an untied LM head get
+The file carries the source's tokenizer (see `optimize/gguf_tokenizer.py`), so that it runs by
+itself; a tokenizer GGUF cannot describe is an error unless the caller asks for a file without one.
+
+What stays unquantized follows llama.cpp's practice: vectors (norms, biases) and MoE routers stay
+F32, since they are tiny and errors in them hit every activation (or send tokens to other experts).
+A layer's stacked experts are quantized like any matrix, row by row. The token embedding and an untied LM head get
 `--embeddings`: by default Q8_0 next to a GGML type (llama.cpp keeps small models' token_embd at
 Q8_0 or better; the vocabulary is a large share of their weights), and F16 next to int4/int8
-(Quill reads an embedding as floats anyway, so only the file grows). A
-matrix whose width the type cannot split into groups keeps a wider type (see `_fallback`).
+(Quill reads an embedding as floats anyway, so only the file grows); a float type keeps them in
+that type, as llama.cpp's converter does. A matrix whose width the type cannot split into groups
+keeps a wider type (see `_fallback`).
 """
 from __future__ import annotations
 
@@ -26,16 +33,20 @@ import torch
 from tqdm import tqdm
 
 from quill.errors import QuillError
-from quill.layers.quantized import INT4_GROUP_SIZES, QuantizedWeight, quantize_per_channel_int8
-from quill.optimize import EMBEDDING_TYPES, QUANT_TYPES
-from quill.weights import load_checkpoint
+from quill.layers.quantized import INT4_GROUP_SIZES, quantize_per_channel_int8
+from quill.models.loader import load_checkpoint
+from quill.models.registry import FAMILIES
+from quill.optimize import EMBEDDING_TYPES, FLOAT_TYPES, QUANT_TYPES
 from quill.weights.gguf import read_gguf_tensor_types
 from quill.weights.gguf_export import write_gguf
+from quill.optimize.gguf_tokenizer import checkpoint_tokenizer
+from quill.weights.quantized import QuantizedWeight
 
 Q = gguf.GGMLQuantizationType
-GGML_TYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "f16": Q.F16}
+GGML_TYPES = {"q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16}
 _FLOAT_TYPES = {"F32", "F16", "BF16"}
 _EMBEDDING_NAMES = ("token_embd.weight", "output.weight")  # the LM head shares the vocabulary's policy
+_ROUTER_SUFFIX = ".ffn_gate_inp.weight"  # llama.cpp's name for a MoE layer's router
 _GGML_BLOCK = 32  # values per block of every GGML type used here
 
 
@@ -49,9 +60,10 @@ class QuantizeSummary:
     output: Path
     source_bytes: int
     output_bytes: int
-    has_tokenizer: bool  # False for a Hugging Face source: its tokenizer.json is not converted
+    has_tokenizer: bool  # False only when asked for a file without one
     tensor_types: Counter = field(default_factory=Counter)  # stored type -> number of tensors
     fallbacks: Counter = field(default_factory=Counter)  # "int4 g128 -> Q8_0" -> number of matrices
+    tokenizer_notes: list[str] = field(default_factory=list)  # what the file's tokenizer keeps only approximately
 
     @property
     def ratio(self) -> float:
@@ -85,7 +97,7 @@ class _TensorPolicy:
 
     def __call__(self, name: str, values: np.ndarray) -> Q | QuantizedWeight:
         self.progress.update()
-        if values.ndim != 2:
+        if values.ndim != 2 or name.endswith(_ROUTER_SUFFIX):
             return self._record(Q.F32)
         wanted = self.embeddings if name in _EMBEDDING_NAMES and self.embeddings != "same" else self.qtype
         if not self._fits(wanted, values.shape[1]):
@@ -101,7 +113,7 @@ class _TensorPolicy:
     def _fits(self, qtype: str, width: int) -> bool:
         if qtype == "int4":
             return width % self.group_size == 0
-        return qtype in ("int8", "f16") or width % _GGML_BLOCK == 0
+        return qtype == "int8" or qtype in FLOAT_TYPES or width % _GGML_BLOCK == 0
 
     def _label(self, choice: str | Q | QuantizedWeight) -> str:
         """"Q4_0", "F32", "int8", "int4 g32" for a type name, a GGML type or a quantized weight."""
@@ -125,32 +137,37 @@ def _fallback(width: int) -> Q:
 
 def quantize_checkpoint(source: str | Path, output: str | Path, qtype: str, *, group_size: int | None = None,
                         embeddings: str | None = None, allow_requantize: bool = False,
-                        progress: bool = True) -> QuantizeSummary:
-    """Quantize a float checkpoint (Hugging Face directory or GGUF file) into the GGUF file `output`."""
+                        with_tokenizer: bool = True, progress: bool = True) -> QuantizeSummary:
+    """Quantize a float checkpoint (Hugging Face directory or GGUF file) into the GGUF file `output`,
+    with the source's tokenizer unless `with_tokenizer` is False (TokenizerConversionError when the
+    source has none that GGUF can carry)."""
     source, output = Path(source), Path(output)
     group_size = _check_options(source, output, qtype, group_size, embeddings, allow_requantize)
     checkpoint = load_checkpoint(source)
-    tokenizer_metadata = {k: v for k, v in checkpoint.metadata.items() if k.startswith("tokenizer.")}
+    tokenizer = checkpoint_tokenizer(checkpoint) if with_tokenizer else None  # fail before the slow part
+    tokenizer_metadata = tokenizer.metadata if tokenizer else {}
     if embeddings is None:
-        embeddings = "f16" if qtype in ("int8", "int4") else "q8_0"
+        embeddings = "f16" if qtype in ("int8", "int4") else "same" if qtype in FLOAT_TYPES else "q8_0"
     with tqdm(total=len(checkpoint.tensors), unit="tensor", desc=f"quantizing to {qtype}", disable=not progress,
               leave=False) as bar:
         policy = _TensorPolicy(qtype, group_size, embeddings, bar)
         partial = output.with_name(output.name + ".partial")  # a crash must not leave a plausible file
         try:
-            write_gguf(partial, checkpoint.config, checkpoint.tensors, tokenizer_metadata, tensor_type=policy)
+            write_gguf(partial, FAMILIES.named(checkpoint.config.architecture), checkpoint.config, checkpoint.tensors,
+                       tokenizer_metadata, tensor_type=policy)
             partial.replace(output)
         finally:
             partial.unlink(missing_ok=True)
-    return QuantizeSummary(source, output, _size(source), output.stat().st_size, bool(tokenizer_metadata),
-                           policy.tensor_types, policy.fallbacks)
+    return QuantizeSummary(source, output, _size(source), output.stat().st_size, tokenizer is not None,
+                           policy.tensor_types, policy.fallbacks, tokenizer.notes if tokenizer else [])
 
 
 def _check_options(source: Path, output: Path, qtype: str, group_size: int | None, embeddings: str | None,
                    allow_requantize: bool) -> int:
     """Validate everything before the (slow) load; returns the int4 group size to use."""
-    if qtype not in QUANT_TYPES:
-        raise QuantizationError(f"unknown quantization type {qtype!r}; choose one of {', '.join(QUANT_TYPES)}")
+    if qtype not in QUANT_TYPES + FLOAT_TYPES:
+        raise QuantizationError(f"unknown quantization type {qtype!r}; "
+                                f"choose one of {', '.join(QUANT_TYPES + FLOAT_TYPES)}")
     if embeddings is not None and embeddings not in EMBEDDING_TYPES:
         raise QuantizationError(f"--embeddings must be one of {', '.join(EMBEDDING_TYPES)}, got {embeddings!r}")
     if embeddings == "same" and qtype in ("int8", "int4"):

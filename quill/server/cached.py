@@ -1,25 +1,24 @@
-"""The server's side of the response cache (`quill.cache`): which requests may use it, and cache
-hits replayed as a JSON body's usage or as a server-sent event stream shaped like a live one (the
-role first, the same id on every chunk, each choice's finish reason once, the usage chunk when
-asked for, then [DONE]). A hit replays each choice's text in one chunk rather than token by token.
-"""
+"""The server's side of the response cache (`quill.cache`): building it from the config, which
+requests may use it, their keys, and what an entry keeps of a finished answer. `respond.py`
+replays a hit through the endpoint's `Reply`, shaped like a live response."""
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Iterator
 
 from fastapi import Request
 
-from quill.cache import MemoryStore, ResponseCache, SQLiteStore
+from quill.cache import MemoryStore, ResponseCache, SQLiteStore, cache_key
 from quill.errors import QuillError
 from quill.sampling_params import SamplingParams
-from quill.server.runs import chat_chunk, completion_chunk, sse, timings
+from quill.server.config import ServerConfig
+from quill.server.protocol import SamplingFields
 
 # Response header: `hit` (served from the cache), `miss` (computed, then stored) or `bypass`.
 CACHE_HEADER = "X-Quill-Cache"
 
 
-def build_response_cache(config) -> ResponseCache | None:
+def build_response_cache(config: ServerConfig) -> ResponseCache | None:
     """The cache a `ServerConfig` asks for, or None when it is switched off."""
     if not config.response_cache:
         return None
@@ -33,7 +32,7 @@ def build_response_cache(config) -> ResponseCache | None:
     return ResponseCache(memory, disk, ttl=config.response_cache_ttl)
 
 
-def may_use_cache(request: Request, body, params: SamplingParams) -> bool:
+def may_use_cache(request: Request, body: SamplingFields, params: SamplingParams) -> bool:
     """Deterministic requests (greedy, or seeded) whose client did not opt out, with the header
     `Cache-Control: no-store` or the body field `"cache": false`."""
     deterministic = params.temperature == 0.0 or params.seed is not None
@@ -41,34 +40,15 @@ def may_use_cache(request: Request, body, params: SamplingParams) -> bool:
     return deterministic and body.cache is not False and not no_store
 
 
-def hit_usage(response: dict, elapsed: float, cost: dict) -> dict:
-    """Usage of a replayed response: the original token counts (what the answer is worth), every
-    prompt token counted as cached, no engine timings, `quill.cache_hit`, and its `cost`
-    (`CostModel.charge_hit`: nothing self-hosted, and what computing the answer had cost)."""
-    prompt, completion = response["prompt_tokens"], response["completion_tokens"]
-    return {
-        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": prompt},
-        "quill": {**timings([], 0), "e2e_latency": round(elapsed, 6), "cache_hit": True, "cost": cost},
-    }
+def answer_key(identity: dict, endpoint: str, prompts: list[list[int]], params: SamplingParams,
+               shape: dict) -> str:
+    """Everything a response body depends on: the model (`identity`), the endpoint and the fields
+    that shape its body, the prompts' token ids and every sampling parameter."""
+    return cache_key(**identity, endpoint=endpoint, prompts=prompts, params=dataclasses.asdict(params), shape=shape)
 
 
-def chat_replay(head: dict, choices: list[dict]) -> Iterator[str]:
-    for choice in choices:
-        yield chat_chunk(head, choice["index"], {"role": "assistant", "content": ""})
-        content = choice["message"]["content"]
-        yield chat_chunk(head, choice["index"], {"content": content} if content else {}, choice["logprobs"],
-                         choice["finish_reason"])
-
-
-def completion_replay(head: dict, choices: list[dict]) -> Iterator[str]:
-    for choice in choices:
-        yield completion_chunk(head, choice["index"], choice["text"], choice["logprobs"], choice["finish_reason"])
-
-
-async def replay_events(chunks: Iterable[str], head: dict, usage: dict | None) -> AsyncIterator[str]:
-    for chunk in chunks:
-        yield chunk
-    if usage is not None:
-        yield sse({**head, "choices": [], "usage": usage})
-    yield "data: [DONE]\n\n"
+def stored_answer(choices: list[dict], usage: dict) -> dict:
+    """What the cache keeps of a finished answer: its choices, token counts and self-hosted cost
+    (so that a hit reports what it saved at the price this computation actually had)."""
+    return {"choices": choices, "prompt_tokens": usage["prompt_tokens"],
+            "completion_tokens": usage["completion_tokens"], "cost_usd": usage["quill"]["cost"]["self_hosted_usd"]}

@@ -1,119 +1,106 @@
-"""Errors as OpenAI-shaped HTTP responses: `APIError` (a status plus OpenAI's error body), the
-app's exception handlers, and the mapping of what else can go wrong (pydantic validation errors,
-Quill's `InvalidRequestError`/`ContextLengthError`, engine failures) onto an `APIError` whose
-`param` names the request field at fault, as OpenAI's API does.
+"""Errors as OpenAI-shaped HTTP responses. `APIError` is a `QuillError` with an HTTP status (and
+OpenAI's `type`, optional headers); `api_error` is the one mapping of everything else that can go
+wrong onto one: a typed error keeps its own `param` and `code` (renamed into the endpoint's field
+names: a chat request's prompt is its `messages`), an engine that stopped is a 503, and anything
+else is a 500 that says nothing of the internals. `validation_error` does the same for pydantic's
+errors, and `add_exception_handlers` answers with them, noting the error in the request's log line.
 """
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from quill.engine.async_engine import EngineStepError
-from quill.errors import ContextLengthError, InvalidRequestError, QuillError
-from quill.sampling_params import SamplingParams
+from quill.engine.async_engine import EngineShutdownError
+from quill.errors import InvalidRequestError, QuillError
 from quill.server.protocol import error_body
+from quill.server.request_log import RequestRecord
 
 log = logging.getLogger("quill.server")
 
-_SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
 
-
-class APIError(Exception):
+class APIError(QuillError):
     """An error with an HTTP status and an OpenAI-shaped body."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
+        super().__init__(message, param=param, code=code)
+        self.status, self.type, self.headers = status, type, headers
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(error_body(self.message, self.type, self.param, self.code), status_code=self.status,
-                            headers=self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", type="service_unavailable")
+
+
+def api_error(exc: BaseException, field_names: Mapping[str, str] | None = None) -> APIError:
+    """`exc` as an HTTP error. `field_names` maps the engine's field names to the endpoint's."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, InvalidRequestError):
+        param = (field_names or {}).get(exc.param, exc.param)
+        return APIError(400, exc.message, param=param, code=exc.code)
+    if isinstance(exc, EngineShutdownError):
+        return APIError(503, exc.message, type="server_error")
+    if isinstance(exc, QuillError):  # the engine failed a step, a file went bad: ours, not the client's
+        return APIError(500, exc.message, type="server_error")
+    log.error("unhandled error", exc_info=exc)  # a bug: keep the traceback, tell the client nothing of it
+    return internal_error(exc)
+
+
+def internal_error(exc: BaseException) -> APIError:
+    return APIError(500, f"internal server error: {type(exc).__name__}", type="server_error")
 
 
 def add_exception_handlers(app: FastAPI) -> None:
     def respond(request: Request, error: APIError) -> JSONResponse:
-        details = request.scope.get("quill")
-        if details is not None:
-            details.setdefault("error", error.message)
+        record = RequestRecord.of(request.scope)
+        if record is not None:
+            record.failed(error.message)
         return error.response()
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError):
-        return respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def request_validation_error(request: Request, exc: RequestValidationError):
         return respond(request, validation_error(exc.errors()))
-
-    @app.exception_handler(QuillError)
-    async def quill_error(request: Request, exc: QuillError):
-        return respond(request, _quill_error(exc, _prompt_param(request.url.path)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return respond(request, APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers))
 
+    @app.exception_handler(QuillError)  # APIError included
+    async def quill_error(request: Request, exc: QuillError):
+        return respond(request, api_error(exc))
+
+    # Starlette answers with this one outside the middleware, then re-raises: the traceback is logged.
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return respond(request, APIError(500, f"internal server error: {type(exc).__name__}", type="server_error"))
-
-
-def param_of(message: str) -> str | None:
-    """The field an engine/sampling error message is about (they start with the field's name)."""
-    word = message.split(" ", 1)[0]
-    if word in _SAMPLING_FIELDS:
-        return word
-    if "logit_bias" in message:
-        return "logit_bias"
-    if "prompt" in message:
-        return "prompt"
-    return None
-
-
-def _prompt_param(path: str) -> str:
-    return "messages" if path.endswith("chat/completions") else "prompt"
-
-
-def _quill_error(exc: QuillError, prompt_param: str) -> APIError:
-    if isinstance(exc, ContextLengthError):
-        return APIError(400, str(exc), param=prompt_param, code="context_length_exceeded")
-    if isinstance(exc, InvalidRequestError):
-        param = param_of(str(exc))
-        if param == "prompt":
-            param = prompt_param
-        return APIError(400, str(exc), param=param)
-    return APIError(500, str(exc), type="server_error")
-
-
-def engine_error(exc: BaseException) -> APIError:
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, QuillError):
-        return _quill_error(exc, "prompt")
-    if isinstance(exc, EngineStepError):
-        return APIError(503 if "shutting down" in str(exc) else 500, str(exc), type="server_error")
-    return APIError(500, f"internal server error: {type(exc).__name__}: {exc}", type="server_error")
+        return respond(request, internal_error(exc))
 
 
 _TYPE_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|function-\w+|union|tagged-union|literal)\b|[\[\]]")
 
 
 def validation_error(errors: Sequence[dict]) -> APIError:
-    """The first pydantic error as an OpenAI 400: 'Invalid 'max_tokens': ...' with param set."""
+    """The first pydantic error as an OpenAI 400: 'Invalid 'max_tokens': ...' with param set. A rule
+    of the protocol models that raised a typed error (`InvalidRequestError`) keeps its own."""
     if not errors:
         return APIError(400, "Invalid request body.")
     error = errors[0]
     kind = error.get("type", "")
+    raised = (error.get("ctx") or {}).get("error")
+    if isinstance(raised, QuillError):
+        return api_error(raised)
     if kind == "json_invalid":
         detail = (error.get("ctx") or {}).get("error", "JSON decode error")
         return APIError(400, f"We could not parse the JSON body of your request ({detail}). The body must be valid JSON.",
@@ -131,7 +118,7 @@ def validation_error(errors: Sequence[dict]) -> APIError:
     message = error.get("msg", "invalid value")
     if param == "prompt" and len(loc) > 1:  # no branch of the union matched: say what is accepted
         return APIError(400, "Invalid 'prompt': expected a string, a list of strings, a list of token ids "
-                             "(integers >= 0) or a list of lists of token ids, none of them empty.",
+                             "or a list of lists of token ids, none of them empty.",
                         param="prompt", code="invalid_value")
     if param is None:
         return APIError(400, f"Invalid request body: {message}")

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from quill.server.runs import Choice
 
 
 def _finite(value: float) -> float:
@@ -88,8 +84,9 @@ def chat_logprobs(text: TokenText, logprobs: list, top: int, skip_special: bool)
             for item in logprobs or []]
 
 
-def completion_logprobs(text: TokenText, choice: Choice, logprobs: list, k: int, skip_special: bool) -> dict:
-    """A text completion's (or chunk's) `logprobs`; advances `choice.text_offset` past its tokens."""
+def completion_logprobs(text: TokenText, logprobs: list, k: int, skip_special: bool, offset: int) -> tuple[dict, int]:
+    """A text completion's (or chunk's) `logprobs`, its tokens starting at character `offset` of the
+    choice's text; and the offset after them."""
     result = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for item in logprobs or []:
         token = text.text(item.token_id, skip_special)
@@ -98,6 +95,6 @@ def completion_logprobs(text: TokenText, choice: Choice, logprobs: list, k: int,
         top = {text.text(t, skip_special): _finite(lp) for t, lp in item.top[:k]}
         top.setdefault(token, _finite(item.logprob))
         result["top_logprobs"].append(top)
-        result["text_offset"].append(choice.text_offset)
-        choice.text_offset += len(token)
-    return result
+        result["text_offset"].append(offset)
+        offset += len(token)
+    return result, offset

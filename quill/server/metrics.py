@@ -1,7 +1,8 @@
 """Prometheus metrics of one server, named like vLLM's with a `quill:` prefix.
 
 Each app has its own `CollectorRegistry`, so several servers in one process (tests) never clash.
-Per-request numbers (latencies, tokens, outcomes) are recorded by the routes as requests end;
+Per-request numbers (latencies, tokens, outcomes) are recorded through the `observe_*` methods as
+requests are admitted, produce tokens and end (`answer.LiveAnswer` and `billing.Billing` call them);
 engine-wide numbers (running/waiting requests, KV usage, prefix cache) are read from the
 engine's latest stats snapshot at scrape time, so the engine thread is never touched; so are the
 response cache's numbers, from its own counters. Cost (`quill/cost.py`) shows as cumulative dollars
@@ -20,26 +21,11 @@ from quill.cost import SELF_HOSTED, CostModel
 # process-wide switch in prometheus-client; nothing else in Quill wants those series.
 disable_created_metrics()
 
-# Endpoints that get their own label value; anything else (404 probes, fuzzers) is "other", so
-# the label's cardinality stays bounded.
-KNOWN_ENDPOINTS = frozenset({
-    "/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
-    "/health", "/version", "/metrics", "/openapi.json", "/docs", "/v1/usage",
-})
-
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
 _TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
                           0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 _TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
-
-
-def endpoint_label(path: str) -> str:
-    if path in KNOWN_ENDPOINTS:
-        return path
-    if path.startswith("/v1/models/"):
-        return "/v1/models/{model}"
-    return "other"
 
 
 def _gauge(name: str, doc: str, labels: dict[str, str], value: float) -> GaugeMetricFamily:
@@ -166,6 +152,18 @@ class ServerMetrics:
                                        "Self-hosted cost of computing the answers served from the response cache.",
                                        ["model_name"], registry=registry)
             registry.register(_ResponseCacheCollector(response_cache, model_name))
+
+    def observe_prompts(self, prompts: list[list[int]]) -> None:
+        """An admitted request's prompts."""
+        for ids in prompts:
+            self.prompt_tokens.labels(self.model_name).inc(len(ids))
+            self.request_prompt_tokens.labels(self.model_name).observe(len(ids))
+
+    def observe_output(self, num_tokens: int, gap: float | None) -> None:
+        """One output of a sequence: its new tokens, and the time since its previous output."""
+        self.generation_tokens.labels(self.model_name).inc(num_tokens)
+        if gap is not None:
+            self.inter_token_latency.labels(self.model_name).observe(gap)
 
     def observe_sequence(self, metrics, finish_reason: str | None, num_tokens: int) -> None:
         """Record one finished (or aborted) sequence from its engine-side `RequestMetrics`."""

@@ -1,29 +1,29 @@
 """The ASGI middleware in front of every request (`Gate`): the API-key check, the request body
 size limit (read and drained before the 413), the `X-Request-Id` header, the HTTP request counter
-and the one-line JSON request log. It also makes the JSON endpoints read their body as JSON
-whatever Content-Type the client sent.
+and the request's log line (`RequestRecord`, opened here and written once the response is over).
+It also makes the JSON endpoints read their body as JSON whatever Content-Type the client sent.
+Which paths are endpoints, and which of those take a JSON body, it asks the app's router: a new
+route gets its own metric label and, when it takes a JSON body, a log line, without a list here.
 """
 from __future__ import annotations
 
 import hmac
-import json
-import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
 
+from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute, Router
+
+from quill.server.config import ServerConfig
 from quill.server.errors import APIError
-from quill.server.metrics import endpoint_label
+from quill.server.metrics import ServerMetrics
+from quill.server.request_log import RequestRecord
+from quill.server.ui import PAGE_PATHS
 
-if TYPE_CHECKING:
-    from quill.server.app import QuillServer
-
-request_log = logging.getLogger("quill.requests")
-
-# Paths that stay open when an API key is set: probes and scrapers rarely carry keys.
-OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
-# POST endpoints whose body is JSON whatever Content-Type the client sent (curl -d sends a form type).
-JSON_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"})
+# Paths that stay open when an API key is set: probes and scrapers rarely carry keys, and the chat
+# page has to load before it can ask for the key.
+OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+                        *PAGE_PATHS})
 # Bodies past the limit are read and dropped up to this many bytes before the 413, so the client
 # can read the answer instead of a connection reset; beyond it the connection is just closed.
 _DRAIN_LIMIT = 64 << 20
@@ -31,36 +31,38 @@ _DRAIN_LIMIT = 64 << 20
 
 class Gate:
     """Pure ASGI middleware around every request: API key, body size limit, request id, the HTTP
-    request counter and the one-line JSON request log."""
+    request counter and the request log line."""
 
-    def __init__(self, app, server: QuillServer) -> None:
+    def __init__(self, app, config: ServerConfig, metrics: ServerMetrics, router: Router) -> None:
         self.app = app
-        self.server = server
+        self.config = config  # read per request
+        self.metrics = metrics
+        self.router = router
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        config = self.server.config
+        config = self.config
         path, method = scope["path"], scope["method"]
+        route = self._route(path)
+        takes_json = isinstance(route, APIRoute) and route.body_field is not None
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex
-        details: dict[str, Any] = {}
-        scope["quill"] = details
-        scope["quill.request_id"] = request_id
+        record = RequestRecord(uuid.uuid4().hex, path)
+        record.attach(scope)
         status = 500
 
         async def send_with_id(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", record.request_id.encode())]
             await send(message)
 
         try:
             if config.api_key and path not in OPEN_PATHS and not self._authorized(scope, config.api_key):
                 error = APIError(401, "Incorrect or missing API key. Send it as `Authorization: Bearer KEY`.",
                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                details["error"] = error.message
+                record.failed(error.message)
                 return await error.response()(scope, receive, send_with_id)
             if method in ("POST", "PUT", "PATCH"):
                 body, too_large = await self._read_body(scope, receive, config.max_body_bytes)
@@ -70,16 +72,20 @@ class Gate:
                 if too_large:
                     error = APIError(413, f"The request body is larger than the limit of {config.max_body_bytes} bytes.",
                                      code="request_too_large")
-                    details["error"] = error.message
+                    record.failed(error.message)
                     return await error.response()(scope, receive, send_with_id)
-                if path in JSON_PATHS:
+                if takes_json:
                     _force_json_content_type(scope)
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_with_id)
         finally:
-            self.server.metrics.http_requests.labels(endpoint_label(path), str(status)).inc()
-            if method == "POST" and path in JSON_PATHS:
-                self._log(request_id, path, status, started, details)
+            self.metrics.http_requests.labels(route.path_format if route else "other", str(status)).inc()
+            if method == "POST" and takes_json:
+                record.write(status, time.perf_counter() - started, config.log_prompts)
+
+    def _route(self, path: str) -> BaseRoute | None:
+        """The route serving `path` (whatever the method), if any: its path is the metric's label."""
+        return next((r for r in self.router.routes if getattr(r, "path_regex", None) and r.path_regex.match(path)), None)
 
     @staticmethod
     def _authorized(scope, api_key: str) -> bool:
@@ -113,16 +119,6 @@ class Gate:
             if not message.get("more_body", False):
                 break
         return (b"", True) if size > limit else (b"".join(chunks), False)
-
-    def _log(self, request_id: str, path: str, status: int, started: float, details: dict) -> None:
-        if not request_log.isEnabledFor(logging.INFO):
-            return
-        record = {"id": details.pop("response_id", request_id), "endpoint": path, "status": status}
-        if not self.server.config.log_prompts:
-            details.pop("prompt", None)
-        record.update(details)
-        record["duration"] = round(time.perf_counter() - started, 6)
-        request_log.info(json.dumps(record, ensure_ascii=False, default=str))
 
 
 def _force_json_content_type(scope) -> None:

@@ -1,23 +1,32 @@
 """Request and response shapes of the OpenAI-compatible API, as pydantic models.
 
-Requests are validated here (types, ranges); whatever passes is turned into `SamplingParams` by
-the routes, which re-check the rest. Unknown fields are ignored, as OpenAI does. The response
-models document the API (they feed `/openapi.json`); the routes build plain dicts of the same
-shape, which is cheaper than validating every streamed chunk.
+A request model declares the API's fields with their JSON types, and the rules that belong to the
+API rather than to sampling (`stream_options` needs `stream`, `top_logprobs` needs `logprobs`),
+raised as typed errors that name the field. The sampling rules (ranges, stop strings, logit_bias)
+are `SamplingParams`': a field named like a `SamplingParams` field is handed to it unchanged
+(`quill/server/sampling.py`), and the schema publishes its `BOUNDS`. Each request model also says
+what the endpoint calls the engine's fields (`field_names`), so an error keeps the client's names.
+Unknown fields are ignored, as OpenAI does. The response models document the API (they feed
+`/openapi.json`); the routes build plain dicts of the same shape, which is cheaper than
+validating every streamed chunk.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from quill.sampling_params import MAX_LOGPROBS, MAX_N
+from quill.errors import InvalidRequestError
+from quill.sampling_params import BOUNDS
 
-# torch seeds are signed 64-bit; each of the n completions uses seed + index.
-MAX_SEED = 2**63 - 1 - MAX_N
-MIN_SEED = -(2**63)
 
-TokenId = Annotated[int, Field(ge=0)]
+def bounded(name: str, **field) -> Any:
+    """A field whose range is `SamplingParams`' (checked there; published here). An API bound of its
+    own (`le`) replaces the published maximum."""
+    schema = BOUNDS[name].json_schema()
+    if "le" in field:
+        del schema["maximum"]
+    return Field(**field, json_schema_extra=schema)
 
 
 class _Request(BaseModel):
@@ -28,36 +37,60 @@ class StreamOptions(_Request):
     include_usage: bool | None = False
 
 
-class _SamplingFields(_Request):
+class SamplingFields(_Request):
     """Parameters shared by chat and text completions (OpenAI's, then Quill's extensions)."""
 
     model: str | None = Field(default=None, description="the served model name; defaults to the only model")
-    max_tokens: int | None = Field(default=None, ge=1, description="defaults to the rest of the context window")
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=MAX_N)
+    max_tokens: int | None = bounded("max_tokens", default=None, description="defaults to the rest of the context window")
+    # OpenAI's API stops at 2 (SamplingParams allows up to 100 for the Python API).
+    temperature: float | None = bounded("temperature", default=None, le=2.0)
+    top_p: float | None = bounded("top_p", default=None)
+    n: int = bounded("n", default=1)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)
-    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    seed: int | None = bounded("seed", default=None)
+    presence_penalty: float | None = bounded("presence_penalty", default=None)
+    frequency_penalty: float | None = bounded("frequency_penalty", default=None)
     logit_bias: dict[str, float] | None = Field(default=None, description="token id (as a string) -> bias in [-100, 100]")
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # Extensions (vLLM's names).
-    top_k: int | None = Field(default=None, ge=-1)
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    # Far below 1 the penalty scales logits past what float32 sampling survives.
-    repetition_penalty: float | None = Field(default=None, ge=0.01, le=2.0)
+    top_k: int | None = bounded("top_k", default=None)
+    min_p: float | None = bounded("min_p", default=None)
+    repetition_penalty: float | None = bounded("repetition_penalty", default=None)
     ignore_eos: bool | None = False
-    min_tokens: int | None = Field(default=None, ge=0)
-    stop_token_ids: list[TokenId] | None = None
+    min_tokens: int | None = bounded("min_tokens", default=None)
+    stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
     # Quill's own: false keeps this request out of the response cache, like `Cache-Control: no-store`.
     cache: bool | None = Field(default=None, description="false: do not read or write the response cache")
     # Quill's own: opt out of speculative decoding (the output is the same either way).
     speculative: bool | None = True
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                                      param="stream_options")
+        return self
+
+    @property
+    def field_names(self) -> dict[str, str]:
+        """The engine's names for fields this request calls otherwise (for errors' `param`)."""
+        return {}
+
+    @property
+    def include_usage(self) -> bool:
+        """A streamed response ends with a chunk that carries the usage."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        """`SamplingParams.logprobs`: None (off) or how many alternatives to report per token."""
+        raise NotImplementedError
 
 
 class TextContentPart(_Request):
@@ -71,26 +104,48 @@ class ChatMessage(_Request):
     name: str | None = None
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="the newer name of max_tokens")
+    max_completion_tokens: int | None = bounded("max_tokens", default=None, description="the newer name of max_tokens")
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = bounded("logprobs", default=None)
     add_generation_prompt: bool | None = True
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        return self
+
+    @property
+    def field_names(self) -> dict[str, str]:
+        names = {"prompt": "messages", "logprobs": "top_logprobs"}
+        if self.max_completion_tokens is not None:
+            names["max_tokens"] = "max_completion_tokens"
+        return names
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 PromptInput = Union[
     str,
-    Annotated[list[TokenId], Field(min_length=1)],
+    Annotated[list[int], Field(min_length=1)],
     Annotated[list[str], Field(min_length=1)],
-    Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)],
+    Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)],
 ]
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: PromptInput
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = bounded("logprobs", default=None)
     echo: bool | None = False
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TokenizeRequest(_Request):
@@ -100,10 +155,16 @@ class TokenizeRequest(_Request):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
+    @model_validator(mode="after")
+    def _prompt_or_messages(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("Send exactly one of 'prompt' or 'messages'.", param="prompt")
+        return self
+
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[TokenId]
+    tokens: list[int]
 
 
 # ------------------------------------------------------------------------------ responses

@@ -31,24 +31,20 @@ class DraftModelDrafter:
 
     @classmethod
     def load(cls, model: str | Path, target_config: ModelConfig, target_tokenizer, *, num_blocks: int,
-             block_size: int, dtype: torch.dtype, kv_cache_dtype: torch.dtype, device: torch.device,
-             batch_invariant: bool) -> DraftModelDrafter:
+             block_size: int, dtype: torch.dtype, kv_cache_dtype: torch.dtype,
+             device: torch.device) -> DraftModelDrafter:
         """Load the draft model and check that it speaks the target's vocabulary."""
-        from quill.models import load_model
-        from quill.tokenizer import load_tokenizer
-        from quill.weights.hub import resolve_model
+        from quill.models.loader import load_model_and_tokenizer
 
-        path = resolve_model(model)
-        network, config = load_model(path, dtype, device)  # weights as the target's: native on a CPU
-        if config.vocab_size != target_config.vocab_size:
-            raise ModelLoadError(f"draft model {model} has a vocabulary of {config.vocab_size} tokens, "
+        # Weights as the target's: native on a CPU. A token-ids-only target has no vocabulary to compare.
+        draft = load_model_and_tokenizer(model, dtype, device, tokenizer=target_tokenizer is not None)
+        if draft.config.vocab_size != target_config.vocab_size:
+            raise ModelLoadError(f"draft model {model} has a vocabulary of {draft.config.vocab_size} tokens, "
                                  f"the target {target_config.vocab_size}: they must share a tokenizer")
-        same_vocab = target_tokenizer is None or \
-            load_tokenizer(path).backend.get_vocab() == target_tokenizer.backend.get_vocab()
-        if not same_vocab:
+        if target_tokenizer is not None and draft.tokenizer.backend.get_vocab() != target_tokenizer.backend.get_vocab():
             raise ModelLoadError(f"draft model {model} does not use the target model's tokenizer")
-        runner = ModelRunner(network, config, num_blocks=num_blocks, block_size=block_size,
-                             kv_cache_dtype=kv_cache_dtype, device=device, batch_invariant=batch_invariant)
+        runner = ModelRunner(draft.model, draft.config, num_blocks=num_blocks, block_size=block_size,
+                             kv_cache_dtype=kv_cache_dtype, device=device)
         # No prefix caching: mirrors are rolled back and re-synced, never shared.
         return cls(runner, KVCacheManager(num_blocks, block_size, enable_prefix_caching=False))
 

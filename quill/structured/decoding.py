@@ -25,7 +25,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -35,8 +35,15 @@ from quill.structured.masks import TokenMasks
 from quill.structured.matcher import GrammarMatcher, fill_masks, mask_words
 from quill.structured.stats import Histogram, StructuredStats
 
-if TYPE_CHECKING:
-    from quill.engine.request import Request
+
+
+class Request(Protocol):
+    """What this module reads of an engine request (`quill.engine.request.Request`, a layer above)."""
+
+    request_id: str
+    num_tokens: int
+    num_computed_tokens: int
+    draft_token_ids: list[int]
 
 RECENT_MASK_TIMES = 1 << 16  # per-mask seconds kept for exact percentiles (benchmarks read them)
 

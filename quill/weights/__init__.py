@@ -1,28 +1,25 @@
-"""Checkpoint readers. Every reader returns a `Checkpoint`: a `ModelConfig` plus tensors named and
-laid out exactly as in Hugging Face `transformers` (so model code has one convention to follow)."""
+"""Checkpoint formats: readers and the GGUF writer, the quantized-weight format, and the model hub.
+
+Every reader returns a `Checkpoint`: a `ModelConfig` plus tensors named and laid out exactly as in
+Hugging Face `transformers` (so model code has one convention to follow). What a reader needs to
+know about a family it is given, as a `Families` registry (`quill.models.registry.FAMILIES`), so
+that this package depends on no model code."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from quill.config import ModelConfig
 from quill.errors import ModelLoadError
+from quill.weights.checkpoint import Checkpoint
 
 if TYPE_CHECKING:  # torch is only needed once a checkpoint is actually read
     import torch
 
-
-@dataclass
-class Checkpoint:
-    config: ModelConfig
-    tensors: dict[str, Any]  # Hugging Face names and conventions: torch.Tensor, or QuantizedWeight
-    path: Path
-    format: str  # "gguf" or "safetensors"
-    metadata: dict[str, Any] = field(default_factory=dict)  # GGUF key/values; config.json for HF
+    from quill.weights.family import Families
 
 
-def load_checkpoint(path: str | Path, dtype: "torch.dtype | None" = None, *, keep_quantized: bool = False) -> Checkpoint:
+def read_checkpoint(path: str | Path, families: "Families", dtype: "torch.dtype | None" = None, *,
+                    keep_quantized: bool = False) -> Checkpoint:
     """Load a `.gguf` file or a Hugging Face directory (config.json + *.safetensors).
 
     Float tensors come back as float32, or as `dtype` when given: converting each tensor as it
@@ -34,7 +31,7 @@ def load_checkpoint(path: str | Path, dtype: "torch.dtype | None" = None, *, kee
     if path.is_dir():
         from quill.weights.safetensors import load_hf_directory
 
-        return load_hf_directory(path, dtype)
+        return load_hf_directory(path, families, dtype)
     from quill.weights.gguf import load_gguf
 
-    return load_gguf(path, dtype, keep_quantized=keep_quantized)
+    return load_gguf(path, families, dtype, keep_quantized=keep_quantized)

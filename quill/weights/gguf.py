@@ -2,10 +2,12 @@
 or kept quantized where Quill has a native kernel: see `gguf_quant.py`).
 
 llama.cpp's converter changes three things on the way from Hugging Face to GGUF, and this reader
-undoes each of them so that model code sees one convention whatever the file:
-- names (`blk.0.attn_q.weight` <- `model.layers.0.self_attn.q_proj.weight`), see `_BLOCK_NAMES`;
-- llama q/k projection rows are permuted from rotate-half to interleaved RoPE order;
-- Gemma norm weights are stored as `1 + w` (Gemma computes `x * (1 + w)`).
+undoes each of them, as the file's `ModelFamily` declares them, so that model code sees one
+convention whatever the file:
+- names (`blk.0.attn_q.weight` <- `model.layers.0.self_attn.q_proj.weight`), and a layer's experts
+  stacked into one tensor (`Tensor`);
+- for some families, q/k projection rows permuted from rotate-half to interleaved RoPE order;
+- for some, norm weights stored as `offset + w` (`ModelFamily.gguf_conventions`).
 
 The header is parsed here rather than with `gguf.GGUFReader`, which reads every element of the
 tokenizer arrays separately (about 10 s for Gemma 3's 262,144 tokens) and fails on damaged files
@@ -26,13 +28,12 @@ import torch
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
-from quill.layers.quantized import QuantizedWeight
-from quill.layers.rotary import rope_inverse_frequencies
-from quill.weights import Checkpoint
+from quill.rope import rope_inverse_frequencies
+from quill.weights.checkpoint import Checkpoint
+from quill.weights.family import Families, GGUFKeys, ModelFamily
 from quill.weights.gguf_quant import CODES, NATIVE_GGML_TYPES, OFFSETS, SCALES, quill_quantized, repack_ggml
-from quill.weights.layout import check_shapes, expected_shapes
-
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")  # llama.cpp writes Mistral as "llama"
+from quill.weights.layout import check_shapes
+from quill.weights.quantized import QuantizedWeight
 
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -42,41 +43,7 @@ _FIXED_TYPES = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7
                 10: "<Q", 11: "<q", 12: "<d"}
 _FLOAT32, _STRING, _ARRAY = 6, 8, 9
 
-# llama.cpp tensor names -> Hugging Face names. `ffn_norm` is the norm before the MLP: Llama calls
-# it post_attention_layernorm, while Gemma has four norms per block and uses that name elsewhere.
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_COMMON_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
-_BLOCK_NAMES = {
-    "llama": {**_COMMON_BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"},
-    "qwen2": {**_COMMON_BLOCK_NAMES, "ffn_norm": "post_attention_layernorm"},
-    "gemma3": {
-        **_COMMON_BLOCK_NAMES,
-        "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-        "post_attention_norm": "post_attention_layernorm",
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
-}
-_GEMMA3_GLOBAL_EVERY = 6  # llama.cpp hard-codes Gemma 3's pattern: five sliding layers, then one full
 _LLAMA3_LOW_FREQ_FACTOR, _LLAMA3_HIGH_FREQ_FACTOR = 1.0, 4.0  # what Llama 3.x use; see _rope_scaling
-
-
-def hf_to_gguf_name(architecture: str, name: str) -> str:
-    """`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight` (llama.cpp's names)."""
-    stem, _, suffix = name.rpartition(".")
-    for gguf_stem, hf_stem in _GLOBAL_NAMES.items():
-        if stem == hf_stem:
-            return f"{gguf_stem}.{suffix}"
-    _, _, layer, rest = stem.split(".", 3)  # model.layers.{i}.{rest}
-    for gguf_stem, hf_stem in _BLOCK_NAMES[architecture].items():
-        if rest == hf_stem:
-            return f"blk.{layer}.{gguf_stem}.{suffix}"
-    raise KeyError(f"no GGUF name for {name} in architecture {architecture}")
 
 
 def llama3_rope_factors(head_dim: int, rope_theta: float, rope_scaling: dict[str, Any]) -> np.ndarray:
@@ -284,32 +251,10 @@ def _dequantize(f: BinaryIO, info: GGUFTensorInfo, path: Path) -> torch.Tensor:
     return torch.from_numpy(values.astype(np.float32, copy=False).reshape(info.shape))
 
 
-def _unpermute_qk(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation: per head it interleaves the two rotate-half halves
-    (rows 0, d/2, 1, d/2+1, ...) so that RoPE pairs adjacent rows; this restores HF's order."""
-    shape = weight.shape
-    return weight.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
-
-
-def _config(metadata: dict[str, Any], tensors: dict[str, GGUFTensorInfo], rope_freqs: np.ndarray | None,
-            path: Path) -> ModelConfig:
-    arch = metadata.get("general.architecture")
-    if arch is None:
-        raise ModelLoadError(f"{path.name}: metadata key general.architecture is missing")
-    if arch not in SUPPORTED_GGUF_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{path.name}: GGUF architecture {arch!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
-        )
-    required = object()
-
-    def key(name: str, default: Any = required) -> Any:
-        if f"{arch}.{name}" in metadata:
-            return metadata[f"{arch}.{name}"]
-        if default is required:
-            raise ModelLoadError(f"{path.name}: metadata key {arch}.{name} is missing")
-        return default
-
+def _config(family: ModelFamily, metadata: dict[str, Any], tensors: dict[str, GGUFTensorInfo],
+            rope_freqs: np.ndarray | None, path: Path) -> ModelConfig:
+    """The keys every family shares here, the rest from the family's `gguf_config`."""
+    key = GGUFKeys(metadata, family.name, path.name)
     if "token_embd.weight" not in tensors:
         raise ModelLoadError(f"{path.name}: tensor token_embd.weight is missing")
     hidden, heads, layers = int(key("embedding_length")), int(key("attention.head_count")), int(key("block_count"))
@@ -317,10 +262,7 @@ def _config(metadata: dict[str, Any], tensors: dict[str, GGUFTensorInfo], rope_f
         raise ModelLoadError(f"{path.name}: block_count {layers} does not fit the {len(tensors)} tensors in the file")
     head_dim = int(key("attention.key_length", key("rope.dimension_count", hidden // heads)))
     rope_theta = float(key("rope.freq_base", 10000.0))
-    gemma = arch == "gemma3"
-    window = key("attention.sliding_window", None) if gemma else None
-    return ModelConfig(
-        architecture=arch,
+    fields = dict(
         vocab_size=tensors["token_embd.weight"].shape[0],
         hidden_size=hidden,
         intermediate_size=int(key("feed_forward_length")),
@@ -333,24 +275,10 @@ def _config(metadata: dict[str, Any], tensors: dict[str, GGUFTensorInfo], rope_f
         rope_theta=rope_theta,
         rope_scaling=_rope_scaling(key, head_dim, rope_theta, rope_freqs, path),
         tie_word_embeddings="output.weight" not in tensors,
-        attention_bias="blk.0.attn_q.bias" in tensors,
-        hidden_act="gelu_pytorch_tanh" if gemma else "silu",
-        layer_types=_gemma3_layer_types(key, layers, window) if gemma else (),
-        sliding_window=int(window) if window else None,
-        rope_local_theta=float(key("rope.freq_base_swa", 10000.0)) if gemma else None,
-        # llama.cpp scales Gemma 3 attention by head_dim ** -0.5, except 27B (62 layers): hidden / heads
-        query_pre_attn_scalar=float(hidden // heads if layers == 62 else head_dim) if gemma else None,
+        attention_bias="blk.0.attn_q.bias" in tensors,  # llama.cpp's name for a layer's query bias
         final_logit_softcapping=key("final_logit_softcapping", None),
     )
-
-
-def _gemma3_layer_types(key, layers: int, window: int | None) -> tuple[str, ...]:
-    pattern = key("attention.sliding_window_pattern", _GEMMA3_GLOBAL_EVERY)
-    if isinstance(pattern, list):  # one bool per layer, True = sliding (as llama.cpp's swa_layers)
-        sliding = [bool(s) for s in pattern]
-    else:  # llama.cpp's set_swa_pattern(n): the last layer of every n is full attention
-        sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(layers)]
-    return tuple("sliding" if is_sliding and window else "full" for is_sliding in sliding)
+    return ModelConfig(architecture=family.name, **(fields | family.gguf_config(key, fields)))
 
 
 def _rope_scaling(key, head_dim: int, rope_theta: float, rope_freqs: np.ndarray | None, path: Path) -> dict | None:
@@ -378,33 +306,53 @@ def _rope_scaling(key, head_dim: int, rope_theta: float, rope_freqs: np.ndarray 
     raise UnsupportedModelError(f"{path.name}: RoPE scaling type {kind!r} is not supported")
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype | None = None, *, keep_quantized: bool = False) -> Checkpoint:
+def load_gguf(path: str | Path, families: Families, dtype: torch.dtype | None = None, *,
+              keep_quantized: bool = False) -> Checkpoint:
     """Read a GGUF file into float32 (or `dtype`) tensors with Hugging Face names, layout and
     conventions. With `keep_quantized`, weights in a format Quill multiplies natively (see
     `gguf_quant.py`) come back as `QuantizedWeight`s instead; the embedding table stays float."""
     path = Path(path)
     metadata, infos = _read_header(path)
+    architecture = metadata.get("general.architecture")
+    if architecture is None:
+        raise ModelLoadError(f"{path.name}: metadata key general.architecture is missing")
+    if not isinstance(architecture, str):
+        raise ModelLoadError(f"{path.name}: general.architecture is {architecture!r}, not a name")
+    family = families.for_gguf(architecture, path.name)
     try:
         with open(path, "rb") as f:
             rope_freqs = infos.get("rope_freqs.weight")
             if rope_freqs is not None:  # needed for the config (Llama 3 RoPE scaling)
                 rope_freqs = _dequantize(f, rope_freqs, path).numpy()
             try:
-                config = _config(metadata, infos, rope_freqs, path)
+                config = _config(family, metadata, infos, rope_freqs, path)
             except (TypeError, ValueError, ZeroDivisionError) as exc:  # metadata of the wrong type or inconsistent
                 raise ModelLoadError(f"{path.name}: invalid model metadata: {exc}") from exc
             # Check names and shapes before reading anything; tensors the model does not use are skipped.
-            wanted = {hf_to_gguf_name(config.architecture, name): (name, shape)
-                      for name, shape in expected_shapes(config).items()}
+            wanted = family.tensors(config)
             reader = _TensorReader(f, path, metadata, infos, keep_quantized)
-            check_shapes({name: shape for name, (_, shape) in wanted.items()}, reader.shapes(), path.name)
+            check_shapes({t.gguf: t.gguf_shape for t in wanted}, reader.shapes(), path.name)
             tensors = {}
-            for name, (hf_name, _) in wanted.items():
-                tensor = _to_hf_convention(config, name, reader.read(name))
-                tensors[hf_name] = tensor if isinstance(tensor, QuantizedWeight) else tensor.to(dtype or torch.float32)
+            for spec in wanted:
+                stored = reader.read(spec.gguf)
+                for hf_name, tensor in zip(spec.hf_names, _unstack(stored, spec.experts)):
+                    tensor = family.from_gguf(hf_name, tensor, config)
+                    quantized = isinstance(tensor, QuantizedWeight)
+                    tensors[hf_name] = tensor if quantized else tensor.to(dtype or torch.float32)
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from exc
     return Checkpoint(config=config, tensors=tensors, path=path, format="gguf", metadata=metadata)
+
+
+def _unstack(tensor: torch.Tensor | QuantizedWeight, experts: int) -> list[torch.Tensor | QuantizedWeight]:
+    """A GGUF tensor that stacks `experts` matrices along its first axis as those matrices (a
+    quantized one is split by rows, which its groups never cross); any other as itself."""
+    if not experts:
+        return [tensor]
+    rows = tensor.shape[0] // experts if isinstance(tensor, QuantizedWeight) else tensor.shape[-2]
+    if isinstance(tensor, QuantizedWeight):
+        return [tensor.select_rows(torch.arange(e * rows, (e + 1) * rows)) for e in range(experts)]
+    return list(tensor.reshape(experts, rows, tensor.shape[-1]).unbind(0))
 
 
 class _TensorReader:
@@ -423,7 +371,7 @@ class _TensorReader:
         for name in self.quill_weights:
             # From the codes: int8's group is a whole row, so no one group size gives every width.
             codes = self._info(name + CODES)
-            shapes[name] = (codes.shape[0], codes.shape[1] * codes_per_byte)
+            shapes[name] = (*codes.shape[:-1], codes.shape[-1] * codes_per_byte)
         return shapes
 
     def _info(self, name: str) -> GGUFTensorInfo:
@@ -435,9 +383,10 @@ class _TensorReader:
         info = self._info(name)
         if info.type_id != gguf.GGMLQuantizationType.F32:
             raise ModelLoadError(f"{self.path.name}: tensor {name} must be F32, not {_type_name(info)}")
-        return _read_raw(self.f, info, self.path).view(np.float32).reshape(info.shape)
+        return _read_raw(self.f, info, self.path).view(np.float32)  # [rows, groups]
 
     def read(self, name: str) -> torch.Tensor | QuantizedWeight:
+        """The tensor; quantized ones as [rows, columns], every axis but the last counted in rows."""
         if name in self.quill_weights:
             codes = self._info(name + CODES)
             try:
@@ -447,18 +396,8 @@ class _TensorReader:
                 raise ModelLoadError(f"{self.path.name}: tensor {name}: {exc}") from exc
             return weight if self.keep_quantized else weight.dequantize()
         info = self.infos[name]
-        if (self.keep_quantized and info.type_id in NATIVE_GGML_TYPES and len(info.shape) == 2
+        if (self.keep_quantized and info.type_id in NATIVE_GGML_TYPES and len(info.shape) >= 2
                 and name != "token_embd.weight"):  # an embedding is a lookup table, not a matmul
-            return repack_ggml(_read_raw(self.f, info, self.path), gguf.GGMLQuantizationType(info.type_id), info.shape)
+            rows = _read_raw(self.f, info, self.path)
+            return repack_ggml(rows, gguf.GGMLQuantizationType(info.type_id), (rows.shape[0], info.shape[-1]))
         return _dequantize(self.f, info, self.path)
-
-
-def _to_hf_convention(config: ModelConfig, gguf_name: str, tensor: torch.Tensor | QuantizedWeight):
-    if config.architecture == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
-        heads = config.num_heads if ".attn_q." in gguf_name else config.num_kv_heads
-        if isinstance(tensor, QuantizedWeight):  # rows move whole: permute them by index
-            return tensor.select_rows(_unpermute_qk(torch.arange(tensor.shape[0]), heads))
-        return _unpermute_qk(tensor, heads)
-    if config.architecture == "gemma3" and gguf_name.endswith("norm.weight"):
-        return tensor - 1.0
-    return tensor

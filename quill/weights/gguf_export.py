@@ -1,10 +1,12 @@
-"""GGUF writer: the exact inverse of `load_gguf`, following llama.cpp's converter conventions
-(tensor names, llama q/k row permutation, Gemma's `1 + w` norms, metadata keys), so that llama.cpp
-and transformers can read what Quill writes. Used by the tests and by `quill quantize`, whose
-int4/int8 weights are written in Quill's own tensor format (see `gguf_quant.py`).
+"""GGUF writer: the exact inverse of `load_gguf`, following llama.cpp's converter conventions as
+the checkpoint's `ModelFamily` declares them (tensor names, stacked experts, permuted q/k rows,
+shifted norms, metadata keys), so that llama.cpp and transformers can read what Quill writes. Used
+by the tests and by `quill quantize`, whose int4/int8 weights are written in Quill's own tensor
+format (see `gguf_quant.py`). A file for users must carry its tokenizer: pass
+`quill.optimize.gguf_tokenizer.checkpoint_tokenizer(checkpoint).metadata`.
 
-Two things GGUF cannot say are dropped, as llama.cpp drops them: Mistral is written as "llama"
-(and loses its sliding window), and Gemma 3's attention scale must be llama.cpp's fixed rule.
+What GGUF cannot say is dropped where llama.cpp drops it too (Mistral is written as "llama" and
+loses its sliding window), and refused by the family's `gguf_metadata` otherwise.
 """
 from __future__ import annotations
 
@@ -17,16 +19,16 @@ import torch
 
 from quill.config import ModelConfig
 from quill.errors import UnsupportedModelError
-from quill.layers.quantized import QuantizedWeight
-from quill.weights.gguf import hf_to_gguf_name, llama3_rope_factors
+from quill.weights.family import ModelFamily
+from quill.weights.gguf import llama3_rope_factors
 from quill.weights.gguf_quant import CODES, OFFSETS, SCALES
 from quill.weights.layout import check_tensors
+from quill.weights.quantized import QuantizedWeight
 
 # Chooses how one tensor is stored from its GGUF name and float32 values (already in GGUF layout):
 # a GGML type (gguf-py quantizes), or the values already quantized in Quill's int4/int8 format.
 TensorTypeHook = Callable[[str, np.ndarray], "gguf.GGMLQuantizationType | QuantizedWeight"]
 
-_GGUF_ARCHITECTURE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gemma3": "gemma3"}
 _TOKENIZER_ARRAY_TYPES = {  # what llama.cpp expects; other arrays get their type from their items
     "tokenizer.ggml.token_type": gguf.GGUFValueType.INT32,
     "tokenizer.ggml.scores": gguf.GGUFValueType.FLOAT32,
@@ -43,26 +45,28 @@ def float_tensor_types(dtype: str) -> TensorTypeHook:
 
 def write_gguf(
     path: str | Path,
+    family: ModelFamily,
     config: ModelConfig,
     tensors: dict[str, torch.Tensor],
     tokenizer_metadata: dict[str, Any] | None = None,
     dtype: str = "f32",
     tensor_type: TensorTypeHook | None = None,
 ) -> None:
-    """Write a checkpoint (Hugging Face names and conventions) as a GGUF file.
+    """Write a checkpoint of `family` (Hugging Face names and conventions) as a GGUF file.
 
     `tokenizer_metadata` holds `tokenizer.*` keys (as `read_gguf_metadata` returns them) to copy
     over. `tensor_type` overrides `dtype` per tensor: any type `gguf.quants.quantize` supports, or
     a `QuantizedWeight` of Quill's int4/int8 format (one format per file, as its metadata says).
+    A tensor stacking a layer's experts is shown to it as one matrix of all their rows: rows are
+    quantized independently, so that is the same as quantizing each expert.
     """
-    if config.architecture not in _GGUF_ARCHITECTURE:
-        raise UnsupportedModelError(f"cannot write architecture {config.architecture!r} as GGUF")
-    arch = _GGUF_ARCHITECTURE[config.architecture]
-    tensors = check_tensors(config, tensors, "write_gguf")
+    if family.name != config.architecture:
+        raise ValueError(f"a {config.architecture} config cannot be written as {family.name}")
+    tensors = check_tensors(family.hf_shapes(config), tensors, "write_gguf")
     choose_type = tensor_type or float_tensor_types(dtype)
 
-    writer = gguf.GGUFWriter(str(path), arch)
-    _add_model_metadata(writer, arch, config)
+    writer = gguf.GGUFWriter(str(path), family.gguf_architecture)
+    _add_model_metadata(writer, family, config)
     for key, value in (tokenizer_metadata or {}).items():
         _add_tokenizer_value(writer, key, value)
 
@@ -71,16 +75,19 @@ def write_gguf(
         factors = llama3_rope_factors(config.head_dim, config.rope_theta, config.rope_scaling)
         writer.add_tensor("rope_freqs.weight", factors, raw_dtype=gguf.GGMLQuantizationType.F32)
     quill_formats = set()
-    for hf_name, tensor in tensors.items():
-        name = hf_to_gguf_name(arch, hf_name)
-        values = _to_gguf_convention(arch, config, hf_name, tensor.detach().to("cpu", torch.float32).numpy())
-        qtype = choose_type(name, values)
+    for spec in family.tensors(config):
+        values = np.stack([family.to_gguf(name, tensors[name].detach().to("cpu", torch.float32).numpy(), config)
+                           for name in spec.hf_names]) if spec.experts else \
+            family.to_gguf(spec.hf, tensors[spec.hf].detach().to("cpu", torch.float32).numpy(), config)
+        rows = values.reshape(-1, values.shape[-1]) if values.ndim > 2 else values
+        qtype = choose_type(spec.gguf, rows)
         if isinstance(qtype, QuantizedWeight):
             quill_formats.add((qtype.source, qtype.group_size if qtype.bits == 4 else None))
             for suffix, array in _quill_tensor_arrays(qtype).items():
-                writer.add_tensor(name + suffix, array)
+                writer.add_tensor(spec.gguf + suffix, array.reshape(*values.shape[:-1], -1))
         else:
-            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+            stored = gguf.quants.quantize(rows, qtype)
+            writer.add_tensor(spec.gguf, stored.reshape(*values.shape[:-1], -1), raw_dtype=qtype)
     if quill_formats:
         _add_quill_quantization(writer, quill_formats)
 
@@ -113,23 +120,7 @@ def _add_quill_quantization(writer: gguf.GGUFWriter, formats: set[tuple[str, int
         writer.add_uint32("quill.quantization.group_size", group_size)
 
 
-def _to_gguf_convention(arch: str, config: ModelConfig, hf_name: str, values: np.ndarray) -> np.ndarray:
-    if arch == "llama" and ".q_proj." in hf_name:
-        return _permute_qk(values, config.num_heads)
-    if arch == "llama" and ".k_proj." in hf_name:
-        return _permute_qk(values, config.num_kv_heads)
-    if arch == "gemma3" and hf_name.endswith("norm.weight"):
-        return values + np.float32(1.0)
-    return values
-
-
-def _permute_qk(values: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's `permute`: per head, rotate-half row order -> interleaved pairs."""
-    shape = values.shape
-    return values.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
-
-
-def _add_model_metadata(writer: gguf.GGUFWriter, arch: str, config: ModelConfig) -> None:
+def _add_model_metadata(writer: gguf.GGUFWriter, family: ModelFamily, config: ModelConfig) -> None:
     c = config
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -142,29 +133,33 @@ def _add_model_metadata(writer: gguf.GGUFWriter, arch: str, config: ModelConfig)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_vocab_size(c.vocab_size)
-    if arch == "llama":
-        writer.add_rope_dimension_count(c.head_dim)  # llama.cpp and transformers read head_dim from it
-    if arch == "gemma3":
-        if c.query_pre_attn_scalar != (c.hidden_size // c.num_heads if c.num_layers == 62 else c.head_dim):
-            raise UnsupportedModelError(
-                f"GGUF cannot store Gemma 3 query_pre_attn_scalar={c.query_pre_attn_scalar}; llama.cpp derives it"
-            )
-        if c.sliding_window:
-            writer.add_sliding_window(c.sliding_window)
-        # llama.cpp assumes every 6th layer is global; the explicit per-layer list keeps other patterns.
-        writer.add_sliding_window_pattern([kind == "sliding" for kind in c.layer_types])
-        writer.add_rope_freq_base_swa(c.rope_local_theta or 10000.0)
+    for key, value in family.gguf_metadata(config).items():
+        _add_model_value(writer, f"{family.gguf_architecture}.{key}", value)
     if c.final_logit_softcapping is not None:
         writer.add_final_logit_softcapping(c.final_logit_softcapping)
-    _add_rope_scaling(writer, arch, config)
+    _add_rope_scaling(writer, family, config)
 
 
-def _add_rope_scaling(writer: gguf.GGUFWriter, arch: str, config: ModelConfig) -> None:
+# How a family's metadata value is stored, by its Python type (bool before int: a bool is an int),
+# as llama.cpp's converter stores such keys.
+_MODEL_VALUE_WRITERS = ((bool, "add_bool"), (int, "add_uint32"), (float, "add_float32"), (str, "add_string"),
+                        (list, "add_array"))
+
+
+def _add_model_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    for kind, method in _MODEL_VALUE_WRITERS:
+        if isinstance(value, kind):
+            getattr(writer, method)(key, value)
+            return
+    raise ValueError(f"cannot write model metadata {key!r} of type {type(value).__name__}")
+
+
+def _add_rope_scaling(writer: gguf.GGUFWriter, family: ModelFamily, config: ModelConfig) -> None:
     scaling = config.rope_scaling
     if not scaling:
         return
     kind = scaling["rope_type"]
-    if kind == "llama3" and arch == "llama":
+    if kind == "llama3":
         if (scaling["low_freq_factor"], scaling["high_freq_factor"]) != (1.0, 4.0):
             # the reader recovers these only up to their ratio to the original context (see gguf.py)
             raise UnsupportedModelError("GGUF stores Llama 3 RoPE scaling only with low/high frequency factors 1 and 4")
@@ -173,7 +168,7 @@ def _add_rope_scaling(writer: gguf.GGUFWriter, arch: str, config: ModelConfig) -
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
     else:
-        raise UnsupportedModelError(f"cannot write RoPE scaling {kind!r} for {arch} as GGUF")
+        raise UnsupportedModelError(f"cannot write RoPE scaling {kind!r} for {family.name} as GGUF")
 
 
 def _add_tokenizer_value(writer: gguf.GGUFWriter, key: str, value: Any) -> None:

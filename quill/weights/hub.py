@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quill.errors import ModelLoadError
+from quill.paths import quill_home
 
 
 class PullError(ModelLoadError):
@@ -74,10 +75,6 @@ class LocalModel:
     path: Path
     size: int  # bytes on disk
     architecture: str | None  # None when the file cannot be read
-
-
-def quill_home() -> Path:
-    return Path(os.environ.get("QUILL_HOME") or "~/.cache/quill").expanduser()
 
 
 def models_dir() -> Path:

@@ -2,8 +2,9 @@
 
 Understands both config styles: transformers 4 (`rope_theta`, `rope_scaling`, Gemma's
 `rope_local_base_freq` and `sliding_window_pattern`) and transformers 5 (`rope_parameters`, per
-layer type for Gemma 3, and `layer_types`). Pickle weights (.bin, .pt) are never loaded: unpickling
-runs arbitrary code from the file.
+layer type for Gemma 3, and `layer_types`). What differs between families comes from their
+`ModelFamily`. Pickle weights (.bin, .pt) are never loaded: unpickling runs arbitrary code from the
+file.
 """
 from __future__ import annotations
 
@@ -16,25 +17,18 @@ from safetensors import SafetensorError, safe_open
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
-from quill.weights import Checkpoint
+from quill.weights.checkpoint import Checkpoint
+from quill.weights.family import Families, hf_rope
 from quill.weights.layout import check_tensors
 
-_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Gemma3ForCausalLM": "gemma3",
-    "Gemma3ForConditionalGeneration": "gemma3",  # multimodal checkpoint: only its text model is used
-}
-_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# Multimodal Gemma 3 nests the text model under one of these prefixes (transformers 4 / 5 layouts).
+# Multimodal checkpoints (Gemma 3's) nest the text model under one of these prefixes (transformers 4 / 5 layouts).
 _NESTED_PREFIXES = {
     "language_model.model.": "model.", "model.language_model.": "model.", "language_model.lm_head.": "lm_head.",
 }
 
 
-def load_hf_directory(path: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
+def load_hf_directory(path: str | Path, families: Families, dtype: torch.dtype | None = None) -> Checkpoint:
     """Load a Hugging Face model directory into float32 (or `dtype`) tensors with their Hugging Face names."""
     path = Path(path)
     if not path.is_dir():
@@ -47,7 +41,7 @@ def load_hf_directory(path: str | Path, dtype: torch.dtype | None = None) -> Che
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{config_file}: cannot read it as JSON: {exc}") from exc
     try:
-        config = config_from_hf(raw_config)
+        config = config_from_hf(raw_config, families)
     except KeyError as exc:
         raise ModelLoadError(f"{config_file}: required key {exc} is missing") from exc
     except (TypeError, ValueError) as exc:
@@ -62,19 +56,25 @@ def load_hf_directory(path: str | Path, dtype: torch.dtype | None = None) -> Che
                     tensors[_unnest(name)] = tensor.to(dtype or torch.float32) if tensor.is_floating_point() else tensor
         except (OSError, SafetensorError) as exc:
             raise ModelLoadError(f"{file}: not a readable safetensors file: {exc}") from exc
-    tensors = check_tensors(config, tensors, str(path))
+    tensors = check_tensors(families.named(config.architecture).hf_shapes(config), tensors, str(path))
     return Checkpoint(config=config, tensors=tensors, path=path, format="safetensors", metadata=raw_config)
 
 
-def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
-    """Map a transformers config.json (either style) to a `ModelConfig`."""
-    arch = _architecture(raw)
-    cfg = raw.get("text_config", raw)  # multimodal Gemma 3 keeps the text model's settings here
+def config_from_hf(raw: dict[str, Any], families: Families) -> ModelConfig:
+    """Map a transformers config.json (either style) to a `ModelConfig`: the keys every family
+    shares here, the rest from the family's `hf_config`."""
+    family = families.for_hf(raw)
+    cfg = raw.get("text_config", raw)  # multimodal checkpoints keep the text model's settings here
+    if cfg.get("mlp_bias"):  # the checkpoint would hold biases that no family's tensors include
+        raise UnsupportedModelError("MLP biases (mlp_bias) are not supported")
     layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
-    gemma = arch == "gemma3"
-    rope_theta, rope_scaling = _rope(cfg, "full_attention")
-    return ModelConfig(
-        architecture=arch,
+    rope_theta, rope_scaling = hf_rope(cfg)
+    window = family.hf_sliding_window(cfg)
+    if cfg.get("layer_types"):
+        sliding = [kind == "sliding_attention" for kind in cfg["layer_types"]]
+    else:
+        sliding = family.hf_sliding_layers(cfg, layers)
+    fields = dict(
         vocab_size=cfg["vocab_size"],
         hidden_size=hidden,
         intermediate_size=cfg["intermediate_size"],
@@ -86,76 +86,15 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=cfg["max_position_embeddings"],
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", cfg.get("tie_word_embeddings", gemma))),
-        attention_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-        hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu"),
-        **_attention_pattern(arch, cfg, layers),
-        rope_local_theta=_rope(cfg, "sliding_attention")[0] if gemma else None,
-        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)) if gemma else None,
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings",
+                                         cfg.get("tie_word_embeddings", family.tied_by_default))),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act") or family.default_activation,
+        layer_types=tuple("sliding" if is_sliding and window else "full" for is_sliding in sliding),
+        sliding_window=window if any(sliding) else None,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
     )
-
-
-def _architecture(raw: dict[str, Any]) -> str:
-    names = raw.get("architectures") or []
-    for name in names:
-        if name in _ARCHITECTURES:
-            return _ARCHITECTURES[name]
-    if not names and raw.get("model_type") in _MODEL_TYPES:
-        return _MODEL_TYPES[raw["model_type"]]
-    raise UnsupportedModelError(
-        f"architecture {names or raw.get('model_type')!r} is not supported; supported: {', '.join(_ARCHITECTURES)}"
-    )
-
-
-def _rope(cfg: dict[str, Any], layer_type: str) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, HF-style scaling dict or None) for one layer type."""
-    params = cfg.get("rope_parameters")
-    if params and all(isinstance(v, dict) for v in params.values()):  # transformers 5, per layer type
-        params = params.get(layer_type) or next(iter(params.values()))
-    if params:
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-        theta = params.get("rope_theta", 10000.0)
-    else:  # transformers 4: Gemma 3's sliding layers have their own base and no scaling
-        local = layer_type == "sliding_attention"
-        scaling = None if local else cfg.get("rope_scaling")
-        theta = cfg.get("rope_local_base_freq", 10000.0) if local else cfg.get("rope_theta", 10000.0)
-    return float(theta), _normalize_rope_scaling(scaling)
-
-
-def _normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not scaling:
-        return None
-    scaling = dict(scaling)
-    kind = scaling.pop("type", None)  # older configs spell rope_type "type"
-    scaling["rope_type"] = scaling.get("rope_type", kind)
-    if scaling["rope_type"] in (None, "default"):
-        return None
-    for key in ("factor", "low_freq_factor", "high_freq_factor"):
-        if key in scaling:
-            scaling[key] = float(scaling[key])
-    if "original_max_position_embeddings" in scaling:
-        scaling["original_max_position_embeddings"] = int(scaling["original_max_position_embeddings"])
-    return scaling
-
-
-def _attention_pattern(arch: str, cfg: dict[str, Any], layers: int) -> dict[str, Any]:
-    window = cfg.get("sliding_window")
-    if arch == "qwen2" and not cfg.get("use_sliding_window", False):
-        window = None  # Qwen2 configs carry a window size even when it is switched off
-    if cfg.get("layer_types"):
-        sliding = [kind == "sliding_attention" for kind in cfg["layer_types"]]
-    elif arch == "gemma3":  # transformers 4: every `sliding_window_pattern`-th layer is global
-        pattern = cfg.get("sliding_window_pattern", 6)
-        sliding = [(i + 1) % pattern != 0 for i in range(layers)]
-    elif arch == "qwen2":
-        sliding = [i >= cfg.get("max_window_layers", layers) for i in range(layers)]
-    else:  # Mistral: one window for every layer
-        sliding = [True] * layers
-    return {
-        "layer_types": tuple("sliding" if is_sliding and window else "full" for is_sliding in sliding),
-        "sliding_window": window if any(sliding) else None,
-    }
+    return ModelConfig(architecture=family.name, **(fields | family.hf_config(cfg)))
 
 
 def _weight_files(path: Path) -> list[Path]:

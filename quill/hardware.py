@@ -1,0 +1,45 @@
+"""What processor this is: its model and the instruction sets that change Quill's speed or its
+arithmetic (kernels pick paths by them; benchmark figures are only comparable between machines of
+the same kind). Dependency-free, so that any layer may ask."""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from pathlib import Path
+
+# The flags that decide kernel paths and speed ratios, as /proc/cpuinfo spells them.
+NOTABLE_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                 "amx_tile", "amx_bf16", "amx_int8")
+
+
+@functools.cache
+def cpu_info() -> dict:
+    """{"model": ..., "cpus": N, "flags": [notable flags present], "amx": bool}."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    present = [flag for flag in NOTABLE_FLAGS if flag in flags]
+    return {"model": model, "cpus": os.cpu_count(), "flags": present, "amx": "amx_bf16" in flags}
+
+
+def cpu_summary() -> str:
+    """One line for logs and benchmark tables, e.g. "AMD EPYC (2 CPUs; AVX-512 BF16, no AMX)"."""
+    info = cpu_info()
+    vector = ("AVX-512 BF16" if "avx512_bf16" in info["flags"] else "AVX-512" if "avx512f" in info["flags"]
+              else "AVX2" if "avx2" in info["flags"] else "no AVX2")
+    return f"{info['model']} ({info['cpus']} CPUs; {vector}, {'AMX' if info['amx'] else 'no AMX'})"
+
+
+def host_description() -> dict:
+    """Where a benchmark ran, for its JSON: the CPU (model, notable flags, AMX or not) and Python."""
+    info = cpu_info()
+    return {"machine": platform.machine(), "cpu": info["model"], "cpus": info["cpus"], "cpu_flags": info["flags"],
+            "amx": info["amx"], "summary": cpu_summary(), "python": platform.python_version()}

@@ -1,0 +1,444 @@
+/* Matrix products whose every output is computed the same way however many rows share the call.
+
+   A BLAS picks its kernel (and so its order of additions) by the shape of the call and by the
+   processor: the same row, multiplied alone and inside a batch, can differ in its last bits, and
+   which row counts agree differs between machines (an AMD EPYC agreed on multiples of 4; an Intel
+   Xeon with AMX did not). Greedy output would then depend on the server's load. Here each output
+   is one fixed chain of operations, defined below, whatever the number of rows, the tiling, the
+   thread count or the CPU's vector width: batch invariance by construction.
+
+   Weights are stored in panels of 16 output columns (lanes) so that a vector holds one input pair
+   of 16 columns; every output lane accumulates in float32, over the inputs in increasing order,
+   starting from zero:
+
+     bf16 activations (formats BF16, INT4, INT8): for each input pair (2i, 2i+1),
+         acc = acc + w[2i+1] * x[2i+1];  acc = acc + w[2i] * x[2i]
+       with both weight and activation bfloat16, so every product is exact in float32 and each
+       addition rounds once (to nearest even) -- what AVX-512 BF16's vdpbf16ps does, and what the
+       portable loop below computes too. Weights come from their packed form as bfloat16:
+         BF16  w itself;                      packed [panels][k/2][16][2] uint16
+         INT4  bf16((code - 8) * scale + zero), computed in float32 (the product is exact);
+               codes [panels][k/2][16] uint8: byte i holds input 2p + i % 2 of column i / 2 in
+               its low nibble and of column 8 + i / 2 in its high one (so that a vector of low
+               nibbles, and one of high nibbles, is already in pair order);
+               scales and zeros [panels][k/group][16] bfloat16
+         INT8  the signed code (exact in bf16); packed [panels][k/2][16][2] int8, and the output
+               is then acc * channel_scale[n]
+         INT8G bf16(code * scale + zero), computed in float32 (the product is exact: 8 bits by 8),
+               codes signed bytes centred on zero (5- to 8-bit values less 2^(bits - 1), so that
+               symmetric formats have zero = 0); packed [panels][k/2][16][2] int8, scales and
+               zeros as INT4's
+     F32 (format F32, float32 activations): acc = fma(x[i], w[i], acc) for each input i;
+         packed [panels][k][16] float32.
+   A bias is then added (once, rounding once) and the result stored as float32 or rounded to
+   bfloat16 (nearest even).
+
+   Rows are worked through in tiles that share each expanded weight vector: up to 16 rows in one
+   pass over the packed weights (decoding batches), more through a per-thread buffer of expanded
+   panels (prompts). Threads split the columns, never the inputs. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QUILL_AVX512_BF16 1
+#endif
+
+#include "half_floats.h"
+
+enum format { FMT_BF16, FMT_INT4, FMT_INT8, FMT_INT8G, FMT_F32 };
+
+#define LANES 16
+#define FUSED_MAX_ROWS 16 /* up to this many rows, weights are expanded once per call into registers */
+
+/* A layer's packed weights, built once by quill/layers/matmul.py (`_Weights` mirrors it). */
+typedef struct {
+    int format, k, n, group;
+    const void *packed;         /* BF16: uint16 pairs; INT4: nibble pairs; INT8, INT8G: int8 pairs; F32 */
+    const uint16_t *scales;     /* INT4, INT8G: bf16 [panels][k/group][16] */
+    const uint16_t *zeros;      /* INT4, INT8G: bf16 [panels][k/group][16] */
+    const float *channel_scale; /* INT8: float32 [panels * 16] */
+    const float *bias;          /* float32 [n] or NULL */
+} weights_t;
+
+static inline int panels_of(int n) { return (n + LANES - 1) / LANES; }
+
+/* Whether the format has a scale and zero per group of inputs. */
+static inline int grouped(int format) { return format == FMT_INT4 || format == FMT_INT8G; }
+
+/* The epilogue of one output: the channel scale (INT8), then the bias. Scalar, for the portable
+   path; the vector path's store_lanes does the same operations. */
+static inline float finish(const weights_t *w, int column, float acc) {
+    if (w->format == FMT_INT8) acc = acc * w->channel_scale[column];
+    if (w->bias) acc = acc + w->bias[column];
+    return acc;
+}
+
+static inline void store_value(void *out, int64_t index, float value, int out_bf16) {
+    if (out_bf16)
+        ((uint16_t *)out)[index] = to_bf16(value);
+    else
+        ((float *)out)[index] = value;
+}
+
+#ifdef QUILL_AVX512_BF16
+
+/* ---- AVX-512 BF16 ------------------------------------------------------------------------------ */
+
+static inline __m512 bf16_to_ps(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+typedef struct {
+    __m512 scale, zero; /* the first 8 columns' values, each twice (lane i is column i / 2) */
+    __m512 scale_high, zero_high; /* the last 8 columns' values, each twice */
+} group_t;
+
+/* The weight vector of one panel and input pair, as bf16 pairs. */
+static inline __attribute__((always_inline)) __m512bh expand(const int format, const weights_t *w, int panel,
+                                                            int pair, group_t g, __m512 table) {
+    int64_t pairs = w->k / 2, at = (int64_t)panel * pairs + pair;
+    if (format == FMT_BF16) return (__m512bh)_mm512_loadu_si512((const uint16_t *)w->packed + at * 32);
+    if (format == FMT_INT8) {
+        const int8_t *codes = (const int8_t *)w->packed + at * 32;
+        __m512 even = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes)));
+        __m512 odd = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16))));
+        return _mm512_cvtne2ps_pbh(odd, even); /* the codes are already in pair order */
+    }
+    if (format == FMT_INT8G) { /* pair order too: the first 16 codes are lanes 0-7's pairs */
+        const int8_t *codes = (const int8_t *)w->packed + at * 32;
+        __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes)));
+        __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16))));
+        return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(high, g.scale_high, g.zero_high), _mm512_fmadd_ps(low, g.scale, g.zero));
+    }
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)w->packed + at * 16)));
+    __m512 low = _mm512_permutexvar_ps(bytes, table); /* code - 8: the table reads the low 4 bits */
+    __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+    return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(high, g.scale_high, g.zero_high), _mm512_fmadd_ps(low, g.scale, g.zero));
+}
+
+static inline group_t load_group(const int format, const weights_t *w, int panel, int group_index) {
+    group_t g = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    if (format == FMT_INT4 || format == FMT_INT8G) {
+        int64_t at = ((int64_t)panel * (w->k / w->group) + group_index) * LANES;
+        g.scale = bf16_to_ps(w->scales + at);
+        g.zero = bf16_to_ps(w->zeros + at);
+    }
+    if (format == FMT_INT4 || format == FMT_INT8G) { /* lane i of the codes' vectors is column i / 2 */
+        const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        const __m512i last = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+        g.scale_high = _mm512_permutexvar_ps(last, g.scale), g.zero_high = _mm512_permutexvar_ps(last, g.zero);
+        g.scale = _mm512_permutexvar_ps(first, g.scale), g.zero = _mm512_permutexvar_ps(first, g.zero);
+    }
+    return g;
+}
+
+static inline void store_lanes(const weights_t *w, int panel, __m512 acc, void *out, int64_t row_offset,
+                               int out_bf16) {
+    int column = panel * LANES;
+    int valid = w->n - column < LANES ? w->n - column : LANES;
+    __mmask16 mask = (__mmask16)((1u << valid) - 1);
+    if (w->format == FMT_INT8) acc = _mm512_mul_ps(acc, _mm512_maskz_loadu_ps(mask, w->channel_scale + column));
+    if (w->bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, w->bias + column));
+    if (out_bf16)
+        _mm256_mask_storeu_epi16((uint16_t *)out + row_offset + column, mask, (__m256i)_mm512_cvtneps_pbh(acc));
+    else
+        _mm512_mask_storeu_ps((float *)out + row_offset + column, mask, acc);
+}
+
+static inline int32_t activation_pair(const uint16_t *row, int pair) {
+    int32_t value;
+    memcpy(&value, row + 2 * pair, sizeof value);
+    return value;
+}
+
+/* GCC keeps a tile's sums in registers only when every loop over rows and panels is unrolled
+   (otherwise it spills them around each product: measured at half the speed). */
+#define UNROLLED _Pragma("GCC unroll 16")
+
+/* R rows (from row0) by C panels straight from the packed weights: each weight vector is expanded
+   once and used by every row. */
+static inline __attribute__((always_inline)) void fused_tile(const int format, const int R, const int C,
+                                                            const weights_t *w, int panel, const uint16_t *x,
+                                                            int64_t x_stride, int row0, void *out,
+                                                            int64_t out_stride, int out_bf16) {
+    __m512 acc[FUSED_MAX_ROWS][4];
+    UNROLLED for (int r = 0; r < R; r++) UNROLLED for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    const __m512 table = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
+    const uint16_t *rows[FUSED_MAX_ROWS];
+    UNROLLED for (int r = 0; r < R; r++) rows[r] = x + (row0 + r) * x_stride;
+    int pairs = w->k / 2, step = grouped(format) ? w->group / 2 : pairs;
+    for (int first = 0; first < pairs; first += step) {
+        group_t g[4];
+        UNROLLED for (int c = 0; c < C; c++) g[c] = load_group(format, w, panel + c, first / step);
+        for (int pair = first; pair < first + step; pair++) {
+            __m512bh wv[4];
+            UNROLLED for (int c = 0; c < C; c++) wv[c] = expand(format, w, panel + c, pair, g[c], table);
+            UNROLLED for (int r = 0; r < R; r++) {
+                __m512bh xv = (__m512bh)_mm512_set1_epi32(activation_pair(rows[r], pair));
+                UNROLLED for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
+            }
+        }
+    }
+    UNROLLED for (int r = 0; r < R; r++) UNROLLED for (int c = 0; c < C; c++)
+        store_lanes(w, panel + c, acc[r][c], out, (row0 + r) * out_stride, out_bf16);
+}
+
+/* R rows (from row0) by C panels from expanded panels (`expanded[c]` holds panel c's pairs). */
+static inline __attribute__((always_inline)) void buffered_tile(const int R, const int C, const weights_t *w,
+                                                               int panel, const __m512bh *const *expanded,
+                                                               const uint16_t *x, int64_t x_stride, int row0,
+                                                               void *out, int64_t out_stride, int out_bf16) {
+    __m512 acc[FUSED_MAX_ROWS][4];
+    UNROLLED for (int r = 0; r < R; r++) UNROLLED for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    const uint16_t *rows[FUSED_MAX_ROWS];
+    UNROLLED for (int r = 0; r < R; r++) rows[r] = x + (row0 + r) * x_stride;
+    const __m512bh *source[4];
+    UNROLLED for (int c = 0; c < C; c++) source[c] = expanded[c];
+    int pairs = w->k / 2;
+    for (int pair = 0; pair < pairs; pair++) {
+        __m512bh wv[4];
+        UNROLLED for (int c = 0; c < C; c++) wv[c] = source[c][pair];
+        UNROLLED for (int r = 0; r < R; r++) {
+            __m512bh xv = (__m512bh)_mm512_set1_epi32(activation_pair(rows[r], pair));
+            UNROLLED for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
+        }
+    }
+    UNROLLED for (int r = 0; r < R; r++) UNROLLED for (int c = 0; c < C; c++)
+        store_lanes(w, panel + c, acc[r][c], out, (row0 + r) * out_stride, out_bf16);
+}
+
+/* CALL(R) for a run-time row count 1..16, with R a compile-time constant. */
+#define ROWS_SWITCH(rows, CALL)                                                                                  \
+    switch (rows) {                                                                                              \
+    case 1: CALL(1); break;   case 2: CALL(2); break;   case 3: CALL(3); break;   case 4: CALL(4); break;        \
+    case 5: CALL(5); break;   case 6: CALL(6); break;   case 7: CALL(7); break;   case 8: CALL(8); break;        \
+    case 9: CALL(9); break;   case 10: CALL(10); break; case 11: CALL(11); break; case 12: CALL(12); break;      \
+    case 13: CALL(13); break; case 14: CALL(14); break; case 15: CALL(15); break; case 16: CALL(16); break;      \
+    }
+
+/* Few rows: one pass over the packed weights. Up to 4 rows take 4 panels at a time, to keep enough
+   independent sums in flight; more rows take one panel each. */
+static inline __attribute__((always_inline)) void fused_rows(const int format, const weights_t *w, int rows,
+                                                            const uint16_t *x, int64_t x_stride, void *out,
+                                                            int64_t out_stride, int out_bf16) {
+    int panels = panels_of(w->n), width = rows <= 4 ? 4 : 1;
+    int units = (panels + width - 1) / width;
+    int64_t work = (int64_t)rows * w->n * w->k;
+#pragma omp parallel for schedule(static) if (work > (1 << 18))
+    for (int unit = 0; unit < units; unit++) {
+        int panel = unit * width;
+        if (width == 4 && panel + 4 <= panels) {
+#define FUSED4(R) fused_tile(format, R, 4, w, panel, x, x_stride, 0, out, out_stride, out_bf16)
+            ROWS_SWITCH(rows, FUSED4)
+        } else {
+            for (int p = panel; p < panel + width && p < panels; p++) {
+#define FUSED1(R) fused_tile(format, R, 1, w, p, x, x_stride, 0, out, out_stride, out_bf16)
+                ROWS_SWITCH(rows, FUSED1)
+            }
+        }
+    }
+}
+
+#define BUFFER_PANELS 4
+#define TILE_ROWS 6
+
+/* A per-thread buffer of at least `bytes`, 64-byte aligned, kept between calls (a fresh one per
+   call would be mmap'ed and page-faulted every time). */
+static __m512bh *scratch(size_t bytes) {
+    static __thread void *buffer;
+    static __thread size_t capacity;
+    if (bytes > capacity) {
+        free(buffer);
+        capacity = (bytes + 4095) & ~(size_t)4095;
+        buffer = aligned_alloc(64, capacity);
+        if (!buffer) capacity = 0;
+    }
+    return buffer;
+}
+
+/* Rows of one group of up to BUFFER_PANELS expanded panels, TILE_ROWS at a time. */
+static inline __attribute__((always_inline)) void buffered_panels(const weights_t *w, int panel, int width,
+                                                                 const __m512bh *const *expanded, int rows,
+                                                                 const uint16_t *x, int64_t x_stride, void *out,
+                                                                 int64_t out_stride, int out_bf16) {
+    for (int row = 0; row < rows; row += TILE_ROWS) {
+        int count = rows - row < TILE_ROWS ? rows - row : TILE_ROWS;
+        if (width == BUFFER_PANELS) {
+#define BUFFERED4(R) buffered_tile(R, BUFFER_PANELS, w, panel, expanded, x, x_stride, row, out, out_stride, out_bf16)
+            ROWS_SWITCH(count, BUFFERED4)
+        } else {
+            for (int c = 0; c < width; c++) {
+#define BUFFERED1(R) buffered_tile(R, 1, w, panel + c, expanded + c, x, x_stride, row, out, out_stride, out_bf16)
+                ROWS_SWITCH(count, BUFFERED1)
+            }
+        }
+    }
+}
+
+/* Many rows: each thread expands a group of panels into its buffer once, then runs every row
+   through it. */
+static inline __attribute__((always_inline)) int buffered_rows(const int format, const weights_t *w, int rows,
+                                                              const uint16_t *x, int64_t x_stride, void *out,
+                                                              int64_t out_stride, int out_bf16) {
+    int panels = panels_of(w->n), pairs = w->k / 2;
+    int units = (panels + BUFFER_PANELS - 1) / BUFFER_PANELS;
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed)
+    for (int unit = 0; unit < units; unit++) {
+        int panel = unit * BUFFER_PANELS;
+        int width = panels - panel < BUFFER_PANELS ? panels - panel : BUFFER_PANELS;
+        const __m512bh *expanded[BUFFER_PANELS];
+        if (format == FMT_BF16) {
+            for (int c = 0; c < width; c++)
+                expanded[c] = (const __m512bh *)((const uint16_t *)w->packed + (int64_t)(panel + c) * pairs * 32);
+        } else {
+            __m512bh *buffer = scratch((size_t)BUFFER_PANELS * pairs * sizeof(__m512bh));
+            if (!buffer) {
+                failed = 1;
+                continue;
+            }
+            const __m512 table = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
+                    int step = grouped(format) ? w->group / 2 : pairs;
+            for (int c = 0; c < width; c++) {
+                __m512bh *target = buffer + (int64_t)c * pairs;
+                for (int first = 0; first < pairs; first += step) {
+                    group_t g = load_group(format, w, panel + c, first / step);
+                    for (int pair = first; pair < first + step; pair++)
+                        target[pair] = expand(format, w, panel + c, pair, g, table);
+                }
+                expanded[c] = target;
+            }
+        }
+        buffered_panels(w, panel, width, expanded, rows, x, x_stride, out, out_stride, out_bf16);
+    }
+    return failed ? -1 : 0;
+}
+
+static int matmul_format(const int format, const weights_t *w, int rows, const uint16_t *x, int64_t x_stride,
+                         void *out, int64_t out_stride, int out_bf16) {
+    if (rows <= FUSED_MAX_ROWS) {
+        fused_rows(format, w, rows, x, x_stride, out, out_stride, out_bf16);
+        return 0;
+    }
+    return buffered_rows(format, w, rows, x, x_stride, out, out_stride, out_bf16);
+}
+
+static int matmul_rows(const weights_t *w, int rows, const uint16_t *x, int64_t x_stride, void *out,
+                       int64_t out_stride, int out_bf16) {
+    switch (w->format) {
+    case FMT_BF16: return matmul_format(FMT_BF16, w, rows, x, x_stride, out, out_stride, out_bf16);
+    case FMT_INT4: return matmul_format(FMT_INT4, w, rows, x, x_stride, out, out_stride, out_bf16);
+    case FMT_INT8G: return matmul_format(FMT_INT8G, w, rows, x, x_stride, out, out_stride, out_bf16);
+    default: return matmul_format(FMT_INT8, w, rows, x, x_stride, out, out_stride, out_bf16);
+    }
+}
+
+#else /* portable: the same operations in plain C, one panel at a time */
+
+/* One input pair of one lane as float32 bf16 values. */
+static inline void expand_pair(const weights_t *w, int panel, int pair, int lane, float *even, float *odd) {
+    int64_t pairs = w->k / 2, at = (int64_t)panel * pairs + pair;
+    if (w->format == FMT_BF16) {
+        const uint16_t *v = (const uint16_t *)w->packed + at * 32 + 2 * lane;
+        *even = from_bf16(v[0]), *odd = from_bf16(v[1]);
+    } else if (w->format == FMT_INT8) {
+        const int8_t *v = (const int8_t *)w->packed + at * 32 + 2 * lane;
+        *even = (float)v[0], *odd = (float)v[1];
+    } else if (w->format == FMT_INT8G) {
+        const int8_t *v = (const int8_t *)w->packed + at * 32 + 2 * lane;
+        int64_t g = ((int64_t)panel * (w->k / w->group) + (2 * pair) / w->group) * LANES + lane;
+        float scale = from_bf16(w->scales[g]), zero = from_bf16(w->zeros[g]);
+        *even = from_bf16(to_bf16((float)v[0] * scale + zero));
+        *odd = from_bf16(to_bf16((float)v[1] * scale + zero));
+    } else {
+        const uint8_t *bytes = (const uint8_t *)w->packed + at * 16 + 2 * (lane % 8);
+        int shift = lane < 8 ? 0 : 4;
+        int64_t g = ((int64_t)panel * (w->k / w->group) + (2 * pair) / w->group) * LANES + lane;
+        float scale = from_bf16(w->scales[g]), zero = from_bf16(w->zeros[g]);
+        *even = from_bf16(to_bf16((float)(((bytes[0] >> shift) & 15) - 8) * scale + zero));
+        *odd = from_bf16(to_bf16((float)(((bytes[1] >> shift) & 15) - 8) * scale + zero));
+    }
+}
+
+static int matmul_rows(const weights_t *w, int rows, const uint16_t *x, int64_t x_stride, void *out,
+                       int64_t out_stride, int out_bf16) {
+    int panels = panels_of(w->n), pairs = w->k / 2, failed = 0;
+    int64_t work = (int64_t)rows * w->n * w->k;
+#pragma omp parallel for schedule(static) if (work > (1 << 18)) reduction(| : failed)
+    for (int panel = 0; panel < panels; panel++) {
+        float *expanded = malloc(sizeof(float) * 2 * LANES * pairs); /* [pair][lane][even, odd] */
+        if (!expanded) {
+            failed = 1;
+            continue;
+        }
+        for (int pair = 0; pair < pairs; pair++)
+            for (int lane = 0; lane < LANES; lane++)
+                expand_pair(w, panel, pair, lane, &expanded[(pair * LANES + lane) * 2],
+                            &expanded[(pair * LANES + lane) * 2 + 1]);
+        int valid = w->n - panel * LANES < LANES ? w->n - panel * LANES : LANES;
+        for (int r = 0; r < rows; r++) {
+            float acc[LANES] = {0};
+            for (int pair = 0; pair < pairs; pair++) {
+                float x_even = from_bf16(x[r * x_stride + 2 * pair]), x_odd = from_bf16(x[r * x_stride + 2 * pair + 1]);
+                const float *wp = expanded + pair * LANES * 2;
+#pragma omp simd
+                for (int lane = 0; lane < LANES; lane++) {
+                    acc[lane] = acc[lane] + wp[2 * lane + 1] * x_odd; /* exact products: one rounding each */
+                    acc[lane] = acc[lane] + wp[2 * lane] * x_even;
+                }
+            }
+            for (int lane = 0; lane < valid; lane++)
+                store_value(out, r * out_stride + panel * LANES + lane, finish(w, panel * LANES + lane, acc[lane]),
+                            out_bf16);
+        }
+        free(expanded);
+    }
+    return failed ? -1 : 0;
+}
+
+#endif
+
+/* F32: per output, acc = fma(x[i], w[i], acc) over i in order, then + bias. */
+static void matmul_f32(const weights_t *w, const float *x, int64_t x_stride, int rows, float *out,
+                       int64_t out_stride) {
+    int panels = panels_of(w->n), k = w->k, n = w->n;
+    const float *packed = w->packed, *bias = w->bias;
+    int64_t work = (int64_t)rows * n * k;
+#pragma omp parallel for schedule(static) if (work > (1 << 18))
+    for (int panel = 0; panel < panels; panel++) {
+        const float *wp = packed + (int64_t)panel * k * LANES;
+        int valid = n - panel * LANES < LANES ? n - panel * LANES : LANES;
+        for (int row = 0; row < rows; row += 4) {
+            int count = rows - row < 4 ? rows - row : 4;
+            float acc[4][LANES] = {{0}};
+            for (int i = 0; i < k; i++) {
+                const float *wi = wp + (int64_t)i * LANES;
+                for (int r = 0; r < count; r++) {
+                    float xi = x[(row + r) * x_stride + i];
+#pragma omp simd
+                    for (int lane = 0; lane < LANES; lane++) acc[r][lane] = __builtin_fmaf(xi, wi[lane], acc[r][lane]);
+                }
+            }
+            for (int r = 0; r < count; r++)
+                for (int lane = 0; lane < valid; lane++) {
+                    float value = acc[r][lane];
+                    if (bias) value = value + bias[panel * LANES + lane];
+                    out[(row + r) * out_stride + panel * LANES + lane] = value;
+                }
+        }
+    }
+}
+
+/* y[rows, n] = x[rows, k] (row stride x_stride; float32 for F32, bfloat16 otherwise) times the
+   packed weights `w` (see the top of this file), into out (row stride out_stride; bfloat16 if
+   out_bf16, else float32; F32 writes float32). Returns 0, or -1 when scratch memory could not be
+   allocated. */
+int matmul(const weights_t *w, const void *x, int64_t x_stride, int rows, void *out, int64_t out_stride,
+           int out_bf16) {
+    if (w->format == FMT_F32) {
+        matmul_f32(w, x, x_stride, rows, out, out_stride);
+        return 0;
+    }
+    return matmul_rows(w, rows, x, x_stride, out, out_stride, out_bf16);
+}

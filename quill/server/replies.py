@@ -1,0 +1,177 @@
+"""How an answer looks on the wire, per endpoint: a `Reply` shapes a run's choices into OpenAI's
+response body, each engine update into stream chunks, and a stored answer (response cache) into
+the same chunks a live stream would have sent (each choice's text in one chunk, after its role).
+`sse` and `sse_response` frame chunks as server-sent events.
+
+A new response format is a new `Reply`: the envelope (`body`, `chunk`) is OpenAI's chat and text
+completion one, and an endpoint with another envelope overrides it."""
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from quill import __version__
+from quill.server.logprobs import TokenText, chat_logprobs, completion_logprobs
+from quill.server.runs import Run, Update
+
+SYSTEM_FINGERPRINT = f"quill-{__version__}"
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Head:
+    """What every body and chunk of one response carries."""
+
+    id: str
+    model: str
+    created: int  # Unix seconds
+    include_usage: bool  # a stream ends with a usage chunk (and every chunk has "usage": null)
+
+
+class Reply:
+    endpoint: str  # part of the response cache key
+    object: str  # of the whole response
+    chunk_object: str  # of each streamed chunk
+
+    def __init__(self, head: Head, token_text: TokenText, skip_special: bool) -> None:
+        self.head = head
+        self.token_text = token_text
+        self.skip_special = skip_special  # special tokens are left out of text and of logprobs' bytes
+        self.shape: dict = {}  # request fields that change the body beyond prompt and sampling (cache key)
+
+    def body(self, choices: list[dict], usage: dict) -> dict:
+        head = self.head
+        return {"id": head.id, "object": self.object, "created": head.created, "model": head.model,
+                "choices": choices, "usage": usage, "system_fingerprint": SYSTEM_FINGERPRINT}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        head = self.head
+        payload = {"id": head.id, "object": self.chunk_object, "created": head.created, "model": head.model,
+                   "system_fingerprint": SYSTEM_FINGERPRINT, "choices": choices}
+        if head.include_usage:
+            payload["usage"] = usage
+        return sse(payload)
+
+    def choices(self, run: Run) -> list[dict]:
+        """A finished run's choices, as in the response body."""
+        raise NotImplementedError
+
+    def live(self, update: Update) -> list[dict]:
+        """The chunk choices (one per chunk) an engine update sends."""
+        raise NotImplementedError
+
+    def replay(self, choices: list[dict]) -> Iterator[dict]:
+        """The chunk choices of a stored answer's `choices`."""
+        raise NotImplementedError
+
+
+class ChatReply(Reply):
+    endpoint = "chat"
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(self, head: Head, token_text: TokenText, skip_special: bool, logprobs: bool,
+                 top_logprobs: int) -> None:
+        super().__init__(head, token_text, skip_special)
+        self.logprobs, self.top_logprobs = logprobs, top_logprobs
+        self.shape = {"logprobs": logprobs, "top_logprobs": top_logprobs}
+        self._started: set[int] = set()  # choices whose role went out
+
+    def choices(self, run: Run) -> list[dict]:
+        return [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                 "logprobs": self._logprobs(c.logprobs) if self.logprobs else None,
+                 "finish_reason": c.finish_reason} for c in run.choices]
+
+    def live(self, update: Update) -> list[dict]:
+        index = update.choice.index
+        entries = []
+        if index not in self._started:
+            self._started.add(index)
+            entries.append(_chat_entry(index, {"role": "assistant", "content": ""}))
+        finish_reason = update.choice.finish_reason if update.finished else None
+        if update.delta or finish_reason or update.new_logprobs:
+            delta = {"content": update.delta} if update.delta else {}
+            logprobs = self._logprobs(update.new_logprobs) if update.new_logprobs is not None else None
+            entries.append(_chat_entry(index, delta, logprobs, finish_reason))
+        return entries
+
+    def replay(self, choices: list[dict]) -> Iterator[dict]:
+        for choice in choices:
+            yield _chat_entry(choice["index"], {"role": "assistant", "content": ""})
+            content = choice["message"]["content"]
+            yield _chat_entry(choice["index"], {"content": content} if content else {}, choice["logprobs"],
+                              choice["finish_reason"])
+
+    def _logprobs(self, logprobs: list) -> dict:
+        return {"content": chat_logprobs(self.token_text, logprobs, self.top_logprobs, self.skip_special)}
+
+
+class CompletionReply(Reply):
+    endpoint = "completions"
+    object = "text_completion"
+    chunk_object = "text_completion"
+
+    def __init__(self, head: Head, token_text: TokenText, skip_special: bool, logprobs: int | None,
+                 echo: list[str]) -> None:
+        super().__init__(head, token_text, skip_special)
+        self.logprobs = logprobs
+        self.echo = echo  # per prompt: its text when echoed, else ""
+        self.shape = {"logprobs": logprobs, "echo": echo}
+        self._offsets: dict[int, int] = {}  # per started choice: characters sent before its next token
+
+    def choices(self, run: Run) -> list[dict]:
+        choices = []
+        for c in run.choices:
+            prefix = self.echo[c.prompt_index]
+            logprobs = None
+            if self.logprobs is not None:
+                logprobs, _ = self._logprobs(c.logprobs, len(prefix))
+            choices.append({"index": c.index, "text": prefix + c.text, "logprobs": logprobs,
+                            "finish_reason": c.finish_reason})
+        return choices
+
+    def live(self, update: Update) -> list[dict]:
+        choice = update.choice
+        text = update.delta
+        if choice.index not in self._offsets:  # its first output: echo the prompt
+            prefix = self.echo[choice.prompt_index]
+            text = prefix + text
+            self._offsets[choice.index] = len(prefix)
+        finish_reason = choice.finish_reason if update.finished else None
+        if not (text or finish_reason or update.new_logprobs):
+            return []
+        logprobs = None
+        if update.new_logprobs is not None:
+            logprobs, self._offsets[choice.index] = self._logprobs(update.new_logprobs, self._offsets[choice.index])
+        return [_completion_entry(choice.index, text, logprobs, finish_reason)]
+
+    def replay(self, choices: list[dict]) -> Iterator[dict]:
+        for choice in choices:
+            yield _completion_entry(choice["index"], choice["text"], choice["logprobs"], choice["finish_reason"])
+
+    def _logprobs(self, logprobs: list, offset: int) -> tuple[dict, int]:
+        return completion_logprobs(self.token_text, logprobs, self.logprobs, self.skip_special, offset)
+
+
+def _chat_entry(index: int, delta: dict, logprobs=None, finish_reason: str | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _completion_entry(index: int, text: str, logprobs=None, finish_reason: str | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def sse_response(events: AsyncIterator[str], cleanup: Callable[[], None] | None = None) -> StreamingResponse:
+    # The cleanup runs once the response is over, even when the client left before the stream
+    # began (then `events` never ran its own cleanup).
+    background = BackgroundTask(cleanup) if cleanup else None
+    return StreamingResponse(events, media_type="text/event-stream", background=background,
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

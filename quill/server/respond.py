@@ -1,0 +1,122 @@
+"""Answering a generation request once its endpoint has its prompts, `SamplingParams` and `Reply`:
+from the response cache when the request may use it and the answer is there (a replay), otherwise
+from the engine (storing a deterministic answer for the next identical request), as one JSON body
+or as a stream of server-sent events. One function per path, each read top to bottom."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from quill.cache import Lease
+from quill.sampling_params import SamplingParams
+from quill.server.admission import Admission
+from quill.server.answer import LiveAnswer
+from quill.server.cached import CACHE_HEADER, answer_key, may_use_cache, stored_answer
+from quill.server.errors import api_error
+from quill.server.protocol import SamplingFields
+from quill.server.replies import DONE, Reply, sse, sse_response
+from quill.server.request_log import RequestRecord
+from quill.server.runs import Run, Update
+from quill.server.state import ServerState
+from quill.server.usage import hit_usage
+
+
+async def respond(server: ServerState, request: Request, body: SamplingFields, reply: Reply,
+                  prompts: list[list[int]], params: SamplingParams) -> Response:
+    record = RequestRecord.of(request.scope)
+    started = time.perf_counter()
+    lease = None
+    if server.cache is not None and may_use_cache(request, body, params):
+        key = answer_key(server.cache_identity, reply.endpoint, prompts, params, reply.shape)
+        found = await server.cache.acquire(key)
+        if not isinstance(found, Lease):
+            return replay(server, record, body, reply, found, time.perf_counter() - started)
+        lease = found
+    cache = "miss" if lease else "bypass"
+    record.answered_as(reply.head.id, cache)
+    try:
+        ticket = server.admission.admit(len(prompts) * params.n)
+    except BaseException:
+        if lease:  # the waiters for this key compute it themselves
+            lease.settle(None)
+        raise
+    server.metrics.observe_prompts(prompts)
+    record.admitted(sum(len(p) for p in prompts), params.max_tokens)
+
+    def store(answer: LiveAnswer) -> None:  # however the run ends, the waiters for this key wake up
+        complete = answer.run.completed
+        lease.settle(stored_answer(reply.choices(answer.run), answer.usage) if complete else None)
+
+    answer = LiveAnswer(Run(server.engine, reply.head.id, prompts, params), ticket, server.metrics,
+                        server.billing, record, on_close=store if lease else None)
+    answer.start()
+    if body.stream:
+        first = await _first_update(answer)
+        response = sse_response(live_events(answer, first, reply, server.admission, body.field_names), answer.close)
+    else:
+        await answer.finish()
+        response = JSONResponse(reply.body(reply.choices(answer.run), answer.usage))
+    response.headers[CACHE_HEADER] = cache
+    return response
+
+
+async def _first_update(answer: LiveAnswer) -> Update | None:
+    """Wait for the first output before the response starts, so that a request the engine refuses
+    is still a plain 4xx response rather than an error inside an event stream."""
+    try:
+        return await answer.next()
+    except BaseException:
+        answer.close()
+        raise
+
+
+async def live_events(answer: LiveAnswer, first: Update | None, reply: Reply, admission: Admission,
+                      field_names: Mapping[str, str]) -> AsyncIterator[str]:
+    """A live answer's stream: its chunks, the usage chunk when asked for, then [DONE]. An error
+    after the stream began becomes an error event (the status line is long gone). However the
+    stream ends (cancelled on disconnect or shutdown included), the answer is closed."""
+    with admission.track(asyncio.current_task()):
+        try:
+            update = first
+            while update is not None:
+                for choice in reply.live(update):
+                    yield reply.chunk([choice])
+                update = await answer.next()
+            if reply.head.include_usage:
+                yield reply.chunk([], answer.usage)
+            yield DONE
+        except Exception as exc:
+            error = api_error(exc, field_names)
+            answer.record.failed(error.message, stream_status=error.status)
+            yield sse(error.body())
+            yield DONE
+        finally:
+            answer.close()
+
+
+def replay(server: ServerState, record: RequestRecord, body: SamplingFields, reply: Reply, stored: dict,
+           elapsed: float) -> Response:
+    """A cache hit, with this request's own id and creation time, free and counted apart."""
+    prompt_tokens, completion_tokens = stored["prompt_tokens"], stored["completion_tokens"]
+    cost = server.billing.charge_hit(prompt_tokens, completion_tokens, stored["cost_usd"])
+    record.answered_as(reply.head.id, "hit")
+    record.replayed(prompt_tokens, completion_tokens, cost["saved_usd"])
+    usage = hit_usage(prompt_tokens, completion_tokens, elapsed, cost)
+    if body.stream:
+        response = sse_response(replayed_events(reply, stored["choices"], usage))
+    else:
+        response = JSONResponse(reply.body(stored["choices"], usage))
+    response.headers[CACHE_HEADER] = "hit"
+    return response
+
+
+async def replayed_events(reply: Reply, choices: list[dict], usage: dict) -> AsyncIterator[str]:
+    for choice in reply.replay(choices):
+        yield reply.chunk([choice])
+    if reply.head.include_usage:
+        yield reply.chunk([], usage)
+    yield DONE

@@ -1,0 +1,45 @@
+"""A request's fields -> `SamplingParams`: the one place where the API meets the engine's settings.
+
+A request field named like a `SamplingParams` field is passed to it as it is (None: the default),
+so `SamplingParams` applies its own rules to it; adding such a field to the protocol is the whole
+change. Three fields are worked out here: `max_tokens` (fitted to the context window and the
+server's cap), `min_tokens` (clamped to a max_tokens the client did not choose) and `logprobs` (each
+endpoint says how many it asked for). What depends on the model is checked with the engine's
+`EngineLimits` before the request is admitted: a request the engine would refuse never waits in
+the queue.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+
+from quill.engine.limits import EngineLimits
+from quill.sampling_params import SamplingParams
+from quill.server.protocol import SamplingFields
+
+SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+DERIVED = frozenset({"max_tokens", "min_tokens", "logprobs"})
+
+
+def sampling_params(body: SamplingFields, prompts: list[list[int]], limits: EngineLimits,
+                    max_tokens_cap: int | None) -> SamplingParams:
+    """The request's `SamplingParams` for these (tokenized) prompts, or a typed error naming the field."""
+    prompt_field = body.field_names.get("prompt", "prompt")
+    longest = max(len(p) for p in prompts)
+    chosen = body.requested_max_tokens()  # None: the rest of the window, the client did not choose
+    max_tokens = chosen
+    if chosen is not None and max_tokens_cap is not None:
+        max_tokens = min(chosen, max_tokens_cap)
+    limits.check_context(longest, max_tokens, prompt_field)
+    if chosen is None:
+        max_tokens = limits.room_after(longest)
+        if max_tokens_cap is not None:
+            max_tokens = min(max_tokens, max_tokens_cap)
+    min_tokens = body.min_tokens or 0
+    if chosen is None or max_tokens_cap is not None:  # clamp min_tokens to a max_tokens the client did not set
+        min_tokens = min(min_tokens, max_tokens)
+    passed = {name: value for name in SAMPLING_FIELDS - DERIVED
+              if (value := getattr(body, name, None)) is not None}
+    params = SamplingParams(**passed, max_tokens=max_tokens, min_tokens=min_tokens, logprobs=body.requested_logprobs())
+    for prompt_ids in prompts:
+        limits.check_request(prompt_ids, params)
+    return params

@@ -1,0 +1,198 @@
+"""Row-invariant matrix products: every row comes out the same whatever else shares the call.
+
+The property is asserted, not one machine's arithmetic: for every distinct linear shape of the
+real and tiny models, in every format, rows computed in calls of 1 to 64 rows (at varying
+positions) equal the same rows computed alone. The kernel's documented arithmetic is checked bit
+for bit in its portable build (plain C, the same on every CPU), and the native build against it
+within float32 rounding.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quill import kernels
+from quill.layers.fixed_order import fixed_order_dot, tree_sum
+from quill.layers.linear import Linear, prepare_linears_for_cpu
+from quill.layers.matmul import PackedMatmul, RowBlockedMatmul, kernel_available, probe_row_blocks
+from quill.layers.quantized import Int4Linear, Int8GroupLinear, Int8Linear, quantize_per_channel_int8
+from quill.weights.quantized import QuantizedWeight
+
+# (out, in) of each matmul: SmolLM2-135M, Gemma 3 270M, and the tiny test models (llama/qwen2, gemma3).
+SMOLLM2 = [(960, 576), (576, 576), (3072, 576), (576, 1536)]
+GEMMA3 = [(1536, 640), (640, 1024), (4096, 640), (640, 2048)]
+TINY = [(128, 64), (64, 64), (320, 64), (64, 160), (192, 64), (64, 128), (256, 64)]
+HEADS = [(49152, 576), (262144, 640)]  # the real models' LM heads (int8 in the default path)
+SHAPES = SMOLLM2 + GEMMA3 + TINY
+
+
+def _random_codes(out: int, inp: int, bits: int = 4, group: int = 32) -> QuantizedWeight:
+    generator = torch.Generator().manual_seed(out * 7 + inp)
+    codes = torch.randint(0, 2 ** bits, (out, inp), dtype=torch.uint8, generator=generator)
+    scales = torch.rand(out, inp // group, generator=generator) * 0.01 + 1e-3
+    offsets = -torch.rand(out, inp // group, generator=generator) * 0.05 * 2 ** (bits - 4)
+    return QuantizedWeight(codes, scales, offsets, bits, group, "test")
+
+
+def _layer(kind: str, out: int, inp: int):
+    if kind == "int4":
+        return Int4Linear(_random_codes(out, inp)) if out % 64 == 0 or kernel_available() else None
+    if kind == "int8g":  # 6-bit codes in groups of 16, as Q6_K
+        return Int8GroupLinear(_random_codes(out, inp, bits=6, group=16)) if kernel_available() else None
+    if kind == "int8":
+        return Int8Linear(quantize_per_channel_int8(torch.randn(out, inp) * 0.05))
+    layer = Linear(inp, out, bias=True).to(getattr(torch, kind))
+    prepare_linears_for_cpu(torch.nn.ModuleDict({"layer": layer}))
+    return layer
+
+
+def _assert_rows_alone_equal_rows_together(layer, x: torch.Tensor, sizes) -> None:
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+    for rows in sizes:
+        start = (7 * rows) % (len(x) - rows + 1)  # positions vary with the size
+        assert torch.equal(layer(x[start:start + rows]), alone[start:start + rows]), f"{rows} rows from {start}"
+
+
+@pytest.mark.parametrize("kernels_on", ["1", "0"], ids=["kernel", "pytorch-fallback"])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int4", "int8", "int8g"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_rows_in_batches_of_1_to_64_equal_rows_alone(shape, kind, kernels_on, monkeypatch):
+    monkeypatch.setenv("QUILL_KERNELS", kernels_on)
+    layer = _layer(kind, *shape)
+    if layer is None:
+        pytest.skip("without the kernel, int4 layers need whole blocks of 64 outputs, and byte codes expand")
+    dtype = torch.float32 if kind == "float32" else torch.bfloat16
+    x = torch.randn(72, shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
+    _assert_rows_alone_equal_rows_together(layer, x, range(1, 65))
+
+
+@pytest.mark.parametrize("shape", HEADS, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_lm_head_rows_do_not_depend_on_the_batch(shape):
+    layer = _layer("int8", *shape)
+    x = torch.randn(24, shape[1], generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    _assert_rows_alone_equal_rows_together(layer, x, [1, 2, 3, 4, 5, 16, 17, 23])
+
+
+# --- the kernel's arithmetic ---------------------------------------------------------------------
+
+def _emulated(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """matmul.c's bf16 definition: per output, over input pairs in order, add the odd product and
+    then the even one, rounding each sum to float32 (the products of two bf16 values are exact)."""
+    xf, wf = x.float(), w.float()
+    acc = torch.zeros(x.shape[0], w.shape[0])
+    for i in range(0, x.shape[1], 2):
+        acc = acc + xf[:, i + 1:i + 2] * wf[:, i + 1]
+        acc = acc + xf[:, i:i + 1] * wf[:, i]
+    return acc
+
+
+def _portable_build():
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    function = ctypes.CDLL(str(kernels._build("matmul", ("-mno-avx512f",)))).matmul
+    pointer, i32, i64 = kernels.POINTER, kernels.INT32, kernels.INT64
+    function.argtypes, function.restype = [pointer, pointer, i64, i32, pointer, i64, i32], i32
+    return function
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("fmt", ["bf16", "int4", "int8", "int8g"])
+def test_kernel_computes_its_documented_arithmetic(fmt, build):
+    """Bit for bit in the portable build (plain C: the same on any CPU); within float32 rounding
+    in the native one (AVX-512 BF16 where present, whose dot product is specified the same way)."""
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    generator = torch.Generator().manual_seed(3)
+    out, inp, rows = 200, 128, 21
+    x = torch.randn(rows, inp, generator=generator).to(torch.bfloat16)
+    if fmt == "bf16":
+        matmul = PackedMatmul.dense(torch.randn(out, inp, generator=generator).to(torch.bfloat16))
+    elif fmt == "int4":
+        matmul = Int4Linear(_random_codes(out, inp)).matmul
+    elif fmt == "int8g":
+        matmul = Int8GroupLinear(_random_codes(out, inp, bits=8, group=32)).matmul
+    else:
+        layer = Int8Linear(quantize_per_channel_int8(torch.randn(out, inp, generator=generator)))
+        matmul = layer.matmul
+    if build == "portable":
+        matmul._kernel = _portable_build()
+    expected = _emulated(x, matmul.weight(torch.bfloat16))
+    if fmt == "int8":
+        expected = expected * matmul.channel_scale[:out]
+    result = matmul(x.float())  # float32 activations: converted to bf16, output kept float32
+    if build == "portable":
+        assert torch.equal(result, expected)
+    else:
+        torch.testing.assert_close(result, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
+
+
+def test_float32_kernel_matches_float32_matmul():
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    generator = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(100, 70, generator=generator), torch.randn(100, generator=generator)
+    x = torch.randn(9, 70, generator=generator)
+    torch.testing.assert_close(PackedMatmul.dense(weight, bias)(x), F.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_layouts_round_trip():
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    weight = torch.randn(37, 24)  # a partial last panel
+    assert torch.equal(PackedMatmul.dense(weight).weight(), weight)
+    assert torch.equal(PackedMatmul.dense(weight.to(torch.bfloat16)).weight(torch.bfloat16), weight.to(torch.bfloat16))
+    codes = torch.randint(-127, 128, (37, 24), dtype=torch.int8)
+    assert torch.equal(PackedMatmul.int8(codes, torch.ones(37)).weight(torch.int8), codes)
+
+
+# --- the PyTorch fallback -------------------------------------------------------------------------
+
+def test_probe_keeps_only_block_sizes_whose_rows_agree():
+    """A fake library that takes another path (rounding differently) from 16 rows on: blocks of 64
+    and 16 agree with each other, 4 and 1 do not agree with them."""
+    weight = torch.randn(8, 32)
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        y = x @ weight.T
+        return y * (1 + 2 ** -20) if x.shape[0] >= 16 else y
+
+    assert probe_row_blocks(matmul, 32) == (64, 16)
+
+
+def test_probe_rejects_sizes_where_a_rows_position_matters():
+    weight = torch.randn(8, 32)
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:  # the last row of a call rounds differently
+        y = x @ weight.T
+        y[-1] = y[-1] * (1 + 2 ** -20)
+        return y
+
+    assert probe_row_blocks(matmul, 32) == (1,)
+
+
+def test_blocked_evaluation_pads_the_tail_and_keeps_every_row():
+    weight = torch.randn(8, 32)
+    calls = []
+
+    def matmul(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x @ weight.T
+
+    blocked = RowBlockedMatmul(matmul, 32, ("test-fake",))
+    calls.clear()
+    x = torch.randn(70, 32)
+    torch.testing.assert_close(blocked(x), x @ weight.T)
+    assert set(calls) <= set(blocked.blocks)
+
+
+def test_tree_sum_ignores_zero_padding_and_the_batch():
+    values = torch.randn(5, 37)
+    total = tree_sum(values)
+    assert torch.equal(tree_sum(F.pad(values, (0, 91))), total)
+    assert torch.equal(torch.cat([tree_sum(values[i:i + 1]) for i in range(5)]), total)
+    torch.testing.assert_close(total, values.sum(-1))
+    a, b = torch.randn(3, 10), torch.randn(3, 10)
+    torch.testing.assert_close(fixed_order_dot(a, b), (a * b).sum(-1))
