@@ -22,7 +22,12 @@ from quill.server.response_items import PlainText
 from quill.server.response_store import build_response_store
 from quill.server.sampling import SAMPLING_FIELDS
 
-CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+# Short enough for the tiny model's window with tools (which it lists by name, so that calls need
+# no fallback prompt); its "<tool_call>" makes the call format Hermes'.
+CHAT_TEMPLATE = ("{% if tools %}tools:{% for t in tools %} {{ t.function.name }}{% endfor %}\n{% endif %}"
+                 "{% for m in messages %}{{ m.role }}: {{ m.content or '' }}"
+                 "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}{% endfor %}\n{% endfor %}"
+                 "assistant:")
 TEXT_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
                "response.content_part.added", "response.output_text.done", "response.content_part.done",
                "response.output_item.done"]
@@ -385,3 +390,121 @@ def test_smollm2_answers_streams_and_continues_a_conversation(smollm2):
                {"role": "user", "content": "And of Italy?"}]
     assert second.usage.input_tokens == len(llm.tokenizer.encode_chat(history))
     assert "Rome" in second.output_text
+
+
+# ------------------------------------------------------------------------------ structured output and tools
+
+FLAG_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["small", "large"]}},
+               "required": ["ok", "size"], "additionalProperties": False}
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                          "required": ["city"], "additionalProperties": False}}
+
+
+def test_json_schema_format_output_validates(served):
+    import jsonschema
+
+    _, client, _ = served
+    text = {"format": {"type": "json_schema", "name": "flag", "schema": FLAG_SCHEMA, "strict": True}}
+    response = create(client, input="Is it ok?", text=text, max_output_tokens=40)
+    assert response.status == "completed" and response.text.format.type == "json_schema"
+    jsonschema.validate(json.loads(response.output_text), FLAG_SCHEMA)
+    with client.responses.stream(model="tiny", input="Is it ok?", text=text, temperature=0,
+                                 max_output_tokens=40) as stream:
+        final = stream.get_final_response()
+    assert final.output_text == response.output_text
+    obj = create(client, input="Anything", text={"format": {"type": "json_object"}}, max_output_tokens=60)
+    if obj.status == "completed":
+        assert isinstance(json.loads(obj.output_text), dict)
+    else:  # cut off: still a prefix of an object
+        assert obj.output_text.startswith("{")
+
+
+def test_a_function_tool_call_round_trip(served):
+    app, client, _ = served
+    # The tiny tokenizer spells a call nearly character by character: ~100 tokens.
+    calling = {"tools": [WEATHER], "parallel_tool_calls": False, "max_output_tokens": 160}
+    first = create(client, input="Weather in Paris?", tool_choice="required", **calling)
+    assert first.status == "completed"
+    (call,) = first.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    assert json.loads(call.arguments)["city"] in ("Paris", "Rome")
+    with client.responses.stream(model="tiny", input="Weather in Paris?", tool_choice="required", temperature=0,
+                                 **calling) as stream:
+        events = list(stream)
+    kinds = [e.type for e in events]
+    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert deltas == done.arguments == call.arguments
+    assert kinds[2] == "response.output_item.added" and events[2].item.type == "function_call"
+    assert kinds[-2:] == ["response.output_item.done", "response.completed"]
+    streamed_call = events[-1].response.output[0]
+    assert (streamed_call.name, streamed_call.arguments) == (call.name, call.arguments)
+    # the result goes back as a function_call_output item; the model answers in text
+    second = create(client, previous_response_id=first.id, tools=[WEATHER], tool_choice="none",
+                    input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 24 C"}])
+    assert second.output[0].type == "message"
+    # the same conversation sent whole, as items, gives the same prompt
+    again = create(client, tools=[WEATHER], tool_choice="none", input=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 24 C"}])
+    assert again.usage.input_tokens == second.usage.input_tokens and again.output_text == second.output_text
+    named = create(client, input="Weather?", tool_choice={"type": "function", "name": "get_weather"}, **calling)
+    assert [item.type for item in named.output] == ["function_call"] and named.output[0].name == "get_weather"
+    wait_idle(app)
+
+
+def test_function_call_events_and_bodies_validate_against_the_openai_sdk_models(served):
+    from openai.types.responses import Response
+
+    _, _, http = served
+    body = {"model": "tiny", "input": "Weather?", "tools": [WEATHER], "tool_choice": "required", "temperature": 0,
+            "parallel_tool_calls": False, "max_output_tokens": 160}
+    Response.model_validate(http.post("/v1/responses", json=body).json())
+    events = _events(http.post("/v1/responses", json={**body, "stream": True}).text)
+    assert "response.function_call_arguments.delta" in [e["type"] for e in events]
+    for event in events:
+        sdk_event_model(event["type"]).model_validate(event)
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"text": {"format": {"type": "json_schema", "schema": FLAG_SCHEMA}}}, "text.format.name"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object", "not": {}}}}},
+     "text.format.schema"),
+    ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{**WEATHER, "parameters": {"type": "object", "properties": {"a": {"type": "strange"}}}}]},
+     "tools[0].parameters"),
+    ({"tools": [WEATHER], "text": {"format": {"type": "json_object"}}}, "text.format"),
+])
+def test_bad_formats_and_tools_are_refused_by_name(served, fields, param):
+    _, _, http = served
+    assert_error(http.post("/v1/responses", json={"model": "tiny", "input": "Hi", "max_output_tokens": 4, **fields}),
+                 400, param)
+
+
+@pytest.mark.real_model
+def test_smollm2_parses_into_a_pydantic_model_and_calls_a_function(smollm2):
+    from pydantic import BaseModel
+
+    class City(BaseModel):  # no free numbers: SmolLM2-135M writes digits until max_output_tokens
+        name: str
+        country: str
+        is_capital: bool
+
+    client, _ = smollm2
+    parsed = client.responses.parse(model="smollm2", input="Describe Paris.", text_format=City, temperature=0,
+                                    max_output_tokens=60)
+    assert parsed.status == "completed" and isinstance(parsed.output_parsed, City)
+    called = client.responses.create(model="smollm2", input="What is the weather in Rome?", tools=[WEATHER],
+                                     tool_choice="auto", temperature=0, max_output_tokens=60)
+    calls = [item for item in called.output if item.type == "function_call"]
+    if calls:  # auto: the model chose to call; the call is then a valid one
+        assert calls[0].name == "get_weather" and json.loads(calls[0].arguments)["city"] in ("Paris", "Rome")
+    required = client.responses.create(model="smollm2", input="What is the weather in Rome?", tools=[WEATHER],
+                                       tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                       max_output_tokens=60)
+    (call,) = required.output
+    assert json.loads(call.arguments) == {"city": "Rome"}

@@ -28,11 +28,18 @@ class Prompts:
         self.require_tokenizer()
         return await _tokenize(len(text), self.tokenizer.encode, text, add_special_tokens)
 
-    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def chat_template(self) -> str | None:
+        """The template chat requests are rendered with: the server's, else the model's."""
+        return self.config.chat_template or self.default_chat_template or getattr(self.tokenizer, "chat_template", None)
+
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          tools: list[dict] | None = None) -> list[int]:
         self.require_tokenizer()
         template = self.config.chat_template or self.default_chat_template
-        size = sum(len(m["content"]) for m in messages)
-        return await _tokenize(size, self.tokenizer.encode_chat, messages, add_generation_prompt, template)
+        size = sum(len(m.get("content") or "") for m in messages)
+        return await _tokenize(size, self.tokenizer.encode_chat, messages, add_generation_prompt, template,
+                               tools=tools)
 
     async def encode_all(self, prompts: list[str | list[int]]) -> list[list[int]]:
         """Each prompt of a completion request as token ids (ids are taken as they are)."""
@@ -49,11 +56,11 @@ class Prompts:
         return self.tokenizer.decode(token_ids)
 
 
-async def _tokenize(size: int, function, *args):
+async def _tokenize(size: int, function, *args, **kwargs):
     try:
         if size > _INLINE_TOKENIZE_CHARS:  # long text: keep the event loop free meanwhile
-            return await asyncio.to_thread(function, *args)
-        return function(*args)
+            return await asyncio.to_thread(function, *args, **kwargs)
+        return function(*args, **kwargs)
     except QuillError:
         raise
     except (TypeError, ValueError, UnicodeError) as exc:  # e.g. lone surrogates the tokenizer cannot take

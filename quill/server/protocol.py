@@ -236,7 +236,8 @@ class ResponsesRequest(SamplingFields):
 
     @property
     def field_names(self) -> dict[str, str]:
-        names = {"prompt": "input", "messages": "input"}
+        names = {"prompt": "input", "messages": "input", "json_schema": "text.format.schema",
+                 "json_object": "text.format", "grammar": "tools"}
         if self.max_output_tokens is not None or self.max_tokens is None:
             names["max_tokens"] = "max_output_tokens"
         return names

@@ -10,12 +10,15 @@ response is stored unless `store` is false, with its conversation for the next t
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
 
+from quill.errors import StructuredOutputError
 from quill.sampling_params import SamplingParams
 from quill.server.errors import APIError
 from quill.server.protocol import ResponsesRequest
@@ -23,22 +26,24 @@ from quill.server.replies import Head
 from quill.server.request_log import RequestRecord
 from quill.server.respond import respond
 from quill.server.response_items import PlainText, chat_tool_choice, chat_tools, input_messages
-from quill.server.responses_reply import ResponsesReply
+from quill.server.responses_reply import DeltaParser, ResponsesReply
 from quill.server.sampling import sampling_params
 from quill.server.state import ServerState
+from quill.structured.tools import ToolCallParser, detect_tool_format, tool_choice_grammar
 
 
 async def create_response(server: ServerState, request: Request, body: ResponsesRequest) -> Response:
     record = RequestRecord.of(request.scope)
     server.admission.check_open()
     server.model.check(body.model)
-    _refuse_until_supported(body)
+    tools = _Tools.of(body, server.prompts.chat_template)
     conversation = _previous_conversation(server, body.previous_response_id) + input_messages(body.input)
     instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages = instructions + conversation
     record.described(model=server.model.name, stream=bool(body.stream), n=1, user=body.user, prompt=messages)
-    prompt_ids = await server.prompts.encode_chat(messages)
+    prompt_ids = await server.prompts.encode_chat(messages, tools=tools.chat_tools)
     params = sampling_params(body, [prompt_ids], server.limits, server.config.max_tokens_cap)
+    params = dataclasses.replace(params, **_constraint(body, tools))
 
     def store(response: dict) -> None:
         if body.store is not False:
@@ -46,7 +51,7 @@ async def create_response(server: ServerState, request: Request, body: Responses
 
     head = Head(f"resp_{record.request_id}", server.model.name, int(time.time()), include_usage=False)
     reply = ResponsesReply(head, server.token_text, params.skip_special_tokens, _echoed(body, params),
-                           new_parser=PlainText, shape={}, on_final=store)
+                           new_parser=tools.new_parser, shape={"tool_format": tools.parsed_format}, on_final=store)
     return await respond(server, request, body, reply, [prompt_ids], params)
 
 
@@ -82,16 +87,70 @@ def _not_found(response_id: str) -> APIError:
     return APIError(404, f"No response with id '{response_id}' is stored.", param="response_id", code="not_found")
 
 
-def _refuse_until_supported(body: ResponsesRequest) -> None:
-    chat_tools(body.tools or [])
-    chat_tool_choice(body.tool_choice)
-    if body.tools:
-        raise APIError(400, "'tools' are not supported by this server yet.", param="tools",
-                       code="unsupported_parameter")
-    text_format = (body.text.format or {}) if body.text else {}
-    if text_format.get("type", "text") != "text":
-        raise APIError(400, f"'text.format' of type {text_format.get('type')!r} is not supported by this server yet.",
+@dataclass(frozen=True)
+class _Tools:
+    """A request's function tools as chat sees them, and how its output is read for calls."""
+
+    chat_tools: list[dict] | None  # rendered by the chat template (None: no tools)
+    choice: str | dict  # chat's tool_choice
+    format: str  # how the model writes a call (quill.structured.tools.FORMATS)
+    parallel: bool
+
+    @staticmethod
+    def of(body: ResponsesRequest, chat_template: str | None) -> _Tools:
+        tools = chat_tools(body.tools) if body.tools else None
+        choice = chat_tool_choice(body.tool_choice)
+        if tools is None and choice not in ("auto", "none"):
+            raise APIError(400, f"'tool_choice' {body.tool_choice!r} needs 'tools'.", param="tool_choice")
+        return _Tools(tools, choice, detect_tool_format(chat_template), body.parallel_tool_calls is not False)
+
+    @property
+    def called(self) -> bool:
+        """Whether the model may call them (the output is then parsed for calls)."""
+        return self.chat_tools is not None and self.choice != "none"
+
+    @property
+    def parsed_format(self) -> str | None:
+        return self.format if self.called else None
+
+    def new_parser(self) -> DeltaParser:
+        return ToolCallParser(self.format) if self.called else PlainText()
+
+    def grammar(self) -> str | None:
+        """The grammar that makes the output obey tool_choice (None: free text)."""
+        if not self.called:
+            return None
+        try:
+            return tool_choice_grammar(self.chat_tools, self.choice, self.parallel, self.format)
+        except StructuredOutputError as exc:  # named as chat names it: tools[i].function.parameters
+            raise StructuredOutputError(exc.message, param=exc.param.replace(".function.", ".")) from None
+
+
+def _constraint(body: ResponsesRequest, tools: _Tools) -> dict[str, Any]:
+    """SamplingParams' constraint fields for `text.format` or the tools (only one can apply)."""
+    text_format = (body.text.format if body.text is not None else None) or {"type": "text"}
+    kind = text_format.get("type")
+    if kind == "text":
+        fields = {}
+    elif kind == "json_object":
+        fields = {"json_object": True}
+    elif kind == "json_schema":
+        if not isinstance(text_format.get("name"), str):
+            raise APIError(400, "'text.format.name' is required for a json_schema format.", param="text.format.name",
+                           code="missing_required_parameter")
+        fields = {"json_schema": text_format.get("schema")}
+        if not isinstance(fields["json_schema"], dict):
+            raise APIError(400, "'text.format.schema' must be a JSON Schema object.", param="text.format.schema",
+                           code="invalid_type")
+    else:
+        raise APIError(400, f"'text.format.type' must be text, json_object or json_schema, got {kind!r}.",
                        param="text.format.type", code="unsupported_value")
+    grammar = tools.grammar()
+    if grammar is not None and fields:
+        raise APIError(400, "A 'text.format' other than text cannot be combined with tools the model may call "
+                            "(set tool_choice to \"none\", or leave the format as text).", param="text.format",
+                       code="unsupported_value")
+    return {"grammar": grammar} if grammar is not None else fields
 
 
 def _echoed(body: ResponsesRequest, params: SamplingParams) -> dict[str, Any]:
