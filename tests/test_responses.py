@@ -478,6 +478,8 @@ def test_function_call_events_and_bodies_validate_against_the_openai_sdk_models(
     ({"tools": [{**WEATHER, "parameters": {"type": "object", "properties": {"a": {"type": "strange"}}}}]},
      "tools[0].parameters"),
     ({"tools": [WEATHER], "text": {"format": {"type": "json_object"}}}, "text.format"),
+    ({"tools": [{"type": "function", "name": "bad name!"}], "tool_choice": "none"}, "tools[0].name"),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].name"),
 ])
 def test_bad_formats_and_tools_are_refused_by_name(served, fields, param):
     _, _, http = served

@@ -4,7 +4,10 @@ A response is a chat completion in other words: the stored conversation of `prev
 then the `instructions` as a system message, then `input` (translated by `response_items`), go
 through the chat template to the engine, and the output comes back as output items
 (`responses_reply.ResponsesReply`: the response object, or its semantic stream events). Prompts,
-sampling, admission, the response cache and the books are chat's own (`respond`). A finished
+sampling, admission, the response cache and the books are chat's own (`respond`). Function tools
+go to the chat template as chat's tools; `text.format` (JSON) or `tool_choice` (a grammar from
+`quill/structured/tools.py`) becomes the `SamplingParams` constraint, and the output is read for
+calls by structured's `ToolCallParser` when the model may call a tool. A finished
 response is stored unless `store` is false, with its conversation for the next turn
 (`response_store`); `instructions` are not carried over, as in OpenAI's API.
 """
@@ -29,7 +32,7 @@ from quill.server.response_items import PlainText, chat_tool_choice, chat_tools,
 from quill.server.responses_reply import DeltaParser, ResponsesReply
 from quill.server.sampling import sampling_params
 from quill.server.state import ServerState
-from quill.structured.tools import ToolCallParser, detect_tool_format, tool_choice_grammar
+from quill.structured.tools import ToolCallParser, check_tools, detect_tool_format, tool_choice_grammar
 
 
 async def create_response(server: ServerState, request: Request, body: ResponsesRequest) -> Response:
@@ -37,13 +40,16 @@ async def create_response(server: ServerState, request: Request, body: Responses
     server.admission.check_open()
     server.model.check(body.model)
     tools = _Tools.of(body, server.prompts.chat_template)
+    constraint = _constraint(body, tools)
     conversation = _previous_conversation(server, body.previous_response_id) + input_messages(body.input)
     instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages = instructions + conversation
     record.described(model=server.model.name, stream=bool(body.stream), n=1, user=body.user, prompt=messages)
     prompt_ids = await server.prompts.encode_chat(messages, tools=tools.chat_tools)
     params = sampling_params(body, [prompt_ids], server.limits, server.config.max_tokens_cap)
-    params = dataclasses.replace(params, **_constraint(body, tools))
+    # The constraint comes from fields that name no SamplingParams field (text.format, tools):
+    # SamplingParams checks it all the same, and errors name the Responses fields (field_names).
+    params = dataclasses.replace(params, **constraint)
 
     def store(response: dict) -> None:
         if body.store is not False:
@@ -102,6 +108,8 @@ class _Tools:
         choice = chat_tool_choice(body.tool_choice)
         if tools is None and choice not in ("auto", "none"):
             raise APIError(400, f"'tool_choice' {body.tool_choice!r} needs 'tools'.", param="tool_choice")
+        if tools is not None:
+            _named_as_responses(check_tools, tools)  # also those rendered but not callable (tool_choice none)
         return _Tools(tools, choice, detect_tool_format(chat_template), body.parallel_tool_calls is not False)
 
     @property
@@ -120,10 +128,17 @@ class _Tools:
         """The grammar that makes the output obey tool_choice (None: free text)."""
         if not self.called:
             return None
-        try:
-            return tool_choice_grammar(self.chat_tools, self.choice, self.parallel, self.format)
-        except StructuredOutputError as exc:  # named as chat names it: tools[i].function.parameters
-            raise StructuredOutputError(exc.message, param=exc.param.replace(".function.", ".")) from None
+        return _named_as_responses(tool_choice_grammar, self.chat_tools, self.choice, self.parallel, self.format)
+
+
+def _named_as_responses(function, *args):
+    """Call a check on chat-shaped tools; its errors name Responses' fields (tools[i].parameters,
+    not chat's tools[i].function.parameters)."""
+    try:
+        return function(*args)
+    except StructuredOutputError as exc:
+        raise StructuredOutputError(exc.message.replace(".function.", "."),
+                                    param=exc.param.replace(".function.", ".")) from None
 
 
 def _constraint(body: ResponsesRequest, tools: _Tools) -> dict[str, Any]:
