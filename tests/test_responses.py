@@ -298,7 +298,7 @@ def test_every_request_field_is_honoured_refused_or_handled():
     handled = {"model", "user", "stream", "stream_options", "cache", "input", "instructions", "max_output_tokens",
                "metadata", "store", "previous_response_id", "text", "tools", "tool_choice", "parallel_tool_calls",
                "truncation", "background", "conversation", "prompt", "reasoning", "include", "context_management",
-               "top_logprobs", "moderation"}
+               "top_logprobs", "moderation", "response_format", "structured_outputs"}
     assert not set(ResponsesRequest.model_fields) - SAMPLING_FIELDS - handled
 
 
@@ -420,6 +420,12 @@ def test_json_schema_format_output_validates(served):
         assert obj.output_text.startswith("{")
 
 
+def test_chat_structured_output_extensions_apply_too(served):
+    _, client, _ = served
+    response = create(client, input="Yes or no?", extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert response.output_text in ("yes", "no")
+
+
 def test_a_function_tool_call_round_trip(served):
     app, client, _ = served
     # The tiny tokenizer spells a call nearly character by character: ~100 tokens.
@@ -478,6 +484,7 @@ def test_function_call_events_and_bodies_validate_against_the_openai_sdk_models(
     ({"tools": [{**WEATHER, "parameters": {"type": "object", "properties": {"a": {"type": "strange"}}}}]},
      "tools[0].parameters"),
     ({"tools": [WEATHER], "text": {"format": {"type": "json_object"}}}, "text.format"),
+    ({"text": {"format": {"type": "json_object"}}, "structured_outputs": {"regex": "a+"}}, "text.format"),
     ({"tools": [{"type": "function", "name": "bad name!"}], "tool_choice": "none"}, "tools[0].name"),
     ({"tools": [WEATHER, WEATHER]}, "tools[1].name"),
 ])

@@ -157,7 +157,9 @@ def test_every_request_field_is_honoured_or_handled_by_the_server():
     """A request field is passed to SamplingParams (same name) or handled by the server itself:
     none can be silently ignored, and a misnamed sampling field shows up here."""
     handled_by_server = {"model", "user", "stream", "stream_options", "cache", "messages", "prompt", "echo",
-                         "max_completion_tokens", "top_logprobs", "add_generation_prompt"}
+                         "max_completion_tokens", "top_logprobs", "add_generation_prompt",
+                         # structured.py: the constraint and the tools (completions refuse tools)
+                         "response_format", "structured_outputs", "tools", "tool_choice", "parallel_tool_calls"}
     for model in (ChatCompletionRequest, CompletionRequest):
         unknown = set(model.model_fields) - SAMPLING_FIELDS - handled_by_server
         assert not unknown, (model.__name__, unknown)

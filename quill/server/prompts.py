@@ -30,15 +30,14 @@ class Prompts:
 
     @property
     def chat_template(self) -> str | None:
-        """The template chat requests are rendered with: the server's, else the model's."""
-        return self.config.chat_template or self.default_chat_template or getattr(self.tokenizer, "chat_template", None)
+        return self.config.chat_template or self.default_chat_template
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                           tools: list[dict] | None = None) -> list[int]:
+        """`tools` reach the template (or the fallback tool prompt, see quill/structured/tools.py)."""
         self.require_tokenizer()
-        template = self.config.chat_template or self.default_chat_template
         size = sum(len(m.get("content") or "") for m in messages)
-        return await _tokenize(size, self.tokenizer.encode_chat, messages, add_generation_prompt, template,
+        return await _tokenize(size, self.tokenizer.encode_chat, messages, add_generation_prompt, self.chat_template,
                                tools=tools)
 
     async def encode_all(self, prompts: list[str | list[int]]) -> list[list[int]]:
@@ -75,14 +74,19 @@ def prompt_list(prompt) -> list[str | list[int]]:
 
 
 def message_dict(message: ChatMessage) -> dict:
-    """A chat message as the chat template sees it (text parts joined; `developer` is `system`)."""
+    """A chat message as the chat template sees it (text parts joined; `developer` is `system`;
+    an assistant's `tool_calls` and a tool result's `tool_call_id` kept)."""
     content = message.content
     if content is None:
-        content = ""
+        content = None if message.tool_calls else ""
     elif not isinstance(content, str):
         content = "\n".join(part.text for part in content)
     role = "system" if message.role == "developer" else message.role
     result = {"role": role, "content": content}
     if message.name is not None:
         result["name"] = message.name
+    if message.tool_calls:
+        result["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        result["tool_call_id"] = message.tool_call_id
     return result

@@ -37,6 +37,43 @@ class StreamOptions(_Request):
     include_usage: bool | None = False
 
 
+class _Strict(BaseModel):
+    """A nested object whose unknown keys are refused: each one would change the output."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+
+
+class JSONSchemaFormat(_Strict):
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format` (`quill/server/structured.py` turns it into a constraint)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise InvalidRequestError("response_format of type json_schema needs a 'json_schema' object "
+                                      "with the schema", param="response_format.json_schema")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: one of these constrains the output."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(_Request):
     """Parameters shared by chat and text completions (OpenAI's, then Quill's extensions)."""
 
@@ -67,6 +104,9 @@ class SamplingFields(_Request):
     cache: bool | None = Field(default=None, description="false: do not read or write the response cache")
     # Quill's own: opt out of speculative decoding (the output is the same either way).
     speculative: bool | None = True
+    # Structured output (quill/server/structured.py): OpenAI's, then vLLM's extension.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -98,10 +138,55 @@ class TextContentPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields_in_their_roles(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise InvalidRequestError("only assistant messages have 'tool_calls'", param="messages.tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise InvalidRequestError("a tool message needs the 'tool_call_id' of the call it answers",
+                                      param="messages.tool_call_id")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise InvalidRequestError(f"a {self.role} message needs 'content'", param="messages.content")
+        return self
+
+
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # Quill always enforces the schema; accepted for compatibility
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -110,6 +195,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = bounded("logprobs", default=None)
     add_generation_prompt: bool | None = True
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -143,6 +231,17 @@ class CompletionRequest(SamplingFields):
     prompt: PromptInput
     logprobs: int | None = bounded("logprobs", default=None)
     echo: bool | None = False
+    # Declared to be refused: a text completion has no tools (chat has).
+    tools: Any = None
+    tool_choice: Any = None
+
+    @model_validator(mode="after")
+    def _no_tools(self):
+        for name in ("tools", "tool_choice"):
+            if getattr(self, name) is not None:
+                raise InvalidRequestError(f"'{name}' is not supported by /v1/completions: use /v1/chat/completions",
+                                          param=name, code="unsupported_parameter")
+        return self
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
@@ -324,6 +423,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

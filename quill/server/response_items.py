@@ -124,11 +124,10 @@ def chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return converted
 
 
-def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any]:
-    """"none", "auto", "required" or {"type": "function", "name": ...} as chat's tool_choice."""
-    if choice is None:
-        return "auto"
-    if isinstance(choice, str) and choice in _TOOL_CHOICES:
+def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """"none", "auto", "required" or {"type": "function", "name": ...} as chat's tool_choice (None,
+    not sent, stays None)."""
+    if choice is None or (isinstance(choice, str) and choice in _TOOL_CHOICES):
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}

@@ -4,18 +4,16 @@ A response is a chat completion in other words: the stored conversation of `prev
 then the `instructions` as a system message, then `input` (translated by `response_items`), go
 through the chat template to the engine, and the output comes back as output items
 (`responses_reply.ResponsesReply`: the response object, or its semantic stream events). Prompts,
-sampling, admission, the response cache and the books are chat's own (`respond`). Function tools
-go to the chat template as chat's tools; `text.format` (JSON) or `tool_choice` (a grammar from
-`quill/structured/tools.py`) becomes the `SamplingParams` constraint, and the output is read for
-calls by structured's `ToolCallParser` when the model may call a tool. A finished
+sampling, admission, the response cache and the books are chat's own (`respond`), and so is the
+plan for function tools (`structured.plan_tools`: what the template shows, the grammar
+`tool_choice` needs, the call format the output is parsed in); `text.format` (JSON) or that grammar
+becomes the `SamplingParams` constraint. A finished
 response is stored unless `store` is false, with its conversation for the next turn
 (`response_store`); `instructions` are not carried over, as in OpenAI's API.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
@@ -29,27 +27,24 @@ from quill.server.replies import Head
 from quill.server.request_log import RequestRecord
 from quill.server.respond import respond
 from quill.server.response_items import PlainText, chat_tool_choice, chat_tools, input_messages
-from quill.server.responses_reply import DeltaParser, ResponsesReply
+from quill.server.responses_reply import ResponsesReply
 from quill.server.sampling import sampling_params
 from quill.server.state import ServerState
-from quill.structured.tools import ToolCallParser, check_tools, detect_tool_format, tool_choice_grammar
+from quill.server.structured import ToolPlan, output_constraint, plan_tools
 
 
 async def create_response(server: ServerState, request: Request, body: ResponsesRequest) -> Response:
     record = RequestRecord.of(request.scope)
     server.admission.check_open()
     server.model.check(body.model)
-    tools = _Tools.of(body, server.prompts.chat_template)
+    tools = _plan_tools(body, server.prompts.chat_template)
     constraint = _constraint(body, tools)
     conversation = _previous_conversation(server, body.previous_response_id) + input_messages(body.input)
     instructions = [{"role": "system", "content": body.instructions}] if body.instructions else []
     messages = instructions + conversation
     record.described(model=server.model.name, stream=bool(body.stream), n=1, user=body.user, prompt=messages)
-    prompt_ids = await server.prompts.encode_chat(messages, tools=tools.chat_tools)
-    params = sampling_params(body, [prompt_ids], server.limits, server.config.max_tokens_cap)
-    # The constraint comes from fields that name no SamplingParams field (text.format, tools):
-    # SamplingParams checks it all the same, and errors name the Responses fields (field_names).
-    params = dataclasses.replace(params, **constraint)
+    prompt_ids = await server.prompts.encode_chat(messages, tools=tools.template_tools)
+    params = sampling_params(body, [prompt_ids], server.limits, server.config.max_tokens_cap, constraint)
 
     def store(response: dict) -> None:
         if body.store is not False:
@@ -57,7 +52,8 @@ async def create_response(server: ServerState, request: Request, body: Responses
 
     head = Head(f"resp_{record.request_id}", server.model.name, int(time.time()), include_usage=False)
     reply = ResponsesReply(head, server.token_text, params.skip_special_tokens, _echoed(body, params),
-                           new_parser=tools.new_parser, shape={"tool_format": tools.parsed_format}, on_final=store)
+                           new_parser=lambda: tools.stream() or PlainText(), shape={"tool_format": tools.tool_format},
+                           on_final=store)
     return await respond(server, request, body, reply, [prompt_ids], params)
 
 
@@ -93,79 +89,51 @@ def _not_found(response_id: str) -> APIError:
     return APIError(404, f"No response with id '{response_id}' is stored.", param="response_id", code="not_found")
 
 
-@dataclass(frozen=True)
-class _Tools:
-    """A request's function tools as chat sees them, and how its output is read for calls."""
-
-    chat_tools: list[dict] | None  # rendered by the chat template (None: no tools)
-    choice: str | dict  # chat's tool_choice
-    format: str  # how the model writes a call (quill.structured.tools.FORMATS)
-    parallel: bool
-
-    @staticmethod
-    def of(body: ResponsesRequest, chat_template: str | None) -> _Tools:
-        tools = chat_tools(body.tools) if body.tools else None
-        choice = chat_tool_choice(body.tool_choice)
-        if tools is None and choice not in ("auto", "none"):
-            raise APIError(400, f"'tool_choice' {body.tool_choice!r} needs 'tools'.", param="tool_choice")
-        if tools is not None:
-            _named_as_responses(check_tools, tools)  # also those rendered but not callable (tool_choice none)
-        return _Tools(tools, choice, detect_tool_format(chat_template), body.parallel_tool_calls is not False)
-
-    @property
-    def called(self) -> bool:
-        """Whether the model may call them (the output is then parsed for calls)."""
-        return self.chat_tools is not None and self.choice != "none"
-
-    @property
-    def parsed_format(self) -> str | None:
-        return self.format if self.called else None
-
-    def new_parser(self) -> DeltaParser:
-        return ToolCallParser(self.format) if self.called else PlainText()
-
-    def grammar(self) -> str | None:
-        """The grammar that makes the output obey tool_choice (None: free text)."""
-        if not self.called:
-            return None
-        return _named_as_responses(tool_choice_grammar, self.chat_tools, self.choice, self.parallel, self.format)
-
-
-def _named_as_responses(function, *args):
-    """Call a check on chat-shaped tools; its errors name Responses' fields (tools[i].parameters,
-    not chat's tools[i].function.parameters)."""
+def _plan_tools(body: ResponsesRequest, chat_template: str | None) -> ToolPlan:
+    """Chat's plan for the request's function tools (see `structured.plan_tools`), its errors in
+    Responses' names (tools[i].parameters, not chat's tools[i].function.parameters)."""
+    tools = chat_tools(body.tools) if body.tools else None
     try:
-        return function(*args)
+        return plan_tools(tools, chat_tool_choice(body.tool_choice), body.parallel_tool_calls, chat_template)
     except StructuredOutputError as exc:
         raise StructuredOutputError(exc.message.replace(".function.", "."),
                                     param=exc.param.replace(".function.", ".")) from None
 
 
-def _constraint(body: ResponsesRequest, tools: _Tools) -> dict[str, Any]:
-    """SamplingParams' constraint fields for `text.format` or the tools (only one can apply)."""
+def _constraint(body: ResponsesRequest, tools: ToolPlan) -> dict[str, Any]:
+    """SamplingParams' constraint fields for `text.format`, or chat's `response_format` /
+    `structured_outputs` (the extensions every endpoint takes), or the tools' grammar: only one can
+    apply. SamplingParams checks them; its errors name the Responses fields (`field_names`)."""
+    fields = _text_format_fields(body)
+    extension = output_constraint(body.response_format, body.structured_outputs)
+    if fields and extension:
+        raise APIError(400, "'text.format' cannot be combined with response_format or structured_outputs: "
+                            "send one.", param="text.format", code="unsupported_value")
+    fields = fields or extension
+    if tools.grammar is not None and fields:
+        raise APIError(400, "An output format cannot be combined with tools the model may call (set tool_choice "
+                            "to \"none\", or leave the format as text).", param="text.format",
+                       code="unsupported_value")
+    return {"grammar": tools.grammar} if tools.grammar is not None else fields
+
+
+def _text_format_fields(body: ResponsesRequest) -> dict[str, Any]:
     text_format = (body.text.format if body.text is not None else None) or {"type": "text"}
     kind = text_format.get("type")
     if kind == "text":
-        fields = {}
-    elif kind == "json_object":
-        fields = {"json_object": True}
-    elif kind == "json_schema":
-        if not isinstance(text_format.get("name"), str):
-            raise APIError(400, "'text.format.name' is required for a json_schema format.", param="text.format.name",
-                           code="missing_required_parameter")
-        fields = {"json_schema": text_format.get("schema")}
-        if not isinstance(fields["json_schema"], dict):
-            raise APIError(400, "'text.format.schema' must be a JSON Schema object.", param="text.format.schema",
-                           code="invalid_type")
-    else:
+        return {}
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind != "json_schema":
         raise APIError(400, f"'text.format.type' must be text, json_object or json_schema, got {kind!r}.",
                        param="text.format.type", code="unsupported_value")
-    grammar = tools.grammar()
-    if grammar is not None and fields:
-        raise APIError(400, "A 'text.format' other than text cannot be combined with tools the model may call "
-                            "(set tool_choice to \"none\", or leave the format as text).", param="text.format",
-                       code="unsupported_value")
-    return {"grammar": grammar} if grammar is not None else fields
+    if not isinstance(text_format.get("name"), str):
+        raise APIError(400, "'text.format.name' is required for a json_schema format.", param="text.format.name",
+                       code="missing_required_parameter")
+    if not isinstance(text_format.get("schema"), dict):
+        raise APIError(400, "'text.format.schema' must be a JSON Schema object.", param="text.format.schema",
+                       code="invalid_type")
+    return {"json_schema": text_format["schema"]}
 
 
 def _echoed(body: ResponsesRequest, params: SamplingParams) -> dict[str, Any]:

@@ -401,6 +401,11 @@ class ToolCallParser:
         self._num_calls = 0
         self._held_space = ""  # whitespace after content: dropped if a call follows
 
+    @property
+    def num_calls(self) -> int:
+        """Calls started so far."""
+        return self._num_calls
+
     def feed(self, text: str) -> list[dict[str, Any]]:
         self._buffer += text
         deltas: list[dict[str, Any]] = []
