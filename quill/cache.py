@@ -245,6 +245,37 @@ def _checksum(body: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+class TieredStore:
+    """A `MemoryStore` in front of an optional `SQLiteStore`: writes go to both, and a read that
+    misses memory falls back to the file and brings what it finds back into memory."""
+
+    def __init__(self, memory: MemoryStore, disk: SQLiteStore | None = None) -> None:
+        self.memory = memory
+        self.disk = disk
+
+    def get(self, key: str) -> Record | None:
+        record = self.memory.get(key)
+        if record is None and self.disk is not None:
+            record = self.disk.get(key)
+            if record is not None:
+                self.memory.put(key, record)
+        return record
+
+    def put(self, key: str, record: Record) -> None:
+        self.memory.put(key, record)
+        if self.disk is not None:
+            self.disk.put(key, record)
+
+    def delete(self, key: str) -> None:
+        self.memory.delete(key)
+        if self.disk is not None:
+            self.disk.delete(key)
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
+
 # ------------------------------------------------------------------------------- cache
 
 
@@ -273,6 +304,7 @@ class ResponseCache:
     def __init__(self, memory: MemoryStore, disk: SQLiteStore | None = None, ttl: float | None = None) -> None:
         self.memory = memory
         self.disk = disk
+        self._tiers = TieredStore(memory, disk)
         self.ttl = ttl
         self.hits = 0
         self.misses = 0
@@ -297,23 +329,14 @@ class ResponseCache:
                 return json.loads(body)  # a fresh copy per caller
 
     def put(self, key: str, body: str) -> None:
-        record = Record(body, time.time())
-        self.memory.put(key, record)
-        if self.disk is not None:
-            self.disk.put(key, record)
+        self._tiers.put(key, Record(body, time.time()))
 
     def _get(self, key: str) -> str | None:
-        record = self.memory.get(key)
-        if record is None and self.disk is not None:
-            record = self.disk.get(key)
-            if record is not None:
-                self.memory.put(key, record)
+        record = self._tiers.get(key)
         if record is None:
             return None
         if self.ttl is not None and time.time() - record.stored_at > self.ttl:
-            self.memory.delete(key)
-            if self.disk is not None:
-                self.disk.delete(key)
+            self._tiers.delete(key)
             return None
         return record.body
 
@@ -324,5 +347,4 @@ class ResponseCache:
                           memory_bytes=self.memory.bytes, disk_entries=disk_entries, disk_bytes=disk_bytes)
 
     def close(self) -> None:
-        if self.disk is not None:
-            self.disk.close()
+        self._tiers.close()

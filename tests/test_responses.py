@@ -198,7 +198,7 @@ def test_stored_responses_persist_in_the_response_cache_file_and_memory_is_bound
     store = build_response_store(config)
     for i in range(3):
         store.put({"id": f"resp_{i}", "object": "response"}, [{"role": "user", "content": str(i)}])
-    assert len(store.memory) == 2 and store.memory.get("resp_0") is None  # evicted from memory ...
+    assert len(store.tiers.memory) == 2 and store.tiers.memory.get("resp_0") is None  # evicted from memory ...
     store.close()
     reopened = build_response_store(config)  # ... but kept in the file, across restarts
     assert reopened.get("resp_0") == {"response": {"id": "resp_0", "object": "response"},

@@ -13,7 +13,7 @@ import json
 import sqlite3
 import time
 
-from quill.cache import MemoryStore, Record, SQLiteStore
+from quill.cache import MemoryStore, Record, SQLiteStore, TieredStore
 from quill.errors import QuillError
 from quill.server.config import ServerConfig
 
@@ -22,36 +22,25 @@ TABLE = "stored_responses"  # beside the response cache's own table in its file
 
 class ResponseStore:
     def __init__(self, memory: MemoryStore, disk: SQLiteStore | None = None) -> None:
-        self.memory = memory
-        self.disk = disk
+        self.tiers = TieredStore(memory, disk)
 
     def put(self, response: dict, conversation: list[dict]) -> None:
-        record = Record(json.dumps({"response": response, "conversation": conversation}, separators=(",", ":")),
-                        time.time())
-        self.memory.put(response["id"], record)
-        if self.disk is not None:
-            self.disk.put(response["id"], record)
+        body = json.dumps({"response": response, "conversation": conversation}, separators=(",", ":"))
+        self.tiers.put(response["id"], Record(body, time.time()))
 
     def get(self, response_id: str) -> dict | None:
         """{"response": ..., "conversation": [...]} (a fresh copy), or None when not stored."""
-        record = self.memory.get(response_id)
-        if record is None and self.disk is not None:
-            record = self.disk.get(response_id)
-            if record is not None:
-                self.memory.put(response_id, record)
+        record = self.tiers.get(response_id)
         return None if record is None else json.loads(record.body)
 
     def delete(self, response_id: str) -> bool:
         """Whether it was stored."""
-        found = self.get(response_id) is not None
-        self.memory.delete(response_id)
-        if self.disk is not None:
-            self.disk.delete(response_id)
+        found = self.tiers.get(response_id) is not None
+        self.tiers.delete(response_id)
         return found
 
     def close(self) -> None:
-        if self.disk is not None:
-            self.disk.close()
+        self.tiers.close()
 
 
 def build_response_store(config: ServerConfig) -> ResponseStore:
