@@ -179,8 +179,6 @@ class ChatMessage(_Request):
         if self.role == "tool" and not self.tool_call_id:
             raise InvalidRequestError("a tool message needs the 'tool_call_id' of the call it answers",
                                       param="messages.tool_call_id")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise InvalidRequestError(f"a {self.role} message needs 'content'", param="messages.content")
         return self
 
 
