@@ -51,6 +51,39 @@ def _error(response: httpx.Response, param: str) -> str:
     return error["message"]
 
 
+# ------------------------------------------------------------------ the plan, no server
+def test_output_constraint_names_the_clients_field():
+    from quill.errors import StructuredOutputError
+    from quill.server.protocol import ResponseFormat, StructuredOutputs
+    from quill.server.structured import output_constraint
+
+    schema = {"type": "object"}
+    assert output_constraint(ResponseFormat(type="json_schema", json_schema={"schema": schema}), None) == \
+           {"json_schema": schema}
+    assert output_constraint(None, StructuredOutputs(json=schema)) == {"json_schema": schema}
+    assert output_constraint(ResponseFormat(type="text"), None) == {}
+    with pytest.raises(StructuredOutputError) as bad:
+        output_constraint(None, StructuredOutputs(regex="("))
+    assert bad.value.param == "structured_outputs.regex" and bad.value.message.startswith("structured_outputs.regex")
+
+
+@pytest.mark.parametrize("template, tool_format", [
+    (None, "hermes"),  # no template: the fallback prompt, Hermes calls
+    ("{{ messages }}", "hermes"),  # a template without tools: the same
+    ("{{ tools }}{% for m in messages %}[TOOL_CALLS]{% endfor %}", "mistral"),
+    ("{{ tools }}<|python_tag|>{{ messages }}", "llama3_json"),
+])
+def test_plan_parses_in_the_templates_format_and_none_shows_no_tools(template, tool_format):
+    from quill.server.structured import plan_tools
+
+    plan = plan_tools([WEATHER], "required", None, template)
+    assert plan.tool_format == tool_format and plan.grammar
+    assert (plan.template_tools is not None) and plan.template_tools[0]["function"]["name"] == "get_weather"
+    none = plan_tools([WEATHER], "none", None, template)
+    assert (none.template_tools, none.grammar, none.tool_format) == (None, None, None)
+    assert none.parse('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>').tool_calls == []
+
+
 # ---------------------------------------------------------------------- output formats
 def test_json_schema_response_format_validates_for_every_schema(tiny):
     """The property test over HTTP: 24 schemas as response_format, sent concurrently (the engine
