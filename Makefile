@@ -1,6 +1,7 @@
 # Set-up in one command each. Stamp files in .venv make every target fast when nothing changed.
 #   make install  .venv with the CPU build of torch and Quill (editable)
-#   make test     install + test dependencies and Chromium, pull the real models, run the whole test suite
+#   make test     install + test and cluster (Ray Serve) dependencies and Chromium, pull the real models, run the
+#                 whole test suite
 #   make run      install, pull SmolLM2, serve it over the OpenAI-compatible HTTP API
 
 PYTHON ?= python3.11
@@ -23,8 +24,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -e .
 	touch $@
 
+# The cluster extra (Ray Serve) too: tests/test_deploy.py runs a local Ray Serve deployment.
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,cluster]'
 	touch $@
 
 # The browser tests (tests/test_chat_page.py) drive the system's Chromium through Playwright, which

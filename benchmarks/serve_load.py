@@ -16,6 +16,9 @@ measured one after the other, never at the same time (2 cores):
     python benchmarks/serve_load.py --start-quill smollm2 \\
         --start-llama-cpp /tmp/peer/venv/bin/python --json benchmarks/results/serve_load.json
 
+`--start-llama-server BINARY` runs llama.cpp's own server (continuous batching over one slot per
+client; build it with ../shared/peers/build-llama-server.sh; on AMD processors without AVX-VNNI
+build it with -DGGML_AVX_VNNI=OFF, or it dies of an illegal instruction).
 `--start-llama-cpp PYTHON` runs `PYTHON -m llama_cpp.server --model FILE --n_threads 2
 --interrupt_requests False` (by default that server cancels the stream in progress when a new
 request arrives) on the same GGUF file as Quill (`--model-file`, default: SmolLM2's).
@@ -34,7 +37,7 @@ import httpx
 
 from quill.bench.client import Target, fetch_model, send_request
 from quill.bench.report import percentile
-from quill.bench.servers import free_port, llama_cpp_command, quill_serve_command, started_server
+from quill.bench.servers import free_port, llama_cpp_command, llama_server_command, quill_serve_command, started_server
 from quill.bench.workload import RequestSpec, synthetic_workload
 from quill.hardware import host_description
 from quill.table import format_table
@@ -93,6 +96,8 @@ def main() -> int:
     parser.add_argument("--start-quill", metavar="MODEL", help="start `quill serve MODEL` and measure it")
     parser.add_argument("--start-llama-cpp", metavar="PYTHON",
                         help="start llama-cpp-python's server with this interpreter and measure it")
+    parser.add_argument("--start-llama-server", metavar="BINARY",
+                        help="start llama.cpp's llama-server binary (one slot per client) and measure it")
     parser.add_argument("--model-file", help="GGUF file for llama.cpp (default: the --start-quill model's file, "
                                              "else SmolLM2's)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent streams (default: %(default)s)")
@@ -107,8 +112,8 @@ def main() -> int:
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp"), help="where started servers log")
     parser.add_argument("--json", metavar="OUT", type=Path, help="also write the results here")
     args = parser.parse_args()
-    if not (args.base_url or args.start_quill or args.start_llama_cpp):
-        parser.error("give --base-url, --start-quill or --start-llama-cpp")
+    if not (args.base_url or args.start_quill or args.start_llama_cpp or args.start_llama_server):
+        parser.error("give --base-url, --start-quill, --start-llama-server or --start-llama-cpp")
 
     results: dict[str, dict] = {}
     for url in args.base_url:
@@ -117,8 +122,15 @@ def main() -> int:
         port = free_port()
         results["quill"] = measure_started(f"quill serve {args.start_quill}", quill_command(args.start_quill, port, args),
                                            port, "/health", args.log_dir / "serve_load_quill.log", args)
+    model_file = Path(args.model_file) if args.model_file else resolve_model(args.start_quill or "smollm2")
+    if args.start_llama_server:
+        port = free_port()
+        context = args.max_tokens + 64 + 2 * args.prompt_words  # ~1.3 tokens a word, with room to spare
+        results["llama-server"] = measure_started(
+            "llama.cpp's llama-server", llama_server_command(args.start_llama_server, model_file, port, args.clients,
+                                                             max(1024, context)),
+            port, "/health", args.log_dir / "serve_load_llama_server.log", args)
     if args.start_llama_cpp:
-        model_file = Path(args.model_file) if args.model_file else resolve_model(args.start_quill or "smollm2")
         port = free_port()
         results["llama.cpp"] = measure_started("llama-cpp-python's server",
                                                llama_cpp_command(args.start_llama_cpp, model_file, port),

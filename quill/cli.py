@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="memory for answers; least recently used ones go first (default: 64MiB)")
     cache.add_argument("--response-cache-entries", type=int, default=1024, metavar="N",
                        help="most answers kept in memory (default: %(default)s)")
+    _add_replica_arguments(serve)
     serve.set_defaults(func=_cmd_serve)
 
     bench = commands.add_parser("bench", help="measure an OpenAI-compatible server under load",
@@ -165,6 +166,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize_command(commands)
     _add_eval_command(commands)
     return parser
+
+
+def _add_replica_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group(
+        "replicas", "Serve the model from several engine replicas behind one endpoint, on Ray Serve "
+        "(pip install 'quill[cluster]'). Requests sharing a prompt prefix go to the same replica while it "
+        "is not overloaded, so its prefix cache keeps paying.")
+    group.add_argument("--replicas", type=_positive_int, metavar="N",
+                       help="engine replicas to run (default: one process, no Ray)")
+    group.add_argument("--threads-per-replica", type=_positive_int, metavar="N",
+                       help="torch threads (and Ray CPUs) per replica; replicas x threads should not exceed the "
+                            "cores (default: 1)")
+    group.add_argument("--gpus-per-replica", type=float, metavar="N",
+                       help="GPUs Ray gives each replica (default: 0; a replica sees no GPU without one)")
+    group.add_argument("--ray-address", metavar="ADDRESS",
+                       help="join this Ray cluster (e.g. auto, or the head's address host:6379) instead of "
+                            "starting a local one")
+    group.add_argument("--routing", choices=["prefix", "least-loaded", "random"],
+                       help="how requests are spread: prefix affinity, then least loaded (default); least loaded "
+                            "only; or at random")
+    group.add_argument("--max-replicas", type=_positive_int, metavar="N",
+                       help="autoscale up to N replicas (instead of a fixed --replicas)")
+    group.add_argument("--min-replicas", type=int, metavar="N", help="autoscaling: fewest replicas (default: 1)")
+    group.add_argument("--target-ongoing-requests", type=float, metavar="N",
+                       help="autoscaling: requests in flight per replica to aim for (default: 8)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _model_options() -> argparse.ArgumentParser:
@@ -341,18 +374,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.response_cache_entries < 1:
         raise InvalidRequestError(f"--response-cache-entries must be >= 1, got {args.response_cache_entries}")
     template = _read_chat_template(args)
-    _configure_server_logging()
-    # The engine runs on its own thread (AsyncEngine). If this thread also ran multi-threaded torch
-    # ops (loading does), OpenMP keeps a second, idle thread pool, counts more threads than cores
-    # and stops its workers from spin-waiting: the engine thread then decodes ~25% slower. Loading
-    # single-threaded leaves the engine thread's pool the only one.
-    import torch
-
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    llm = _load_llm(args)
-    torch.set_num_threads(num_threads)  # the default for threads that start torch work later
     from quill.server import ServerConfig, create_app, serve
+    from quill.server.runner import configure_logging
 
     config = ServerConfig(
         served_model_name=args.served_model_name or args.model, api_key=args.api_key or os.environ.get("QUILL_API_KEY"),
@@ -363,6 +386,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         response_cache_entries=args.response_cache_entries, response_cache_memory=args.response_cache_memory,
         response_cache_ttl=args.response_cache_ttl, ui=not args.no_ui,
     )
+    configure_logging()
+    if _replicated(args):
+        return _serve_replicas(args, config)
+    # The engine runs on its own thread (AsyncEngine). If this thread also ran multi-threaded torch
+    # ops (loading does), OpenMP keeps a second, idle thread pool, counts more threads than cores
+    # and stops its workers from spin-waiting: the engine thread then decodes ~25% slower. Loading
+    # single-threaded leaves the engine thread's pool the only one.
+    import torch
+
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    llm = _load_llm(args)
+    torch.set_num_threads(num_threads)  # the default for threads that start torch work later
     app = create_app(llm, config)
     host = f"[{args.host}]" if ":" in args.host else args.host
     log = logging.getLogger("quill.server")
@@ -404,32 +440,66 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_server_logging() -> None:
-    """Request lines are bare JSON on stderr; other Quill messages get a level and a name."""
-    import logging
-
-    requests = logging.getLogger("quill.requests")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    requests.addHandler(handler)
-    requests.setLevel(logging.INFO)
-    requests.propagate = False
-    quill = logging.getLogger("quill")
-    if not quill.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        quill.addHandler(handler)
-        quill.setLevel(logging.INFO)
-
-
 def _load_llm(args: argparse.Namespace):
     """Build the `LLM` for a command; tests replace this with a fake."""
     from quill import LLM  # torch loads here, so --help, pull and models stay quick
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, dequantize=args.dequantize,
-               max_model_len=args.max_model_len,
-               kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-               speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
+    return LLM(args.model, **_llm_options(args))
+
+
+def _llm_options(args: argparse.Namespace) -> dict:
+    """The model options (`LLM` keyword arguments), here and in each replica of `serve --replicas`."""
+    return dict(dtype=args.dtype, device=args.device, dequantize=args.dequantize, max_model_len=args.max_model_len,
+                kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
+
+
+_REPLICA_OPTIONS = ("threads_per_replica", "gpus_per_replica", "ray_address", "routing", "min_replicas",
+                    "target_ongoing_requests")
+
+
+def _replicated(args: argparse.Namespace) -> bool:
+    """Whether `serve` runs replicas; replica options without --replicas or --max-replicas are refused."""
+    if args.replicas is not None or args.max_replicas is not None:
+        return True
+    given = [f"--{name.replace('_', '-')}" for name in _REPLICA_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise InvalidRequestError(f"{', '.join(given)} only apply to replicas: add --replicas N (or --max-replicas N)")
+    return False
+
+
+def _serve_replicas(args: argparse.Namespace, config) -> int:
+    """`serve --replicas N`: the model on N engine replicas behind one ingress, on Ray Serve."""
+    settings = _cluster_settings(args, config)
+    try:
+        from quill.deploy.launch import serve_cluster
+    except ImportError as exc:
+        raise QuillError(f"--replicas needs Ray Serve ({exc}): pip install 'quill[cluster]'") from None
+    serve_cluster(settings, host=args.host, port=args.port, ray_address=args.ray_address)
+    return 0
+
+
+def _cluster_settings(args: argparse.Namespace, config):
+    from pydantic import ValidationError
+
+    from quill.deploy.settings import ClusterSettings
+
+    if args.replicas is not None and args.max_replicas is not None:
+        raise InvalidRequestError("--replicas is a fixed count and --max-replicas autoscales: give one of them")
+    autoscaling = None
+    if args.max_replicas is not None:
+        autoscaling = {"max_replicas": args.max_replicas, "min_replicas": 1 if args.min_replicas is None else args.min_replicas}
+        if args.target_ongoing_requests is not None:
+            autoscaling["target_ongoing_requests"] = args.target_ongoing_requests
+    elif args.min_replicas is not None or args.target_ongoing_requests is not None:
+        raise InvalidRequestError("--min-replicas and --target-ongoing-requests need --max-replicas (autoscaling)")
+    given = {name: getattr(args, name) for name in ("threads_per_replica", "gpus_per_replica")
+             if getattr(args, name) is not None}
+    try:
+        return ClusterSettings(model=args.model, engine=_llm_options(args), server=config, replicas=args.replicas or 1,
+                               autoscaling=autoscaling, routing={"policy": args.routing or "prefix"}, **given)
+    except ValidationError as exc:
+        raise InvalidRequestError(f"invalid replica options: {exc}") from None
 
 
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 2**10, "kb": 10**3, "mib": 2**20, "mb": 10**6, "gib": 2**30, "gb": 10**9}

@@ -1,8 +1,9 @@
 """What processor this is: its model and the instruction sets that change Quill's speed or its
 arithmetic (kernels pick paths by them; benchmark figures are only comparable between machines of
-the same kind). Dependency-free, so that any layer may ask."""
+the same kind); and handing freed memory back to the OS. Dependency-free, so that any layer may ask."""
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import platform
@@ -43,3 +44,14 @@ def host_description() -> dict:
     info = cpu_info()
     return {"machine": platform.machine(), "cpu": info["model"], "cpus": info["cpus"], "cpu_flags": info["flags"],
             "amx": info["amx"], "summary": cpu_summary(), "python": platform.python_version()}
+
+
+def return_freed_memory_to_os() -> None:
+    """Loading and packing weights free hundreds of MB of transient buffers (raw blocks, codes,
+    float copies) that glibc keeps in its heap; hand them back so that resident memory is the
+    model's own. Measured on SmolLM2 Q4_1: 406-512 MB resident after loading, 285 MB after this;
+    once more after packing for the CPU kernels, Gemma 3 270M: 1,098 -> 1,012 MB."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass

@@ -26,6 +26,7 @@ LAYERS = [
     ("engine", "speculative"),  # the engine drives speculation; drafters run the engine's runner
     ("optimize", "llm", "quill"),
     ("server", "bench"),
+    ("deploy",),  # replicas on Ray Serve: the server's app in front of engines in other processes
     ("cli",),
 ]
 

@@ -12,7 +12,9 @@ import torch
 from engine_helpers import all_position_logits, run_requests
 from quill.engine.engine import Engine
 from quill.config import EngineConfig
+from quill.layers.embedding import RowsEmbedding
 from quill.layers.linear import Linear
+from quill.layers.logits import int8_lm_head
 from quill.layers.quantized import Int4Linear, Int8GroupLinear, Int8Linear, quantize_per_channel_int8, quantized_linear
 from quill.sampling_params import SamplingParams
 from quill.models.loader import build_model, load_checkpoint
@@ -167,7 +169,7 @@ def test_quill_quantize_int4_experts_run_natively(tiny_model_dir, tmp_path):
     kernel like a dense layer's, the router stays float, and the logits stay near the float model's."""
     source = tiny_model_dir("qwen3moe")
     path = tmp_path / "int4.gguf"
-    summary = quantize_checkpoint(source, path, "int4", progress=False)
+    summary = quantize_checkpoint(source, path, "int4", with_tokenizer=False, progress=False)
     assert read_gguf_tensor_types(path)["blk.0.ffn_gate_inp.weight"] == "F32"
     assert "blk.0.ffn_gate_exps.weight.codes" in read_gguf_tensor_types(path) and summary.tensor_types["int4 g32"]
     checkpoint = load_checkpoint(path, torch.bfloat16, keep_quantized=True)
@@ -237,3 +239,31 @@ def test_quantized_experts_are_batch_invariant(tiny_model_dir, tmp_path):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
     together = run_requests(engine, prompts, params, arrive_every=2, with_logprobs=True)
     assert together == [run_requests(engine, [prompt], params, with_logprobs=True)[0] for prompt in prompts]
+
+
+@pytest.mark.parametrize("table_type", [Q.Q8_0, Q.Q4_1], ids=lambda t: t.name)
+def test_an_embedding_read_from_its_file_blocks_changes_nothing(tiny_model_dir, tmp_path, table_type):
+    """A quantized table stays in its file's blocks (`GGMLRows`, expanded per row when read): its rows
+    are the dequantized table's bit for bit, and the engine's tokens and logprobs (the tied int8 head
+    recomputing its candidates from those rows) are those of the same model holding a float table."""
+    checkpoint = load_hf_directory(tiny_model_dir("gemma3"), FAMILIES)
+    path = tmp_path / "gemma3.gguf"
+    write_gguf(path, FAMILIES.named("gemma3"), checkpoint.config, checkpoint.tensors,
+               tensor_type=lambda name, values: table_type if name == "token_embd.weight" else Q.Q8_0 if values.ndim == 2 else Q.F32)
+    native = load_checkpoint(path, torch.bfloat16, keep_quantized=True)
+    config = native.config
+    model = build_model(config, native.tensors, torch.bfloat16)
+    assert isinstance(model.embed_tokens, RowsEmbedding) and isinstance(model.lm_head, Int8Linear)
+    dense = load_checkpoint(path, torch.bfloat16).tensors["model.embed_tokens.weight"]
+    assert torch.equal(model.embed_tokens.weight[0:config.vocab_size], dense)
+    ids = torch.tensor([[5, 0, 77], [config.vocab_size - 1, 5, 3]])
+    assert torch.equal(model.embed_tokens(ids), dense[ids])
+
+    reference = build_model(config, load_checkpoint(path, torch.bfloat16, keep_quantized=True).tensors, torch.bfloat16)
+    reference.embed_tokens = torch.nn.Embedding.from_pretrained(dense)
+    reference.lm_head = int8_lm_head(dense)
+    prompts = [[3, 9, 27, 81], [5, 6], list(range(10, 30))]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3)
+    runs = [run_requests(Engine(m, config, None, EngineConfig(dtype="bfloat16")), prompts, params, with_logprobs=True)
+            for m in (model, reference)]
+    assert runs[0] == runs[1]

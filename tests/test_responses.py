@@ -298,7 +298,9 @@ def test_every_request_field_is_honoured_refused_or_handled():
     handled = {"model", "user", "stream", "stream_options", "cache", "input", "instructions", "max_output_tokens",
                "metadata", "store", "previous_response_id", "text", "tools", "tool_choice", "parallel_tool_calls",
                "truncation", "background", "conversation", "prompt", "reasoning", "include", "context_management",
-               "top_logprobs", "moderation", "response_format", "structured_outputs"}
+               "top_logprobs", "moderation", "response_format", "structured_outputs",
+               # vLLM's older names, read as structured_outputs by the protocol model
+               "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
     assert not set(ResponsesRequest.model_fields) - SAMPLING_FIELDS - handled
 
 

@@ -159,7 +159,8 @@ def test_every_request_field_is_honoured_or_handled_by_the_server():
     handled_by_server = {"model", "user", "stream", "stream_options", "cache", "messages", "prompt", "echo",
                          "max_completion_tokens", "top_logprobs", "add_generation_prompt",
                          # structured.py: the constraint and the tools (completions refuse tools)
-                         "response_format", "structured_outputs", "tools", "tool_choice", "parallel_tool_calls"}
+                         "response_format", "structured_outputs", "tools", "tool_choice", "parallel_tool_calls",
+                         "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
     for model in (ChatCompletionRequest, CompletionRequest):
         unknown = set(model.model_fields) - SAMPLING_FIELDS - handled_by_server
         assert not unknown, (model.__name__, unknown)

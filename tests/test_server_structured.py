@@ -36,7 +36,7 @@ USER = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    config = ServerConfig(served_model_name="tiny", response_cache=False, chat_template=TOOL_TEMPLATE)
+    config = ServerConfig(served_model_name="tiny", chat_template=TOOL_TEMPLATE)  # response cache on
     app = create_app(tiny_text_engine(tiny_model_dir("llama"), max_num_seqs=64), config)
     with BackgroundServer(app) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
@@ -49,6 +49,39 @@ def _error(response: httpx.Response, param: str) -> str:
     error = response.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error", error
     return error["message"]
+
+
+# ------------------------------------------------------------------ the plan, no server
+def test_output_constraint_names_the_clients_field():
+    from quill.errors import StructuredOutputError
+    from quill.server.protocol import ResponseFormat, StructuredOutputs
+    from quill.server.structured import output_constraint
+
+    schema = {"type": "object"}
+    assert output_constraint(ResponseFormat(type="json_schema", json_schema={"schema": schema}), None) == \
+           {"json_schema": schema}
+    assert output_constraint(None, StructuredOutputs(json=schema)) == {"json_schema": schema}
+    assert output_constraint(ResponseFormat(type="text"), None) == {}
+    with pytest.raises(StructuredOutputError) as bad:
+        output_constraint(None, StructuredOutputs(regex="("))
+    assert bad.value.param == "structured_outputs.regex" and bad.value.message.startswith("structured_outputs.regex")
+
+
+@pytest.mark.parametrize("template, tool_format", [
+    (None, "hermes"),  # no template: the fallback prompt, Hermes calls
+    ("{{ messages }}", "hermes"),  # a template without tools: the same
+    ("{{ tools }}{% for m in messages %}[TOOL_CALLS]{% endfor %}", "mistral"),
+    ("{{ tools }}<|python_tag|>{{ messages }}", "llama3_json"),
+])
+def test_plan_parses_in_the_templates_format_and_none_shows_no_tools(template, tool_format):
+    from quill.server.structured import plan_tools
+
+    plan = plan_tools([WEATHER], "required", None, template)
+    assert plan.tool_format == tool_format and plan.grammar
+    assert (plan.template_tools is not None) and plan.template_tools[0]["function"]["name"] == "get_weather"
+    none = plan_tools([WEATHER], "none", None, template)
+    assert (none.template_tools, none.grammar, none.tool_format) == (None, None, None)
+    assert none.parse('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>').tool_calls == []
 
 
 # ---------------------------------------------------------------------- output formats
@@ -78,6 +111,7 @@ def test_json_schema_response_format_validates_for_every_schema(tiny):
     ({"extra_body": {"structured_outputs": {"regex": "[a-c]{2}-[0-9]{2}"}}},
      lambda text: re.fullmatch("[a-c]{2}-[0-9]{2}", text)),
     ({"extra_body": {"structured_outputs": {"choice": ["yes", "no"]}}}, lambda text: text in ("yes", "no")),
+    ({"extra_body": {"guided_choice": ["left", "right"]}}, lambda text: text in ("left", "right")),
     ({"extra_body": {"structured_outputs": {"grammar": 'start: "(" /[0-9]/ ")"'}}},
      lambda text: re.fullmatch(r"\(\d\)", text)),
     ({"extra_body": {"structured_outputs": {"json": TOOL_PARAMETER_SCHEMAS[3]}}},
@@ -137,8 +171,18 @@ def test_streamed_tool_calls_join_to_the_non_streamed_message(tiny):
     client, _ = tiny
     request = dict(model="tiny", messages=USER, tools=[WEATHER, ADD], tool_choice="required", temperature=0,
                    max_tokens=150)
-    whole = client.chat.completions.create(**request).choices[0]
-    chunks = list(client.chat.completions.create(**request, stream=True))
+    whole = client.chat.completions.create(**request, extra_body={"cache": False}).choices[0]
+    chunks = list(client.chat.completions.create(**request, stream=True, extra_body={"cache": False}))
+    _assert_stream_joins_to(chunks, whole)
+    assert len([tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])
+                if tc.function.arguments]) > 1  # live, the arguments arrive in pieces
+    client.chat.completions.create(**request)  # stored in the response cache; replayed as a stream:
+    replayed = client.chat.completions.with_raw_response.create(**request, stream=True)
+    assert replayed.headers["x-quill-cache"] == "hit"
+    _assert_stream_joins_to(list(replayed.parse()), whole)
+
+
+def _assert_stream_joins_to(chunks: list, whole) -> None:
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     pieces = [tc for d in deltas for tc in (d.tool_calls or [])]
     first_of = {}
@@ -148,7 +192,6 @@ def test_streamed_tool_calls_join_to_the_non_streamed_message(tiny):
             assert piece.id and piece.type == "function" and piece.function.name and piece.function.arguments == ""
         else:
             assert piece.id is None and piece.function.name is None
-    assert len([p for p in pieces if p.function.arguments]) > 1  # arguments arrive in pieces
     joined = join_deltas([d.model_dump(exclude_none=True) for d in deltas])
     assert [(c.name, c.arguments) for c in joined.tool_calls] == \
            [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
@@ -195,6 +238,7 @@ def test_tool_history_is_rendered_and_answered(tiny):
     ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
     ({"structured_outputs": {"grammar": "start: nothing_defined"}}, "structured_outputs.grammar"),
     ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}, "structured_outputs"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_regex"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
@@ -242,8 +286,8 @@ def test_metrics_count_constrained_requests_compiles_and_masks(tiny):
     before = {name: sample(name) for name in ("quill:structured_requests_total", "quill:structured_grammar_cache_hits_total",
                                               "quill:structured_mask_seconds_count")}
     for _ in range(2):
-        client.chat.completions.create(model="tiny", messages=USER, max_tokens=20, temperature=0,
-                                       extra_body={"structured_outputs": {"choice": ["metrics-a", "metrics-b"]}})
+        client.chat.completions.create(model="tiny", messages=USER, max_tokens=20, temperature=0, extra_body={
+            "structured_outputs": {"choice": ["metrics-a", "metrics-b"]}, "cache": False})
     assert sample("quill:structured_requests_total") == before["quill:structured_requests_total"] + 2
     assert sample("quill:structured_grammar_cache_hits_total") >= before["quill:structured_grammar_cache_hits_total"] + 1
     assert sample("quill:structured_mask_seconds_count") > before["quill:structured_mask_seconds_count"]

@@ -50,13 +50,15 @@ def _run(llm: LLM, prompts: list, params: list[SamplingParams]) -> list:
     return [done[i] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
-def test_every_output_validates_against_its_schema(model, request):
+# Gemma 3's 262k-token vocabulary makes each step (LM head and masks) several times SmolLM2's.
+@pytest.mark.parametrize("model, count", [("smollm2", 32), ("gemma3", 12)])
+def test_every_output_validates_against_its_schema(model, count, request):
     """Each schema once greedy and once sampled, all requests batched through the engine."""
     llm: LLM = request.getfixturevalue(model)
-    prompts = [_prompt(llm)] * (2 * len(SCHEMAS))
-    params = [SamplingParams(json_schema=s, temperature=0, max_tokens=MAX_TOKENS) for s in SCHEMAS] + \
-             [SamplingParams(json_schema=s, temperature=1.0, seed=i, max_tokens=MAX_TOKENS) for i, s in enumerate(SCHEMAS)]
+    schemas = SCHEMAS[:count]
+    prompts = [_prompt(llm)] * (2 * len(schemas))
+    params = [SamplingParams(json_schema=s, temperature=0, max_tokens=MAX_TOKENS) for s in schemas] + \
+             [SamplingParams(json_schema=s, temperature=1.0, seed=i, max_tokens=MAX_TOKENS) for i, s in enumerate(schemas)]
     outputs = _run(llm, prompts, params)
     failures = []
     for output, p in zip(outputs, params):
@@ -67,7 +69,7 @@ def test_every_output_validates_against_its_schema(model, request):
             failures.append((json.dumps(p.json_schema), output.text, str(exc)[:200]))
     assert not failures, f"{len(failures)} of {len(outputs)} failed, e.g. {failures[:3]}"
     stats = llm.engine.stats().structured
-    assert stats.grammar_cache_hits >= len(SCHEMAS)  # the sampled half reuses the greedy half's grammars
+    assert stats.grammar_cache_hits >= len(schemas)  # the sampled half reuses the greedy half's grammars
     assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
 
 

@@ -174,3 +174,22 @@ BUILDERS = {
         "original_max_position_embeddings": 64}),
     "llama-rope-linear": lambda path: build_llama(path, rope_scaling={"rope_type": "linear", "factor": 4.0}),
 }
+
+
+# A chat template for the tiny tokenizer: plain "role: content" lines.
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def add_tiny_tokenizer(path: Path) -> Path:
+    """Give a tiny model directory the tiny SentencePiece tokenizer (tokenizer_helpers.py) and a chat
+    template, so that it loads as a text model from its path alone (e.g. in another process)."""
+    import json
+
+    from tokenizer_helpers import tiny_sentencepiece_metadata
+    from quill.tokenizer import Tokenizer
+
+    Tokenizer.from_gguf_metadata(tiny_sentencepiece_metadata()).backend.save(str(path / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": TINY_CHAT_TEMPLATE}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path

@@ -64,3 +64,11 @@ def llama_cpp_command(python: str, model_file: Path, port: int) -> list[str]:
     progress when a new request arrives; --interrupt_requests False makes it queue them instead."""
     return [python, "-m", "llama_cpp.server", "--model", str(model_file), "--n_threads", "2",
             "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def llama_server_command(binary: str, model_file: Path, port: int, clients: int, context_per_client: int = 1024) -> list[str]:
+    """llama.cpp's own `llama-server` (build it with ../shared/peers/build-llama-server.sh) on two
+    threads, with one parallel slot per client and room for each client's prompt and answer, as
+    the issue measuring it ran it (-np 16 -c 16384)."""
+    return [binary, "-m", str(model_file), "-t", "2", "-tb", "2", "-np", str(clients),
+            "-c", str(clients * context_per_client), "--host", "127.0.0.1", "--port", str(port)]

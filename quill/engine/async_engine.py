@@ -14,6 +14,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 from quill.engine.engine import Engine, EngineStats
 from quill.engine.limits import EngineLimits
@@ -30,6 +31,27 @@ class EngineStepError(QuillError, RuntimeError):
 
 class EngineShutdownError(EngineStepError):
     """The engine stopped (the server is shutting down); the requests in flight were aborted."""
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """What the server uses of an engine: `AsyncEngine` below, or a client of engine replicas in
+    other processes (quill/deploy/client.py) with the same behaviour."""
+
+    tokenizer: Any  # None for a token-ids-only engine
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                 request_id: str | None = None) -> AsyncIterator[RequestOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def limits(self) -> EngineLimits: ...
+
+    def is_alive(self) -> bool: ...
+
+    def shutdown(self, timeout: float | None = 10.0) -> None: ...
 
 
 @dataclass

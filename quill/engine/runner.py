@@ -19,6 +19,7 @@ from torch import nn
 
 from quill.config import ModelConfig
 from quill.engine.request import Request
+from quill.hardware import return_freed_memory_to_os
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
 from quill.layers.linear import prepare_linears_for_cpu
 from quill.layers.matmul import describe_paths
@@ -61,6 +62,7 @@ class ModelRunner:
         self.prompts_as_rows = device.type == "cpu"
         if device.type == "cpu":
             prepare_linears_for_cpu(model)
+            return_freed_memory_to_os()  # the float weights the packed copies replaced
             log.info(describe_paths(model))
         self._block_offsets = torch.arange(block_size, device=device)
         self.quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())

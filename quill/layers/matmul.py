@@ -44,11 +44,22 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
-def pack_pairs(w: torch.Tensor) -> torch.Tensor:
-    """[n, k] -> [panels, k / 2, 16, 2]: each input pair of 16 output columns together (BF16, INT8)."""
-    w = _pad_rows(w, LANES)
+def pack_pairs(w: torch.Tensor, convert: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               rows_per_chunk: int = 16384) -> torch.Tensor:
+    """[n, k] -> [panels, k / 2, 16, 2]: each input pair of 16 output columns together (BF16, INT8),
+    each value passed through `convert` (a type change). Works a chunk of rows at a time, so that
+    packing holds no second full-size copy: Gemma 3's 262,144 x 640 int8 head peaked at three
+    copies (480 MB) when converted and packed whole."""
+    convert = convert or (lambda chunk: chunk)
     n, k = w.shape
-    return w.view(n // LANES, LANES, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    panels, step = -(-n // LANES), rows_per_chunk // LANES
+    out = None
+    for first in range(0, panels, step):
+        chunk = _pad_rows(convert(w[first * LANES:(first + step) * LANES]), LANES)
+        if out is None:
+            out = torch.empty(panels, k // 2, LANES, 2, dtype=chunk.dtype)
+        out[first:first + chunk.shape[0] // LANES] = chunk.view(-1, LANES, k // 2, 2).permute(0, 2, 1, 3)
+    return out if out is not None else torch.empty(0, k // 2, LANES, 2, dtype=convert(w).dtype)
 
 
 def unpack_pairs(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -171,7 +182,7 @@ class PackedMatmul:
         out, inp = weight.shape
         if weight.dtype == torch.float32:
             return cls("f32", out, inp, pack_columns(weight.detach()), bias=bias)
-        return cls("bf16", out, inp, pack_pairs(weight.detach().to(torch.bfloat16)), bias=bias)
+        return cls("bf16", out, inp, pack_pairs(weight.detach(), lambda chunk: chunk.to(torch.bfloat16)), bias=bias)
 
     @classmethod
     def int4(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -190,10 +201,11 @@ class PackedMatmul:
                    zeros=pack_groups(zeros.to(torch.bfloat16)), group_size=group_size, bias=bias)
 
     @classmethod
-    def int8(cls, codes: torch.Tensor, channel_scale: torch.Tensor, bias: torch.Tensor | None = None) -> PackedMatmul:
-        """codes int8 [out, in]; channel_scale [out]."""
+    def int8(cls, codes: torch.Tensor, channel_scale: torch.Tensor, bias: torch.Tensor | None = None,
+             convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PackedMatmul:
+        """codes int8 [out, in] (or what `convert` turns into them, a chunk at a time); channel_scale [out]."""
         out, inp = codes.shape
-        return cls("int8", out, inp, pack_pairs(codes), channel_scale=channel_scale, bias=bias)
+        return cls("int8", out, inp, pack_pairs(codes, convert), channel_scale=channel_scale, bias=bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         source = x

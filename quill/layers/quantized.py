@@ -106,14 +106,13 @@ class Int8Linear(QuantizedLinear):
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         out, inp = weight.shape
         super().__init__(out, inp, bias)
-        codes = (weight.codes ^ 0x80).view(torch.int8)  # code - 128, flipping the top bit: no wider copy
         self.scales = weight.scales[:, 0].float()
         self.max_step = weight.scales.max().item()
         if kernel_available():
-            self.matmul = PackedMatmul.int8(codes, self.scales, bias)
+            self.matmul = PackedMatmul.int8(weight.codes, self.scales, bias, convert=_signed_codes)
             self._codes = None
         else:
-            self._codes = codes
+            self._codes = codes = _signed_codes(weight.codes)
             self.matmul = RowBlockedMatmul(_int8_matmul(codes, self.scales, bias), inp, ("int8", out, bias is not None))
 
     @staticmethod
@@ -131,6 +130,11 @@ class Int8Linear(QuantizedLinear):
         a step, so an output's error has a standard deviation of at most step * |x|_2 / sqrt(12);
         this is six of them (the worst case, step / 2 * |x|_1, is ~20x wider and useless)."""
         return 6 * self.max_step / 12 ** 0.5 * x.float().norm(dim=-1, keepdim=True)
+
+
+def _signed_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 code -> int8 code - 128, by flipping the top bit: no wider copy."""
+    return (codes ^ 0x80).view(torch.int8)
 
 
 class Int8GroupLinear(QuantizedLinear):

@@ -16,6 +16,7 @@ from prometheus_client import disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from quill.cost import SELF_HOSTED, CostModel
+from quill.engine.engine import EngineStats
 
 # No `*_created` series next to every counter and histogram (vLLM drops them too). This is a
 # process-wide switch in prometheus-client; nothing else in Quill wants those series.
@@ -41,7 +42,9 @@ def _counter(name: str, doc: str, labels: dict[str, str], value: float) -> Count
 
 
 class _EngineCollector:
-    """Engine-wide gauges and counters, from `AsyncEngine.stats()` at scrape time."""
+    """Engine-wide gauges and counters, from `AsyncEngine.stats()` at scrape time. An engine of
+    several replicas (quill/deploy) has `replica_stats()`: each replica's series then carry a
+    `replica` label, and the measured price is the whole deployment's."""
 
     def __init__(self, engine, model_name: str, costs: CostModel) -> None:
         self.engine = engine
@@ -49,9 +52,24 @@ class _EngineCollector:
         self.costs = costs
 
     def collect(self):
-        stats = self.engine.stats()
-        label = {"model_name": self.model_name}
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily] = {}
+        for label, stats in self._snapshots():
+            for family in self._families(label, stats):
+                if family.name in families:
+                    families[family.name].samples.extend(family.samples)
+                else:
+                    families[family.name] = family
+        yield from families.values()
+        yield self._prices(self.engine.stats())
 
+    def _snapshots(self) -> list[tuple[dict[str, str], EngineStats]]:
+        label = {"model_name": self.model_name}
+        per_replica = getattr(self.engine, "replica_stats", None)
+        if per_replica is None:
+            return [(label, self.engine.stats())]
+        return [({**label, "replica": replica}, stats) for replica, stats in sorted(per_replica().items())]
+
+    def _families(self, label: dict[str, str], stats):
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return _gauge(name, doc, label, value)
 
@@ -80,7 +98,6 @@ class _EngineCollector:
         yield counter("quill:engine_decode_seconds", "Engine step time attributed to output tokens.",
                       stats.decode_seconds)
         yield from self._structured(stats.structured, label)
-        yield self._prices(stats)
 
     @staticmethod
     def _structured(stats, label: dict[str, str]):

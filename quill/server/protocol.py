@@ -107,6 +107,22 @@ class SamplingFields(_Request):
     # Structured output (quill/server/structured.py): OpenAI's, then vLLM's extension.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    # vLLM's older names for structured_outputs' kinds, read as structured_outputs.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _guided_fields_are_structured_outputs(self):
+        given = {kind: value for kind in ("json", "regex", "choice", "grammar")
+                 if (value := getattr(self, f"guided_{kind}")) is not None}
+        if given:
+            if self.structured_outputs is not None or len(given) > 1:
+                raise InvalidRequestError("send one constraint: structured_outputs or one of the guided_* fields",
+                                          param=f"guided_{next(iter(given))}")
+            self.structured_outputs = StructuredOutputs(**given)
+        return self
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -163,8 +179,6 @@ class ChatMessage(_Request):
         if self.role == "tool" and not self.tool_call_id:
             raise InvalidRequestError("a tool message needs the 'tool_call_id' of the call it answers",
                                       param="messages.tool_call_id")
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise InvalidRequestError(f"a {self.role} message needs 'content'", param="messages.content")
         return self
 
 

@@ -131,12 +131,10 @@ class ChatReply(Reply):
         if index not in self._started:
             self._started.add(index)
             entries.append(_chat_entry(index, {"role": "assistant", "content": ""}))
-        deltas = self._deltas(index, update)
+        deltas = self._deltas(index, update) or [{}]  # {}: a chunk only if it carries logprobs or the finish
         calls = index in self._parsers and self._parsers[index].num_calls > 0
         finish_reason = _finish_reason(update.choice.finish_reason, calls) if update.finished else None
         logprobs = self._logprobs(update.new_logprobs) if update.new_logprobs is not None else None
-        if logprobs is not None or finish_reason or not deltas:
-            deltas = deltas or [{}]
         for i, delta in enumerate(deltas):
             last = i == len(deltas) - 1
             if delta or (last and (finish_reason or logprobs is not None)):

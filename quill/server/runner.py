@@ -4,11 +4,31 @@ and benchmarks).
 """
 from __future__ import annotations
 
+import logging
 import signal
+import sys
 import threading
 import time
 
 from fastapi import FastAPI
+
+
+def configure_logging() -> None:
+    """Request lines are bare JSON on stderr; other Quill messages get a level and a name. (For
+    every process that runs a server: `quill serve`, and the ingress of quill/deploy.)"""
+    _log_to_stderr("quill.requests", "%(message)s", propagate=False)
+    _log_to_stderr("quill", "%(levelname)s %(name)s: %(message)s")
+
+
+def _log_to_stderr(name: str, form: str, propagate: bool = True) -> None:
+    logger = logging.getLogger(name)
+    if logger.handlers:  # configured already (a second server in this process, or the embedding app)
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(form))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = propagate
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, shutdown_grace: float = 10.0,

@@ -13,7 +13,7 @@ from pathlib import Path
 from quill import __version__
 from quill.cache import ResponseCache, model_identity
 from quill.cost import CostModel
-from quill.engine.async_engine import AsyncEngine
+from quill.engine.async_engine import AsyncEngine, EngineClient
 from quill.engine.limits import EngineLimits
 from quill.server.admission import Admission
 from quill.server.billing import Billing
@@ -74,9 +74,10 @@ class ServerState:
 
 
 def build_state(model, config: ServerConfig) -> ServerState:
-    """`model`: an `LLM`, an `Engine` (with a tokenizer) or an `AsyncEngine`. The server owns (and
-    shuts down) the `AsyncEngine` it creates for an `LLM` or `Engine`, not one it is given."""
-    owns_engine = not isinstance(model, AsyncEngine)
+    """`model`: an `LLM`, an `Engine` (with a tokenizer) or an `EngineClient` (an `AsyncEngine`, or
+    the replicas' client of quill/deploy). The server owns (and shuts down) the `AsyncEngine` it
+    creates for an `LLM` or `Engine`, not one it is given."""
+    owns_engine = not isinstance(model, EngineClient)
     engine = AsyncEngine(getattr(model, "engine", model)) if owns_engine else model
     limits = engine.limits()
     path = getattr(model, "path", None)
@@ -92,9 +93,12 @@ def build_state(model, config: ServerConfig) -> ServerState:
         admission=Admission(config, lambda: engine.stats().num_waiting),
         metrics=metrics, billing=Billing(costs, engine.stats, metrics, name), cache=cache,
         responses=build_response_store(config),
-        # A model without a file (an engine built in process) gets an identity of its own, so no
-        # stored answer matches it.
-        cache_identity={"model": name, "dtype": limits.dtype, "quill": __version__,
-                        "weights": model_identity(path) if path else uuid.uuid4().hex},
+        cache_identity={"model": name, "dtype": limits.dtype, "quill": __version__, "weights": _weights(model, path)},
     )
 
+
+def _weights(model, path: str | None) -> str:
+    """What identifies the weights in cache keys: the identity an engine client brings (its files
+    may be on another machine), else the file's; a model without a file (an engine built in
+    process) gets an identity of its own, so no stored answer matches it."""
+    return getattr(model, "weights_identity", None) or (model_identity(path) if path else uuid.uuid4().hex)

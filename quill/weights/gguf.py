@@ -33,7 +33,7 @@ from quill.weights.checkpoint import Checkpoint
 from quill.weights.family import Families, GGUFKeys, ModelFamily
 from quill.weights.gguf_quant import CODES, NATIVE_GGML_TYPES, OFFSETS, SCALES, quill_quantized, repack_ggml
 from quill.weights.layout import check_shapes
-from quill.weights.quantized import QuantizedWeight
+from quill.weights.quantized import GGMLRows, QuantizedWeight
 
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -239,16 +239,24 @@ def _type_name(info: GGUFTensorInfo) -> str:
         return str(info.type_id)
 
 
-def _dequantize(f: BinaryIO, info: GGUFTensorInfo, path: Path) -> torch.Tensor:
+def _dequantize(f: BinaryIO, info: GGUFTensorInfo, path: Path, dtype: torch.dtype = torch.float32,
+                rows_per_chunk: int = 4096) -> torch.Tensor:
+    """The tensor as `dtype`, read and expanded a chunk of rows at a time: gguf-py's dequantizers
+    make several float32 copies of what they are given, so a whole embedding table at once would
+    cost GBs (Gemma 3's 262,144 x 640 table: the load peaked at 1.7 GB for a model that then
+    holds 1.1 GB; 1.2 GB with chunks)."""
     qtype = _ggml_type(info, path)
-    rows = _read_raw(f, info, path)
-    try:
-        values = gguf.quants.dequantize(rows, qtype)
-    except NotImplementedError:
-        raise UnsupportedModelError(
-            f"{path.name}: tensor {info.name} has type {qtype.name}, which Quill cannot dequantize"
-        ) from None
-    return torch.from_numpy(values.astype(np.float32, copy=False).reshape(info.shape))
+    raw = _read_raw(f, info, path)  # [rows, bytes per row]
+    out = torch.empty(raw.shape[0], info.shape[-1], dtype=dtype)
+    for start in range(0, raw.shape[0], rows_per_chunk):
+        try:
+            values = gguf.quants.dequantize(raw[start:start + rows_per_chunk], qtype)
+        except NotImplementedError:
+            raise UnsupportedModelError(
+                f"{path.name}: tensor {info.name} has type {qtype.name}, which Quill cannot dequantize"
+            ) from None
+        out[start:start + rows_per_chunk] = torch.from_numpy(values.astype(np.float32, copy=False))
+    return out.reshape(info.shape)
 
 
 def _config(family: ModelFamily, metadata: dict[str, Any], tensors: dict[str, GGUFTensorInfo],
@@ -330,14 +338,14 @@ def load_gguf(path: str | Path, families: Families, dtype: torch.dtype | None = 
                 raise ModelLoadError(f"{path.name}: invalid model metadata: {exc}") from exc
             # Check names and shapes before reading anything; tensors the model does not use are skipped.
             wanted = family.tensors(config)
-            reader = _TensorReader(f, path, metadata, infos, keep_quantized)
+            reader = _TensorReader(f, path, metadata, infos, keep_quantized, dtype or torch.float32)
             check_shapes({t.gguf: t.gguf_shape for t in wanted}, reader.shapes(), path.name)
             tensors = {}
             for spec in wanted:
                 stored = reader.read(spec.gguf)
                 for hf_name, tensor in zip(spec.hf_names, _unstack(stored, spec.experts)):
                     tensor = family.from_gguf(hf_name, tensor, config)
-                    quantized = isinstance(tensor, QuantizedWeight)
+                    quantized = isinstance(tensor, (QuantizedWeight, GGMLRows))
                     tensors[hf_name] = tensor if quantized else tensor.to(dtype or torch.float32)
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from exc
@@ -360,8 +368,9 @@ class _TensorReader:
     `W.scales`, `W.offsets`), which stand for one weight `W`."""
 
     def __init__(self, f: BinaryIO, path: Path, metadata: dict[str, Any], infos: dict[str, GGUFTensorInfo],
-                 keep_quantized: bool) -> None:
+                 keep_quantized: bool, dtype: torch.dtype) -> None:
         self.f, self.path, self.infos, self.keep_quantized = f, path, infos, keep_quantized
+        self.dtype = dtype  # for matrices, which a family only permutes (exact in any type)
         self.quill_type = metadata.get("quill.quantization.type")
         self.quill_weights = {name.removesuffix(CODES) for name in infos if name.endswith(CODES)}
 
@@ -396,8 +405,10 @@ class _TensorReader:
                 raise ModelLoadError(f"{self.path.name}: tensor {name}: {exc}") from exc
             return weight if self.keep_quantized else weight.dequantize()
         info = self.infos[name]
-        if (self.keep_quantized and info.type_id in NATIVE_GGML_TYPES and len(info.shape) >= 2
-                and name != "token_embd.weight"):  # an embedding is a lookup table, not a matmul
+        if self.keep_quantized and info.type_id in NATIVE_GGML_TYPES and len(info.shape) >= 2:
             rows = _read_raw(self.f, info, self.path)
+            if name == "token_embd.weight":  # a lookup table, not a matmul: rows expand when read
+                return GGMLRows(torch.from_numpy(rows), info.type_id, info.shape[-1], self.dtype)
             return repack_ggml(rows, gguf.GGMLQuantizationType(info.type_id), (rows.shape[0], info.shape[-1]))
-        return _dequantize(self.f, info, self.path)
+        # Vectors stay float32 until the family has converted them (norm offsets are arithmetic).
+        return _dequantize(self.f, info, self.path, self.dtype if len(info.shape) >= 2 else torch.float32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import gguf
 import torch
 
 
@@ -49,3 +50,24 @@ class QuantizedWeight:
         return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
                                torch.cat([p.offsets for p in parts]), max(p.bits for p in parts), first.group_size,
                                "+".join(sources))
+
+
+class GGMLRows:
+    """A matrix kept in the GGML blocks its file stores, each row expanded to `dtype` when read.
+
+    For a token embedding table: a step reads a few of its rows (the tokens looked up, and the LM
+    head's candidates recomputed exactly, see `layers/logits.py`), so it needs no float copy.
+    Gemma 3's 262,144 x 640 table is 320 MiB in bf16 and 170 MiB as the file's Q8_0 blocks. A row
+    expands exactly as the whole table would (gguf-py's dequantizer, then one rounding to `dtype`),
+    so outputs do not change. Indexes like a tensor's first dimension: `rows[ids]`, `rows[a:b]`."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: int, columns: int, dtype: torch.dtype) -> None:
+        self.blocks = blocks  # uint8 [rows, bytes per row]
+        self.qtype, self.dtype = qtype, dtype
+        self.shape = torch.Size((blocks.shape[0], columns))
+        self.device = blocks.device
+
+    def __getitem__(self, index: torch.Tensor | slice | int) -> torch.Tensor:
+        blocks = self.blocks[index]
+        values = gguf.quants.dequantize(blocks.reshape(-1, self.blocks.shape[1]).numpy(), self.qtype)
+        return torch.from_numpy(values).to(self.dtype).reshape(*blocks.shape[:-1], self.shape[1])
