@@ -28,7 +28,7 @@ async def chat_completion(server: ServerState, request: Request, body: ChatCompl
                                   body.structured_outputs, server.prompts.chat_template)
     prompt_ids = await server.prompts.encode_chat(messages, body.add_generation_prompt is not False,
                                                   tools.template_tools)
-    params = sampling_params(body, [prompt_ids], server.limits, server.config.max_tokens_cap, constraint)
+    params = sampling_params(body, [prompt_ids], server.limits, server.config, constraint)
     head = Head(f"chatcmpl-{record.request_id}", server.model.name, int(time.time()), body.include_usage)
     reply = ChatReply(head, server.token_text, params.skip_special_tokens, logprobs=bool(body.logprobs),
                       top_logprobs=body.top_logprobs or 0, tools=tools)

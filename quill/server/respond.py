@@ -4,7 +4,6 @@ from the engine (storing a deterministic answer for the next identical request),
 or as a stream of server-sent events. One function per path, each read top to bottom."""
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 
@@ -13,15 +12,15 @@ from fastapi.responses import JSONResponse, Response
 
 from quill.cache import Lease
 from quill.sampling_params import SamplingParams
-from quill.server.admission import Admission
 from quill.server.answer import LiveAnswer
 from quill.server.cached import CACHE_HEADER, answer_key, may_use_cache, stored_answer
-from quill.server.errors import api_error
+from quill.server.errors import ShuttingDown, api_error
 from quill.server.protocol import SamplingFields
 from quill.server.replies import DONE, Reply, sse, sse_response
 from quill.server.request_log import RequestRecord
 from quill.server.runs import Run, Update
 from quill.server.state import ServerState
+from quill.server.streaming import LiveStream, StreamLimits
 from quill.server.usage import hit_usage
 
 
@@ -39,7 +38,7 @@ async def respond(server: ServerState, request: Request, body: SamplingFields, r
     cache = "miss" if lease else "bypass"
     record.answered_as(reply.head.id, cache)
     try:
-        ticket = server.admission.admit(len(prompts) * params.n)
+        ticket = server.admission.admit(len(prompts) * params.n, "n" if params.n > 1 else "prompt")
     except BaseException:
         if lease:  # the waiters for this key compute it themselves
             lease.settle(None)
@@ -52,11 +51,13 @@ async def respond(server: ServerState, request: Request, body: SamplingFields, r
         lease.settle(stored_answer(reply.choices(answer.run), answer.usage) if complete else None)
 
     answer = LiveAnswer(Run(server.engine, reply.head.id, prompts, params), ticket, server.metrics,
-                        server.billing, record, on_close=store if lease else None)
+                        server.billing, record, on_close=store if lease else None,
+                        deadline=server.config.request_timeout)
     answer.start()
     if body.stream:
         first = await _first_update(answer)
-        response = sse_response(live_events(answer, first, reply, server.admission, body.field_names), answer.close)
+        response = LiveStream(live_events(answer, first, reply, body.field_names), StreamLimits.of(server.config),
+                              server.admission, on_stall=answer.cut, cleanup=answer.close)
     else:
         await answer.finish()
         response = JSONResponse(reply.body(reply.choices(answer.run), answer.usage))
@@ -74,28 +75,35 @@ async def _first_update(answer: LiveAnswer) -> Update | None:
         raise
 
 
-async def live_events(answer: LiveAnswer, first: Update | None, reply: Reply, admission: Admission,
+async def live_events(answer: LiveAnswer, first: Update | None, reply: Reply,
                       field_names: Mapping[str, str]) -> AsyncIterator[str]:
-    """A live answer's stream: its chunks, the usage chunk when asked for, then [DONE]. An error
-    after the stream began becomes an error event (the status line is long gone). However the
-    stream ends (cancelled on disconnect or shutdown included), the answer is closed."""
-    with admission.track(asyncio.current_task()):
-        try:
-            update = first
-            while update is not None:
-                for choice in reply.live(update):
-                    yield reply.chunk([choice])
-                update = await answer.next()
-            if reply.head.include_usage:
-                yield reply.chunk([], answer.usage)
-            yield DONE
-        except Exception as exc:
-            error = api_error(exc, field_names)
-            answer.record.failed(error.message, stream_status=error.status)
-            yield sse(error.body())
-            yield DONE
-        finally:
-            answer.close()
+    """A live answer's stream: its chunks, the usage chunk when asked for, then [DONE]. Stopped at
+    shutdown, each unfinished choice ends with finish_reason "abort" before them; any other error
+    after the stream began becomes an error event (the status line is long gone), then [DONE].
+    However the stream ends (cancelled on disconnect included), the answer is closed."""
+    try:
+        update = first
+        while update is not None:
+            for choice in reply.live(update):
+                yield reply.chunk([choice])
+            update = await answer.next()
+    except ShuttingDown:
+        answer.close()  # settles the usage the last chunk carries
+        for choice in answer.run.choices:
+            if choice.finish_reason is None:
+                for entry in reply.aborted(choice):
+                    yield reply.chunk([entry])
+    except Exception as exc:
+        error = api_error(exc, field_names)
+        answer.record.failed(error.message, stream_status=error.status)
+        yield sse(error.body())
+        yield DONE
+        return
+    finally:
+        answer.close()
+    if reply.head.include_usage:
+        yield reply.chunk([], answer.usage)
+    yield DONE
 
 
 def replay(server: ServerState, record: RequestRecord, body: SamplingFields, reply: Reply, stored: dict,
