@@ -19,6 +19,7 @@ from quill.cost import DEFAULT_HOURLY_COST, comparison_lines, load_price_file, u
 from quill.errors import ChatTemplateError, InvalidRequestError, QuillError
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
+from quill.server.config import ServerConfig  # plain settings: FastAPI and the engine load with `serve`
 from quill.table import format_table
 from quill.weights import hub
 
@@ -111,17 +112,36 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require `Authorization: Bearer KEY` (default: $QUILL_API_KEY; none if unset)")
     serve.add_argument("--served-model-name", metavar="NAME",
                        help="the model name clients send (default: the MODEL argument)")
-    serve.add_argument("--max-queue", type=int, default=256, metavar="N",
-                       help="sequences allowed to wait for their first token; more get 429 (default: %(default)s)")
-    serve.add_argument("--max-body-bytes", type=_byte_size, default=4 << 20, metavar="SIZE",
-                       help="largest request body, e.g. 4MiB; larger ones get 413 (default: 4MiB)")
-    serve.add_argument("--max-tokens-cap", type=int, metavar="N",
-                       help="clamp each request's max_tokens to N (default: no cap)")
+    serve.add_argument("--public-metrics", action="store_true",
+                       help="with an API key, let /metrics answer without it (for scrapers that send none)")
+    serve.add_argument("--public-docs", action="store_true",
+                       help="with an API key, let /docs, /redoc and /openapi.json answer without it")
     serve.add_argument("--log-prompts", action="store_true", help="include prompt text in the request log")
     serve.add_argument("--no-ui", action="store_true",
                        help="do not serve the chat page at / (the API is the same either way)")
-    serve.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
-                       help="time in-flight requests get to finish at shutdown (default: %(default)s)")
+    serve.add_argument("--shutdown-grace", type=float, default=ServerConfig.shutdown_grace, metavar="SECONDS",
+                       help="time in-flight requests get to finish at shutdown; then each open stream ends with "
+                            "finish_reason \"abort\" and [DONE] (default: %(default)s)")
+    limits = serve.add_argument_group("per-request limits")
+    limits.add_argument("--default-max-tokens", type=int, default=ServerConfig.default_max_tokens, metavar="N",
+                        help="max_tokens of a request that sets none, at most the rest of the context window; "
+                             "shown in /v1/models (default: %(default)s)")
+    limits.add_argument("--max-tokens-cap", type=int, metavar="N",
+                        help="clamp each request's max_tokens to N (default: no cap)")
+    limits.add_argument("--max-queue", type=int, default=ServerConfig.max_queue, metavar="N",
+                        help="sequences allowed to wait for their first token: more get 429 with Retry-After, and "
+                             "a request for more than N at once gets 400 (default: %(default)s)")
+    limits.add_argument("--max-body-bytes", type=_byte_size, default=ServerConfig.max_body_bytes, metavar="SIZE",
+                        help="largest request body, e.g. 4MiB; larger ones get 413 (default: 4MiB)")
+    limits.add_argument("--stream-idle-timeout", type=float, default=ServerConfig.stream_idle_timeout,
+                        metavar="SECONDS", help="abort a stream (and free its KV cache) when its client has accepted "
+                                                "no data for this long; 0: never (default: %(default)s)")
+    limits.add_argument("--stream-buffer", type=_byte_size, default=ServerConfig.stream_buffer_bytes, metavar="SIZE",
+                        help="most bytes of events held for a client that reads slower than the model writes; "
+                             "past it the stream is aborted (default: 256KiB)")
+    limits.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                        help="deadline from admission to the last token: later, the request ends with an error "
+                             "(code request_timeout) and its KV cache is freed (default: none)")
     serve.add_argument("--hourly-cost", type=float, default=DEFAULT_HOURLY_COST, metavar="USD",
                        help="what this machine costs per hour; with the throughput the server measures it gives "
                             "the self-hosted price per 1K tokens (default: $%(default)s, about a 2-vCPU on-demand "
@@ -165,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_quantize_command(commands)
     _add_eval_command(commands)
+    _add_prune_distill_commands(commands)
     return parser
 
 
@@ -213,8 +234,9 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument("--max-model-len", type=int, metavar="N",
                          help="context length limit (default: the model's own)")
     options.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
-                         help="memory for the paged KV cache, e.g. 512MiB or 2GiB (default: room for "
-                              "64 full-length sequences, at most 1GiB)")
+                         help="memory for the paged KV cache, e.g. 512MiB or 2GiB; never exceeded: a context window "
+                              "longer than it holds is shortened, with a warning (default: 1GiB, or less when 64 "
+                              "full-length sequences need less)")
     options.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                          help="what the KV cache stores keys and values in (default: auto, float16 on a CPU for a "
                               "bfloat16 model, which halves the bytes decoding reads per token; otherwise --dtype)")
@@ -225,6 +247,8 @@ def _model_options() -> argparse.ArgumentParser:
                               "model's tokenizer; output is unchanged, only faster (default: off)")
     options.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                          help="the most draft tokens per sequence and step (default: %(default)s)")
+    options.add_argument("--enforce-eager", action="store_true",
+                         help="on a GPU, run decode steps eagerly instead of replaying them as CUDA graphs")
     return options
 
 
@@ -362,10 +386,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise InvalidRequestError(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_queue < 0:
-        raise InvalidRequestError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.max_tokens_cap is not None and args.max_tokens_cap < 1:
-        raise InvalidRequestError(f"--max-tokens-cap must be >= 1, got {args.max_tokens_cap}")
+    if args.max_queue < 1:
+        raise InvalidRequestError(f"--max-queue must be >= 1, got {args.max_queue}")
+    for name in ("max_tokens_cap", "default_max_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise InvalidRequestError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.stream_idle_timeout < 0:
+        raise InvalidRequestError(f"--stream-idle-timeout must be >= 0, got {args.stream_idle_timeout}")
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise InvalidRequestError(f"--request-timeout must be > 0, got {args.request_timeout}")
     if args.hourly_cost < 0:
         raise InvalidRequestError(f"--hourly-cost must be >= 0, got {args.hourly_cost}")
     reference_prices = load_price_file(args.price_file) if args.price_file else None
@@ -374,12 +403,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.response_cache_entries < 1:
         raise InvalidRequestError(f"--response-cache-entries must be >= 1, got {args.response_cache_entries}")
     template = _read_chat_template(args)
-    from quill.server import ServerConfig, create_app, serve
+    from quill.server import create_app, serve
     from quill.server.runner import configure_logging
+    from quill.server.sampling import default_max_tokens
 
     config = ServerConfig(
         served_model_name=args.served_model_name or args.model, api_key=args.api_key or os.environ.get("QUILL_API_KEY"),
         max_queue=args.max_queue, max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
+        default_max_tokens=args.default_max_tokens, stream_idle_timeout=args.stream_idle_timeout or None,
+        stream_buffer_bytes=args.stream_buffer, request_timeout=args.request_timeout,
+        public_metrics=args.public_metrics, public_docs=args.public_docs,
         log_prompts=args.log_prompts, chat_template=template, shutdown_grace=args.shutdown_grace,
         hourly_cost=args.hourly_cost, reference_prices=reference_prices,
         response_cache=not args.no_response_cache, response_cache_path=args.response_cache,
@@ -404,9 +437,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("quill.server")
     log.info("serving %s as %r on http://%s:%d/v1 (API key %s)", llm.path, config.served_model_name, host, args.port,
              "required" if config.api_key else "not required")
+    log.info(llm.engine.kv_plan.describe())
+    log.info("requests without max_tokens get %d; streams idle for %s are aborted; %s", default_max_tokens(config),
+             f"{config.stream_idle_timeout:g} s" if config.stream_idle_timeout else "ever (never aborted)",
+             f"deadline {config.request_timeout:g} s" if config.request_timeout else "no request deadline")
     if config.ui:
         log.info("chat page on http://%s:%d/", host, args.port)
-    serve(app, host=args.host, port=args.port, shutdown_grace=args.shutdown_grace)
+    serve(app, host=args.host, port=args.port)
     return 0
 
 
@@ -451,7 +488,8 @@ def _llm_options(args: argparse.Namespace) -> dict:
     """The model options (`LLM` keyword arguments), here and in each replica of `serve --replicas`."""
     return dict(dtype=args.dtype, device=args.device, dequantize=args.dequantize, max_model_len=args.max_model_len,
                 kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
-                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens)
+                speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                decode_graphs="off" if args.enforce_eager else "auto")
 
 
 _REPLICA_OPTIONS = ("threads_per_replica", "gpus_per_replica", "ray_address", "routing", "min_replicas",
@@ -686,6 +724,111 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model_scores, reference_scores = results[0][2], results[1][2]
         print(f"greedy agreement with {args.reference}: {model_scores.agreement(reference_scores):.2%} "
               f"of {model_scores.tokens_scored:,} positions")
+    return 0
+
+
+# --- prune and distill (quill/optimize/prune.py, distill.py) --------------------------------------
+
+def _add_prune_distill_commands(commands) -> None:
+    prune = commands.add_parser(
+        "prune", help="remove the least important channels, heads, layers or output tokens of a model",
+        description="Structured pruning ranked by activations on a calibration text (default: the dev split of "
+        "Quill's corpus): MLP channels, query heads (the same number from each grouped-query group), whole layers "
+        "(those that change their input least), and the LM head's vocabulary (the tokens the text uses most, and "
+        "the tokens generation needs; generation is then restricted to them, and only Quill loads the result). "
+        "--sparsity and --two-four zero weights instead: quality baselines, no faster on a CPU. Writes a Hugging "
+        "Face directory, or a float32 GGUF file when OUT ends in .gguf; both carry the tokenizer. Distil "
+        "afterwards (`quill distill`) to recover quality.")
+    prune.add_argument("model", help=MODEL_HELP)
+    prune.add_argument("-o", "--output", required=True, metavar="OUT", help="directory, or a .gguf file")
+    prune.add_argument("--mlp-keep", type=float, metavar="F", help="fraction of MLP channels kept per layer")
+    prune.add_argument("--mlp-width", type=int, metavar="N", help="or the MLP width itself")
+    prune.add_argument("--heads-keep", type=float, metavar="F", help="fraction of query heads kept per GQA group")
+    prune.add_argument("--drop-layers", type=int, default=0, metavar="N", help="layers removed (default: 0)")
+    prune.add_argument("--trim-vocab", type=int, metavar="N", help="output tokens the LM head keeps")
+    prune.add_argument("--multiple", type=int, default=32, metavar="N",
+                       help="widths are multiples of N: 32 for Q8_0/Q4_0/Q4_1/int4, 256 for k-quants (default: 32)")
+    prune.add_argument("--sparsity", type=float, metavar="F", help="baseline: zero this fraction of each weight row")
+    prune.add_argument("--sparsity-method", choices=["wanda", "magnitude"], default="wanda",
+                       help="how --sparsity/--two-four rank weights: |W| * input norm, or |W| (default: wanda)")
+    prune.add_argument("--two-four", action="store_true", help="baseline: zero 2 of every 4 consecutive weights")
+    prune.add_argument("--calibration", metavar="FILE", help="UTF-8 calibration text (default: the dev split)")
+    prune.add_argument("--calibration-tokens", type=int, default=4096, metavar="N",
+                       help="tokens of it to run (default: %(default)s)")
+    prune.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    prune.set_defaults(func=_cmd_prune)
+
+    distill = commands.add_parser(
+        "distill", help="train a student model to imitate a teacher",
+        description="Knowledge distillation: the student learns the teacher's next-token distributions (KL at "
+        "--temperature over the teacher's top-k tokens, computed once and cached in OUT/checkpoint), optionally "
+        "mixed with the next-token loss. AdamW, bfloat16 autocast over float32 weights, a cosine schedule; checkpoints in "
+        "OUT/checkpoint (--resume continues them), the loss curve in OUT/loss.png. The student (usually a "
+        "`quill prune`d teacher) must share the teacher's tokenizer; OUT is a Hugging Face directory that Quill "
+        "runs, `quill quantize` converts and `--speculative` uses as a draft model. Needs transformers (quill[train]).")
+    distill.add_argument("--teacher", required=True, metavar="MODEL", help=MODEL_HELP)
+    distill.add_argument("--student", required=True, metavar="MODEL", help="the model to train (same tokenizer)")
+    distill.add_argument("-o", "--output", required=True, metavar="OUT", help="directory for the trained student")
+    distill.add_argument("--data", metavar="FILE", help="text or JSONL ('text' or 'prompt'+'completion') file "
+                         "(default: the dev split of Quill's corpus)")
+    distill.add_argument("--generate", type=int, default=0, metavar="N",
+                         help="train on N continuations the teacher writes from prompts taken from the data")
+    defaults = _distill_defaults()
+    for flag, kind, text in (("temperature", float, "softmax temperature"), ("top-k", int, "teacher logits kept"),
+                             ("ce-weight", float, "share of the next-token loss, 0..1"), ("lr", float, "peak rate"),
+                             ("weight-decay", float, "AdamW weight decay"), ("batch-size", int, "sequences per batch"),
+                             ("grad-accum", int, "batches per step"), ("seq-len", int, "tokens per sequence"),
+                             ("epochs", int, "passes over the data"), ("max-tokens", int, "training tokens (overrides --epochs)"),
+                             ("max-minutes", float, "stop and save after this long"), ("seed", int, "random seed"),
+                             ("checkpoint-every", int, "steps between checkpoints")):
+        value = defaults[flag.replace("-", "_")]
+        distill.add_argument(f"--{flag}", type=kind, default=value, metavar="X", help=f"{text} (default: {value})")
+    distill.add_argument("--no-bf16", action="store_true", help="compute the forward pass in float32")
+    distill.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
+    distill.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    distill.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    distill.set_defaults(func=_cmd_distill)
+
+
+def _distill_defaults() -> dict:
+    from dataclasses import fields
+
+    from quill.optimize.distill_options import DistillOptions
+
+    return {f.name: f.default for f in fields(DistillOptions)}
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from quill.optimize.prune import PruneOptions, prune_checkpoint
+
+    options = PruneOptions(mlp_keep=args.mlp_keep, mlp_width=args.mlp_width, heads_keep=args.heads_keep,
+                           drop_layers=args.drop_layers, trim_vocab=args.trim_vocab, multiple=args.multiple,
+                           sparsity=args.sparsity, sparsity_method=args.sparsity_method, two_four=args.two_four,
+                           calibration_tokens=args.calibration_tokens)
+    summary = prune_checkpoint(args.model, args.output, options, calibration=args.calibration, progress=not args.quiet)
+    c = summary.config
+    print(f"wrote {summary.output}")
+    print(f"  parameters: {summary.params_before:,} -> {summary.params_after:,} "
+          f"({summary.params_after / summary.params_before:.1%})")
+    print(f"  layers {c.num_layers}, query heads {c.num_heads} (kv {c.num_kv_heads}), MLP width {c.intermediate_size}"
+          + (f", output vocabulary {len(c.output_token_ids):,} of {c.vocab_size:,}" if c.output_token_ids else ""))
+    if summary.zeroed:
+        print(f"  {summary.zeroed:,} weights zeroed (a quality baseline: no faster without sparse kernels)")
+    return 0
+
+
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from quill.optimize.distill import distill
+    from quill.optimize.distill_options import DistillOptions
+
+    names = _distill_defaults().keys() - {"bf16", "warmup", "teacher_dtype"}  # device: its own flag above
+    options = DistillOptions(bf16=not args.no_bf16, **{name: getattr(args, name) for name in names})
+    summary = distill(args.teacher, args.student, args.output, options, data=args.data, generate=args.generate,
+                      resume=args.resume, progress=not args.quiet)
+    state = "stopped early (--max-minutes)" if summary.stopped_early else "done"
+    print(f"wrote {summary.output}: {summary.steps}/{summary.total_steps} steps, {summary.tokens:,} tokens, {state}")
+    if summary.losses:
+        print(f"  loss {summary.losses[0]:.4f} -> {summary.losses[-1]:.4f} (curve: {summary.output / 'loss.png'})")
     return 0
 
 

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quill.errors import InvalidRequestError
+from quill.model_limits import MODEL_LIMITS, check_model_limits
 
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+DECODE_GRAPH_MODES = ("auto", "off", "eager")  # EngineConfig.decode_graphs
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,13 @@ class ModelConfig:
     rope_local_theta: float | None = None
     query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5 when set
     final_logit_softcapping: float | None = None
+    # A trimmed output vocabulary (`quill prune --trim-vocab`): the LM head has one row per id here,
+    # in this (ascending) order, and every other token's logit is -inf, so it is never generated.
+    # The input embedding keeps all `vocab_size` rows. Empty: the head covers the whole vocabulary.
+    output_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        check_model_limits({name: getattr(self, name) for name in MODEL_LIMITS})  # before sizing anything
         if not self.layer_types:
             kind = "sliding" if self.sliding_window else "full"
             object.__setattr__(self, "layer_types", (kind,) * self.num_layers)
@@ -63,6 +70,17 @@ class ModelConfig:
             raise ValueError(f"num_experts_per_token {self.num_experts_per_token} is not in 1..{self.num_experts}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.output_token_ids:
+            ids = self.output_token_ids
+            if self.tie_word_embeddings:
+                raise ValueError("a trimmed output vocabulary needs an LM head of its own (tie_word_embeddings False)")
+            if list(ids) != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.vocab_size:
+                raise ValueError(f"output_token_ids must be ascending, distinct ids below vocab_size {self.vocab_size}")
+
+    @property
+    def output_vocab_size(self) -> int:
+        """Rows of the LM head: the kept tokens when the output vocabulary is trimmed."""
+        return len(self.output_token_ids) or self.vocab_size
 
     @property
     def attention_scale(self) -> float:
@@ -92,6 +110,9 @@ class EngineConfig:
     speculative: str | None = None
     num_speculative_tokens: int = 4  # the most draft tokens per sequence and step
     adaptive_speculation: bool = True  # shorten or pause drafting while drafts are rejected
+    # Pure decode steps padded to batch buckets and replayed as CUDA graphs (quill/engine/decode_graphs.py):
+    # "auto" (on CUDA; nothing changes on the CPU), "off" (--enforce-eager), "eager" (padded, never captured).
+    decode_graphs: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -109,5 +130,8 @@ class EngineConfig:
             raise InvalidRequestError("speculative must be None, 'ngram' or a draft model")
         if self.num_speculative_tokens <= 0:
             raise InvalidRequestError(f"num_speculative_tokens must be positive, got {self.num_speculative_tokens}")
+        if self.decode_graphs not in DECODE_GRAPH_MODES:
+            raise InvalidRequestError(f"decode_graphs must be one of {', '.join(DECODE_GRAPH_MODES)}, "
+                                      f"got {self.decode_graphs!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise InvalidRequestError(f"max_model_len must be positive, got {self.max_model_len}")

@@ -9,6 +9,20 @@ recovers either from the message text. The server renames `param` to its own fie
 from __future__ import annotations
 
 
+# An error message quotes at most this much of a value the client sent: enough to recognise it,
+# never the whole of a 1,000-item list or a 4 MB string.
+QUOTE_CHARS = 100
+
+
+def quoted(value) -> str:
+    """`repr(value)`, cut to `QUOTE_CHARS` characters (with how long it was) for an error message."""
+    text = repr(value)
+    if len(text) <= QUOTE_CHARS:
+        return text
+    size = f"{len(value):,} items" if isinstance(value, (list, tuple, dict, set)) else f"{len(text):,} characters"
+    return f"{text[:QUOTE_CHARS]}... ({size})"
+
+
 class QuillError(Exception):
     """Base class for every error Quill raises on purpose."""
 

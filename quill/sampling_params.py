@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from quill.errors import InvalidRequestError
+from quill.errors import InvalidRequestError, quoted
 from quill.structured.constraints import Constraint, constraint_from_fields
 
 MAX_N = 16
@@ -162,7 +162,7 @@ class SamplingParams:
 
 
 def _invalid(name: str, rule: str, value) -> InvalidRequestError:
-    return _error(f"{name} must be {rule}, got {value!r}", name)
+    return _error(f"{name} must be {rule}, got {quoted(value)}", name)
 
 
 def _error(message: str, param: str) -> InvalidRequestError:
@@ -176,10 +176,11 @@ def _parse_logit_bias(bias) -> dict[int, float]:
         try:
             token_id = int(key)
         except (TypeError, ValueError):
-            raise _error(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+            raise _error(f"logit_bias keys must be token ids, got {quoted(key)}", "logit_bias") from None
         if token_id < 0:
-            raise _error(f"logit_bias keys must be token ids >= 0, got {key!r}", "logit_bias")
+            raise _error(f"logit_bias keys must be token ids >= 0, got {quoted(key)}", "logit_bias")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
-            raise _error(f"logit_bias values must be in [-100, 100], got {value!r} for token {token_id}", "logit_bias")
+            raise _error(f"logit_bias values must be in [-100, 100], got {quoted(value)} for token {token_id}",
+                         "logit_bias")
         parsed[token_id] = float(value)
     return parsed

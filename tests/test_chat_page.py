@@ -470,7 +470,7 @@ def test_settings_are_sent_and_empty_ones_show_the_servers_defaults(context, tin
     requests = chat_requests(page)
     assert page.get_attribute("#temperature", "placeholder") == "1 (server default)"
     assert page.get_attribute("#top_p", "placeholder") == "1 (server default)"
-    assert page.get_attribute("#max_tokens", "placeholder") == f"rest of the {app.state.server.limits.max_model_len}-token context"
+    assert page.get_attribute("#max_tokens", "placeholder") == f"{app.state.config.default_max_tokens} (server default)"
     assert page.get_attribute("#seed", "placeholder") == "random"
     send(page, "defaults")
     wait_answers(page, 1)

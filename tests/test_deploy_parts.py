@@ -20,6 +20,7 @@ from quill.deploy.stats import combine_stats
 from quill.deploy.wire import DeltaEncoder, OutputAssembler
 from quill.engine.async_engine import AsyncEngine, EngineClient
 from quill.engine.engine import EngineStats
+from quill.engine.limits import EngineLimits
 from quill.sampling_params import SamplingParams
 from quill.server.metrics import ServerMetrics
 
@@ -227,6 +228,9 @@ class _Replicas:
 
     def replica_stats(self) -> dict[str, EngineStats]:
         return self.per_replica
+
+    def limits(self) -> EngineLimits:  # replicas are alike: one engine's limits stand for each
+        return EngineLimits(max_model_len=256, vocab_size=320, num_kv_blocks=64, block_size=16, dtype="float32")
 
 
 def _samples(metrics: ServerMetrics, name: str) -> list:

@@ -18,7 +18,7 @@ QUILL = Path(__file__).resolve().parent.parent / "quill"
 # Bottom first. A module may import from its own layer and the layers below it. Parts are quill's
 # top-level modules and packages; "quill" is the package's own __init__ (the public API).
 LAYERS = [
-    ("errors", "paths", "hardware", "table"),
+    ("errors", "paths", "hardware", "table", "model_limits"),
     ("config", "rope", "sampling_params", "outputs", "cost", "cache", "structured"),
     ("weights", "kernels"),  # checkpoint formats and the quantized-weight format; C kernel builds
     ("layers", "tokenizer"),

@@ -9,6 +9,8 @@ response cache unless a test turns it on.
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import httpx
 import openai
@@ -134,6 +136,40 @@ def test_stream_sends_named_events_without_done_marker(served):
     blocks = [b for b in text.split("\n\n") if b.strip()]
     assert all(b.startswith("event: response.") and "\ndata: {" in b for b in blocks), blocks
     assert "[DONE]" not in text
+
+
+def test_shutdown_ends_a_streamed_response_as_incomplete(tiny_model_dir):
+    """A response still generating when the server shuts down gets its closing events (the output
+    so far, `response.incomplete` with the usage), numbered in order, not a cut connection."""
+    config = ServerConfig(served_model_name="tiny", response_cache=False, chat_template=CHAT_TEMPLATE,
+                          shutdown_grace=0.3)
+    app = create_app(tiny_text_engine(tiny_model_dir("llama")), config)
+    core = app.state.engine.engine
+    step = core.step
+    core.step = lambda: time.sleep(0.02) or step()  # the run is certainly unfinished at shutdown
+    events: list[dict] = []
+    body = {"model": "tiny", "input": "Hi", "stream": True, "max_output_tokens": 150, "ignore_eos": True}
+    server = BackgroundServer(app).start()
+    try:
+        def stream() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                with client.stream("POST", "/v1/responses", json=body) as response:
+                    events.extend(json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: "))
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while app.state.engine.stats().num_running < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        server.stop()
+    thread.join(30)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]
+    assert final["type"] == "response.incomplete", [e["type"] for e in events[-3:]]
+    assert final["response"]["status"] == "incomplete"
+    assert 0 < final["response"]["usage"]["output_tokens"] < 150
 
 
 # ------------------------------------------------------------------------------ multi-turn

@@ -142,6 +142,17 @@ def test_serve_command_options():
     assert (args.kv_cache_memory, args.kv_cache_dtype) == (64 << 20, "float32")
     assert (args.served_model_name, args.log_prompts, args.shutdown_grace) == ("x", True, 2.0)
     assert args.response_cache is None and not args.no_response_cache and args.response_cache_ttl is None
+    defaults = ServerConfig()
+    args = cli.build_parser().parse_args(["serve", "m"])
+    assert (args.default_max_tokens, args.stream_idle_timeout, args.stream_buffer, args.request_timeout) == (
+        defaults.default_max_tokens, defaults.stream_idle_timeout, defaults.stream_buffer_bytes, None)
+    assert not args.public_metrics and not args.public_docs
+    args = cli.build_parser().parse_args(["serve", "m", "--default-max-tokens", "64", "--stream-idle-timeout", "5",
+                                          "--stream-buffer", "64KiB", "--request-timeout", "120", "--public-metrics",
+                                          "--public-docs"])
+    assert (args.default_max_tokens, args.stream_idle_timeout, args.stream_buffer, args.request_timeout) == (
+        64, 5.0, 64 << 10, 120.0)
+    assert args.public_metrics and args.public_docs
     args = cli.build_parser().parse_args(["serve", "m", "--response-cache", "a.db", "--response-cache-ttl", "60",
                                           "--response-cache-memory", "1MiB", "--response-cache-entries", "10"])
     assert (args.response_cache, args.response_cache_ttl, args.response_cache_memory) == ("a.db", 60.0, 1 << 20)
@@ -228,10 +239,18 @@ def test_tiny_errors_are_openai_shaped_and_server_keeps_serving(tiny):
     wait_idle(app)
 
 
-def test_tiny_default_max_tokens_fills_the_context(tiny):
+def test_tiny_default_max_tokens_is_the_servers_within_the_window(tiny):
+    """A request without max_tokens gets the server's default (shown in /v1/models), at most the
+    room its prompt leaves in the window and the cap; an explicit value is clamped by the cap."""
     app, client = tiny
     body = _tiny_completion(ignore_eos=True)
     del body["max_tokens"]
+    assert ServerConfig().default_max_tokens == 1024
+    with configured(app, default_max_tokens=10):
+        assert client.get("/v1/models").json()["data"][0]["default_max_tokens"] == 10
+        assert client.post("/v1/completions", json=body).json()["usage"]["completion_tokens"] == 10
+        with configured(app, max_tokens_cap=6):
+            assert client.get("/v1/models/tiny").json()["default_max_tokens"] == 6
     with configured(app, max_tokens_cap=6):
         response = client.post("/v1/completions", json=body)
     assert response.json()["usage"]["completion_tokens"] == 6  # clamped by the cap
@@ -251,7 +270,19 @@ def test_tiny_api_key(tiny):
             assert "API key" in error["message"]
         assert_error(client.get("/v1/models"), 401)
         assert client.get("/health").status_code == 200  # probes stay open
-        assert client.get("/metrics").status_code == 200
+        assert client.get("/version").status_code == 200
+        key = {"Authorization": "Bearer sekret"}
+        private = ("/metrics", "/docs", "/redoc", "/openapi.json")  # unless the operator makes them public
+        for path in private:
+            assert_error(client.get(path), 401, code="invalid_api_key")
+            assert client.get(path, headers=key).status_code == 200, path
+        with configured(app, public_metrics=True):
+            assert client.get("/metrics").status_code == 200
+            assert client.get("/openapi.json").status_code == 401
+        with configured(app, public_docs=True):
+            for path in private[1:]:
+                assert client.get(path).status_code == 200, path
+            assert client.get("/metrics").status_code == 401
         ok = client.post("/v1/completions", json=_tiny_completion(), headers={"Authorization": "Bearer sekret"})
         assert ok.status_code == 200
         # the official client sends the key the same way
@@ -270,15 +301,27 @@ def test_tiny_body_limit(tiny):
         assert client.post("/v1/completions", json=_tiny_completion()).status_code == 200
 
 
-def test_tiny_queue_limit(tiny):
+def test_tiny_queue_limit_tells_busy_from_never_fits(tiny):
+    """A request for more sequences than may ever wait is a 400 naming the field, even on an idle
+    server (a 429 would send a retrying client round forever); a busy server is a 429 with Retry-After."""
     app, client = tiny
-    with configured(app, max_queue=2):
-        response = client.post("/v1/completions", json=_tiny_completion(n=3))  # 3 sequences > 2
-        error = assert_error(response, 429, code="rate_limit_exceeded")
-        assert int(response.headers["retry-after"]) >= 1 and "busy" in error["message"]
-        assert client.post("/v1/completions", json=_tiny_completion(n=2)).status_code == 200
-    with configured(app, max_queue=0):
-        assert_error(client.post("/v1/completions", json=_tiny_completion(stream=True)), 429)
+    with configured(app, max_queue=4):
+        response = client.post("/v1/completions", json=_tiny_completion(n=8))  # 8 sequences > 4, server idle
+        error = assert_error(response, 400, "n", "too_many_sequences")
+        assert "retry-after" not in response.headers and "4" in error["message"] and "8" in error["message"]
+        response = client.post("/v1/completions", json=_tiny_completion(prompt=[[1, 2]] * 5))
+        assert_error(response, 400, "prompt", "too_many_sequences")
+        assert client.post("/v1/completions", json=_tiny_completion(n=4)).status_code == 200
+        admission = app.state.server.admission
+        engine_waiting = admission._engine_waiting
+        admission._engine_waiting = lambda: 3  # three sequences wait in the engine: busy
+        try:
+            response = client.post("/v1/completions", json=_tiny_completion(n=2))
+            error = assert_error(response, 429, code="rate_limit_exceeded")
+            assert int(response.headers["retry-after"]) >= 1 and "busy" in error["message"]
+            assert_error(client.post("/v1/completions", json=_tiny_completion(stream=True, n=2)), 429)
+        finally:
+            admission._engine_waiting = engine_waiting
     assert client.post("/v1/completions", json=_tiny_completion()).status_code == 200
     wait_idle(app)
 
@@ -676,7 +719,8 @@ def _free_port() -> int:
 
 @pytest.mark.real_model
 def test_quill_serve_exits_cleanly_on_sigterm(smollm2_gguf):
-    """The real command: serve, answer, then SIGTERM mid-stream -> the stream ends, exit status 0."""
+    """The real command: serve, answer, then SIGTERM mid-stream -> after the grace period the stream
+    ends with finish_reason "abort" and [DONE], nothing is logged as an error, exit status 0."""
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "quill.cli", "serve", str(smollm2_gguf), "--port", str(port),
@@ -699,14 +743,16 @@ def test_quill_serve_exits_cleanly_on_sigterm(smollm2_gguf):
             lines = response.iter_lines()
             next(line for line in lines if line.startswith("data: "))
             process.send_signal(signal.SIGTERM)
-            with contextlib.suppress(httpx.TransportError):
-                for _ in lines:
-                    pass
+            events = [line[6:] for line in lines if line.startswith("data: ")]  # the stream ends whole
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
         assert process.wait(timeout=30) == 0
         log = process.stderr.read()
         request_lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
         assert request_lines and request_lines[-1]["endpoint"] == "/v1/chat/completions"
+        assert request_lines[-1]["cut_short"] == "shutdown" and request_lines[-1]["finish_reasons"] == ["abort"]
         assert "prompt" not in request_lines[-1]
+        assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+        assert "KV cache: 1.00 GiB (default) holds" in log  # the start-up line says what the cache takes
     finally:
         if process.poll() is None:
             process.kill()

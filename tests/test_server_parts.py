@@ -160,7 +160,8 @@ def test_every_request_field_is_honoured_or_handled_by_the_server():
                          "max_completion_tokens", "top_logprobs", "add_generation_prompt",
                          # structured.py: the constraint and the tools (completions refuse tools)
                          "response_format", "structured_outputs", "tools", "tool_choice", "parallel_tool_calls",
-                         "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
+                         "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                         "functions", "function_call"}  # the deprecated names of tools and tool_choice: refused
     for model in (ChatCompletionRequest, CompletionRequest):
         unknown = set(model.model_fields) - SAMPLING_FIELDS - handled_by_server
         assert not unknown, (model.__name__, unknown)
@@ -261,17 +262,66 @@ def test_counts_return_to_zero_after_aborts_errors_and_refusals(served, monkeypa
         client.post("/v1/completions", json=long, timeout=0.05)
     assert_error(post(client, completion(prompt=[1, VOCAB])), 400)
     config = app.state.config
-    config.max_queue = 0
+    engine_waiting = admission._engine_waiting
+    config.max_queue, admission._engine_waiting = 2, lambda: 2  # the engine has two sequences waiting
     try:
-        assert_error(post(client, completion()), 429)
+        assert_error(post(client, completion()), 429)  # busy: retry
+        assert_error(post(client, completion(n=3)), 400, "n", "too_many_sequences")  # never fits
     finally:
-        config.max_queue = ServerConfig().max_queue
+        config.max_queue, admission._engine_waiting = ServerConfig().max_queue, engine_waiting
     assert post(client, completion(max_tokens=8, n=2)).status_code == 200
     wait_idle(app)
     assert (admission.waiting, admission.running) == (0, 0)
 
 
 # -------------------------------------------------------------------------------- errors
+
+
+def _raw(client: httpx.Client, path: str, body: bytes) -> httpx.Response:
+    return client.post(path, content=body, headers={"content-type": "application/json"})
+
+
+def test_errors_say_what_is_wrong_in_the_openai_shape(served):
+    """The findings of issue 24: no generic parse error for invalid UTF-8, no internal tokenizer
+    message for a lone surrogate, no union soup for an image part, no deprecated function fields
+    ignored without a word, no boolean taken as an integer, no 8 KB echo of a rejected list."""
+    _, client = served
+    error = assert_error(_raw(client, "/v1/completions", b'{"prompt": "a\xff", "max_tokens": 2}'), 400,
+                         code="invalid_json")
+    assert "UTF-8" in error["message"] and "offset 13" in error["message"]
+    error = assert_error(_raw(client, "/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}'), 400,
+                         "prompt", "invalid_value")
+    assert "lone surrogate" in error["message"] and "TextInputSequence" not in error["message"]
+    surrogate = b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "x\\udc00"}]}'
+    assert_error(_raw(client, "/v1/chat/completions", surrogate), 400, "messages[1].content", "invalid_value")
+    image = chat(messages=[{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+    error = assert_error(post(client, image), 400, "messages[0].content", "unsupported_value")
+    assert "images are not supported by this model" in error["message"] and "more problems" not in error["message"]
+    history = chat(messages=[{"role": "user", "content": "Weather?"},
+                             {"role": "assistant", "content": None,
+                              "tool_calls": [{"id": "c1", "type": "function",
+                                              "function": {"name": "weather", "arguments": "{}"}}]},
+                             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}])
+    assert post(client, history).status_code == 200  # rendered through the template (prompts.message_dict)
+    tools = chat(tools=[{"type": "function", "function": {"name": "weather"}}])
+    # Honoured (structured.py), not refused: the tools are rendered into the prompt, which outgrows
+    # the tiny model's 256-token window; with tool_choice "none" they are not shown and it answers.
+    assert_error(post(client, tools), 400, "messages", "context_length_exceeded")
+    assert post(client, {**tools, "tool_choice": "none"}).status_code == 200
+    error = assert_error(post(client, chat(functions=[{"name": "weather"}])), 400, "functions", "unsupported_parameter")
+    assert "send 'tools'" in error["message"]
+    assert_error(post(client, chat(function_call="auto")), 400, "function_call", "unsupported_parameter")
+    for body, param in ((completion(max_tokens=True), "max_tokens"), (chat(max_completion_tokens=True),
+                        "max_completion_tokens"), (completion(stream="yes"), "stream"), (completion(n=1.0), "n"),
+                        (chat(logprobs=1), "logprobs"), (completion(echo="false"), "echo")):
+        assert_error(post(client, body), 400, param, "invalid_value")
+    response = post(client, completion(stop=[f"stop {i}" for i in range(1000)]))
+    error = assert_error(response, 400, "stop", "invalid_value")
+    assert len(response.content) < 1000 and "1,000 items" in error["message"]
+    response = post(client, completion(model="m" * 100_000))
+    assert_error(response, 404, "model", "model_not_found")
+    assert len(response.content) < 1000
 
 
 def test_errors_map_by_type_not_by_message():

@@ -234,6 +234,8 @@ def test_tool_history_is_rendered_and_answered(tiny):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "extra": 1}}},
      "response_format.json_schema.extra"),
     ({"structured_outputs": {"regex": "("}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"regex": "a{99999999}"}}, "structured_outputs.regex"),  # would fail mid-step
+    ({"structured_outputs": {"json": {"type": "string", "pattern": "^[a-z]{5,100000}$"}}}, "structured_outputs.json"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
     ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
     ({"structured_outputs": {"grammar": "start: nothing_defined"}}, "structured_outputs.grammar"),

@@ -106,7 +106,8 @@ def test_api_key_guards_the_api_but_not_the_page(served):
             assert client.get(path).status_code == 200, path
         assert client.get("/v1/models").status_code == 401
         assert client.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
-        assert client.get("/metrics").status_code == 200  # open today, like /health: the page sends the key anyway
+        assert client.get("/metrics").status_code == 401  # the page sends the key with every call
+        assert client.get("/metrics", headers={"Authorization": "Bearer sekret"}).status_code == 200
     finally:
         config.api_key = None
 
@@ -118,7 +119,7 @@ def test_page_settings_show_the_servers_real_defaults(served):
     app, client = served
     settings = client.get(CONFIG_PATH).json()
     assert settings["max_model_len"] == app.state.server.limits.max_model_len
-    assert settings["max_tokens_cap"] is None and settings["defaults"]["seed"] is None
+    assert settings["default_max_tokens"] == app.state.config.default_max_tokens and settings["defaults"]["seed"] is None
 
     def tokens(**fields) -> list:
         body = {"prompt": [1, 5, 9], "max_tokens": 12, "seed": 1234, "logprobs": 0, "cache": False, **fields}
@@ -135,7 +136,7 @@ def test_max_tokens_cap_reaches_the_page(served):
     app, client = served
     app.state.config.max_tokens_cap = 64
     try:
-        assert client.get(CONFIG_PATH).json()["max_tokens_cap"] == 64
+        assert client.get(CONFIG_PATH).json()["default_max_tokens"] == 64
     finally:
         app.state.config.max_tokens_cap = None
 

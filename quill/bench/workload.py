@@ -31,17 +31,19 @@ class RequestSpec:
 
 
 def synthetic_workload(num_requests: int, prompt_words: int, max_tokens: int) -> list[RequestSpec]:
-    """Distinct story requests that invite long answers. Each starts differently (so no prefix is
-    shared between requests) and carries `prompt_words` words of notes: roughly 1.3 tokens a word
-    with the usual tokenizers, plus ~20 tokens of request and chat template."""
-    specs = []
-    for index in range(num_requests):
-        text = f"Write a long, detailed story about {_TOPICS[index % len(_TOPICS)]} (story {index})."
-        if prompt_words:
-            notes = " ".join(_NOTE_WORDS[(index * 7 + i) % len(_NOTE_WORDS)] for i in range(prompt_words))
-            text = f"Reader {index} took these notes: {notes}. {text}"
-        specs.append(RequestSpec(max_tokens=max_tokens, messages=[{"role": "user", "content": text}], prompt=text))
-    return specs
+    """Distinct story requests that invite long answers (`story_request` 0, 1, ...)."""
+    return [story_request(index, prompt_words, max_tokens) for index in range(num_requests)]
+
+
+def story_request(index: int, prompt_words: int, max_tokens: int) -> RequestSpec:
+    """The `index`th story request. Each starts differently (so no prefix is shared between
+    requests) and carries `prompt_words` words of notes: roughly 1.3 tokens a word with the usual
+    tokenizers, plus ~20 tokens of request and chat template."""
+    text = f"Write a long, detailed story about {_TOPICS[index % len(_TOPICS)]} (story {index})."
+    if prompt_words:
+        notes = " ".join(_NOTE_WORDS[(index * 7 + i) % len(_NOTE_WORDS)] for i in range(prompt_words))
+        text = f"Reader {index} took these notes: {notes}. {text}"
+    return RequestSpec(max_tokens=max_tokens, messages=[{"role": "user", "content": text}], prompt=text)
 
 
 def load_jsonl(path: str | Path, default_max_tokens: int) -> list[RequestSpec]:

@@ -19,19 +19,18 @@ from torch import nn
 
 from quill.config import EngineConfig, ModelConfig
 from quill.engine.detokenizer import IncrementalDetokenizer
-from quill.engine.kv_cache import KVCacheManager
+from quill.engine.device_sampler import sample_on_device
+from quill.engine.kv_cache import KVCacheManager, plan_kv_cache
 from quill.engine.limits import EngineLimits
 from quill.engine.request import Request, RequestStatus
 from quill.engine.runner import ModelRunner, kv_bytes_per_token, kv_cache_dtype
 from quill.engine.sampler import TokenLogprob, sample
 from quill.engine.scheduler import Scheduler
-from quill.errors import ContextLengthError, InvalidRequestError
+from quill.errors import InvalidRequestError
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
 from quill.speculative import SpeculativeStats, Speculator, build_speculator
 from quill.structured import StructuredDecoding, StructuredStats, TokenMasks
-
-DEFAULT_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -67,21 +66,25 @@ class Engine:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.config = config
-        self.max_model_len = min(config.max_model_len or model_config.max_position_embeddings,
-                                 model_config.max_position_embeddings)
+        window = min(config.max_model_len or model_config.max_position_embeddings,
+                     model_config.max_position_embeddings)
         dtype = getattr(torch, config.dtype)
         device = next(model.parameters()).device  # the model was placed by whoever built it
         cache_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype, device)
-        per_token = kv_bytes_per_token(model_config, cache_dtype)
-        kv_bytes = config.kv_cache_memory or self._default_kv_cache_bytes(per_token)
-        num_blocks = max(1, kv_bytes // (per_token * config.block_size))
+        # Sized before anything is allocated: the budget bounds the cache, and the window fits it.
+        self.kv_plan = plan_kv_cache(config.kv_cache_memory, kv_bytes_per_token(model_config, cache_dtype),
+                                     config.block_size, window, config.max_num_seqs,
+                                     window_chosen=config.max_model_len is not None)
+        self.max_model_len = self.kv_plan.max_model_len
+        num_blocks = self.kv_plan.num_blocks
         self.kv_cache = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self._limits = EngineLimits(self.max_model_len, model_config.vocab_size, num_blocks, config.block_size,
-                                    config.dtype)
+                                    config.dtype, self.kv_plan.nbytes)
         self.scheduler = Scheduler(self.kv_cache, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens)
         self.runner = ModelRunner(model, model_config, num_blocks=num_blocks, block_size=config.block_size,
-                                  kv_cache_dtype=cache_dtype, device=device)
+                                  kv_cache_dtype=cache_dtype, device=device, decode_graphs=config.decode_graphs,
+                                  max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
         self.speculator: Speculator | None = None if config.speculative is None else build_speculator(
             config, model_config, tokenizer, num_blocks=num_blocks, max_model_len=self.max_model_len, device=device,
             kv_cache_dtype=cache_dtype, row_block=self.runner.row_block)
@@ -97,12 +100,6 @@ class Engine:
         self._num_preemptions = 0
         self._prefill_seconds = 0.0
         self._decode_seconds = 0.0
-
-    def _default_kv_cache_bytes(self, bytes_per_token: int) -> int:
-        """Room for every sequence slot at full length, capped at 1 GiB, but never less than
-        one full-length sequence."""
-        full_length = bytes_per_token * self.max_model_len
-        return max(full_length, min(DEFAULT_KV_CACHE_BYTES, full_length * self.config.max_num_seqs))
 
     # ----------------------------------------------------------------- requests in and out
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -126,6 +123,9 @@ class Engine:
             internal_id = request_id if params.n == 1 else f"{request_id}#{index}"
             request = Request(internal_id, prompt_ids, params, self._generator(params, index), prompt_text,
                               group_id=request_id, index=index)
+            if self.runner.device.type != "cpu":  # the device sampler draws there, seeded alike
+                request.device_generator = torch.Generator(self.runner.device).manual_seed(
+                    request.generator.initial_seed())
             if self.tokenizer is not None:
                 self._detokenizers[internal_id] = IncrementalDetokenizer(
                     self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
@@ -156,13 +156,8 @@ class Engine:
         return torch.Generator().manual_seed(seed)
 
     def _check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        # The window fits the KV cache (see plan_kv_cache): a prompt within it always fits the cache.
         self._limits.check_request(prompt_ids, params)
-        needed = self.kv_cache.blocks_needed(min(len(prompt_ids) + params.max_tokens, self.max_model_len))
-        if needed > self.kv_cache.num_blocks:
-            raise ContextLengthError(
-                f"the request needs {needed} KV blocks but the cache only has {self.kv_cache.num_blocks}; "
-                f"shorten the prompt or max_tokens, or raise the KV-cache memory"
-            )
 
     def limits(self) -> EngineLimits:
         """What a request must fit (read-only, fixed once the engine is built)."""
@@ -222,9 +217,12 @@ class Engine:
         """The tokens (and logprob records) each request commits this step."""
         eos_ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
         if not any(r.draft_token_ids for r in requests):
-            tokens, logprobs = sample(logits, requests, eos_ids, masks)
+            # On the CPU the plain sampler; on a GPU its tensor-op twin, which copies back only the
+            # chosen tokens (and logprobs asked for) instead of the logits.
+            sampler = sample if logits.device.type == "cpu" else sample_on_device
+            tokens, logprobs = sampler(logits, requests, eos_ids, masks)
             return [([t], [lp]) for t, lp in zip(tokens, logprobs)]
-        verdicts = self.speculator.verify(logits, requests, eos_ids, masks)
+        verdicts = self.speculator.verify(logits.cpu(), requests, eos_ids, masks)
         for request, verdict in zip(requests, verdicts):
             if request.draft_token_ids:  # keep the accepted drafts' KV, release the rejected ones'
                 request.num_computed_tokens += verdict.num_accepted

@@ -4,15 +4,96 @@ The tensors themselves live in the model runner; this class only decides which b
 request owns. A full block is identified by a hash chained over its tokens and its parent block's
 hash, so equal prefixes map to equal hashes. Blocks nobody references stay in the cache, in LRU
 order, until a new allocation needs them.
+
+How many blocks there are is decided once, from a memory budget (`plan_kv_cache`): the operator's
+`--kv-cache-memory`, or a default that is never exceeded. A context window longer than the budget
+holds is shortened to fit it, so no model file can make the engine ask for more memory than that.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from quill.engine.request import Request
+from quill.errors import InvalidRequestError
+
+log = logging.getLogger("quill.engine")
+
+# The default budget: the KV cache of 1 GiB holds 46,603 tokens of SmolLM2-135M (float16 keys and
+# values) or 58,254 of Gemma 3 270M, several full-length sequences of each; a model with a longer
+# window or a larger cache per token gets a shorter usable context, never a larger allocation.
+DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class KVCachePlan:
+    """How big the KV cache is, and what that leaves of the context window."""
+
+    budget_bytes: int  # what the cache may take (the operator's, or the default)
+    default_budget: bool  # the budget was not chosen by the operator
+    bytes_per_token: int
+    block_size: int
+    num_blocks: int
+    max_model_len: int  # the usable context window: the model's (or the operator's), at most the cache
+    model_max_len: int  # the window asked for, before fitting it to the cache
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        """What the cache's tensors take (at most the budget)."""
+        return self.capacity_tokens * self.bytes_per_token
+
+    @property
+    def shortened(self) -> bool:
+        return self.max_model_len < self.model_max_len
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        budget = f"{_gib(self.budget_bytes)} ({'default' if self.default_budget else '--kv-cache-memory'})"
+        line = (f"KV cache: {budget} holds {self.capacity_tokens:,} tokens in {self.num_blocks:,} blocks of "
+                f"{self.block_size} ({self.bytes_per_token:,} bytes per token), "
+                f"{self.capacity_tokens / self.max_model_len:.1f} sequences of {self.max_model_len:,} tokens")
+        if self.shortened:
+            line += f"; the context window is shortened from {self.model_max_len:,} tokens to fit"
+        return line
+
+
+def plan_kv_cache(budget_bytes: int | None, bytes_per_token: int, block_size: int, max_model_len: int,
+                  max_num_seqs: int, window_chosen: bool = False) -> KVCachePlan:
+    """Size the cache from `budget_bytes` (None: the default, which is also never more than every
+    sequence slot at full length needs). A window the cache cannot hold one sequence of is
+    shortened to the cache, with a warning; when the operator chose that window (`window_chosen`),
+    and so would not get what they asked for, it is an error instead."""
+    default = budget_bytes is None
+    if default:
+        budget_bytes = min(DEFAULT_KV_CACHE_BYTES, bytes_per_token * max_model_len * max_num_seqs)
+    num_blocks = budget_bytes // (bytes_per_token * block_size)
+    if num_blocks < 1:
+        raise InvalidRequestError(f"a KV cache of {budget_bytes:,} bytes holds no block of {block_size} tokens "
+                                  f"({bytes_per_token * block_size:,} bytes); raise --kv-cache-memory",
+                                  param="kv_cache_memory")
+    usable = min(max_model_len, num_blocks * block_size)
+    if usable < max_model_len and window_chosen:
+        raise InvalidRequestError(
+            f"a context of {max_model_len:,} tokens needs {_gib(bytes_per_token * max_model_len)} of KV cache, "
+            f"more than the {_gib(budget_bytes)} budget; raise --kv-cache-memory or lower --max-model-len",
+            param="max_model_len")
+    plan = KVCachePlan(budget_bytes, default, bytes_per_token, block_size, num_blocks, usable, max_model_len)
+    if plan.shortened:
+        log.warning("the model's context window of %s tokens does not fit the KV cache's %s; it is shortened to "
+                    "%s tokens (raise --kv-cache-memory for more)", f"{max_model_len:,}", _gib(budget_bytes),
+                    f"{usable:,}")
+    return plan
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def hash_block(parent_hash: bytes | None, token_ids: list[int]) -> bytes:

@@ -1,8 +1,9 @@
-"""What a request must fit, fixed once an engine is built: the context window, the vocabulary and
-the KV cache's size. `EngineLimits` is a read-only summary its clients (the server) ask for
-instead of reaching into the engine, and the one home of the rules that depend on these limits:
-the engine checks every request with them, and the server checks with the same functions before
-it admits a request, so that a bad one is refused before it waits in the queue."""
+"""What a request must fit, fixed once an engine is built: the context window (never longer than
+the KV cache holds), the vocabulary and the KV cache's size. `EngineLimits` is a read-only
+summary its clients (the server) ask for instead of reaching into the engine, and the one home of
+the rules that depend on these limits: the engine checks every request with them, and the server
+checks with the same functions before it admits a request, so that a bad one is refused before it
+waits in the queue."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -19,14 +20,16 @@ class EngineLimits:
     num_kv_blocks: int
     block_size: int  # tokens per KV block
     dtype: str  # the compute dtype: not a limit, but part of what an answer depends on
+    kv_cache_bytes: int = 0  # what the KV cache's tensors take (at most the budget it was sized from)
 
     @property
     def kv_capacity_tokens(self) -> int:
         return self.num_kv_blocks * self.block_size
 
     def room_after(self, prompt_tokens: int) -> int:
-        """Output tokens left after a prompt in the context window and the whole KV cache (at least 1)."""
-        return max(1, min(self.max_model_len, self.kv_capacity_tokens) - prompt_tokens)
+        """Output tokens left after a prompt in the context window (at least 1). The window is never
+        longer than the KV cache (see `quill.engine.kv_cache.plan_kv_cache`)."""
+        return max(1, self.max_model_len - prompt_tokens)
 
     def check_token_ids(self, token_ids: Iterable[int], field: str) -> None:
         bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
@@ -50,7 +53,7 @@ class EngineLimits:
                 f"completion). Please reduce the length of the {field} or completion.", param=field)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """What every request must satisfy, whoever submits it (the KV cache's own check follows)."""
+        """What every request must satisfy, whoever submits it."""
         if not prompt_ids:
             raise InvalidRequestError("The prompt is empty.", param="prompt")
         self.check_token_ids(prompt_ids, "prompt")

@@ -29,6 +29,8 @@ class Request:
         self.prompt_key = hash(tuple(prompt_token_ids))  # a scheduling hint only; collisions are harmless
         self.params = params
         self.generator = generator  # per request, so a seeded request is independent of the batch
+        # Its twin on the GPU the engine samples on (seeded alike), or None on the CPU.
+        self.device_generator: torch.Generator | None = None
         # Every token of the sequence; those past the prompt are outputs. The last one may not
         # have its KV computed yet (it was just sampled).
         self.token_ids = list(prompt_token_ids)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from quill.config import ModelConfig
+from quill.engine.decode_graphs import build_decode_runner
 from quill.engine.request import Request
 from quill.hardware import return_freed_memory_to_os
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
@@ -48,11 +49,17 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, *, num_blocks: int, block_size: int,
-                 kv_cache_dtype: torch.dtype, device: torch.device) -> None:
+                 kv_cache_dtype: torch.dtype, device: torch.device, decode_graphs: str = "off",
+                 max_num_seqs: int = 1, max_model_len: int = 1) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
-        num_slots = num_blocks * block_size
+        # Pure decode steps padded to batch buckets, replayed as CUDA graphs on a GPU (None: as is).
+        # Padding rows write into one more block than the KV-cache manager has (see decode_graphs).
+        self.decode = build_decode_runner(decode_graphs, model, has_experts=config.num_experts > 0,
+                                          max_num_seqs=max_num_seqs, max_blocks=-(-max_model_len // block_size),
+                                          block_size=block_size, pad_block=num_blocks, device=device)
+        num_slots = (num_blocks + (self.decode is not None)) * block_size
         attention = [module for module in model.modules() if isinstance(module, PagedAttention)]
         for module in attention:
             module.bind_cache(num_slots, kv_cache_dtype, device)
@@ -113,6 +120,9 @@ class ModelRunner:
             if end >= request.num_tokens:
                 sample_rows.extend(range(row - 1 - num_drafts, row))
                 to_sample.append(request)
+        if self.decode is not None and self.decode.takes(num_new_tokens):
+            hidden = self.decode.run(token_ids, positions, slot_mapping, single_tables, single_context_lens)
+            return to_sample, self.model.compute_logits(hidden[sample_rows])
         single = None
         if single_rows:
             rows = None if len(single_rows) == row else torch.tensor(single_rows, device=self.device)
@@ -122,8 +132,8 @@ class ModelRunner:
         hidden = self.model(input_ids, torch.tensor(positions, device=self.device), meta)
         if not to_sample:
             return [], hidden.new_empty((0, 0))
-        # The sampler works on the CPU: per-request Python logic over a few rows of logits.
-        return to_sample, self.model.compute_logits(hidden[sample_rows]).cpu()
+        # Logits stay where they were computed: a GPU samples them there (quill.engine.device_sampler).
+        return to_sample, self.model.compute_logits(hidden[sample_rows])
 
     @torch.inference_mode()
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:

@@ -114,8 +114,8 @@ def filtered_probabilities(logits: torch.Tensor, *, temperature: torch.Tensor, t
         return logits.softmax(dim=-1)  # nothing to filter: skip sorting the whole vocabulary
     vocab = logits.shape[-1]
     sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab)[None, :]
-    k = torch.where(top_k > 0, top_k, vocab)[:, None]
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab).to(logits.device)[:, None]
     remove = ranks >= k
     sorted_probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
     # top-p: keep the smallest prefix whose mass reaches p (the first token always stays).
@@ -130,15 +130,20 @@ def filtered_probabilities(logits: torch.Tensor, *, temperature: torch.Tensor, t
 
 
 def logprob_records(raw_logits: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[TokenLogprob | None]:
+    """The logprob records of the rows that ask for them, on any device: computed there, and only
+    the chosen tokens' logprobs and the top k come back to the host (one copy each)."""
     rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     records: list[TokenLogprob | None] = [None] * len(requests)
     if not rows:
         return records
-    logprobs = torch.log_softmax(raw_logits[rows], dim=-1)
+    device = raw_logits.device
+    logprobs = torch.log_softmax(raw_logits[torch.tensor(rows, device=device)], dim=-1)
     max_top = max(requests[i].params.logprobs for i in rows)
-    top_values, top_ids = logprobs.topk(max(max_top, 1), dim=-1)
+    top_values, top_ids = (t.tolist() for t in logprobs.topk(max(max_top, 1), dim=-1))
+    chosen = torch.tensor([tokens[i] for i in rows], device=device)[:, None]
+    chosen_logprobs = logprobs.gather(1, chosen)[:, 0].tolist()
     for row, i in enumerate(rows):
         k = requests[i].params.logprobs
-        top = list(zip(top_ids[row, :k].tolist(), top_values[row, :k].tolist()))
-        records[i] = TokenLogprob(tokens[i], float(logprobs[row, tokens[i]]), top)
+        top = list(zip(top_ids[row][:k], top_values[row][:k]))
+        records[i] = TokenLogprob(tokens[i], chosen_logprobs[row], top)
     return records

@@ -18,6 +18,9 @@ The runner hands every layer the same `AttentionMetadata`: where each new token'
   prompt's logits then do not depend on how it was chunked or how much of it the prefix cache
   held, and the kernel's tiles (consecutive positions of one sequence) prefill faster than
   PyTorch's fused kernel here.
+- block-table rows (`BlockTableRows`): a pure decode step padded for CUDA graphs
+  (`quill.engine.decode_graphs`), its block tables and context lengths as device tensors; attended
+  exactly like single-query rows.
 - prompt spans (`PromptSpan`): a prefill chunk, whose queries attend together, causally masked,
   through PyTorch's fused kernel (GPUs, and CPUs without a C compiler).
 
@@ -154,6 +157,45 @@ class SingleQueryRows:
                         (~visible).to(self.device))
 
 
+@dataclass
+class BlockTableRows:
+    """Every row of a decode step, one query each, described by device tensors alone: block tables
+    [rows, blocks] and context lengths [rows]. For one batch size and table width the shapes are
+    fixed, so a CUDA graph can capture a step over them (`quill.engine.decode_graphs`); attention
+    reads the same kernel tables and `KeyGroup` `SingleQueryRows` gives, built here by tensor
+    operations instead of Python (one group, keys from the first block on: with a sliding window
+    the fixed-order sums then pair keys differently from `SingleQueryRows`' path, so the bits may
+    differ there, not the maths)."""
+
+    block_tables: torch.Tensor  # [rows, blocks] int64; entries past a row's context: any valid block
+    context_lens: torch.Tensor  # [rows] int64, keys each row sees (itself included), at least 1
+    block_size: int
+    rows: None = None  # every row of the step
+    _groups: dict = field(default_factory=dict, repr=False)
+
+    def kernel_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.block_tables.to(torch.int32), self.context_lens.to(torch.int32)
+
+    def key_groups(self, window: int | None, num_kv_heads: int, slots_per_head: int) -> list[KeyGroup]:
+        """As `SingleQueryRows.key_groups`; computed once per step and window (every layer shares them)."""
+        key = (window, num_kv_heads, slots_per_head)
+        if key not in self._groups:
+            self._groups[key] = [self._group(window, num_kv_heads, slots_per_head)]
+        return self._groups[key]
+
+    def _group(self, window: int | None, num_kv_heads: int, slots_per_head: int) -> KeyGroup:
+        size, device = self.block_size, self.block_tables.device
+        width = self.block_tables.shape[1] * size
+        slots = (self.block_tables[:, :, None] * size + torch.arange(size, device=device)).flatten(1)
+        positions = torch.arange(width, device=device)[None, :]
+        context_lens = self.context_lens[:, None]
+        visible = positions < context_lens
+        if window is not None:
+            visible &= positions >= context_lens - window
+        slots = torch.where(visible, slots, slots.gather(1, context_lens - 1))  # finite values only
+        return KeyGroup(None, head_major_rows(slots[:, None, :], num_kv_heads, slots_per_head, head_dim=-2), ~visible)
+
+
 def attention_dtype(cache_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """What attention computes in over a cache of `cache_dtype`: float32 on the CPU, whatever the
     cache holds (PyTorch's CPU attention is 3-10x slower on half-size inputs, and the C kernel
@@ -164,7 +206,7 @@ def attention_dtype(cache_dtype: torch.dtype, device: torch.device) -> torch.dty
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
-    single_query: SingleQueryRows | None
+    single_query: SingleQueryRows | BlockTableRows | None
     prompts: list[PromptSpan]
 
 
@@ -231,7 +273,7 @@ class PagedAttention(InferenceModule):
         return tuple(cache.view(-1, self.head_dim).index_select(0, rows).view(shape).to(self.dtype)
                      for cache in (self.k_cache, self.v_cache))
 
-    def _attend_single_queries(self, q: torch.Tensor, single: SingleQueryRows) -> torch.Tensor:
+    def _attend_single_queries(self, q: torch.Tensor, single: SingleQueryRows | BlockTableRows) -> torch.Tensor:
         if self._kernel is not None:
             return self._attend_in_kernel(q, single)
         groups = single.key_groups(self.sliding_window, self.num_kv_heads, self.k_cache.shape[1])
@@ -242,7 +284,7 @@ class PagedAttention(InferenceModule):
             out.index_copy_(0, group.rows, self._attend_group(q.index_select(0, group.rows), group))
         return out
 
-    def _attend_in_kernel(self, q: torch.Tensor, single: SingleQueryRows) -> torch.Tensor:
+    def _attend_in_kernel(self, q: torch.Tensor, single: SingleQueryRows | BlockTableRows) -> torch.Tensor:
         if q.stride(2) != 1 or q.stride(1) != self.head_dim:
             q = q.contiguous()
         tables, context_lens = single.kernel_tables()

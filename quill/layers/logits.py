@@ -45,6 +45,24 @@ def lm_head_logits(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return _refine_near_maximum(logits, weight, hidden, None if exact_weight is None else lm_head.error_bound(hidden))
 
 
+def output_token_ids(config) -> torch.Tensor | None:
+    """The ids a trimmed LM head's rows stand for (`ModelConfig.output_token_ids`), or None. A
+    plain CPU tensor rather than a buffer: the model is built on the meta device and filled from
+    the checkpoint, which holds no such tensor (the config does); it meets the logits' device when used."""
+    return torch.tensor(config.output_token_ids, device="cpu") if config.output_token_ids else None
+
+
+def full_vocabulary_logits(logits: torch.Tensor, token_ids: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """The logits of a trimmed LM head (one column per id in `token_ids`) spread over the whole
+    vocabulary, -inf for every token the head does not have, so that no sampler, logit bias or
+    drafter can pick one. Without `token_ids` the logits are returned as they are."""
+    if token_ids is None:
+        return logits
+    full = logits.new_full((logits.shape[0], vocab_size), float("-inf"))
+    full[:, token_ids.to(logits.device)] = logits
+    return full
+
+
 def _refine_near_maximum(logits: torch.Tensor, weight: torch.Tensor, hidden: torch.Tensor,
                          head_error: torch.Tensor | None = None) -> torch.Tensor:
     """Recompute in float32, from `weight`, the logits that could be the row's maximum: those

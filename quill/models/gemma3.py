@@ -17,7 +17,7 @@ from quill.config import ModelConfig
 from quill.errors import UnsupportedModelError
 from quill.layers.attention import AttentionMetadata
 from quill.layers.linear import Linear
-from quill.layers.logits import lm_head_logits
+from quill.layers.logits import full_vocabulary_logits, lm_head_logits, output_token_ids
 from quill.layers.mlp import GatedMLP
 from quill.layers.module import InferenceModule
 from quill.layers.norm import RMSNorm
@@ -59,9 +59,10 @@ class Gemma3ForCausalLM(nn.Module):
             for i, kind in enumerate(config.layer_types)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, weight_offset=GEMMA_NORM_OFFSET)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.output_vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.output_token_ids = output_token_ids(config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -76,7 +77,7 @@ class Gemma3ForCausalLM(nn.Module):
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return logits
+        return full_vocabulary_logits(logits, self.output_token_ids, self.config.vocab_size)  # after the cap: -inf stays
 
 
 # A layer's four norms; llama.cpp calls the one before the MLP ffn_norm, as Llama's second norm.

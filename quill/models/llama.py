@@ -10,7 +10,7 @@ from torch import nn
 from quill.config import ModelConfig
 from quill.layers.attention import AttentionMetadata
 from quill.layers.linear import Linear
-from quill.layers.logits import lm_head_logits
+from quill.layers.logits import full_vocabulary_logits, lm_head_logits, output_token_ids
 from quill.layers.mlp import GatedMLP
 from quill.layers.module import InferenceModule
 from quill.layers.norm import RMSNorm
@@ -43,9 +43,10 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(self.decoder_layer(config, i, rotary) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.output_vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.output_token_ids = output_token_ids(config)
 
     def decoder_layer(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding) -> LlamaDecoderLayer:
         """Layer `layer_index`. A family that differs from Llama only inside its layers overrides this."""
@@ -60,7 +61,7 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_head_logits(self.lm_head, hidden)
+        return full_vocabulary_logits(lm_head_logits(self.lm_head, hidden), self.output_token_ids, self.config.vocab_size)
 
 
 def llama_gguf_metadata(config: ModelConfig) -> dict[str, Any]:

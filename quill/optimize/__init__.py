@@ -1,4 +1,5 @@
-"""Tools that make new checkpoints from old ones (quantize, and the tokenizer a GGUF file carries) and measure what that cost (evaluate).
+"""Tools that make new checkpoints from old ones (quantize, and the tokenizer a GGUF file carries;
+prune; distill) and measure what that cost (evaluate).
 
 The option values live here, free of torch, so that the CLI can list them without loading it."""
 

@@ -8,7 +8,6 @@ import time
 from fastapi import Request
 from fastapi.responses import Response
 
-from quill.errors import StructuredOutputError
 from quill.server.protocol import ChatCompletionRequest
 from quill.server.prompts import message_dict
 from quill.server.replies import ChatReply, Head
@@ -16,7 +15,7 @@ from quill.server.request_log import RequestRecord
 from quill.server.respond import respond
 from quill.server.sampling import sampling_params
 from quill.server.state import ServerState
-from quill.server.structured import output_constraint, plan_tools
+from quill.server.structured import plan_chat
 
 
 async def chat_completion(server: ServerState, request: Request, body: ChatCompletionRequest) -> Response:
@@ -25,16 +24,11 @@ async def chat_completion(server: ServerState, request: Request, body: ChatCompl
     server.model.check(body.model)
     messages = [message_dict(m) for m in body.messages]
     record.described(model=server.model.name, stream=bool(body.stream), n=body.n, user=body.user, prompt=messages)
-    tools = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, server.prompts.chat_template)
-    constraint = output_constraint(body.response_format, body.structured_outputs)
-    if tools.grammar is not None:
-        if constraint:  # one grammar per request: a call or the format, not both
-            raise StructuredOutputError("response_format and structured_outputs cannot be combined with tools "
-                                        'unless tool_choice is "none"', param="response_format")
-        constraint = {"grammar": tools.grammar}
+    tools, constraint = plan_chat(body.tools, body.tool_choice, body.parallel_tool_calls, body.response_format,
+                                  body.structured_outputs, server.prompts.chat_template)
     prompt_ids = await server.prompts.encode_chat(messages, body.add_generation_prompt is not False,
                                                   tools.template_tools)
-    params = sampling_params(body, [prompt_ids], server.limits, server.config.max_tokens_cap, constraint)
+    params = sampling_params(body, [prompt_ids], server.limits, server.config, constraint)
     head = Head(f"chatcmpl-{record.request_id}", server.model.name, int(time.time()), body.include_usage)
     reply = ChatReply(head, server.token_text, params.skip_special_tokens, logprobs=bool(body.logprobs),
                       top_logprobs=body.top_logprobs or 0, tools=tools)

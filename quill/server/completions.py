@@ -27,7 +27,7 @@ async def completion(server: ServerState, request: Request, body: CompletionRequ
     raw_prompts = prompt_list(body.prompt)
     prompts = await server.prompts.encode_all(raw_prompts)
     constraint = output_constraint(body.response_format, body.structured_outputs)
-    params = sampling_params(body, prompts, server.limits, server.config.max_tokens_cap, constraint)
+    params = sampling_params(body, prompts, server.limits, server.config, constraint)
     echo = [server.prompts.text(p) if body.echo else "" for p in raw_prompts]
     head = Head(f"cmpl-{record.request_id}", server.model.name, int(time.time()), body.include_usage)
     reply = CompletionReply(head, server.token_text, params.skip_special_tokens, logprobs=body.logprobs, echo=echo)

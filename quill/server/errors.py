@@ -24,11 +24,18 @@ from quill.server.request_log import RequestRecord
 log = logging.getLogger("quill.server")
 
 
+# The longest error message sent: the messages quote client values through `quill.errors.quoted`;
+# this is the backstop for one that does not (a huge model name, a field's text).
+MAX_MESSAGE_CHARS = 1000
+
+
 class APIError(QuillError):
     """An error with an HTTP status and an OpenAI-shaped body."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "... (cut)"
         super().__init__(message, param=param, code=code)
         self.status, self.type, self.headers = status, type, headers
 
@@ -39,8 +46,23 @@ class APIError(QuillError):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class ShuttingDown(APIError):
+    """The server is shutting down: a request not yet admitted is refused, one in flight past the
+    grace period is ended (a stream with finish_reason "abort", see respond.live_events)."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "the server is shutting down", type="service_unavailable", code="server_shutting_down")
+
+
 def shutting_down() -> APIError:
-    return APIError(503, "the server is shutting down", type="service_unavailable")
+    return ShuttingDown()
+
+
+def deadline_exceeded(seconds: float) -> APIError:
+    """A request that ran past the server's `request_timeout`."""
+    return APIError(504, f"The request did not finish within the server's deadline of {seconds:g} seconds "
+                         "(--request-timeout). Ask for fewer tokens, or stream the answer.",
+                    type="timeout", code="request_timeout")
 
 
 def api_error(exc: BaseException, field_names: Mapping[str, str] | None = None) -> APIError:
@@ -96,23 +118,21 @@ def validation_error(errors: Sequence[dict]) -> APIError:
     of the protocol models that raised a typed error (`InvalidRequestError`) keeps its own."""
     if not errors:
         return APIError(400, "Invalid request body.")
-    error = errors[0]
+    # A rule that raised its own error says more than the other shapes of a union failing (a list
+    # of stop strings with a lone surrogate is not "not a string").
+    error = next((e for e in errors if isinstance((e.get("ctx") or {}).get("error"), QuillError)), errors[0])
     kind = error.get("type", "")
     raised = (error.get("ctx") or {}).get("error")
+    loc = [part for part in error.get("loc", ()) if part != "body"]
     if isinstance(raised, QuillError):
+        if raised.param is None:  # raised by a field's own rule: the field is where pydantic found it
+            raised.param = _param(loc)
         return api_error(raised)
     if kind == "json_invalid":
         detail = (error.get("ctx") or {}).get("error", "JSON decode error")
         return APIError(400, f"We could not parse the JSON body of your request ({detail}). The body must be valid JSON.",
                         code="invalid_json")
-    loc = [part for part in error.get("loc", ()) if part != "body"]
-    parts = []
-    for part in loc:
-        if isinstance(part, int):
-            parts.append(f"[{part}]")
-        elif not _TYPE_TAGS.search(str(part)):
-            parts.append(("." if parts else "") + str(part))
-    param = "".join(parts) or None
+    param = _param(loc)
     if kind == "missing" and param is None:
         return APIError(400, "The request body is missing: send a JSON object.")
     message = error.get("msg", "invalid value")
@@ -125,3 +145,14 @@ def validation_error(errors: Sequence[dict]) -> APIError:
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     code = "missing_required_parameter" if kind == "missing" else "invalid_value"
     return APIError(400, f"Invalid '{param}': {message}.{more}", param=param, code=code)
+
+
+def _param(loc: list) -> str | None:
+    """A pydantic location as the field's name in the request: messages[0].content."""
+    parts = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif not _TYPE_TAGS.search(str(part)):
+            parts.append(("." if parts else "") + str(part))
+    return "".join(parts) or None

@@ -11,8 +11,8 @@ cost counter, only the cache's own (hits, and the dollars they saved).
 """
 from __future__ import annotations
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client import disable_created_metrics
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from quill.cost import SELF_HOSTED, CostModel
@@ -80,6 +80,12 @@ class _EngineCollector:
         yield gauge("quill:num_requests_waiting", "Sequences waiting to be scheduled.", stats.num_waiting)
         yield gauge("quill:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).", stats.kv_cache_usage)
         yield gauge("quill:num_kv_blocks", "KV-cache blocks in the engine.", stats.num_kv_blocks)
+        limits = self.engine.limits()
+        yield gauge("quill:kv_cache_memory_bytes", "Memory of the KV cache (within --kv-cache-memory).",
+                    limits.kv_cache_bytes)
+        yield gauge("quill:kv_cache_capacity_tokens", "Tokens the KV cache holds.", limits.kv_capacity_tokens)
+        yield gauge("quill:max_model_len", "The usable context window, in tokens (at most the KV cache).",
+                    limits.max_model_len)
         yield counter("quill:prefix_cache_queries", "Prefix-cache lookups.", stats.prefix_cache_queries)
         yield counter("quill:prefix_cache_hits", "Prefix-cache lookups that hit.", stats.prefix_cache_hits)
         yield counter("quill:num_preemptions", "Sequences preempted to free KV blocks.", stats.num_preemptions)
@@ -181,10 +187,16 @@ class ServerMetrics:
                                                ["model_name"], buckets=_TOKEN_COUNT_BUCKETS, registry=registry)
         self.request_generation_tokens = Histogram("quill:request_generation_tokens", "Tokens generated per sequence.",
                                                    ["model_name"], buckets=_TOKEN_COUNT_BUCKETS, registry=registry)
+        self.requests_cut = Counter("quill:requests_cut_short",
+                                    "Requests the server ended early, by reason: a stream whose client stopped "
+                                    "reading (idle_timeout, buffer_full), the request deadline, shutdown.",
+                                    ["model_name", "reason"], registry=registry)
         self.cost = Counter("quill:request_cost_dollars",
                             "Cost of the tokens served: self-hosted at the measured price, and at reference API prices.",
                             ["model_name", "price"], registry=registry)
         registry.register(_EngineCollector(engine, model_name, costs))
+        # The server process's resident memory and CPU time (process_resident_memory_bytes, ...).
+        ProcessCollector(registry=registry)
         if response_cache is not None:
             self.cache_saved = Counter("quill:response_cache_saved_dollars",
                                        "Self-hosted cost of computing the answers served from the response cache.",
@@ -214,6 +226,10 @@ class ServerMetrics:
                                  (self.e2e_latency, metrics.e2e_latency)):
             if value is not None:
                 histogram.labels(name).observe(max(0.0, value))
+
+    def observe_cut(self, reason: str) -> None:
+        """A request the server ended early (see `requests_cut`)."""
+        self.requests_cut.labels(self.model_name, reason).inc()
 
     def observe_cost(self, cost: dict) -> None:
         """Add one request's cost (`CostModel.charge`) to the cumulative counters."""

@@ -1,7 +1,8 @@
-"""The ASGI middleware in front of every request (`Gate`): the API-key check, the request body
-size limit (read and drained before the 413), the `X-Request-Id` header, the HTTP request counter
-and the request's log line (`RequestRecord`, opened here and written once the response is over).
-It also makes the JSON endpoints read their body as JSON whatever Content-Type the client sent.
+"""The ASGI middleware in front of every request (`Gate`): the API-key check (and which paths answer
+without it: `is_public`), the request body size limit (read and drained before the 413), the
+`X-Request-Id` header, the HTTP request counter and the request's log line (`RequestRecord`, opened
+here and written once the response is over). It also makes the JSON endpoints read their body as
+JSON whatever Content-Type the client sent, and refuses a body that is not UTF-8.
 Which paths are endpoints, and which of those take a JSON body, it asks the app's router: a new
 route gets its own metric label and, when it takes a JSON body, a log line, without a list here.
 """
@@ -20,10 +21,19 @@ from quill.server.metrics import ServerMetrics
 from quill.server.request_log import RequestRecord
 from quill.server.ui import PAGE_PATHS
 
-# Paths that stay open when an API key is set: probes and scrapers rarely carry keys, and the chat
-# page has to load before it can ask for the key.
-OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
-                        *PAGE_PATHS})
+# Paths that stay open when an API key is set: probes rarely carry keys, and the chat page has to
+# load before it can ask for the key. Neither holds data.
+OPEN_PATHS = frozenset({"/health", "/version", *PAGE_PATHS})
+# Open only when the operator says so (--public-metrics, --public-docs): the metrics name the model
+# and show its traffic and cost; the docs describe the API to anyone who can reach the port.
+METRICS_PATHS = frozenset({"/metrics"})
+DOCS_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+
+
+def is_public(path: str, config: ServerConfig) -> bool:
+    """Whether `path` answers without the API key."""
+    return (path in OPEN_PATHS or (config.public_metrics and path in METRICS_PATHS)
+            or (config.public_docs and path in DOCS_PATHS))
 # Bodies past the limit are read and dropped up to this many bytes before the 413, so the client
 # can read the answer instead of a connection reset; beyond it the connection is just closed.
 _DRAIN_LIMIT = 64 << 20
@@ -59,7 +69,7 @@ class Gate:
             await send(message)
 
         try:
-            if config.api_key and path not in OPEN_PATHS and not self._authorized(scope, config.api_key):
+            if config.api_key and not is_public(path, config) and not self._authorized(scope, config.api_key):
                 error = APIError(401, "Incorrect or missing API key. Send it as `Authorization: Bearer KEY`.",
                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 record.failed(error.message)
@@ -75,6 +85,9 @@ class Gate:
                     record.failed(error.message)
                     return await error.response()(scope, receive, send_with_id)
                 if takes_json:
+                    if (error := _not_utf8(body)) is not None:
+                        record.failed(error.message)
+                        return await error.response()(scope, receive, send_with_id)
                     _force_json_content_type(scope)
                 receive = _replay(body, receive)
             await self.app(scope, receive, send_with_id)
@@ -119,6 +132,16 @@ class Gate:
             if not message.get("more_body", False):
                 break
         return (b"", True) if size > limit else (b"".join(chunks), False)
+
+
+def _not_utf8(body: bytes) -> APIError | None:
+    """JSON bodies are UTF-8 (RFC 8259); anything else gets an error that says where it breaks."""
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return APIError(400, f"The request body is not valid UTF-8: byte 0x{body[exc.start]:02x} at offset "
+                             f"{exc.start} ({exc.reason}). Send JSON encoded as UTF-8.", code="invalid_json")
+    return None
 
 
 def _force_json_content_type(scope) -> None:

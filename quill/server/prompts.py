@@ -62,8 +62,9 @@ async def _tokenize(size: int, function, *args, **kwargs):
         return function(*args, **kwargs)
     except QuillError:
         raise
-    except (TypeError, ValueError, UnicodeError) as exc:  # e.g. lone surrogates the tokenizer cannot take
-        raise APIError(400, f"The text could not be tokenized (is it valid Unicode?): {exc}") from None
+    except (TypeError, ValueError, UnicodeError):  # the protocol refuses invalid Unicode; this is the backstop
+        # The tokenizer's own message names its internals ("TextInputSequence must be str"): not the client's business.
+        raise APIError(400, "The text could not be tokenized: is it valid Unicode?", code="invalid_value") from None
 
 
 def prompt_list(prompt) -> list[str | list[int]]:

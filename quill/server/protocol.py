@@ -6,15 +6,17 @@ raised as typed errors that name the field. The sampling rules (ranges, stop str
 are `SamplingParams`': a field named like a `SamplingParams` field is handed to it unchanged
 (`quill/server/sampling.py`), and the schema publishes its `BOUNDS`. Each request model also says
 what the endpoint calls the engine's fields (`field_names`), so an error keeps the client's names.
-Unknown fields are ignored, as OpenAI does. The response models document the API (they feed
-`/openapi.json`); the routes build plain dicts of the same shape, which is cheaper than
-validating every streamed chunk.
+Types are strict (`true` is not an integer, `"yes"` is not a boolean) and every string must be
+valid Unicode (no lone surrogates). Unknown fields are ignored, as OpenAI does; known ones Quill
+cannot honour (non-text content, the deprecated `functions`/`function_call`) are refused by name. The response models
+document the API (they feed `/openapi.json`); the routes build plain dicts of the same shape, which
+is cheaper than validating every streamed chunk.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quill.errors import InvalidRequestError
 from quill.sampling_params import BOUNDS
@@ -29,8 +31,21 @@ def bounded(name: str, **field) -> Any:
     return Field(**field, json_schema_extra=schema)
 
 
+def _valid_unicode(text: str) -> str:
+    """JSON may escape a lone surrogate (\\ud800); no tokenizer, log or client can take one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"The text has a lone surrogate (U+{ord(text[exc.start]):04X}) at character "
+                                  f"{exc.start}, which is not valid Unicode.", code="invalid_value") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # every string a request carries
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Request):
@@ -40,12 +55,12 @@ class StreamOptions(_Request):
 class _Strict(BaseModel):
     """A nested object whose unknown keys are refused: each one would change the output."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True, strict=True)
 
 
 class JSONSchemaFormat(_Strict):
-    name: str = Field(default="response", max_length=64)
-    description: str | None = None
+    name: Text = Field(default="response", max_length=64)
+    description: Text | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
@@ -67,28 +82,30 @@ class ResponseFormat(_Strict):
 class StructuredOutputs(_Strict):
     """vLLM's `structured_outputs`: one of these constrains the output."""
 
-    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
+    json_: dict[str, Any] | Text | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
     json_object: bool | None = None
 
 
 class SamplingFields(_Request):
     """Parameters shared by chat and text completions (OpenAI's, then Quill's extensions)."""
 
-    model: str | None = Field(default=None, description="the served model name; defaults to the only model")
-    max_tokens: int | None = bounded("max_tokens", default=None, description="defaults to the rest of the context window")
+    model: Text | None = Field(default=None, description="the served model name; defaults to the only model")
+    max_tokens: int | None = bounded("max_tokens", default=None,
+                                     description="defaults to the server's default_max_tokens (see /v1/models), "
+                                                 "at most the rest of the context window")
     # OpenAI's API stops at 2 (SamplingParams allows up to 100 for the Python API).
     temperature: float | None = bounded("temperature", default=None, le=2.0)
     top_p: float | None = bounded("top_p", default=None)
     n: int = bounded("n", default=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = bounded("seed", default=None)
     presence_penalty: float | None = bounded("presence_penalty", default=None)
     frequency_penalty: float | None = bounded("frequency_penalty", default=None)
     logit_bias: dict[str, float] | None = Field(default=None, description="token id (as a string) -> bias in [-100, 100]")
-    user: str | None = None
+    user: Text | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     # Extensions (vLLM's names).
@@ -108,10 +125,10 @@ class SamplingFields(_Request):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     # vLLM's older names for structured_outputs' kinds, read as structured_outputs.
-    guided_json: dict[str, Any] | str | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
 
     @model_validator(mode="after")
     def _guided_fields_are_structured_outputs(self):
@@ -151,26 +168,40 @@ class SamplingFields(_Request):
 
 class TextContentPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class FunctionCall(_Request):
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
 
 
 class ToolCall(_Request):
-    id: str
+    id: Text
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextContentPart] | None = None
-    name: str | None = None
+    content: Text | list[TextContentPart] | None = None
+    name: Text | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
-    tool_call_id: str | None = None  # a tool result: the call it answers
+    tool_call_id: Text | None = None  # a tool result: the call it answers
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):
+        """A part that is not text is refused by its kind (the union's own error would list every
+        shape it tried: "Input should be a valid string (and 2 more problems)")."""
+        if isinstance(content, list):
+            for index, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    what = "images are" if "image" in kind else f"content parts of type {kind[:40]!r} are"
+                    raise InvalidRequestError(f"Part {index} is {kind[:40]!r}: {what} not supported by this model. "
+                                              "Send text parts only.", code="unsupported_value")
+        return content
 
     @model_validator(mode="after")
     def _tool_fields_in_their_roles(self):
@@ -183,8 +214,8 @@ class ChatMessage(_Request):
 
 
 class FunctionDefinition(_Request):
-    name: str
-    description: str | None = None
+    name: Text
+    description: Text | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # Quill always enforces the schema; accepted for compatibility
 
@@ -195,7 +226,7 @@ class ChatTool(_Request):
 
 
 class NamedFunction(_Request):
-    name: str
+    name: Text
 
 
 class NamedToolChoice(_Request):
@@ -212,11 +243,24 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[ChatTool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    functions: list[dict] | None = None  # the deprecated names of tools and tool_choice: refused
+    function_call: Text | dict | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        return self
+
+    # The deprecated names of tools and tool_choice are refused rather than read as them: a client
+    # that still sends them gets told the names that work (tools: quill/server/structured.py).
+    @model_validator(mode="after")
+    def _no_deprecated_function_fields(self):
+        for name, instead in (("functions", "tools"), ("function_call", "tool_choice")):
+            value = getattr(self, name)
+            if value and value != "none":
+                raise InvalidRequestError(f"'{name}' is deprecated and not supported: send '{instead}'.",
+                                          param=name, code="unsupported_parameter")
         return self
 
     @property
@@ -234,9 +278,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 PromptInput = Union[
-    str,
+    Text,
     Annotated[list[int], Field(min_length=1)],
-    Annotated[list[str], Field(min_length=1)],
+    Annotated[list[Text], Field(min_length=1)],
     Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)],
 ]
 
@@ -262,8 +306,8 @@ class CompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -276,7 +320,7 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 
@@ -300,15 +344,17 @@ class ResponsesRequest(SamplingFields):
     conversation of `previous_response_id` and the `instructions`. The sampling extensions of chat
     apply (`seed`, `stop`, `top_k`, ...); `max_output_tokens` is its `max_tokens`."""
 
-    input: str | Annotated[list[dict[str, Any]], Field(min_length=1)]
-    instructions: str | None = None
-    max_output_tokens: int | None = bounded("max_tokens", default=None, description="defaults to the rest of the context window")
-    metadata: dict[str, str] | None = None
+    input: Text | Annotated[list[dict[str, Any]], Field(min_length=1)]
+    instructions: Text | None = None
+    max_output_tokens: int | None = bounded("max_tokens", default=None,
+                                            description="defaults to the server's default_max_tokens (see /v1/models), "
+                                                        "at most the rest of the context window")
+    metadata: dict[Text, Text] | None = None
     store: bool | None = True
-    previous_response_id: str | None = None
+    previous_response_id: Text | None = None
     text: ResponseTextConfig | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Text | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     truncation: Literal["auto", "disabled"] | None = None
     background: Any = None
@@ -487,6 +533,8 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "quill"
     max_model_len: int | None = None
+    default_max_tokens: int | None = Field(default=None, description="max_tokens of a request that sets none "
+                                                                     "(at most the room its prompt leaves)")
 
 
 class ModelList(BaseModel):

@@ -8,16 +8,15 @@ completion one, and an endpoint with another envelope overrides it."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 from fastapi.responses import StreamingResponse
-from starlette.background import BackgroundTask
 
 from quill import __version__
 from quill.server.errors import APIError
 from quill.server.logprobs import TokenText, chat_logprobs, completion_logprobs
-from quill.server.runs import Run, Update
+from quill.server.runs import Choice, Run, Update
 from quill.server.structured import NO_TOOLS, ToolPlan
 from quill.structured.tools import ToolCallParser
 
@@ -72,9 +71,10 @@ class Reply:
         raise NotImplementedError
 
     # A stream is `opening()`, then `events(update)` per engine update (or `replayed(choices)` for a
-    # stored answer), then `closing(usage)`; `failure(error)` ends one that failed after it began.
-    # Chat and text completions send one chunk per choice update, then usage and [DONE]; an endpoint
-    # with other events (the Responses API) overrides these.
+    # stored answer), then `stopped(choices)` if the server stopped it (shutdown), then
+    # `closing(usage)`; `failure(error)` ends one that failed after it began. Chat and text
+    # completions send one chunk per choice update, then usage and [DONE]; an endpoint with other
+    # events (the Responses API) overrides these.
     def opening(self) -> list[str]:
         return []
 
@@ -84,11 +84,20 @@ class Reply:
     def replayed(self, choices: list[dict]) -> list[str]:
         return [self.chunk([choice]) for choice in self.replay(choices)]
 
+    def stopped(self, choices: list[Choice]) -> list[str]:
+        """Each unfinished choice's last chunks (finish_reason "abort")."""
+        return [self.chunk([entry]) for choice in choices if choice.finish_reason is None
+                for entry in self.aborted(choice)]
+
     def closing(self, usage: dict) -> list[str]:
         return ([self.chunk([], usage)] if self.head.include_usage else []) + [DONE]
 
     def failure(self, error: APIError) -> list[str]:
         return [sse(error.body()), DONE]
+
+    def aborted(self, choice: Choice) -> list[dict]:
+        """The chunk choices that end an unfinished choice the server stopped (finish_reason "abort")."""
+        raise NotImplementedError
 
 
 class ChatReply(Reply):
@@ -150,6 +159,15 @@ class ChatReply(Reply):
         if update.finished:
             deltas += parser.finish()
         return deltas
+
+    def aborted(self, choice: Choice) -> list[dict]:
+        entries = []
+        if choice.index not in self._started:
+            self._started.add(choice.index)
+            entries.append(_chat_entry(choice.index, {"role": "assistant", "content": ""}))
+        # With tools, the text the call parser held back (a possible call's opening) goes out first.
+        held = self._parsers[choice.index].finish() if choice.index in self._parsers else []
+        return [*entries, *(_chat_entry(choice.index, delta) for delta in held), _chat_entry(choice.index, {}, None, "abort")]
 
     def replay(self, choices: list[dict]) -> Iterator[dict]:
         for choice in choices:
@@ -215,6 +233,10 @@ class CompletionReply(Reply):
             logprobs, self._offsets[choice.index] = self._logprobs(update.new_logprobs, self._offsets[choice.index])
         return [_completion_entry(choice.index, text, logprobs, finish_reason)]
 
+    def aborted(self, choice: Choice) -> list[dict]:
+        echo = "" if choice.index in self._offsets else self.echo[choice.prompt_index]  # not sent yet
+        return [_completion_entry(choice.index, echo, None, "abort")]
+
     def replay(self, choices: list[dict]) -> Iterator[dict]:
         for choice in choices:
             yield _completion_entry(choice["index"], choice["text"], choice["logprobs"], choice["finish_reason"])
@@ -237,9 +259,7 @@ def sse(payload: dict, event: str | None = None) -> str:
     return data if event is None else f"event: {event}\n{data}"
 
 
-def sse_response(events: AsyncIterator[str], cleanup: Callable[[], None] | None = None) -> StreamingResponse:
-    # The cleanup runs once the response is over, even when the client left before the stream
-    # began (then `events` never ran its own cleanup).
-    background = BackgroundTask(cleanup) if cleanup else None
-    return StreamingResponse(events, media_type="text/event-stream", background=background,
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    """A stream of events already in memory (a stored answer); a live one is a `streaming.LiveStream`."""
+    return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -65,6 +65,10 @@ class RequestRecord:
     def disconnected(self) -> None:
         self._fields["client_disconnected"] = True
 
+    def cut_short(self, reason: str) -> None:
+        """The server ended the request early: idle_timeout, buffer_full, deadline or shutdown."""
+        self._fields.setdefault("cut_short", reason)
+
     # --------------------------------------------------------------------------- the line
     def write(self, status: int, duration: float, log_prompts: bool) -> None:
         if not request_log.isEnabledFor(logging.INFO):

@@ -4,7 +4,6 @@ from the engine (storing a deterministic answer for the next identical request),
 or as a stream of server-sent events. One function per path, each read top to bottom."""
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping
 
@@ -13,15 +12,15 @@ from fastapi.responses import JSONResponse, Response
 
 from quill.cache import Lease
 from quill.sampling_params import SamplingParams
-from quill.server.admission import Admission
 from quill.server.answer import LiveAnswer
 from quill.server.cached import CACHE_HEADER, answer_key, may_use_cache, stored_answer
-from quill.server.errors import api_error
+from quill.server.errors import ShuttingDown, api_error
 from quill.server.protocol import SamplingFields
 from quill.server.replies import Reply, sse_response
 from quill.server.request_log import RequestRecord
 from quill.server.runs import Run, Update
 from quill.server.state import ServerState
+from quill.server.streaming import LiveStream, StreamLimits
 from quill.server.usage import hit_usage
 
 
@@ -39,7 +38,7 @@ async def respond(server: ServerState, request: Request, body: SamplingFields, r
     cache = "miss" if lease else "bypass"
     record.answered_as(reply.head.id, cache)
     try:
-        ticket = server.admission.admit(len(prompts) * params.n)
+        ticket = server.admission.admit(len(prompts) * params.n, "n" if params.n > 1 else "prompt")
     except BaseException:
         if lease:  # the waiters for this key compute it themselves
             lease.settle(None)
@@ -52,11 +51,13 @@ async def respond(server: ServerState, request: Request, body: SamplingFields, r
         lease.settle(stored_answer(reply.choices(answer.run), answer.usage) if complete else None)
 
     answer = LiveAnswer(Run(server.engine, reply.head.id, prompts, params), ticket, server.metrics,
-                        server.billing, record, on_close=store if lease else None)
+                        server.billing, record, on_close=store if lease else None,
+                        deadline=server.config.request_timeout)
     answer.start()
     if body.stream:
         first = await _first_update(answer)
-        response = sse_response(live_events(answer, first, reply, server.admission, body.field_names), answer.close)
+        response = LiveStream(live_events(answer, first, reply, body.field_names), StreamLimits.of(server.config),
+                              server.admission, on_stall=answer.cut, cleanup=answer.close)
     else:
         await answer.finish()
         response = JSONResponse(reply.body(reply.choices(answer.run), answer.usage))
@@ -74,30 +75,35 @@ async def _first_update(answer: LiveAnswer) -> Update | None:
         raise
 
 
-async def live_events(answer: LiveAnswer, first: Update | None, reply: Reply, admission: Admission,
+async def live_events(answer: LiveAnswer, first: Update | None, reply: Reply,
                       field_names: Mapping[str, str]) -> AsyncIterator[str]:
     """A live answer's stream, as its `Reply` frames it (chat: its chunks, the usage chunk when asked
-    for, then [DONE]). An error after the stream began becomes an error event (the status line is
-    long gone). However the stream ends (cancelled on disconnect or shutdown included), the answer
-    is closed."""
-    with admission.track(asyncio.current_task()):
-        try:
-            for event in reply.opening():
+    for, then [DONE]). Stopped at shutdown, the reply ends what is unfinished (chat: finish_reason
+    "abort") before closing; any other error after the stream began becomes the reply's failure
+    events (the status line is long gone). However the stream ends (cancelled on disconnect
+    included), the answer is closed."""
+    try:
+        for event in reply.opening():
+            yield event
+        update = first
+        while update is not None:
+            for event in reply.events(update):
                 yield event
-            update = first
-            while update is not None:
-                for event in reply.events(update):
-                    yield event
-                update = await answer.next()
-            for event in reply.closing(answer.usage):
-                yield event
-        except Exception as exc:
-            error = api_error(exc, field_names)
-            answer.record.failed(error.message, stream_status=error.status)
-            for event in reply.failure(error):
-                yield event
-        finally:
-            answer.close()
+            update = await answer.next()
+    except ShuttingDown:
+        answer.close()  # settles the usage the closing events carry
+        for event in reply.stopped(answer.run.choices):
+            yield event
+    except Exception as exc:
+        error = api_error(exc, field_names)
+        answer.record.failed(error.message, stream_status=error.status)
+        for event in reply.failure(error):
+            yield event
+        return
+    finally:
+        answer.close()
+    for event in reply.closing(answer.usage):
+        yield event
 
 
 def replay(server: ServerState, record: RequestRecord, body: SamplingFields, reply: Reply, stored: dict,

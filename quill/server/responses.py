@@ -44,7 +44,7 @@ async def create_response(server: ServerState, request: Request, body: Responses
     messages = instructions + conversation
     record.described(model=server.model.name, stream=bool(body.stream), n=1, user=body.user, prompt=messages)
     prompt_ids = await server.prompts.encode_chat(messages, tools=tools.template_tools)
-    params = sampling_params(body, [prompt_ids], server.limits, server.config.max_tokens_cap, constraint)
+    params = sampling_params(body, [prompt_ids], server.limits, server.config, constraint)
 
     def store(response: dict) -> None:
         if body.store is not False:

@@ -2,8 +2,8 @@
 OpenAI's semantic events, each named and numbered (`sequence_number`): `response.created` and
 `response.in_progress`, then the output items as `OutputItems` builds them (item added, content
 part added, text or arguments deltas, done events), then `response.completed` (or
-`response.incomplete` when the output was cut off) with the whole response. A stored answer
-(response cache) replays as the same events, its text in one delta. The final response object is
+`response.incomplete` when the output was cut off or stopped at shutdown) with the whole response.
+A stored answer (response cache) replays as the same events, its text in one delta. The final response object is
 handed to `on_final` (the endpoint stores it), streamed or not.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from quill.server.errors import APIError
 from quill.server.logprobs import TokenText
 from quill.server.replies import Head, Reply, sse
 from quill.server.response_items import OutputItems
-from quill.server.runs import Run, Update
+from quill.server.runs import Choice, Run, Update
 
 
 class DeltaParser(Protocol):
@@ -69,6 +69,9 @@ class ResponsesReply(Reply):
     def replayed(self, choices: list[dict]) -> list[str]:
         (choice,) = choices
         return self._output(choice["text"], True, choice["finish_reason"])
+
+    def stopped(self, choices: list[Choice]) -> list[str]:
+        return []  # stopped at shutdown: `closing` ends the unfinished output as incomplete
 
     def closing(self, usage: dict) -> list[str]:
         events = [] if self._finished else self._output("", True, None)  # ended without its last output

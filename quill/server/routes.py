@@ -22,6 +22,7 @@ from quill.server.protocol import (ChatCompletionRequest, ChatCompletionResponse
                                    VersionResponse)
 from quill.server.request_log import RequestRecord
 from quill.server.responses import create_response, delete_response, get_response
+from quill.server.sampling import default_max_tokens
 from quill.server.state import ServerState
 from quill.server.tokens import detokenize, tokenize
 
@@ -51,12 +52,12 @@ def add_routes(app: FastAPI, server: ServerState) -> None:
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models():
-        return {"object": "list", "data": [server.model.card()]}
+        return {"object": "list", "data": [server.model.card(default_max_tokens(server.config))]}
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, responses={404: _ERRORS[404]})
     async def get_model(model: str):
         server.model.check(model)
-        return server.model.card()
+        return server.model.card(default_max_tokens(server.config))
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
     async def tokenize_text(body: TokenizeRequest):

@@ -100,6 +100,11 @@ class Run:
                 return self._apply(index, item)
         return None
 
+    def interrupt(self, error: Exception) -> None:
+        """End the run early: `next` raises `error` once the outputs before it are handed out."""
+        if not self._closed:
+            self._outputs.put_nowait((None, error))
+
     def close(self) -> None:
         """Abort unfinished engine requests. Synchronous on purpose: it runs inside cancelled tasks,
         where awaiting would be cancelled again. Safe to call repeatedly."""

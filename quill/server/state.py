@@ -15,6 +15,7 @@ from quill.cache import ResponseCache, model_identity
 from quill.cost import CostModel
 from quill.engine.async_engine import AsyncEngine, EngineClient
 from quill.engine.limits import EngineLimits
+from quill.errors import quoted
 from quill.server.admission import Admission
 from quill.server.billing import Billing
 from quill.server.cached import build_response_cache
@@ -37,12 +38,13 @@ class ServedModel:
     def check(self, name: str | None) -> None:
         """A request naming another model is a 404 (naming none means this one)."""
         if name is not None and name != self.name:
-            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.name}`.",
+            raise APIError(404, f"The model {quoted(name)} does not exist. This server serves `{self.name}`.",
                            param="model", code="model_not_found")
 
-    def card(self) -> dict:
+    def card(self, default_max_tokens: int) -> dict:
+        """`default_max_tokens`: what a request that sets no max_tokens gets (see sampling.py)."""
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "quill",
-                "max_model_len": self.max_model_len}
+                "max_model_len": self.max_model_len, "default_max_tokens": default_max_tokens}
 
 
 @dataclass
@@ -62,10 +64,14 @@ class ServerState:
     # Cache keys include what the answer depends on beyond the request (see `build_state`).
     cache_identity: dict
 
-    async def shutdown(self) -> None:
-        """Refuse new requests, give in-flight ones the grace period, abort the rest, stop the engine.
-        (Under uvicorn, `serve()` sets the same grace for open connections, so little is left here.)"""
+    async def drain(self) -> None:
+        """Refuse new requests, give in-flight ones the grace period, then end the rest: streams with
+        their final events, bodies with a 503 (see `Admission.drain`). Safe to call again."""
         await self.admission.drain(self.config.shutdown_grace)
+
+    async def shutdown(self) -> None:
+        """Drain (runner.py's servers have done so before closing connections), stop the engine."""
+        await self.drain()
         if self.owns_engine:
             await asyncio.to_thread(self.engine.shutdown, 5.0)
         if self.cache is not None:

@@ -11,6 +11,10 @@ the Responses API):
   function force a valid call, "auto" lets the model choose text or calls and makes a started call
   a valid one, "none" shows no tools and constrains nothing), and the call format the answer is
   parsed in (`quill/structured/tools.py`: the template's own, else the Hermes-style fallback).
+- `plan_chat(...)`: both for one chat-like request (tools, tool_choice, parallel_tool_calls,
+  response_format, structured_outputs, chat template): the `ToolPlan` and the constraint fields,
+  with the rule that joins them (one grammar per request: tools that may be called exclude an
+  output format).
 - `ToolPlan.parse(text)` / `ToolPlan.stream()`: an answer's text as `content` and `tool_calls`,
   whole or as OpenAI's streamed deltas.
 """
@@ -118,3 +122,18 @@ def plan_tools(tools: list[ChatTool] | list[dict] | None, tool_choice: Any, para
     tool_format = detect_tool_format(chat_template if template_supports_tools(chat_template) else None)
     grammar = tool_choice_grammar(listed, choice, parallel_tool_calls is not False, tool_format)
     return ToolPlan(listed, grammar, tool_format)
+
+
+def plan_chat(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None,
+              response_format: ResponseFormat | None, structured_outputs: StructuredOutputs | None,
+              chat_template: str | None) -> tuple[ToolPlan, dict[str, Any]]:
+    """A chat request's `ToolPlan` (render the prompt with its `template_tools`, read the answer
+    with it) and the `SamplingParams` constraint fields it is decoded under."""
+    plan = plan_tools(tools, tool_choice, parallel_tool_calls, chat_template)
+    constraint = output_constraint(response_format, structured_outputs)
+    if plan.grammar is None:
+        return plan, constraint
+    if constraint:
+        raise StructuredOutputError("response_format and structured_outputs cannot be combined with tools "
+                                    'unless tool_choice is "none"', param="response_format")
+    return plan, {"grammar": plan.grammar}

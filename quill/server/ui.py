@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from quill.sampling_params import SamplingParams
 from quill.server.errors import APIError
+from quill.server.sampling import default_max_tokens
 from quill.server.state import ServerState
 
 # name -> media type of every file the page is made of; nothing else under /ui/ is served.
@@ -79,11 +80,11 @@ def add_ui(app: FastAPI, server: ServerState) -> None:
 def page_settings(server: ServerState) -> dict:
     """What the page shows for the fields a user leaves empty (the page then leaves them out of
     the request): the server's fallbacks, which are `SamplingParams`' defaults (test_ui.py checks
-    by sampling that a request without them matches), and for max_tokens the rest of the context
-    window, at most the server's cap."""
+    by sampling that a request without them matches), and for max_tokens the server's default (at
+    most the rest of the context window)."""
     return {
         "defaults": {"temperature": SamplingParams.temperature, "top_p": SamplingParams.top_p, "seed": None},
-        "max_tokens_cap": server.config.max_tokens_cap,
+        "default_max_tokens": default_max_tokens(server.config),
         "max_model_len": server.limits.max_model_len,
     }
 

@@ -17,6 +17,7 @@ not implement, e.g. `uniqueItems`, `not`, `if`/`then`; see benchmarks/structured
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -30,6 +31,12 @@ KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 JSON_COMPILE_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_CHOICES = 1024
 MAX_SPEC_CHARS = 1 << 20  # schemas and grammars above a megabyte are refused before compiling
+# Counted repetitions ({n}, {m,n}) are built out state by state while the lexer runs, on the
+# engine thread: measured on the tiny engine, a{100000} took 1.8 s before its first token and
+# a{99999999} failed mid-step ("too many expressions constructed"), failing the whole batch.
+# JSON maxLength/maxItems are not built that way (maxLength 99999999 costs nothing).
+MAX_REPEAT = 4096
+_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 _ERROR_CHARS = 400  # llguidance errors can quote a whole grammar; keep the message readable
 
 
@@ -113,6 +120,12 @@ def _check_text(value: Any, param: str) -> None:
 
 
 def _checked(kind: str, key: str, param: str) -> Constraint:
+    for match in _REPEAT.finditer(key if kind != "choice" else ""):  # choices are literal text
+        count = max(int(n) for n in match.groups() if n)
+        if count > MAX_REPEAT:
+            raise StructuredOutputError(f"{param} repeats a pattern {count} times ({match.group(0)}); at most "
+                                        f"{MAX_REPEAT} is supported (a JSON schema's maxLength or maxItems has no "
+                                        f"such limit)", param=param)
     return Constraint(kind=kind, key=f"{kind}:{key}", grammar=_grammar(kind, key, param))
 
 

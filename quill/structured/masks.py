@@ -28,10 +28,12 @@ class TokenMasks:
         """A copy of `logits` ([rows, vocab]) with every disallowed token at -inf."""
         if not self.rows:
             return logits
-        allowed = self.allowed(logits.shape[-1])
+        # The bits unpack on the host (numpy); on a GPU only the unpacked mask travels to the logits.
+        allowed = self.allowed(logits.shape[-1]).to(logits.device)
+        minus_infinity = _MINUS_INFINITY.to(logits.device)
         if self.rows == list(range(logits.shape[0])):  # every row constrained: no gather or scatter
-            return torch.where(allowed, logits, _MINUS_INFINITY)
+            return torch.where(allowed, logits, minus_infinity)
         masked = logits.clone()
-        rows = torch.tensor(self.rows)
-        masked[rows] = torch.where(allowed, logits[rows], _MINUS_INFINITY)
+        rows = torch.tensor(self.rows, device=logits.device)
+        masked[rows] = torch.where(allowed, logits[rows], minus_infinity)
         return masked

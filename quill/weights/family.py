@@ -53,7 +53,7 @@ def embedding_tensors(c: ModelConfig) -> list[Tensor]:
     tensors = [Tensor("model.embed_tokens.weight", "token_embd.weight", (c.vocab_size, c.hidden_size)),
                Tensor("model.norm.weight", "output_norm.weight", (c.hidden_size,))]
     if not c.tie_word_embeddings:
-        tensors.append(Tensor("lm_head.weight", "output.weight", (c.vocab_size, c.hidden_size)))
+        tensors.append(Tensor("lm_head.weight", "output.weight", (c.output_vocab_size, c.hidden_size)))
     return tensors
 
 

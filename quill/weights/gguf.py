@@ -43,6 +43,8 @@ _FIXED_TYPES = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7
                 10: "<Q", 11: "<q", 12: "<d"}
 _FLOAT32, _STRING, _ARRAY = 6, 8, 9
 
+# Quill's own key for a trimmed output vocabulary (`ModelConfig.output_token_ids`), which llama.cpp cannot run.
+OUTPUT_TOKEN_IDS_KEY = "quill.output_token_ids"
 _LLAMA3_LOW_FREQ_FACTOR, _LLAMA3_HIGH_FREQ_FACTOR = 1.0, 4.0  # what Llama 3.x use; see _rope_scaling
 
 
@@ -285,6 +287,7 @@ def _config(family: ModelFamily, metadata: dict[str, Any], tensors: dict[str, GG
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,  # llama.cpp's name for a layer's query bias
         final_logit_softcapping=key("final_logit_softcapping", None),
+        output_token_ids=tuple(int(i) for i in metadata.get(OUTPUT_TOKEN_IDS_KEY, ())),
     )
     return ModelConfig(architecture=family.name, **(fields | family.gguf_config(key, fields)))
 

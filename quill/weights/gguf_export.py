@@ -20,7 +20,7 @@ import torch
 from quill.config import ModelConfig
 from quill.errors import UnsupportedModelError
 from quill.weights.family import ModelFamily
-from quill.weights.gguf import llama3_rope_factors
+from quill.weights.gguf import OUTPUT_TOKEN_IDS_KEY, llama3_rope_factors
 from quill.weights.gguf_quant import CODES, OFFSETS, SCALES
 from quill.weights.layout import check_tensors
 from quill.weights.quantized import QuantizedWeight
@@ -137,6 +137,8 @@ def _add_model_metadata(writer: gguf.GGUFWriter, family: ModelFamily, config: Mo
         _add_model_value(writer, f"{family.gguf_architecture}.{key}", value)
     if c.final_logit_softcapping is not None:
         writer.add_final_logit_softcapping(c.final_logit_softcapping)
+    if c.output_token_ids:  # Quill's own key: llama.cpp cannot read an LM head narrower than the vocabulary
+        writer.add_array(OUTPUT_TOKEN_IDS_KEY, list(c.output_token_ids))
     _add_rope_scaling(writer, family, config)
 
 

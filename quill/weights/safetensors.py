@@ -17,10 +17,14 @@ from safetensors import SafetensorError, safe_open
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
+from quill.model_limits import check_model_limits
 from quill.weights.checkpoint import Checkpoint
 from quill.weights.family import Families, hf_rope
 from quill.weights.layout import check_tensors
 
+# Quill's own config.json key for a trimmed output vocabulary (`ModelConfig.output_token_ids`);
+# transformers knows no such thing and cannot load such a directory.
+OUTPUT_TOKEN_IDS_KEY = "quill_output_token_ids"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Multimodal checkpoints (Gemma 3's) nest the text model under one of these prefixes (transformers 4 / 5 layouts).
 _NESTED_PREFIXES = {
@@ -68,6 +72,7 @@ def config_from_hf(raw: dict[str, Any], families: Families) -> ModelConfig:
     if cfg.get("mlp_bias"):  # the checkpoint would hold biases that no family's tensors include
         raise UnsupportedModelError("MLP biases (mlp_bias) are not supported")
     layers, heads, hidden = cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["hidden_size"]
+    check_model_limits({"num_layers": layers})  # before a list per layer is built
     rope_theta, rope_scaling = hf_rope(cfg)
     window = family.hf_sliding_window(cfg)
     if cfg.get("layer_types"):
@@ -93,6 +98,7 @@ def config_from_hf(raw: dict[str, Any], families: Families) -> ModelConfig:
         layer_types=tuple("sliding" if is_sliding and window else "full" for is_sliding in sliding),
         sliding_window=window if any(sliding) else None,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        output_token_ids=tuple(cfg.get(OUTPUT_TOKEN_IDS_KEY) or ()),
     )
     return ModelConfig(architecture=family.name, **(fields | family.hf_config(cfg)))
 

@@ -214,8 +214,7 @@ async function loadServerDefaults() {
     $("temperature").placeholder = `${defaults.temperature} (server default)`;
     $("top_p").placeholder = `${defaults.top_p} (server default)`;
     $("seed").placeholder = "random";
-    $("max_tokens").placeholder = page.max_tokens_cap
-      ? `rest of context, at most ${page.max_tokens_cap}` : `rest of the ${page.max_model_len}-token context`;
+    $("max_tokens").placeholder = `${page.default_max_tokens} (server default)`;
   } catch (error) {
     console.warn("Quill: no server defaults", error);
   }

@@ -1,0 +1,122 @@
+"""Activation statistics of a model over a calibration text: what structured pruning ranks by.
+
+The model runs as the engine runs it (`ModelRunner.prompt_logits`, windows of the text prefilled
+as prompts), with recorders put around the modules whose inputs are measured. Quill's layers skip
+PyTorch's hook machinery (`layers/module.py`), so a recorder is a module that replaces the
+measured one in its parent, notes its input, and calls it.
+
+Measures, per decoder layer (the sums the rankings are made of, as in NVIDIA's Minitron):
+- MLP channels: mean |activation| of each intermediate channel (the down projection's input);
+- attention heads: mean L2 norm of each query head's output (the output projection's input);
+- the block: mean cosine similarity of the residual stream before and after it (ShortGPT's block
+  importance is 1 - that: a block that hardly turns its input matters little);
+- per input column of each projection, the sum of squares of its inputs (Wanda's ||X_j||).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from quill.config import ModelConfig
+from quill.optimize.evaluate import corpus_path, scoring_runner, tokenize_corpus
+from quill.tokenizer import Tokenizer
+
+DEFAULT_CALIBRATION_TOKENS = 4096
+CALIBRATION_WINDOW = 256
+
+
+@dataclass
+class Activations:
+    """Per layer sums over the calibration tokens (divide by `tokens` for means)."""
+
+    tokens: int = 0
+    mlp: list[torch.Tensor] = field(default_factory=list)  # [intermediate] sum |a|
+    heads: list[torch.Tensor] = field(default_factory=list)  # [num_heads] sum ||head output||
+    block_cosine: list[torch.Tensor] = field(default_factory=list)  # scalar sum cos(in, out)
+    input_squares: dict[str, torch.Tensor] = field(default_factory=dict)  # Quill module name -> [in] sum x^2
+
+    def mlp_importance(self, layer: int) -> torch.Tensor:
+        return self.mlp[layer] / self.tokens
+
+    def head_importance(self, layer: int) -> torch.Tensor:
+        return self.heads[layer] / self.tokens
+
+    def layer_importance(self) -> torch.Tensor:
+        """[layers] 1 - mean cosine similarity of each block's input and output."""
+        return 1 - torch.stack(self.block_cosine) / self.tokens
+
+
+class _Recorder(nn.Module):
+    """Stands in for `inner`, handing each input to `note` before calling it."""
+
+    def __init__(self, inner: nn.Module, note) -> None:
+        super().__init__()
+        self.inner, self.note = inner, note
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        self.note(x.detach().float())
+        return self.inner(x, *args, **kwargs)
+
+
+def _add(store: dict, key, value: torch.Tensor) -> None:
+    store[key] = store[key] + value if key in store else value
+
+
+def measure(model: nn.Module, config: ModelConfig, token_ids: list[int], *, progress: bool = False) -> Activations:
+    """Run `token_ids` through `model` (a Quill network, float weights) in windows and return the
+    statistics above. The recorders are removed again before returning."""
+    sums: dict = {}
+    residuals: list[torch.Tensor | None] = [None] * (config.num_layers + 1)  # the stream entering each layer, and the final norm
+    layers = model.layers
+    head_dim, heads = config.head_dim, config.num_heads
+    replaced: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def wrap(parent: nn.Module, name: str, note) -> None:
+        inner = getattr(parent, name)
+        replaced.append((parent, name, inner))
+        setattr(parent, name, _Recorder(inner, note))
+
+    def squares(key: str):
+        return lambda x: _add(sums, ("sq", key), (x * x).sum(0))
+
+    for i, layer in enumerate(layers):
+        attention, mlp = layer.self_attn, layer.mlp
+        wrap(layer, "input_layernorm", lambda x, i=i: residuals.__setitem__(i, x))
+        wrap(attention, "qkv_proj", squares(f"layers.{i}.self_attn.qkv_proj"))
+        wrap(attention, "o_proj", lambda x, i=i: (
+            _add(sums, ("heads", i), x.view(len(x), heads, head_dim).norm(dim=-1).sum(0)),
+            squares(f"layers.{i}.self_attn.o_proj")(x)))
+        wrap(mlp, "gate_up_proj", squares(f"layers.{i}.mlp.gate_up_proj"))
+        wrap(mlp, "down_proj", lambda x, i=i: (_add(sums, ("mlp", i), x.abs().sum(0)),
+                                                squares(f"layers.{i}.mlp.down_proj")(x)))
+    wrap(model, "norm", lambda x: residuals.__setitem__(config.num_layers, x))
+
+    # Windows side by side: each token counted once, with up to a window of context.
+    spans = [(start, min(start + CALIBRATION_WINDOW, len(token_ids))) for start in range(0, len(token_ids), CALIBRATION_WINDOW)]
+    runner = scoring_runner(model, config, min(CALIBRATION_WINDOW, len(token_ids)))
+    result = Activations()
+    try:
+        with torch.no_grad():
+            for start, end in tqdm(spans, unit="window", desc="calibrating", disable=not progress, leave=False):
+                runner.prompt_logits(token_ids[start:end])
+                result.tokens += end - start
+                for i in range(config.num_layers):
+                    cosine = torch.cosine_similarity(residuals[i], residuals[i + 1], dim=-1).sum()
+                    _add(sums, ("cos", i), cosine.double())
+    finally:
+        for parent, name, inner in reversed(replaced):
+            setattr(parent, name, inner)
+    result.mlp = [sums["mlp", i] for i in range(config.num_layers)]
+    result.heads = [sums["heads", i] for i in range(config.num_layers)]
+    result.block_cosine = [sums["cos", i] for i in range(config.num_layers)]
+    result.input_squares = {key[1]: value for key, value in sums.items() if key[0] == "sq"}
+    return result
+
+
+def calibration_tokens(tokenizer: Tokenizer, path: str | Path | None, max_tokens: int | None) -> list[int]:
+    """The first `max_tokens` tokens (all: None) of the calibration text (the shipped corpus's dev split by default)."""
+    return tokenize_corpus(tokenizer, path or corpus_path("dev"), max_tokens)
