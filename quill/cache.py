@@ -115,12 +115,16 @@ class SQLiteStore:
     carries a checksum of its text, so a half-written or damaged entry is never served. A file that
     is not a readable database (garbage, truncated) is moved aside with a warning and replaced by an
     empty one: losing a cache is cheap, refusing to start is not. Oldest entries go beyond
-    `max_entries`. One lock serializes the connection, which any thread may use.
+    `max_entries`. One lock serializes the connection, which any thread may use. `table` lets
+    another kind of record share the file (the server's stored Responses API objects).
     """
 
-    def __init__(self, path: str | Path, max_entries: int = 100_000) -> None:
+    def __init__(self, path: str | Path, max_entries: int = 100_000, table: str = "responses") -> None:
+        if not table.isidentifier():
+            raise ValueError(f"not a table name: {table!r}")
         self.path = Path(path)
         self.max_entries = max_entries
+        self.table = table
         self.evictions = 0
         self._lock = threading.Lock()
         try:
@@ -138,9 +142,9 @@ class SQLiteStore:
             (status,) = db.execute("PRAGMA quick_check").fetchone()
             if status != "ok":
                 raise _Damaged(f"integrity check failed: {status}")
-            db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, body TEXT NOT NULL, "
+            db.execute(f"CREATE TABLE IF NOT EXISTS {self.table} (key TEXT PRIMARY KEY, body TEXT NOT NULL, "
                        "checksum TEXT NOT NULL, stored_at REAL NOT NULL, size INTEGER NOT NULL)")
-            db.execute("CREATE INDEX IF NOT EXISTS responses_by_age ON responses (stored_at)")
+            db.execute(f"CREATE INDEX IF NOT EXISTS {self.table}_by_age ON {self.table} (stored_at)")
         except BaseException:
             db.close()
             raise
@@ -159,7 +163,7 @@ class SQLiteStore:
 
     def get(self, key: str) -> Record | None:
         row = self._run(lambda db: db.execute(
-            "SELECT body, checksum, stored_at FROM responses WHERE key = ?", (key,)).fetchone())
+            f"SELECT body, checksum, stored_at FROM {self.table} WHERE key = ?", (key,)).fetchone())
         if row is None:
             return None
         body, checksum, stored_at = row
@@ -172,23 +176,23 @@ class SQLiteStore:
     def put(self, key: str, record: Record) -> None:
         def write(db: sqlite3.Connection) -> int:
             with _transaction(db):
-                db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+                db.execute(f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?, ?, ?, ?)",
                            (key, record.body, _checksum(record.body), record.stored_at, record.size))
-                (count,) = db.execute("SELECT COUNT(*) FROM responses").fetchone()
+                (count,) = db.execute(f"SELECT COUNT(*) FROM {self.table}").fetchone()
                 excess = max(0, count - self.max_entries)
                 if excess:
-                    db.execute("DELETE FROM responses WHERE key IN "
-                               "(SELECT key FROM responses ORDER BY stored_at LIMIT ?)", (excess,))
+                    db.execute(f"DELETE FROM {self.table} WHERE key IN "
+                               f"(SELECT key FROM {self.table} ORDER BY stored_at LIMIT ?)", (excess,))
                 return excess
 
         self.evictions += self._run(write) or 0
 
     def delete(self, key: str) -> None:
-        self._run(lambda db: db.execute("DELETE FROM responses WHERE key = ?", (key,)))
+        self._run(lambda db: db.execute(f"DELETE FROM {self.table} WHERE key = ?", (key,)))
 
     def totals(self) -> tuple[int, int]:
         """(entries, bytes of JSON text) in the file, all writers included."""
-        row = self._run(lambda db: db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM responses").fetchone())
+        row = self._run(lambda db: db.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM {self.table}").fetchone())
         return row or (0, 0)
 
     def close(self) -> None:
@@ -241,6 +245,37 @@ def _checksum(body: str) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+class TieredStore:
+    """A `MemoryStore` in front of an optional `SQLiteStore`: writes go to both, and a read that
+    misses memory falls back to the file and brings what it finds back into memory."""
+
+    def __init__(self, memory: MemoryStore, disk: SQLiteStore | None = None) -> None:
+        self.memory = memory
+        self.disk = disk
+
+    def get(self, key: str) -> Record | None:
+        record = self.memory.get(key)
+        if record is None and self.disk is not None:
+            record = self.disk.get(key)
+            if record is not None:
+                self.memory.put(key, record)
+        return record
+
+    def put(self, key: str, record: Record) -> None:
+        self.memory.put(key, record)
+        if self.disk is not None:
+            self.disk.put(key, record)
+
+    def delete(self, key: str) -> None:
+        self.memory.delete(key)
+        if self.disk is not None:
+            self.disk.delete(key)
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
+
 # ------------------------------------------------------------------------------- cache
 
 
@@ -269,6 +304,7 @@ class ResponseCache:
     def __init__(self, memory: MemoryStore, disk: SQLiteStore | None = None, ttl: float | None = None) -> None:
         self.memory = memory
         self.disk = disk
+        self._tiers = TieredStore(memory, disk)
         self.ttl = ttl
         self.hits = 0
         self.misses = 0
@@ -293,23 +329,14 @@ class ResponseCache:
                 return json.loads(body)  # a fresh copy per caller
 
     def put(self, key: str, body: str) -> None:
-        record = Record(body, time.time())
-        self.memory.put(key, record)
-        if self.disk is not None:
-            self.disk.put(key, record)
+        self._tiers.put(key, Record(body, time.time()))
 
     def _get(self, key: str) -> str | None:
-        record = self.memory.get(key)
-        if record is None and self.disk is not None:
-            record = self.disk.get(key)
-            if record is not None:
-                self.memory.put(key, record)
+        record = self._tiers.get(key)
         if record is None:
             return None
         if self.ttl is not None and time.time() - record.stored_at > self.ttl:
-            self.memory.delete(key)
-            if self.disk is not None:
-                self.disk.delete(key)
+            self._tiers.delete(key)
             return None
         return record.body
 
@@ -320,5 +347,4 @@ class ResponseCache:
                           memory_bytes=self.memory.bytes, disk_entries=disk_entries, disk_bytes=disk_bytes)
 
     def close(self) -> None:
-        if self.disk is not None:
-            self.disk.close()
+        self._tiers.close()

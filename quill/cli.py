@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("prompt", help="the prompt (a user message in chat mode, raw text otherwise)")
     run.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                      help="force (--chat) or skip (--no-chat) the chat template; default: use it if there is one")
+    _add_structured_output_options(run)
     run.set_defaults(func=_cmd_run)
 
     chat = commands.add_parser(
@@ -273,6 +274,37 @@ def _sampling_options() -> argparse.ArgumentParser:
                        help="sample from the K most likely tokens, 0 disables (default: %(default)s)")
     group.add_argument("--seed", type=int, help="random seed, for reproducible sampling")
     return options
+
+
+def _add_structured_output_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "structured output", "Constrain the answer token by token (at most one of these). The answer ends "
+        "as soon as it is complete; one cut off by --max-tokens is incomplete (the stats line then says so).")
+    exclusive = group.add_mutually_exclusive_group()
+    exclusive.add_argument("--json-schema", metavar="FILE",
+                           help="answer with JSON that validates against the JSON Schema in FILE")
+    exclusive.add_argument("--json-object", action="store_true", help="answer with any JSON object")
+    exclusive.add_argument("--regex", metavar="REGEX",
+                           help="answer with text that matches REGEX in full (Rust regex syntax; \\d and \\w are ASCII)")
+    exclusive.add_argument("--choice", nargs="+", metavar="TEXT", help="answer with exactly one of these strings")
+    exclusive.add_argument("--grammar", metavar="FILE",
+                           help="answer with text the grammar in FILE accepts (Lark, as llguidance reads it, or GBNF)")
+
+
+def _structured_output(args: argparse.Namespace) -> dict:
+    """The SamplingParams constraint fields that `run`'s options ask for."""
+    if getattr(args, "json_schema", None):
+        return {"json_schema": _read_text(args.json_schema, "--json-schema")}
+    if getattr(args, "grammar", None):
+        return {"grammar": _read_text(args.grammar, "--grammar")}
+    return {name: value for name in ("json_object", "regex", "choice") if (value := getattr(args, name, None))}
+
+
+def _read_text(path: str, option: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read {option} file {path}: {exc}") from exc
 
 
 def _cmd_pull(args: argparse.Namespace) -> int:
@@ -557,7 +589,7 @@ def _read_chat_template(args: argparse.Namespace) -> str | None:
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
+                          top_k=args.top_k, seed=args.seed, **_structured_output(args))
 
 
 def _system_messages(args: argparse.Namespace) -> list[dict[str, str]]:

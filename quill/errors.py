@@ -61,3 +61,11 @@ class ChatTemplateError(InvalidRequestError):
     """The model has no chat template, or the template failed to render these messages."""
 
     param = "messages"
+
+
+class StructuredOutputError(InvalidRequestError):
+    """A structured-output constraint (JSON schema, regex, choice, grammar, tools) is invalid or
+    uses a feature the grammar matcher does not support. `param` names the field at fault."""
+
+    def __init__(self, message: str, *, param: str, code: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)

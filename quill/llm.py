@@ -86,9 +86,13 @@ class LLM:
         return self._run_to_completion(ids)
 
     def chat(self, messages: Messages, params: SamplingParams | None = None,
-             chat_template: str | None = None) -> RequestOutput:
-        """Answer one conversation (a list of {"role", "content"} messages)."""
-        return self._run_to_completion([self.engine.add_request(self._chat_prompt(messages, chat_template), params)])[0]
+             chat_template: str | None = None, tools: list[dict] | None = None) -> RequestOutput:
+        """Answer one conversation (a list of {"role", "content"} messages; assistant `tool_calls`
+        and `role: "tool"` results included). `tools` (OpenAI function tools) are shown to the
+        model through its chat template; parse its answer with `quill.structured.tools`, and
+        constrain it with `tool_choice_grammar` as `params.grammar`."""
+        prompt = self._chat_prompt(messages, chat_template, tools)
+        return self._run_to_completion([self.engine.add_request(prompt, params)])[0]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield an output each time the request produces a token (see `RequestOutput.delta`);
@@ -105,11 +109,11 @@ class LLM:
             self.engine.abort(request_id)  # a consumer that stops early frees the request's blocks
 
     def stream_chat(self, messages: Messages, params: SamplingParams | None = None,
-                    chat_template: str | None = None) -> Iterator[RequestOutput]:
-        return self.stream(self._chat_prompt(messages, chat_template), params)
+                    chat_template: str | None = None, tools: list[dict] | None = None) -> Iterator[RequestOutput]:
+        return self.stream(self._chat_prompt(messages, chat_template, tools), params)
 
-    def _chat_prompt(self, messages: Messages, chat_template: str | None) -> list[int]:
-        return self.tokenizer.encode_chat(messages, chat_template=chat_template or self.chat_template)
+    def _chat_prompt(self, messages: Messages, chat_template: str | None, tools: list[dict] | None) -> list[int]:
+        return self.tokenizer.encode_chat(messages, chat_template=chat_template or self.chat_template, tools=tools)
 
     def _run_to_completion(self, request_ids: list[str]) -> list[RequestOutput]:
         """Step until every request is done. With n > 1, a request's n outputs come in index order."""

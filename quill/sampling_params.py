@@ -8,8 +8,10 @@ What depends on the model (token ids within the vocabulary, the context window) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from quill.errors import InvalidRequestError, quoted
+from quill.structured.constraints import Constraint, constraint_from_fields
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -99,6 +101,13 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id (an int, or one as a string) -> bias
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
     speculative: bool = True  # allow speculative decoding when the engine has it on (no effect on output)
+    # Structured output (at most one; see quill/structured/constraints.py). The output is
+    # constrained token by token, and ends (finish_reason "stop") once the grammar is complete.
+    json_schema: dict[str, Any] | str | None = None  # a JSON Schema, or its JSON text
+    json_object: bool = False  # any JSON object (OpenAI's JSON mode)
+    regex: str | None = None
+    choice: list[str] | None = None  # exactly one of these strings
+    grammar: str | None = None  # Lark (llguidance dialect) or GBNF
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -109,6 +118,7 @@ class SamplingParams:
         self._check()
         if self.top_k == -1:
             self.top_k = 0
+        self._constraint = self._checked_constraint()
         if self.temperature < SAMPLING_EPS or self.top_p < SAMPLING_EPS:
             self.temperature, self.top_p = 0.0, 1.0
 
@@ -127,6 +137,20 @@ class SamplingParams:
                                    f"{MAX_STOP_STRING_LENGTH} characters", self.stop)
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise _invalid("stop_token_ids", "a list of non-negative integers", self.stop_token_ids)
+
+    def _checked_constraint(self) -> Constraint | None:
+        constraint = constraint_from_fields(json_schema=self.json_schema, json_object=self.json_object,
+                                            regex=self.regex, choice=self.choice, grammar=self.grammar)
+        if constraint is not None and self.ignore_eos:
+            # Nothing can follow a complete grammar: ignore_eos could not be honoured.
+            raise _error(f"ignore_eos cannot be combined with {constraint.kind}: "
+                         f"a constrained output ends where its grammar ends", "ignore_eos")
+        return constraint
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """The structured-output constraint, validated (None: free text)."""
+        return self._constraint
 
     @property
     def greedy(self) -> bool:

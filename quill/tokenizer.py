@@ -253,21 +253,28 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> str:
-        """Render a conversation to the prompt text the model was trained on."""
+        """Render a conversation to the prompt text the model was trained on. `tools` (OpenAI
+        function tools), assistant `tool_calls` and `role: "tool"` messages reach the template as
+        templates expect them; a template without tool support gets the documented fallback
+        instead (see `quill.structured.tools.messages_for_template`)."""
+        from quill.structured.tools import messages_for_template
+
         source = chat_template if chat_template is not None else self.chat_template
         if source is None:
             raise ChatTemplateError(
                 "this model has no chat template (it is probably a base model, not a chat model); "
                 "pass one with --chat-template FILE or chat_template=..., or send a plain completion prompt"
             )
+        messages, tools = messages_for_template(_checked_messages(messages), tools, source)
         context = {
             "bos_token": self.bos_token or "",
             "eos_token": self.eos_token or "",
-            "tools": None,
             "documents": None,
             **kwargs,
+            "tools": tools,
             "messages": _checked_messages(messages),
             "add_generation_prompt": add_generation_prompt,
         }

@@ -10,6 +10,7 @@ from quill.engine.engine import Engine
 from quill.engine.runner import kv_cache_dtype
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan
 from quill.models.loader import build_model, load_checkpoint
+from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
 
 
@@ -42,15 +43,15 @@ def tiny_engine(path: Path, dtype: str = "float32", **engine_options) -> Engine:
     return Engine(model, config, None, EngineConfig(dtype=dtype, **engine_options))
 
 
-def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 *, arrive_every: int = 0, with_logprobs: bool = False) -> list[list]:
-    """Generate for every prompt; with arrive_every=k, one new prompt joins every k steps.
-    Returns the generated token ids in prompt order; `with_logprobs`: (token id, logprob, top)
-    per token, for requests that ask for logprobs."""
+def run_outputs(engine: Engine, prompts: list, params: SamplingParams | list[SamplingParams],
+                *, arrive_every: int = 0) -> list:
+    """Generate for every prompt (token ids or text); with arrive_every=k, one new prompt joins
+    every k steps. Returns each prompt's final RequestOutput, in prompt order (with n > 1, the
+    list of its n outputs in index order)."""
     params_list = params if isinstance(params, list) else [params] * len(prompts)
     pending = list(enumerate(prompts))
     index_of: dict[str, int] = {}
-    results: dict[int, list[int]] = {}
+    results: dict[int, dict[int, RequestOutput]] = {}
     step = 0
     while pending or engine.has_unfinished():
         if pending and (arrive_every == 0 or step % arrive_every == 0):
@@ -60,10 +61,18 @@ def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParam
             pending = pending[len(arriving):]
         for output in engine.step():
             if output.finished:
-                results[index_of[output.request_id]] = [(r.token_id, r.logprob, r.top) for r in output.logprobs] \
-                    if with_logprobs else output.token_ids
+                results.setdefault(index_of[output.request_id], {})[output.index] = output
         step += 1
-    return [results[i] for i in range(len(prompts))]
+    return [results[i][0] if len(results[i]) == 1 else [results[i][k] for k in sorted(results[i])]
+            for i in range(len(prompts))]
+
+
+def run_requests(engine: Engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 *, arrive_every: int = 0, with_logprobs: bool = False) -> list[list]:
+    """`run_outputs`' generated token ids (one completion per prompt); `with_logprobs`: (token id,
+    logprob, top) per token, for requests that ask for logprobs."""
+    outputs = run_outputs(engine, prompts, params, arrive_every=arrive_every)
+    return [[(r.token_id, r.logprob, r.top) for r in o.logprobs] if with_logprobs else o.token_ids for o in outputs]
 
 
 def tiny_text_engine(path: Path, **engine_options) -> Engine:

@@ -2,7 +2,7 @@
 
 On the CPU, with the same generators, `sample_on_device` must return the tokens and logprobs of
 `quill.engine.sampler.sample` bit for bit, on random batches mixing greedy and sampled rows, seeds,
-top-k/top-p/min-p, logit bias, min_tokens, penalties and logprobs. On CUDA (skipped without one) it
+top-k/top-p/min-p, logit bias, min_tokens, penalties, logprobs and grammar masks. On CUDA (skipped without one) it
 must agree with the CPU for greedy rows and be reproducible per seed.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from quill.engine.device_sampler import process_logits, sample_on_device
 from quill.engine.request import Request
 from quill.engine.sampler import apply_logit_processors, sample
 from quill.sampling_params import SamplingParams
+from quill.structured.masks import TokenMasks
 
 VOCAB = 300
 EOS = frozenset({2, 7})
@@ -63,6 +64,17 @@ def _random_logits(rng: random.Random, rows: int) -> torch.Tensor:
     return logits
 
 
+def _random_masks(rng: random.Random, rows: int) -> TokenMasks | None:
+    """Grammar masks on some rows (None: no constrained row), each allowing about half the
+    vocabulary, so that no row is left without a token after min_tokens bans its ends."""
+    if rng.random() < 0.5:
+        return None
+    constrained = sorted(rng.sample(range(rows), rng.randrange(1, rows + 1)))
+    words = (VOCAB + 31) // 32
+    bits = torch.tensor([[rng.getrandbits(32) - 2**31 for _ in range(words)] for _ in constrained], dtype=torch.int32)
+    return TokenMasks(constrained, bits)
+
+
 @pytest.mark.parametrize("case", range(60))
 def test_draws_exactly_what_the_plain_sampler_draws(case):
     rng = random.Random(case)
@@ -70,8 +82,9 @@ def test_draws_exactly_what_the_plain_sampler_draws(case):
     plain, device = [p[0] for p in pairs], [p[1] for p in pairs]
     for step in range(3):  # consecutive draws: the generators must advance alike
         logits = _random_logits(rng, len(pairs))
-        expected = sample(logits, plain, EOS)
-        got = sample_on_device(logits, device, EOS)
+        masks = _random_masks(rng, len(pairs))
+        expected = sample(logits, plain, EOS, masks)
+        got = sample_on_device(logits, device, EOS, masks)
         assert got[0] == expected[0], f"step {step}"
         assert got[1] == expected[1], f"step {step}"
         for a, b, token in zip(plain, device, expected[0]):
@@ -87,6 +100,17 @@ def test_processed_logits_are_bit_identical(case):
     expected = apply_logit_processors(logits, requests, EOS)
     got = process_logits(logits, requests, EOS)
     assert torch.equal(got, expected)
+
+
+def test_a_grammar_mask_keeps_its_row_off_disallowed_tokens():
+    # The identity above would hold trivially if neither sampler applied the masks.
+    logits = torch.zeros(2, VOCAB)
+    logits[:, 5] = 10.0
+    requests = [Request(name, [1], SamplingParams(temperature=0), torch.Generator()) for name in "ab"]
+    bits = torch.zeros(1, (VOCAB + 31) // 32, dtype=torch.int32)
+    bits[0, 0] = 1 << 9  # only token 9 allowed
+    tokens, _ = sample_on_device(logits, requests, masks=TokenMasks([1], bits))
+    assert tokens == [5, 9]
 
 
 def test_logit_bias_and_penalties_change_the_tokens():

@@ -19,7 +19,7 @@ QUILL = Path(__file__).resolve().parent.parent / "quill"
 # top-level modules and packages; "quill" is the package's own __init__ (the public API).
 LAYERS = [
     ("errors", "paths", "hardware", "table", "model_limits"),
-    ("config", "rope", "sampling_params", "outputs", "cost", "cache"),
+    ("config", "rope", "sampling_params", "outputs", "cost", "cache", "structured"),
     ("weights", "kernels"),  # checkpoint formats and the quantized-weight format; C kernel builds
     ("layers", "tokenizer"),
     ("models",),  # one file per family, the registry, the loader

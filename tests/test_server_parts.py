@@ -158,7 +158,10 @@ def test_every_request_field_is_honoured_or_handled_by_the_server():
     none can be silently ignored, and a misnamed sampling field shows up here."""
     handled_by_server = {"model", "user", "stream", "stream_options", "cache", "messages", "prompt", "echo",
                          "max_completion_tokens", "top_logprobs", "add_generation_prompt",
-                         "tools", "tool_choice", "functions", "function_call"}  # the last four: refused for now
+                         # structured.py: the constraint and the tools (completions refuse tools)
+                         "response_format", "structured_outputs", "tools", "tool_choice", "parallel_tool_calls",
+                         "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                         "functions", "function_call"}  # the deprecated names of tools and tool_choice: refused
     for model in (ChatCompletionRequest, CompletionRequest):
         unknown = set(model.model_fields) - SAMPLING_FIELDS - handled_by_server
         assert not unknown, (model.__name__, unknown)
@@ -280,8 +283,8 @@ def _raw(client: httpx.Client, path: str, body: bytes) -> httpx.Response:
 
 def test_errors_say_what_is_wrong_in_the_openai_shape(served):
     """The findings of issue 24: no generic parse error for invalid UTF-8, no internal tokenizer
-    message for a lone surrogate, no union soup for an image part, no tool calls dropped without a
-    word, no boolean taken as an integer, no 8 KB echo of a rejected list."""
+    message for a lone surrogate, no union soup for an image part, no deprecated function fields
+    ignored without a word, no boolean taken as an integer, no 8 KB echo of a rejected list."""
     _, client = served
     error = assert_error(_raw(client, "/v1/completions", b'{"prompt": "a\xff", "max_tokens": 2}'), 400,
                          code="invalid_json")
@@ -300,11 +303,15 @@ def test_errors_say_what_is_wrong_in_the_openai_shape(served):
                               "tool_calls": [{"id": "c1", "type": "function",
                                               "function": {"name": "weather", "arguments": "{}"}}]},
                              {"role": "tool", "tool_call_id": "c1", "content": "sunny"}])
-    error = assert_error(post(client, history), 400, "messages[1].tool_calls", "unsupported_parameter")
-    assert "tool calls in history are not supported yet" in error["message"].lower()
+    assert post(client, history).status_code == 200  # rendered through the template (prompts.message_dict)
     tools = chat(tools=[{"type": "function", "function": {"name": "weather"}}])
-    assert_error(post(client, tools), 400, "tools", "unsupported_parameter")
-    assert post(client, chat(tool_choice="none")).status_code == 200  # asks for what happens anyway
+    # Honoured (structured.py), not refused: the tools are rendered into the prompt, which outgrows
+    # the tiny model's 256-token window; with tool_choice "none" they are not shown and it answers.
+    assert_error(post(client, tools), 400, "messages", "context_length_exceeded")
+    assert post(client, {**tools, "tool_choice": "none"}).status_code == 200
+    error = assert_error(post(client, chat(functions=[{"name": "weather"}])), 400, "functions", "unsupported_parameter")
+    assert "send 'tools'" in error["message"]
+    assert_error(post(client, chat(function_call="auto")), 400, "function_call", "unsupported_parameter")
     for body, param in ((completion(max_tokens=True), "max_tokens"), (chat(max_completion_tokens=True),
                         "max_completion_tokens"), (completion(stream="yes"), "stream"), (completion(n=1.0), "n"),
                         (chat(logprobs=1), "logprobs"), (completion(echo="false"), "echo")):

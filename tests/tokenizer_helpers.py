@@ -49,6 +49,15 @@ def tiny_sentencepiece_metadata(**overrides):
     }
 
 
+def tiny_text_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`text` in the tiny SentencePiece vocabulary one byte at a time, exactly (no space put in
+    front, as encoding would): the single-letter piece where there is one ("▁" for a space), else
+    the byte token (<0x00> is id 3). Grammar matchers accept one token per byte string: the piece,
+    not its <0xNN> fallback."""
+    pieces = {chr(byte): tokenizer.backend.token_to_id(chr(byte)) for byte in range(128)} | {" ": 259}
+    return [pieces.get(chr(byte)) or 3 + byte for byte in text.encode()]
+
+
 # -- Hugging Face tokenizer directories, trained here: the two kinds a GGUF file can carry ----------
 
 # What the tokenizers are trained on: enough English, code, digits and other scripts that BPE learns

@@ -22,14 +22,16 @@ import torch
 
 from quill.engine.request import Request
 from quill.engine.sampler import TokenLogprob, _needs_processing, logprob_records, sampling_probabilities
+from quill.structured.masks import TokenMasks
 
 
 def sample_on_device(logits: torch.Tensor, requests: list[Request], eos_token_ids: frozenset[int] = frozenset(),
-                     ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits: [len(requests), vocab] float32 on any device. One token id (and logprob record) per
-    request, as `quill.engine.sampler.sample` returns them."""
+                     masks: TokenMasks | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: [len(requests), vocab] float32 on any device; masks: the constrained rows' grammar
+    masks. One token id (and logprob record) per request, as `quill.engine.sampler.sample` returns them."""
     if not requests:
         return [], []
+    logits = masks.apply(logits) if masks is not None else logits
     processed = process_logits(logits, requests, eos_token_ids)
     chosen = processed.argmax(dim=-1)
     sampled = [i for i, r in enumerate(requests) if not r.params.greedy]

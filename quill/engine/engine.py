@@ -3,12 +3,16 @@ append, detokenize, emit outputs, free finished requests. Everything else drives
 
 With speculative decoding on, a step may commit several tokens per request: the drafts proposed
 at the end of the previous step are verified by this step's forward, the KV of rejected ones is
-rolled back, and new drafts are proposed for the next step."""
+rolled back, and new drafts are proposed for the next step.
+
+Structured output (`quill.structured`): the grammar masks of the step's constrained requests are
+filled on a worker thread while the forward pass runs, applied before sampling, and each committed
+token advances its request's matcher; a complete grammar ends the request ("stop")."""
 from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -27,6 +31,7 @@ from quill.errors import InvalidRequestError
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
 from quill.speculative import SpeculativeStats, Speculator, build_speculator
+from quill.structured import StructuredDecoding, StructuredStats, TokenMasks
 
 
 @dataclass
@@ -52,6 +57,7 @@ class EngineStats:
     spec_num_accepted_tokens: int = 0
     spec_acceptance_rate: float = 0.0
     spec_mean_accepted_length: float = 0.0  # tokens committed per verification round
+    structured: StructuredStats = field(default_factory=StructuredStats)  # constrained decoding
 
 
 class Engine:
@@ -87,6 +93,8 @@ class Engine:
         self.speculator: Speculator | None = None if config.speculative is None else build_speculator(
             config, model_config, tokenizer, num_blocks=num_blocks, max_model_len=self.max_model_len, device=device,
             kv_cache_dtype=cache_dtype, row_block=self.runner.row_block)
+        # Constrained decoding needs the tokenizer (token bytes); set up on first use.
+        self.structured = None if tokenizer is None else StructuredDecoding(tokenizer, model_config.vocab_size)
         self.requests: dict[str, Request] = {}  # unfinished requests by internal id
         self._groups: dict[str, list[str]] = {}  # user-facing request id -> internal ids
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -114,6 +122,7 @@ class Engine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer", param="stop")
+        matchers = self._matchers(params)
         members = []
         for index in range(params.n):
             internal_id = request_id if params.n == 1 else f"{request_id}#{index}"
@@ -128,10 +137,20 @@ class Engine:
                     stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
                 )
             self.requests[internal_id] = request
+            if matchers:
+                self.structured.attach(internal_id, matchers[index])
             self.scheduler.add(request)
             members.append(internal_id)
         self._groups[request_id] = members
         return request_id
+
+    def _matchers(self, params: SamplingParams) -> list:
+        """One grammar matcher per completion of a constrained request (none otherwise)."""
+        if params.constraint is None:
+            return []
+        if self.structured is None:
+            raise InvalidRequestError(f"{params.constraint.kind} needs a tokenizer: this engine has none")
+        return self.structured.matchers(params.constraint, params.n)
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator:
         """A private generator: seeded requests (and each of their n completions) are reproducible."""
@@ -171,6 +190,8 @@ class Engine:
         self._num_preemptions += batch.num_preempted
         if not batch:
             return []
+        # Masks are filled on a worker while the model runs (see quill/structured/decoding.py).
+        mask_job = self.structured.start(batch.requests, batch.num_new_tokens) if self.structured else None
         to_sample, logits = self.runner.execute(batch.requests, batch.num_new_tokens)
         now = time.perf_counter()
         num_prefill = 0
@@ -180,10 +201,12 @@ class Engine:
             if request.num_computed_tokens <= request.num_prompt_tokens:
                 num_prefill += num_new
         self._num_prompt_tokens += num_prefill
+        masks = self.structured.collect(mask_job, to_sample) if self.structured else None
         outputs = [self._append_tokens(request, tokens, logprobs, now)
-                   for request, (tokens, logprobs) in zip(to_sample, self._sample(to_sample, logits))]
+                   for request, (tokens, logprobs) in zip(to_sample, self._sample(to_sample, logits, masks))]
         if self.speculator is not None:
-            self.speculator.propose([r for r in to_sample if r.status is RequestStatus.RUNNING])
+            self.speculator.propose([r for r in to_sample if r.status is RequestStatus.RUNNING],
+                                    self.structured.draft_prefix if self.structured else None)
         self._account_step_time(time.perf_counter() - started, num_prefill, batch.total_tokens)
         return outputs
 
@@ -194,16 +217,17 @@ class Engine:
         self._prefill_seconds += prefill
         self._decode_seconds += seconds - prefill
 
-    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[tuple[list[int], list]]:
+    def _sample(self, requests: list[Request], logits: torch.Tensor,
+                masks: TokenMasks | None) -> list[tuple[list[int], list]]:
         """The tokens (and logprob records) each request commits this step."""
         eos_ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
         if not any(r.draft_token_ids for r in requests):
             # On the CPU the plain sampler; on a GPU its tensor-op twin, which copies back only the
             # chosen tokens (and logprobs asked for) instead of the logits.
             sampler = sample if logits.device.type == "cpu" else sample_on_device
-            tokens, logprobs = sampler(logits, requests, eos_ids)
+            tokens, logprobs = sampler(logits, requests, eos_ids, masks)
             return [([t], [lp]) for t, lp in zip(tokens, logprobs)]
-        verdicts = self.speculator.verify(logits.cpu(), requests, eos_ids)
+        verdicts = self.speculator.verify(logits.cpu(), requests, eos_ids, masks)
         for request, verdict in zip(requests, verdicts):
             if request.draft_token_ids:  # keep the accepted drafts' KV, release the rejected ones'
                 request.num_computed_tokens += verdict.num_accepted
@@ -226,7 +250,9 @@ class Engine:
                 request.logprobs.append(logprob)
             if detokenizer is not None:
                 delta += detokenizer.add(token_id)
-            finish_reason = self._finish_reason(request, token_id, detokenizer)
+            # A complete grammar is a complete answer ("stop"), even on the max_tokens-th token.
+            grammar_complete = self.structured is not None and self.structured.advance(request, token_id)
+            finish_reason = "stop" if grammar_complete else self._finish_reason(request, token_id, detokenizer)
             if finish_reason is not None:
                 break
         self._num_generated_tokens += len(new_token_ids)
@@ -256,6 +282,8 @@ class Engine:
         self.scheduler.finish(request)
         if self.speculator is not None:
             self.speculator.finish(request)
+        if self.structured is not None:
+            self.structured.finish(request.request_id)
         self.requests.pop(request.request_id, None)
         self._detokenizers.pop(request.request_id, None)
         group = self._groups.get(request.group_id)
@@ -284,6 +312,7 @@ class Engine:
             num_generated_tokens=self._num_generated_tokens, num_preemptions=self._num_preemptions,
             prefill_seconds=self._prefill_seconds, decode_seconds=self._decode_seconds,
             **self._speculative_stats(),
+            structured=self.structured.stats() if self.structured is not None else StructuredStats(),
         )
 
     def _speculative_stats(self) -> dict[str, float]:

@@ -5,6 +5,13 @@ penalties, then greedy argmax or temperature + top-k/top-p/min-p filtering and a
 vectorised over the batch; the draw uses each request's private generator, so a seeded request
 gets the same tokens whatever else runs. Logprobs are those of the model's own distribution
 (before any processing), as OpenAI reports them.
+
+Structured output: a request's grammar mask (`TokenMasks`) comes first, before bias, penalties,
+temperature and the top-k/p filters, for greedy and sampled requests alike. Its logprobs are those of
+the masked distribution: the model's own, renormalised over the tokens the grammar allows. A
+constrained choice then reports how likely each allowed answer is (e.g. the confidence of a
+classification), and no disallowed token shows among the top alternatives. (vLLM reports the raw
+distribution by default and the processed one on request; here the mask is part of the question.)
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import torch
 
 from quill.engine.request import Request
 from quill.sampling_params import SamplingParams
+from quill.structured.masks import TokenMasks
 
 
 @dataclass
@@ -23,12 +31,13 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # the most likely alternatives, best first
 
 
-def sample(logits: torch.Tensor, requests: list[Request],
-           eos_token_ids: frozenset[int] = frozenset()) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits: [len(requests), vocab] float32. Returns one token id (and logprob record) per request."""
+def sample(logits: torch.Tensor, requests: list[Request], eos_token_ids: frozenset[int] = frozenset(),
+           masks: TokenMasks | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: [len(requests), vocab] float32; masks: the constrained rows' grammar masks. Returns
+    one token id (and logprob record) per request."""
     if not requests:
         return [], []
-    raw_logits = logits
+    raw_logits = logits = masks.apply(logits) if masks is not None else logits
     logits = apply_logit_processors(logits, requests, eos_token_ids)
     tokens = logits.argmax(dim=-1).tolist()
     sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
@@ -64,11 +73,21 @@ def apply_logit_processors(logits: torch.Tensor, requests: list[Request], eos_to
             if token_id < vocab:
                 row[token_id] += bias
         if request.num_output_tokens < params.min_tokens:
-            banned = [t for t in (*params.stop_token_ids, *([] if params.ignore_eos else eos_token_ids)) if t < vocab]
-            row[banned] = float("-inf")
+            _ban_ending_tokens(row, params, eos_token_ids)
         if params.has_penalties:
             _apply_penalties(row, request)
     return logits
+
+
+def _ban_ending_tokens(row: torch.Tensor, params: SamplingParams, eos_token_ids: frozenset[int]) -> None:
+    """min_tokens: no EOS or stop token yet. Unless a grammar mask allows nothing else: a complete
+    grammar ends the output whatever min_tokens says (and an all -inf row has no token to draw)."""
+    vocab = row.shape[0]
+    banned = [t for t in (*params.stop_token_ids, *([] if params.ignore_eos else eos_token_ids)) if t < vocab]
+    kept = row[banned].clone()
+    row[banned] = float("-inf")
+    if params.constraint is not None and bool(torch.isneginf(row).all()):
+        row[banned] = kept
 
 
 def _needs_processing(request: Request) -> bool:

@@ -15,6 +15,7 @@ from quill.server.request_log import RequestRecord
 from quill.server.respond import respond
 from quill.server.sampling import sampling_params
 from quill.server.state import ServerState
+from quill.server.structured import output_constraint
 
 
 async def completion(server: ServerState, request: Request, body: CompletionRequest) -> Response:
@@ -25,7 +26,8 @@ async def completion(server: ServerState, request: Request, body: CompletionRequ
                      prompt=body.prompt)
     raw_prompts = prompt_list(body.prompt)
     prompts = await server.prompts.encode_all(raw_prompts)
-    params = sampling_params(body, prompts, server.limits, server.config)
+    constraint = output_constraint(body.response_format, body.structured_outputs)
+    params = sampling_params(body, prompts, server.limits, server.config, constraint)
     echo = [server.prompts.text(p) if body.echo else "" for p in raw_prompts]
     head = Head(f"cmpl-{record.request_id}", server.model.name, int(time.time()), body.include_usage)
     reply = CompletionReply(head, server.token_text, params.skip_special_tokens, logprobs=body.logprobs, echo=echo)

@@ -42,4 +42,8 @@ class ServerConfig:
     response_cache_entries: int = 1024  # in memory; least recently used answers go first
     response_cache_memory: int = 64 << 20  # bytes of answers (JSON) in memory
     response_cache_ttl: float | None = None  # seconds an answer may be served; None: until evicted
+    # The Responses API's stored responses (`store`, `previous_response_id`): the most recent in
+    # memory, and in the response cache's file too when it has one.
+    responses_store_entries: int = 1024
+    responses_store_memory: int = 64 << 20  # bytes of stored responses (JSON) in memory
     ui: bool = True  # serve the chat page at / (quill/server/ui.py)

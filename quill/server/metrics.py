@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client import disable_created_metrics, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from quill.cost import SELF_HOSTED, CostModel
 from quill.engine.engine import EngineStats
@@ -52,7 +52,7 @@ class _EngineCollector:
         self.costs = costs
 
     def collect(self):
-        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily] = {}
         for label, stats in self._snapshots():
             for family in self._families(label, stats):
                 if family.name in families:
@@ -103,6 +103,27 @@ class _EngineCollector:
                       stats.prefill_seconds)
         yield counter("quill:engine_decode_seconds", "Engine step time attributed to output tokens.",
                       stats.decode_seconds)
+        yield from self._structured(stats.structured, label)
+
+    @staticmethod
+    def _structured(stats, label: dict[str, str]):
+        """Constrained decoding (`quill.structured.stats.StructuredStats`)."""
+        yield _counter("quill:structured_requests", "Requests with a structured-output constraint (tools included).",
+                       label, stats.num_constrained_requests)
+        yield _counter("quill:structured_grammar_compiles", "Grammars compiled (schema-cache misses).", label,
+                       stats.grammar_cache_misses)
+        yield _counter("quill:structured_grammar_cache_hits", "Constraints served by an already compiled grammar.",
+                       label, stats.grammar_cache_hits)
+        yield _counter("quill:structured_grammar_compile_seconds", "Time spent compiling grammars.", label,
+                       stats.grammar_compile_seconds)
+        yield _counter("quill:structured_mask_wait_seconds",
+                       "Time the engine waited for token masks after the forward pass (constraint cost not hidden).",
+                       label, stats.mask_wait_seconds)
+        masks = HistogramMetricFamily("quill:structured_mask_seconds", "Time to compute one token mask.",
+                                      labels=list(label))
+        buckets = [("+Inf" if bound == float("inf") else repr(bound), count) for bound, count in stats.mask_seconds_buckets]
+        masks.add_metric(list(label.values()), buckets, stats.mask_seconds_sum)
+        yield masks
 
     def _prices(self, stats) -> GaugeMetricFamily:
         family = GaugeMetricFamily("quill:price_per_1k_tokens_dollars",

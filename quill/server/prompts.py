@@ -28,11 +28,17 @@ class Prompts:
         self.require_tokenizer()
         return await _tokenize(len(text), self.tokenizer.encode, text, add_special_tokens)
 
-    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def chat_template(self) -> str | None:
+        return self.config.chat_template or self.default_chat_template
+
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          tools: list[dict] | None = None) -> list[int]:
+        """`tools` reach the template (or the fallback tool prompt, see quill/structured/tools.py)."""
         self.require_tokenizer()
-        template = self.config.chat_template or self.default_chat_template
-        size = sum(len(m["content"]) for m in messages)
-        return await _tokenize(size, self.tokenizer.encode_chat, messages, add_generation_prompt, template)
+        size = sum(len(m.get("content") or "") for m in messages)
+        return await _tokenize(size, self.tokenizer.encode_chat, messages, add_generation_prompt, self.chat_template,
+                               tools=tools)
 
     async def encode_all(self, prompts: list[str | list[int]]) -> list[list[int]]:
         """Each prompt of a completion request as token ids (ids are taken as they are)."""
@@ -49,11 +55,11 @@ class Prompts:
         return self.tokenizer.decode(token_ids)
 
 
-async def _tokenize(size: int, function, *args):
+async def _tokenize(size: int, function, *args, **kwargs):
     try:
         if size > _INLINE_TOKENIZE_CHARS:  # long text: keep the event loop free meanwhile
-            return await asyncio.to_thread(function, *args)
-        return function(*args)
+            return await asyncio.to_thread(function, *args, **kwargs)
+        return function(*args, **kwargs)
     except QuillError:
         raise
     except (TypeError, ValueError, UnicodeError):  # the protocol refuses invalid Unicode; this is the backstop
@@ -69,17 +75,19 @@ def prompt_list(prompt) -> list[str | list[int]]:
 
 
 def message_dict(message: ChatMessage) -> dict:
-    """A chat message as the chat template sees it (text parts joined; `developer` is `system`)."""
+    """A chat message as the chat template sees it (text parts joined; `developer` is `system`;
+    an assistant's `tool_calls` and a tool result's `tool_call_id` kept)."""
     content = message.content
     if content is None:
-        content = ""
+        content = None if message.tool_calls else ""
     elif not isinstance(content, str):
         content = "\n".join(part.text for part in content)
     role = "system" if message.role == "developer" else message.role
     result = {"role": role, "content": content}
     if message.name is not None:
         result["name"] = message.name
+    if message.tool_calls:
+        result["tool_calls"] = [call.model_dump() for call in message.tool_calls]
     if message.tool_call_id is not None:
         result["tool_call_id"] = message.tool_call_id
-    # message.tool_calls is refused by the protocol until tool calls are rendered here (ChatCompletionRequest).
     return result

@@ -8,7 +8,7 @@ are `SamplingParams`': a field named like a `SamplingParams` field is handed to 
 what the endpoint calls the engine's fields (`field_names`), so an error keeps the client's names.
 Types are strict (`true` is not an integer, `"yes"` is not a boolean) and every string must be
 valid Unicode (no lone surrogates). Unknown fields are ignored, as OpenAI does; known ones Quill
-cannot honour yet (tool calling, non-text content) are refused by name. The response models
+cannot honour (non-text content, the deprecated `functions`/`function_call`) are refused by name. The response models
 document the API (they feed `/openapi.json`); the routes build plain dicts of the same shape, which
 is cheaper than validating every streamed chunk.
 """
@@ -52,6 +52,43 @@ class StreamOptions(_Request):
     include_usage: bool | None = False
 
 
+class _Strict(BaseModel):
+    """A nested object whose unknown keys are refused: each one would change the output."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True, strict=True)
+
+
+class JSONSchemaFormat(_Strict):
+    name: Text = Field(default="response", max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format` (`quill/server/structured.py` turns it into a constraint)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise InvalidRequestError("response_format of type json_schema needs a 'json_schema' object "
+                                      "with the schema", param="response_format.json_schema")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: one of these constrains the output."""
+
+    json_: dict[str, Any] | Text | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(_Request):
     """Parameters shared by chat and text completions (OpenAI's, then Quill's extensions)."""
 
@@ -84,6 +121,25 @@ class SamplingFields(_Request):
     cache: bool | None = Field(default=None, description="false: do not read or write the response cache")
     # Quill's own: opt out of speculative decoding (the output is the same either way).
     speculative: bool | None = True
+    # Structured output (quill/server/structured.py): OpenAI's, then vLLM's extension.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older names for structured_outputs' kinds, read as structured_outputs.
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
+
+    @model_validator(mode="after")
+    def _guided_fields_are_structured_outputs(self):
+        given = {kind: value for kind in ("json", "regex", "choice", "grammar")
+                 if (value := getattr(self, f"guided_{kind}")) is not None}
+        if given:
+            if self.structured_outputs is not None or len(given) > 1:
+                raise InvalidRequestError("send one constraint: structured_outputs or one of the guided_* fields",
+                                          param=f"guided_{next(iter(given))}")
+            self.structured_outputs = StructuredOutputs(**given)
+        return self
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -115,12 +171,23 @@ class TextContentPart(_Request):
     text: Text
 
 
+class FunctionCall(_Request):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextContentPart] | None = None
     name: Text | None = None
-    tool_calls: list[dict] | None = None  # refused while tool calling is not supported (ChatCompletionRequest)
-    tool_call_id: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool result: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -136,6 +203,36 @@ class ChatMessage(_Request):
                                               "Send text parts only.", code="unsupported_value")
         return content
 
+    @model_validator(mode="after")
+    def _tool_fields_in_their_roles(self):
+        if self.tool_calls is not None and self.role != "assistant":
+            raise InvalidRequestError("only assistant messages have 'tool_calls'", param="messages.tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise InvalidRequestError("a tool message needs the 'tool_call_id' of the call it answers",
+                                      param="messages.tool_call_id")
+        return self
+
+
+class FunctionDefinition(_Request):
+    name: Text
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # Quill always enforces the schema; accepted for compatibility
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: Text
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -143,9 +240,10 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = False
     top_logprobs: int | None = bounded("logprobs", default=None)
     add_generation_prompt: bool | None = True
-    tools: list[dict] | None = None
-    tool_choice: Text | dict | None = None
-    functions: list[dict] | None = None  # the deprecated names of tools and tool_choice
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict] | None = None  # the deprecated names of tools and tool_choice: refused
     function_call: Text | dict | None = None
 
     @model_validator(mode="after")
@@ -154,21 +252,14 @@ class ChatCompletionRequest(SamplingFields):
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         return self
 
-    # Tool calling is not supported yet. Everything about it is refused here, the one place to
-    # change when tool calls are rendered through the chat template (prompts.message_dict): offered
-    # tools, and the tool calls of past assistant messages (dropping them without a word would make
-    # the answer depend on a history the model never saw). `tool_choice: "none"` asks for no tool,
-    # which is what happens.
+    # The deprecated names of tools and tool_choice are refused rather than read as them: a client
+    # that still sends them gets told the names that work (tools: quill/server/structured.py).
     @model_validator(mode="after")
-    def _no_tool_calling_yet(self):
-        for index, message in enumerate(self.messages):
-            if message.tool_calls:
-                raise InvalidRequestError("Tool calls in history are not supported yet.",
-                                          param=f"messages[{index}].tool_calls", code="unsupported_parameter")
-        for name in ("tools", "functions", "tool_choice", "function_call"):
+    def _no_deprecated_function_fields(self):
+        for name, instead in (("functions", "tools"), ("function_call", "tool_choice")):
             value = getattr(self, name)
             if value and value != "none":
-                raise InvalidRequestError(f"Tool calling is not supported yet: '{name}' cannot be honoured.",
+                raise InvalidRequestError(f"'{name}' is deprecated and not supported: send '{instead}'.",
                                           param=name, code="unsupported_parameter")
         return self
 
@@ -198,6 +289,17 @@ class CompletionRequest(SamplingFields):
     prompt: PromptInput
     logprobs: int | None = bounded("logprobs", default=None)
     echo: bool | None = False
+    # Declared to be refused: a text completion has no tools (chat has).
+    tools: Any = None
+    tool_choice: Any = None
+
+    @model_validator(mode="after")
+    def _no_tools(self):
+        for name in ("tools", "tool_choice"):
+            if getattr(self, name) is not None:
+                raise InvalidRequestError(f"'{name}' is not supported by /v1/completions: use /v1/chat/completions",
+                                          param=name, code="unsupported_parameter")
+        return self
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
@@ -220,6 +322,90 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: Text | None = None
     tokens: list[int]
+
+
+# What POST /v1/responses cannot honour: set to anything but its off value, a 400 naming it.
+RESPONSES_REFUSED = {
+    "background": "background mode", "conversation": "conversations (use previous_response_id)",
+    "prompt": "stored prompt templates", "reasoning": "reasoning options", "include": "extra output data (include)",
+    "context_management": "context management", "top_logprobs": "logprobs", "moderation": "moderation",
+}
+MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
+
+
+class ResponseTextConfig(_Request):
+    format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ResponsesRequest(SamplingFields):
+    """POST /v1/responses, OpenAI's Responses API, answered as a chat: `input` (a string, or message
+    and function-call items, checked and translated in `response_items.py`) after the stored
+    conversation of `previous_response_id` and the `instructions`. The sampling extensions of chat
+    apply (`seed`, `stop`, `top_k`, ...); `max_output_tokens` is its `max_tokens`."""
+
+    input: Text | Annotated[list[dict[str, Any]], Field(min_length=1)]
+    instructions: Text | None = None
+    max_output_tokens: int | None = bounded("max_tokens", default=None,
+                                            description="defaults to the server's default_max_tokens (see /v1/models), "
+                                                        "at most the rest of the context window")
+    metadata: dict[Text, Text] | None = None
+    store: bool | None = True
+    previous_response_id: Text | None = None
+    text: ResponseTextConfig | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Text | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    background: Any = None
+    conversation: Any = None
+    prompt: Any = None
+    reasoning: Any = None
+    include: Any = None
+    context_management: Any = None
+    top_logprobs: Any = None
+    moderation: Any = None
+
+    @model_validator(mode="after")
+    def _refuse_what_quill_cannot_honour(self):
+        for name, what in RESPONSES_REFUSED.items():
+            if getattr(self, name) not in (None, False, 0, [], {}):
+                raise InvalidRequestError(f"'{name}': {what} is not supported by this server.", param=name,
+                                          code="unsupported_parameter")
+        if self.truncation == "auto":
+            raise InvalidRequestError("'truncation': only \"disabled\" is supported (a prompt too long for the "
+                                      "context window is an error).", param="truncation", code="unsupported_value")
+        if self.text is not None and self.text.verbosity is not None:
+            raise InvalidRequestError("'text.verbosity' is not supported by this server.", param="text.verbosity",
+                                      code="unsupported_parameter")
+        if self.n != 1:
+            raise InvalidRequestError("'n': a response has one output; n must be 1.", param="n", code="invalid_value")
+        return self
+
+    @model_validator(mode="after")
+    def _metadata_within_openai_limits(self):
+        metadata = self.metadata or {}
+        if len(metadata) > MAX_METADATA_PAIRS:
+            raise InvalidRequestError(f"'metadata' may hold at most {MAX_METADATA_PAIRS} pairs.", param="metadata")
+        for key, value in metadata.items():
+            if len(key) > MAX_METADATA_KEY or len(value) > MAX_METADATA_VALUE:
+                raise InvalidRequestError(f"'metadata': keys are at most {MAX_METADATA_KEY} characters and values "
+                                          f"at most {MAX_METADATA_VALUE} ({key[:64]!r} is not).", param="metadata")
+        return self
+
+    @property
+    def field_names(self) -> dict[str, str]:
+        names = {"prompt": "input", "messages": "input", "json_schema": "text.format.schema",
+                 "json_object": "text.format", "grammar": "tools"}
+        if self.max_output_tokens is not None or self.max_tokens is None:
+            names["max_tokens"] = "max_output_tokens"
+        return names
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_output_tokens if self.max_output_tokens is not None else self.max_tokens
+
+    def requested_logprobs(self) -> int | None:
+        return None  # top_logprobs is refused
 
 
 # ------------------------------------------------------------------------------ responses
@@ -297,6 +483,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

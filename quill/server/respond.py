@@ -16,7 +16,7 @@ from quill.server.answer import LiveAnswer
 from quill.server.cached import CACHE_HEADER, answer_key, may_use_cache, stored_answer
 from quill.server.errors import ShuttingDown, api_error
 from quill.server.protocol import SamplingFields
-from quill.server.replies import DONE, Reply, sse, sse_response
+from quill.server.replies import Reply, sse_response
 from quill.server.request_log import RequestRecord
 from quill.server.runs import Run, Update
 from quill.server.state import ServerState
@@ -77,33 +77,33 @@ async def _first_update(answer: LiveAnswer) -> Update | None:
 
 async def live_events(answer: LiveAnswer, first: Update | None, reply: Reply,
                       field_names: Mapping[str, str]) -> AsyncIterator[str]:
-    """A live answer's stream: its chunks, the usage chunk when asked for, then [DONE]. Stopped at
-    shutdown, each unfinished choice ends with finish_reason "abort" before them; any other error
-    after the stream began becomes an error event (the status line is long gone), then [DONE].
-    However the stream ends (cancelled on disconnect included), the answer is closed."""
+    """A live answer's stream, as its `Reply` frames it (chat: its chunks, the usage chunk when asked
+    for, then [DONE]). Stopped at shutdown, the reply ends what is unfinished (chat: finish_reason
+    "abort") before closing; any other error after the stream began becomes the reply's failure
+    events (the status line is long gone). However the stream ends (cancelled on disconnect
+    included), the answer is closed."""
     try:
+        for event in reply.opening():
+            yield event
         update = first
         while update is not None:
-            for choice in reply.live(update):
-                yield reply.chunk([choice])
+            for event in reply.events(update):
+                yield event
             update = await answer.next()
     except ShuttingDown:
-        answer.close()  # settles the usage the last chunk carries
-        for choice in answer.run.choices:
-            if choice.finish_reason is None:
-                for entry in reply.aborted(choice):
-                    yield reply.chunk([entry])
+        answer.close()  # settles the usage the closing events carry
+        for event in reply.stopped(answer.run.choices):
+            yield event
     except Exception as exc:
         error = api_error(exc, field_names)
         answer.record.failed(error.message, stream_status=error.status)
-        yield sse(error.body())
-        yield DONE
+        for event in reply.failure(error):
+            yield event
         return
     finally:
         answer.close()
-    if reply.head.include_usage:
-        yield reply.chunk([], answer.usage)
-    yield DONE
+    for event in reply.closing(answer.usage):
+        yield event
 
 
 def replay(server: ServerState, record: RequestRecord, body: SamplingFields, reply: Reply, stored: dict,
@@ -123,8 +123,5 @@ def replay(server: ServerState, record: RequestRecord, body: SamplingFields, rep
 
 
 async def replayed_events(reply: Reply, choices: list[dict], usage: dict) -> AsyncIterator[str]:
-    for choice in reply.replay(choices):
-        yield reply.chunk([choice])
-    if reply.head.include_usage:
-        yield reply.chunk([], usage)
-    yield DONE
+    for event in [*reply.opening(), *reply.replayed(choices), *reply.closing(usage)]:
+        yield event

@@ -18,8 +18,10 @@ from quill.server.completions import completion
 from quill.server.errors import APIError, api_error, shutting_down
 from quill.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                                    DetokenizeRequest, DetokenizeResponse, ErrorResponse, HealthResponse, ModelCard,
-                                   ModelList, TokenizeRequest, TokenizeResponse, UsageReport, VersionResponse)
+                                   ModelList, ResponsesRequest, TokenizeRequest, TokenizeResponse, UsageReport,
+                                   VersionResponse)
 from quill.server.request_log import RequestRecord
+from quill.server.responses import create_response, delete_response, get_response
 from quill.server.sampling import default_max_tokens
 from quill.server.state import ServerState
 from quill.server.tokens import detokenize, tokenize
@@ -35,6 +37,18 @@ def add_routes(app: FastAPI, server: ServerState) -> None:
     @app.post("/v1/completions", responses={200: {"model": CompletionResponse}, **_ERRORS})
     async def completions(body: CompletionRequest, request: Request):
         return await answer_request(server, request, completion(server, request, body), body.field_names)
+
+    @app.post("/v1/responses", responses=_ERRORS)
+    async def responses(body: ResponsesRequest, request: Request):
+        return await answer_request(server, request, create_response(server, request, body), body.field_names)
+
+    @app.get("/v1/responses/{response_id}", responses={404: _ERRORS[404]})
+    async def stored_response(response_id: str):
+        return get_response(server, response_id)
+
+    @app.delete("/v1/responses/{response_id}", responses={404: _ERRORS[404]})
+    async def delete_stored_response(response_id: str):
+        return delete_response(server, response_id)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models():

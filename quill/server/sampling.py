@@ -2,9 +2,11 @@
 
 A request field named like a `SamplingParams` field is passed to it as it is (None: the default),
 so `SamplingParams` applies its own rules to it; adding such a field to the protocol is the whole
-change. Three fields are worked out here: `max_tokens` (the server's default when the client sets
-none, fitted to the context window, and the server's cap), `min_tokens` (clamped to a max_tokens the
-client did not choose) and `logprobs` (each endpoint says how many it asked for). What depends on the model is checked with the engine's
+change. The structured-output fields come from `response_format`/`structured_outputs`/`tools`
+(`structured.py`), passed in as `constraint`. Three fields are worked out here: `max_tokens` (the
+server's default when the client sets none, fitted to the context window, and the server's cap),
+`min_tokens` (clamped to a max_tokens the client did not choose) and `logprobs` (each endpoint says
+how many it asked for). What depends on the model is checked with the engine's
 `EngineLimits` before the request is admitted: a request the engine would refuse never waits in
 the queue.
 """
@@ -18,7 +20,8 @@ from quill.server.config import ServerConfig
 from quill.server.protocol import SamplingFields
 
 SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
-DERIVED = frozenset({"max_tokens", "min_tokens", "logprobs"})
+# Worked out from other fields: by this function, or (the constraint) by the endpoint's structured.py.
+DERIVED = frozenset({"max_tokens", "min_tokens", "logprobs", "json_schema", "json_object", "regex", "choice", "grammar"})
 
 
 def default_max_tokens(config: ServerConfig) -> int:
@@ -28,8 +31,9 @@ def default_max_tokens(config: ServerConfig) -> int:
 
 
 def sampling_params(body: SamplingFields, prompts: list[list[int]], limits: EngineLimits,
-                    config: ServerConfig) -> SamplingParams:
-    """The request's `SamplingParams` for these (tokenized) prompts, or a typed error naming the field."""
+                    config: ServerConfig, constraint: dict | None = None) -> SamplingParams:
+    """The request's `SamplingParams` for these (tokenized) prompts, or a typed error naming the
+    field. `constraint`: the structured-output fields the endpoint worked out (`structured.py`)."""
     prompt_field = body.field_names.get("prompt", "prompt")
     longest = max(len(p) for p in prompts)
     chosen = body.requested_max_tokens()  # None: the server's default, the client did not choose
@@ -44,7 +48,7 @@ def sampling_params(body: SamplingFields, prompts: list[list[int]], limits: Engi
         min_tokens = min(min_tokens, max_tokens)
     passed = {name: value for name in SAMPLING_FIELDS - DERIVED
               if (value := getattr(body, name, None)) is not None}
-    params = SamplingParams(**passed, max_tokens=max_tokens, min_tokens=min_tokens, logprobs=body.requested_logprobs())
+    params = SamplingParams(**passed, **(constraint or {}), max_tokens=max_tokens, min_tokens=min_tokens, logprobs=body.requested_logprobs())
     for prompt_ids in prompts:
         limits.check_request(prompt_ids, params)
     return params

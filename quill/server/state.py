@@ -24,6 +24,7 @@ from quill.server.errors import APIError
 from quill.server.logprobs import TokenText
 from quill.server.metrics import ServerMetrics
 from quill.server.prompts import Prompts
+from quill.server.response_store import ResponseStore, build_response_store
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class ServerState:
     metrics: ServerMetrics
     billing: Billing
     cache: ResponseCache | None
+    responses: ResponseStore  # the Responses API's stored responses
     # Cache keys include what the answer depends on beyond the request (see `build_state`).
     cache_identity: dict
 
@@ -74,6 +76,7 @@ class ServerState:
             await asyncio.to_thread(self.engine.shutdown, 5.0)
         if self.cache is not None:
             self.cache.close()
+        self.responses.close()
 
 
 def build_state(model, config: ServerConfig) -> ServerState:
@@ -95,6 +98,7 @@ def build_state(model, config: ServerConfig) -> ServerState:
         token_text=TokenText(engine.tokenizer),
         admission=Admission(config, lambda: engine.stats().num_waiting),
         metrics=metrics, billing=Billing(costs, engine.stats, metrics, name), cache=cache,
+        responses=build_response_store(config),
         cache_identity={"model": name, "dtype": limits.dtype, "quill": __version__, "weights": _weights(model, path)},
     )
 

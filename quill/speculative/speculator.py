@@ -15,14 +15,18 @@ in the batch, so that a seeded request gives the same tokens alone or in company
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from quill.engine.request import Request
 from quill.speculative.drafter import Drafter
+from quill.structured.masks import TokenMasks
 from quill.speculative.verifier import Verdict, verify
 
+# (request, proposed draft) -> how many of its first tokens the request may take.
+DraftFilter = Callable[[Request, list[int]], int]
 MAX_PAUSE = 16
 # Acceptance rate (moving average over rounds) from which a request's drafts may open new row
 # blocks: about twice the break-even rate measured for SmolLM2 with 4 streams, where the 4 rows of
@@ -81,8 +85,12 @@ class Speculator:
         self._lengths: dict[str, _DraftLength] = {}
         self._draft_probs: dict[str, torch.Tensor] = {}
 
-    def propose(self, requests: list[Request]) -> None:
-        """Set `draft_token_ids` of those decoding requests that speculate next step."""
+    def propose(self, requests: list[Request], draft_filter: DraftFilter | None = None) -> None:
+        """Set `draft_token_ids` of those decoding requests that speculate next step. `draft_filter`
+        says how long a prefix of a draft a request may take (its grammar's verdict): deterministic
+        drafts are cut there, since a token the grammar rejects can never be accepted. Drafts drawn
+        from a distribution are kept whole: cutting them would skew rejection sampling, which
+        rejects the invalid token itself (its target probability is zero)."""
         drafting, max_lengths = [], []
         for request in requests:
             self._draft_probs.pop(request.request_id, None)
@@ -101,15 +109,18 @@ class Speculator:
         if not drafting:
             return
         for request, draft in zip(drafting, self.drafter.propose(drafting, max_lengths)):
+            if draft_filter is not None and draft.probs is None:
+                del draft.token_ids[draft_filter(request, draft.token_ids):]
             request.draft_token_ids = draft.token_ids
             if draft.probs is not None:
                 self._draft_probs[request.request_id] = draft.probs
 
-    def verify(self, logits: torch.Tensor, requests: list[Request], eos_token_ids: frozenset[int]) -> list[Verdict]:
+    def verify(self, logits: torch.Tensor, requests: list[Request], eos_token_ids: frozenset[int],
+               masks: TokenMasks | None = None) -> list[Verdict]:
         """Verdicts for every sampled request (see `verifier.verify`), counted and fed back into
         the draft lengths."""
         draft_probs = [self._draft_probs.pop(r.request_id, None) if r.draft_token_ids else None for r in requests]
-        verdicts = verify(logits, requests, draft_probs, eos_token_ids)
+        verdicts = verify(logits, requests, draft_probs, eos_token_ids, masks)
         for request, verdict in zip(requests, verdicts):
             proposed = len(request.draft_token_ids)
             if proposed:

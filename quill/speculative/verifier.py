@@ -9,6 +9,9 @@ exactly that of plain decoding:
 - sampled: standard speculative rejection sampling. Draft token d, drawn from q, is accepted with
   probability min(1, p(d) / q(d)); on rejection the token is drawn from max(0, p - q), normalised,
   and verification stops. If every draft is accepted, one more token is drawn from the last row.
+A constrained request's rows are first masked by its grammar as it stands at each position (the
+masks come from `quill.structured`), exactly as plain decoding would mask them: a draft the grammar
+rejects has probability zero, so it is never accepted and the rows after it are never read.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 
 from quill.engine.request import Request
 from quill.engine.sampler import TokenLogprob, apply_logit_processors, logprob_records, sampling_probabilities
+from quill.structured.masks import TokenMasks
 
 
 @dataclass
@@ -67,10 +71,12 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor | None, draft_token: int
 
 
 def verify(logits: torch.Tensor, requests: list[Request], draft_probs: list[torch.Tensor | None],
-           eos_token_ids: frozenset[int] = frozenset()) -> list[Verdict]:
+           eos_token_ids: frozenset[int] = frozenset(), masks: TokenMasks | None = None) -> list[Verdict]:
     """logits: 1 + len(request.draft_token_ids) consecutive rows per request (requests without
     drafts are sampled exactly as the plain sampler would). draft_probs: per request, its drafts'
-    distributions or None."""
+    distributions or None. masks: grammar masks of the constrained rows."""
+    if masks is not None:
+        logits = masks.apply(logits)
     positions = [_Position(r, j) for r in requests for j in range(1 + len(r.draft_token_ids))]
     processed = apply_logit_processors(logits, positions, eos_token_ids)
     targets = processed.argmax(dim=-1).tolist()

@@ -1,0 +1,188 @@
+"""The engine's one handle on constrained decoding: a matcher per sequence, masks per step, counters.
+
+Step order (see `Engine.step`):
+1. the scheduler picks the batch; `start` hands the matchers of the constrained requests that
+   sample this step to a worker thread, which fills their masks (one row per position: the last
+   token and each scheduled draft) while the engine thread runs the forward pass: one call into
+   llguidance for the whole batch, which releases the GIL while it computes (the worker runs no
+   torch op), so the two overlap;
+2. after the forward pass, `collect` waits for the worker (usually long done) and lines the masks
+   up with the logits rows; the sampler or verifier applies them before anything else;
+3. each committed token advances its matcher (`advance`); a grammar that is complete ends the
+   request with finish_reason "stop";
+4. new drafts are cut at the first token the grammar rejects (`draft_prefix`, via the speculator).
+A matcher is touched by one thread at a time: the worker owns those of a job from `start` until
+`collect`, and nothing else mutates a matcher in between (`_settle` waits out a job a failed step
+left behind).
+
+A matcher's state is the sequence's committed output, so it survives preemption (the tokens are
+kept and recomputed, the matcher keeps its place) and prefix caching and chunked prefill (which
+change only how the prompt's KV is computed) unchanged.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from quill.structured.compiler import DEFAULT_CACHE_SIZE, GrammarCompiler
+from quill.structured.constraints import Constraint
+from quill.structured.masks import TokenMasks
+from quill.structured.matcher import GrammarMatcher, fill_masks, mask_words
+from quill.structured.stats import Histogram, StructuredStats
+
+
+
+class Request(Protocol):
+    """What this module reads of an engine request (`quill.engine.request.Request`, a layer above)."""
+
+    request_id: str
+    num_tokens: int
+    num_computed_tokens: int
+    draft_token_ids: list[int]
+
+RECENT_MASK_TIMES = 1 << 16  # per-mask seconds kept for exact percentiles (benchmarks read them)
+
+
+@dataclass
+class _Entry:
+    matcher: GrammarMatcher
+    draft_token_ids: list[int]
+    first_row: int  # in the job's bits
+
+
+@dataclass
+class MaskJob:
+    entries: dict[str, _Entry]  # by request id
+    bits: torch.Tensor  # [rows, words] int32, filled by the worker
+    done: Future  # result: seconds per mask
+
+
+class StructuredDecoding:
+    def __init__(self, tokenizer, vocab_size: int, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        self.compiler = GrammarCompiler(tokenizer, vocab_size, cache_size)
+        self.words = mask_words(self.compiler.vocab_size)
+        self._matchers: dict[str, GrammarMatcher] = {}
+        self._worker: ThreadPoolExecutor | None = None  # started with the first constrained request
+        self._pending: Future | None = None
+        self._num_requests = 0
+        self._mask_seconds = Histogram()
+        self._mask_wait_seconds = 0.0
+        self.recent_mask_seconds: deque[float] = deque(maxlen=RECENT_MASK_TIMES)
+
+    # ------------------------------------------------------------------ requests in and out
+    def matchers(self, constraint: Constraint, count: int) -> list[GrammarMatcher]:
+        """Fresh matchers for the `count` sequences of one request; raises StructuredOutputError
+        if the grammar does not compile for this tokenizer."""
+        matchers = self.compiler.matchers(constraint, count)
+        self._num_requests += 1
+        return matchers
+
+    def attach(self, request_id: str, matcher: GrammarMatcher) -> None:
+        self._matchers[request_id] = matcher
+
+    def finish(self, request_id: str) -> None:
+        self._matchers.pop(request_id, None)  # an in-flight job keeps its own reference
+
+    # -------------------------------------------------------------------------- the step
+    def start(self, requests: list[Request], num_new_tokens: list[int]) -> MaskJob | None:
+        """Start filling the masks of the constrained requests this batch samples."""
+        self._settle()
+        entries, num_rows = {}, 0
+        for request, num_new in zip(requests, num_new_tokens):
+            matcher = self._matchers.get(request.request_id)
+            if matcher is not None and request.num_computed_tokens + num_new >= request.num_tokens:
+                entries[request.request_id] = _Entry(matcher, list(request.draft_token_ids), num_rows)
+                num_rows += 1 + len(request.draft_token_ids)
+        if not entries:
+            return None
+        bits = self._all_allowed(num_rows)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quill-masks")
+        self._pending = self._worker.submit(_fill_masks, list(entries.values()), bits)
+        return MaskJob(entries, bits, self._pending)
+
+    def collect(self, job: MaskJob | None, to_sample: list[Request]) -> TokenMasks | None:
+        """The masks of the sampled requests' logits rows (each request has 1 + drafts rows)."""
+        if job is not None:
+            waited = time.perf_counter()
+            per_mask = job.done.result()
+            self._mask_wait_seconds += time.perf_counter() - waited
+            self._pending = None
+            self._observe(per_mask, job.bits.shape[0])
+        rows, pieces, row = [], [], 0
+        for request in to_sample:
+            num_rows = 1 + len(request.draft_token_ids)
+            bits = self._bits_for(job, request, num_rows)
+            if bits is not None:
+                rows.extend(range(row, row + num_rows))
+                pieces.append(bits)
+            row += num_rows
+        return TokenMasks(rows, torch.cat(pieces)) if pieces else None
+
+    def _bits_for(self, job: MaskJob | None, request: Request, num_rows: int) -> torch.Tensor | None:
+        entry = job.entries.get(request.request_id) if job is not None else None
+        if entry is not None:
+            return job.bits[entry.first_row:entry.first_row + num_rows]
+        matcher = self._matchers.get(request.request_id)
+        if matcher is None:
+            return None
+        # Sampled though `start` did not foresee it: fill its masks here, on the engine thread.
+        bits = self._all_allowed(num_rows)
+        self._observe(_fill_masks([_Entry(matcher, list(request.draft_token_ids), 0)], bits), num_rows)
+        return bits
+
+    def _all_allowed(self, num_rows: int) -> torch.Tensor:
+        # Rows past a draft the grammar rejects are never read (see matcher.fill_masks);
+        # all-allowed keeps them harmless, and the worker thread never has to run a torch op.
+        return torch.full((num_rows, self.words), -1, dtype=torch.int32)
+
+    def advance(self, request: Request, token_id: int) -> bool:
+        """Commit a token to the request's matcher. Returns whether its grammar is complete."""
+        matcher = self._matchers.get(request.request_id)
+        if matcher is None:
+            return False
+        self._settle()
+        if not matcher.advance(token_id):  # masks make this impossible: a bug, not a user error
+            raise RuntimeError(f"request {request.request_id}: the grammar rejected committed token {token_id}: "
+                               f"{matcher.error}")
+        return matcher.is_terminated
+
+    def draft_prefix(self, request: Request, token_ids: list[int]) -> int:
+        """How many of the proposed drafts the request's grammar allows in a row."""
+        matcher = self._matchers.get(request.request_id)
+        if matcher is None:
+            return len(token_ids)
+        self._settle()
+        return matcher.valid_prefix(token_ids)
+
+    def _settle(self) -> None:
+        """Wait out a job that a failed step started and never collected."""
+        if self._pending is not None:
+            self._pending.exception()  # waits; its outcome no longer matters
+            self._pending = None
+
+    # ----------------------------------------------------------------------------- stats
+    def _observe(self, seconds_per_mask: float, num_masks: int) -> None:
+        self._mask_seconds.observe(seconds_per_mask, num_masks)
+        self.recent_mask_seconds.extend([seconds_per_mask] * num_masks)
+
+    def stats(self) -> StructuredStats:
+        compiler = self.compiler
+        return StructuredStats(
+            num_constrained_requests=self._num_requests, grammar_cache_hits=compiler.hits,
+            grammar_cache_misses=compiler.misses, grammar_compile_seconds=compiler.compile_seconds,
+            mask_seconds_buckets=self._mask_seconds.cumulative(), mask_seconds_sum=self._mask_seconds.sum,
+            mask_seconds_count=self._mask_seconds.count, mask_wait_seconds=self._mask_wait_seconds,
+        )
+
+
+def _fill_masks(entries: list[_Entry], bits: torch.Tensor) -> float:
+    """Fill every entry's rows (on the worker thread: one GIL-free call). Returns seconds per mask."""
+    started = time.perf_counter()
+    fill_masks([(entry.matcher, entry.first_row, entry.draft_token_ids) for entry in entries], bits)
+    return (time.perf_counter() - started) / bits.shape[0]

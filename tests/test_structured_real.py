@@ -1,0 +1,120 @@
+"""Structured output on the real models: every constrained output parses and validates against its
+schema (the tool shapes and generated schemas, greedy and sampled, batched through the engine; all
+200 run on a tiny model in tests/test_structured_engine.py, these few keep the suite's time
+modest), and SmolLM2's constrained greedy output is the same alone, in a busy batch and with
+n-gram speculation."""
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from quill import LLM, SamplingParams
+from quill.structured.tools import parse_tool_calls, tool_choice_grammar
+from structured_schemas import property_test_schemas, validate
+
+pytestmark = pytest.mark.real_model
+
+MAX_TOKENS = 96
+SCHEMAS = property_test_schemas(32)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return LLM(smollm2_gguf, max_num_seqs=128)
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_gguf):
+    return LLM(gemma3_gguf, max_num_seqs=128)
+
+
+def _prompt(llm: LLM) -> list[int]:
+    """One short prompt for every schema (the grammar dictates the shape): its KV is computed once
+    and shared through the prefix cache."""
+    ask = "Reply with a short JSON object."
+    if llm.tokenizer.chat_template:
+        return llm.tokenizer.encode_chat([{"role": "user", "content": ask}])
+    return llm.tokenizer.encode(f"{ask}\nJSON:")  # Gemma 3 270M is a base model
+
+
+def _run(llm: LLM, prompts: list, params: list[SamplingParams]) -> list:
+    engine, ids, done = llm.engine, {}, {}
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        ids[engine.add_request(prompt, p)] = i
+    while engine.has_unfinished():
+        for output in engine.step():
+            if output.finished:
+                done[ids[output.request_id]] = output
+    return [done[i] for i in range(len(prompts))]
+
+
+# Gemma 3's 262k-token vocabulary makes each step (LM head and masks) several times SmolLM2's.
+@pytest.mark.parametrize("model, count", [("smollm2", 32), ("gemma3", 12)])
+def test_every_output_validates_against_its_schema(model, count, request):
+    """Each schema once greedy and once sampled, all requests batched through the engine."""
+    llm: LLM = request.getfixturevalue(model)
+    schemas = SCHEMAS[:count]
+    prompts = [_prompt(llm)] * (2 * len(schemas))
+    params = [SamplingParams(json_schema=s, temperature=0, max_tokens=MAX_TOKENS) for s in schemas] + \
+             [SamplingParams(json_schema=s, temperature=1.0, seed=i, max_tokens=MAX_TOKENS) for i, s in enumerate(schemas)]
+    outputs = _run(llm, prompts, params)
+    failures = []
+    for output, p in zip(outputs, params):
+        try:
+            assert output.finish_reason == "stop", f"finish_reason {output.finish_reason}"
+            validate(json.loads(output.text), p.json_schema)
+        except (AssertionError, ValueError, jsonschema.ValidationError) as exc:
+            failures.append((json.dumps(p.json_schema), output.text, str(exc)[:200]))
+    assert not failures, f"{len(failures)} of {len(outputs)} failed, e.g. {failures[:3]}"
+    stats = llm.engine.stats().structured
+    assert stats.grammar_cache_hits >= len(schemas)  # the sampled half reuses the greedy half's grammars
+    assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
+
+
+def _mixed_requests(llm: LLM) -> tuple[list, list[SamplingParams]]:
+    """16 requests: 8 constrained greedy ones (the subjects) among sampled and free ones."""
+    subjects = [SamplingParams(json_schema=s, temperature=0, max_tokens=MAX_TOKENS) for s in SCHEMAS[:4]] + [
+        SamplingParams(choice=["positive", "negative", "neutral"], temperature=0),
+        SamplingParams(regex=r"[A-Z][a-z]{2,8} [0-9]{1,2}", temperature=0, max_tokens=12),
+        SamplingParams(json_object=True, temperature=0, max_tokens=MAX_TOKENS),
+        SamplingParams(grammar='start: "The answer is " /[0-9]{1,3}/ "."', temperature=0, max_tokens=12)]
+    others = [SamplingParams(max_tokens=24, temperature=0), SamplingParams(max_tokens=24, temperature=0.8, seed=1),
+              SamplingParams(json_schema=SCHEMAS[5], temperature=0.9, seed=2, max_tokens=MAX_TOKENS),
+              SamplingParams(max_tokens=40, temperature=0, logprobs=2), SamplingParams(max_tokens=16, temperature=0),
+              SamplingParams(regex="[a-z ]{5,30}", temperature=1.0, seed=3, max_tokens=32),
+              SamplingParams(max_tokens=32, temperature=0.5, seed=4), SamplingParams(max_tokens=8, temperature=0)]
+    params = [p for pair in zip(subjects, others) for p in pair]
+    prompts = [_prompt(llm) + llm.tokenizer.encode(f" {i}", add_special_tokens=False) for i in range(16)]
+    return prompts, params
+
+
+def test_smollm2_constrained_greedy_is_the_same_alone_in_a_batch_and_with_speculation(smollm2, smollm2_gguf):
+    prompts, params = _mixed_requests(smollm2)
+    alone = [_run(smollm2, [prompt], [p])[0] for prompt, p in zip(prompts, params) if p.greedy]
+    together = [o for o, p in zip(_run(smollm2, prompts, params), params) if p.greedy]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    speculative = LLM(smollm2_gguf, speculative="ngram")
+    speculated = [o for o, p in zip(_run(speculative, prompts, params), params) if p.greedy]
+    assert [o.token_ids for o in speculated] == [o.token_ids for o in alone]
+    assert speculative.engine.stats().spec_num_draft_tokens > 0
+
+
+def test_smollm2_tool_call_round_trip(smollm2):
+    """tool_choice "required" through the fallback prompt: a valid call, then the answer."""
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                       "required": ["city"], "additionalProperties": False}}}]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    grammar = tool_choice_grammar(tools, "required", parallel_tool_calls=False)
+    out = smollm2.chat(messages, SamplingParams(grammar=grammar, temperature=0, max_tokens=64), tools=tools)
+    message = parse_tool_calls(out.text, "hermes")
+    assert out.finish_reason == "stop" and len(message.tool_calls) == 1
+    call = message.tool_calls[0]
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+    messages += [{"role": "assistant", "content": None, "tool_calls": [call.to_openai()]},
+                 {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "clear"}'}]
+    answer = smollm2.chat(messages, SamplingParams(temperature=0, max_tokens=32), tools=tools)
+    assert answer.num_completion_tokens > 0 and answer.num_prompt_tokens > out.num_prompt_tokens
