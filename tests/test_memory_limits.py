@@ -128,7 +128,7 @@ def test_corrupt_hf_config_is_refused_before_anything_is_sized(tiny_model_dir, t
 # A child process loads a model and reports how long the load took and its peak resident memory;
 # the parent kills it if its memory runs away (the old behaviour: 15.5 GB in 36 s).
 _LOAD_AND_MEASURE = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, sys, time
     import torch
     from quill import LLM
     from quill.engine.runner import kv_bytes_per_token
@@ -143,7 +143,10 @@ _LOAD_AND_MEASURE = textwrap.dedent("""
     except ModelLoadError as exc:
         outcome = {"error": str(exc)}
     outcome["seconds"] = time.perf_counter() - started
-    outcome["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked parent, so a child
+    # of a 2 GB pytest process reported 2 GB before it loaded anything.
+    with open("/proc/self/status") as status:
+        outcome["peak_rss"] = next(int(l.split()[1]) * 1024 for l in status if l.startswith("VmHWM:"))
     print(json.dumps(outcome))
 """)
 _RSS_CEILING = 1 << 30
