@@ -182,7 +182,9 @@ def test_answer_streams_in_then_the_stats_line(context, smollm2):
     wait_answers(page, 1)
     lengths = page.evaluate("window.lengths")
     streaming = sorted({length for length, done in lengths if not done and length > 0})
-    assert len(streaming) >= 3, lengths  # the text grew over several renders before the answer finished
+    # The text grew over more than one render before the answer finished. (Not more: a browser
+    # coalesces renders, and on a quiet machine the eight-token answer arrived in two, then the stats.)
+    assert len(streaming) >= 2, lengths
     assert not any(done for length, done in lengths[:-1] if length < streaming[-1])  # stats came last
     answer = stored(page)[0]["messages"][1]
     assert "Paris" in answer["content"] and "Paris" in page.inner_text("article.assistant .body")
