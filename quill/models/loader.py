@@ -80,9 +80,10 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype = torch.f
     `QuantizedWeight`s become native quantized layers where a kernel takes their format.
 
     With `consume`, `tensors` is emptied as the model takes them, so that each quantized weight's
-    codes are freed as soon as its layer has packed them, not at the end. With this and chunked
-    packing (`layers/matmul.pack_pairs`), SmolLM2 Q4_1's load peaked at 588 MB for a process that
-    then holds 479 MB (697 before); Gemma 3 270M Q4_K_M's at 1,211 for 983 (1,723 for 1,097)."""
+    codes are freed as soon as its layer has packed them, not at the end. With this, chunked
+    packing (`layers/matmul.pack_pairs`) and the embedding table kept in its file's blocks,
+    SmolLM2 Q4_1's load peaked at 563 MB for a process that then holds 459 MB (697 for 490
+    before); Gemma 3 270M Q4_K_M's at 1,086 for 843 (1,723 for 1,097)."""
     family = FAMILIES.named(config.architecture)
     with torch.device("meta"):
         model = family.module(config)
