@@ -41,9 +41,13 @@ class TensorParallel:
         self._closed = True
         try:
             self.channel.stop()
+            # The workers leave the group after STOP; rank 0 hosts the group's store, so it waits
+            # for them before leaving itself. Leaving first raced them: CI once saw a worker end with
+            # a non-zero exit code after a clean STOP.
+            _stop(self.processes, timeout)
         finally:
             dist.destroy_process_group()
-            _stop(self.processes, timeout)
+            _stop(self.processes, 0.0)
             torch.set_num_threads(self.threads_before)
 
 
