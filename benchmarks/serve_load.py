@@ -19,6 +19,12 @@ measured one after the other, never at the same time (2 cores):
 `--start-llama-server BINARY` runs llama.cpp's own server (continuous batching over one slot per
 client; build it with ../shared/peers/build-llama-server.sh; on AMD processors without AVX-VNNI
 build it with -DGGML_AVX_VNNI=OFF, or it dies of an illegal instruction).
+`--stalled-readers 0 1` measures the same server twice: alone, then with one client that sends
+a long streaming request and never reads (`quill.bench.soak.stalled_reader`) for the whole run.
+Quill started with `--serve-option=--stream-idle-timeout=5` should cut that one and keep the
+others' inter-token latency (ITL p99) where it was; the table's "cut" column is the server's
+`quill:requests_cut_short` count afterwards.
+
 `--start-llama-cpp PYTHON` runs `PYTHON -m llama_cpp.server --model FILE --n_threads 2
 --interrupt_requests False` (by default that server cancels the stream in progress when a new
 request arrives) on the same GGUF file as Quill (`--model-file`, default: SmolLM2's).
@@ -37,56 +43,88 @@ import httpx
 
 from quill.bench.client import Target, fetch_model, send_request
 from quill.bench.report import percentile
-from quill.bench.servers import free_port, llama_cpp_command, llama_server_command, quill_serve_command, started_server
+from quill.bench.servers import (
+    free_port,
+    llama_cpp_command,
+    llama_server_command,
+    quill_serve_command,
+    started_server,
+)
+from quill.bench.soak import server_metrics, stalled_reader
 from quill.bench.workload import RequestSpec, synthetic_workload
 from quill.hardware import host_description
 from quill.table import format_table
 from quill.weights.hub import resolve_model  # pulls a known model on first use
 
 
-async def run_load(base_url: str, args: argparse.Namespace) -> dict:
+async def run_load(base_url: str, args: argparse.Namespace, stalled: int = 0) -> dict:
     timeout = httpx.Timeout(args.timeout, connect=30)
     limits = httpx.Limits(max_connections=args.clients + 4)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
         model = await fetch_model(client)
-        # Quill is asked to ignore EOS (an extension; other servers ignore unknown fields)
-        target = Target(base_url, model, temperature=args.temperature,
-                        extra_body={"ignore_eos": True} if args.ignore_eos else {})
+        # Quill is asked to ignore EOS and to answer from the model, never its response cache (a
+        # second --stalled-readers level repeats the same requests); other servers ignore the fields.
+        extra = {"cache": False} | ({"ignore_eos": True} if args.ignore_eos else {})
+        target = Target(base_url, model, temperature=args.temperature, extra_body=extra)
         specs = synthetic_workload(args.clients, args.prompt_words, args.max_tokens)
         await send_request(client, target, RequestSpec(max_tokens=4, messages=specs[0].messages))  # warm-up
+        # Stalled readers hold their sockets past the load's end; they are closed once it is done.
+        stalls = [asyncio.create_task(stalled_reader(base_url, model, args.timeout)) for _ in range(stalled)]
         started = time.perf_counter()
         results = await asyncio.gather(*(send_request(client, target, spec) for spec in specs))
         wall = time.perf_counter() - started
+        for stall in stalls:
+            stall.cancel()
+        await asyncio.gather(*stalls, return_exceptions=True)
+        cut = await _requests_cut_short(client)
     ok = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in ok)
     ttfts = [r.ttft for r in ok if r.ttft is not None]
+    itls = [gap for r in ok for gap in r.itls]
     return {
-        "model": model, "clients": args.clients, "completed": len(ok), "failed": len(results) - len(ok),
+        "model": model, "clients": args.clients, "stalled_readers": stalled, "requests_cut_short": cut,
+        "completed": len(ok), "failed": len(results) - len(ok),
         "errors": sorted({r.error for r in results if r.error})[:5],
         "output_tokens": tokens, "mean_tokens_per_stream": tokens / len(ok) if ok else 0.0,
         "wall_seconds": wall, "output_tokens_per_second": tokens / wall if wall else 0.0,
         "ttft_p50": percentile(ttfts, 0.50), "ttft_p99": percentile(ttfts, 0.99),
         "e2e_p50": percentile([r.e2e for r in ok if r.e2e is not None], 0.50),
+        "itl_p50": percentile(itls, 0.50), "itl_p99": percentile(itls, 0.99),
         "finish_reasons": {reason: sum(r.finish_reason == reason for r in ok)
                            for reason in sorted({r.finish_reason for r in ok})},
         "streams": [{k: v for k, v in asdict(r).items() if k != "itls"} for r in results],
     }
 
 
+async def _requests_cut_short(client: httpx.AsyncClient) -> float | None:
+    """Quill's count of requests it ended early (stalled readers among them); None for other servers."""
+    try:
+        metrics = await server_metrics(client)
+    except httpx.HTTPError:
+        return None
+    return sum(value for key, value in metrics.items() if key.startswith("quill:requests_cut_short"))
+
+
 def quill_command(model: str, port: int, args: argparse.Namespace) -> list[str]:
-    return quill_serve_command(model, port, *(["--dtype", args.dtype] if args.dtype else []))
+    return quill_serve_command(model, port, *(["--dtype", args.dtype] if args.dtype else []), *args.serve_option)
 
 
 # ---------------------------------------------------------------------------- main
 
 
+def measure(name: str, url: str, args: argparse.Namespace) -> dict[str, dict]:
+    """The load against the server at `url` once per --stalled-readers level, one after the other."""
+    return {name if not stalled else f"{name} +{stalled} stalled": asyncio.run(run_load(url, args, stalled))
+            for stalled in args.stalled_readers}
+
+
 def measure_started(name: str, command: list[str], port: int, ready_path: str, log: Path,
-                    args: argparse.Namespace) -> dict:
+                    args: argparse.Namespace) -> dict[str, dict]:
     """Start a server, run the load against it once it answers `ready_path`, stop it."""
     url = f"http://127.0.0.1:{port}"
-    print(f"starting {name} on {url} ...", file=sys.stderr, flush=True)
+    print(f"starting {name} ({Path(command[0]).name} ...) on {url} ...", file=sys.stderr, flush=True)
     with started_server(command, url, ready_path, log, timeout=180.0):
-        return asyncio.run(run_load(url, args))
+        return measure(name, url, args)
 
 
 def main() -> int:
@@ -108,6 +146,11 @@ def main() -> int:
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                         help="let Quill stop at EOS (by default it is asked to ignore it)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="Quill's compute dtype")
+    parser.add_argument("--serve-option", action="append", default=[], metavar="OPTION",
+                        help="an option for the started Quill server, e.g. --serve-option=--stream-idle-timeout=5")
+    parser.add_argument("--stalled-readers", type=int, nargs="+", default=[0], metavar="N",
+                        help="clients that send a long streaming request and never read, during the load; "
+                             "several levels measure the same server once each (default: 0)")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp"), help="where started servers log")
     parser.add_argument("--json", metavar="OUT", type=Path, help="also write the results here")
@@ -117,24 +160,23 @@ def main() -> int:
 
     results: dict[str, dict] = {}
     for url in args.base_url:
-        results[url] = asyncio.run(run_load(url.rstrip("/"), args))
+        results |= measure(url, url.rstrip("/"), args)
     if args.start_quill:
         port = free_port()
-        results["quill"] = measure_started(f"quill serve {args.start_quill}", quill_command(args.start_quill, port, args),
-                                           port, "/health", args.log_dir / "serve_load_quill.log", args)
+        results |= measure_started("quill", quill_command(args.start_quill, port, args),
+                                   port, "/health", args.log_dir / "serve_load_quill.log", args)
     model_file = Path(args.model_file) if args.model_file else resolve_model(args.start_quill or "smollm2")
     if args.start_llama_server:
         port = free_port()
         context = args.max_tokens + 64 + 2 * args.prompt_words  # ~1.3 tokens a word, with room to spare
-        results["llama-server"] = measure_started(
-            "llama.cpp's llama-server", llama_server_command(args.start_llama_server, model_file, port, args.clients,
-                                                             max(1024, context)),
+        results |= measure_started(
+            "llama-server", llama_server_command(args.start_llama_server, model_file, port, args.clients,
+                                                 max(1024, context)),
             port, "/health", args.log_dir / "serve_load_llama_server.log", args)
     if args.start_llama_cpp:
         port = free_port()
-        results["llama.cpp"] = measure_started("llama-cpp-python's server",
-                                               llama_cpp_command(args.start_llama_cpp, model_file, port),
-                                               port, "/v1/models", args.log_dir / "serve_load_llama_cpp.log", args)
+        results |= measure_started("llama.cpp", llama_cpp_command(args.start_llama_cpp, model_file, port),
+                                   port, "/v1/models", args.log_dir / "serve_load_llama_cpp.log", args)
 
     print_table(results)
     if args.json:
@@ -151,10 +193,12 @@ def print_table(results: dict[str, dict]) -> None:
         return "n/a" if value is None else f"{value * 1000:.0f}"
 
     header = ("server", "clients", "ok", "tokens", "tok/stream", "wall s", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
-              "e2e p50 ms")
+              "e2e p50 ms", "ITL p50 ms", "ITL p99 ms", "cut")
     rows = [(name, str(r["clients"]), str(r["completed"]), str(r["output_tokens"]),
              f"{r['mean_tokens_per_stream']:.0f}", f"{r['wall_seconds']:.1f}", f"{r['output_tokens_per_second']:.1f}",
-             ms(r["ttft_p50"]), ms(r["ttft_p99"]), ms(r["e2e_p50"])) for name, r in results.items()]
+             ms(r["ttft_p50"]), ms(r["ttft_p99"]), ms(r["e2e_p50"]), ms(r["itl_p50"]), ms(r["itl_p99"]),
+             "n/a" if r["requests_cut_short"] is None else f"{r['requests_cut_short']:.0f}")
+            for name, r in results.items()]
     print(format_table(header, rows, numeric=True))
     for name, r in results.items():
         if r["errors"]:

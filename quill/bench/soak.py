@@ -95,7 +95,7 @@ async def run_soak(base_url: str, plan: SoakPlan) -> dict:
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
-        final = await _metrics(http)
+        final = await server_metrics(http)
     return _report(plan, log, final, idle_after)
 
 
@@ -165,15 +165,22 @@ async def _disconnect(http: httpx.AsyncClient, target: Target, spec: RequestSpec
 
 
 async def _stall(base_url: str, model: str, plan: SoakPlan, log: SoakLog) -> None:
-    """A client that sends a streaming request and reads nothing (a small receive window, so that
-    the connection fills after a few kilobytes, as a slow link's would after more)."""
+    error = await stalled_reader(base_url, model, plan.stall_seconds, plan.api_key)
+    # whether the server cut a held one shows in its metrics (requests_cut_short)
+    log.count("stall", "dropped" if error else "held", error)
+
+
+async def stalled_reader(base_url: str, model: str, seconds: float, api_key: str | None = None) -> str | None:
+    """A client that sends a streaming request and reads nothing for `seconds` (a small receive
+    window, so that the connection fills after a few kilobytes, as a slow link's would after more).
+    Returns None, or the socket error that ended it early."""
     url = urlsplit(base_url)
     # No max_tokens: the server's default applies, as for a client that forgot it. Four choices with
     # the top 20 logprobs make about 6 KB of events a step: the ~100 KB the connection holds (socket
     # buffers, the transport's) are full within a few dozen steps, even of a tiny model's short window.
     body = json.dumps({"model": model, "prompt": "Tell me everything.", "n": 4, "logprobs": 20,
                        "ignore_eos": True, "stream": True, "cache": False}).encode()
-    auth = f"Authorization: Bearer {plan.api_key}\r\n".encode() if plan.api_key else b""
+    auth = f"Authorization: Bearer {api_key}\r\n".encode() if api_key else b""
     request = (b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n%s"
                b"Content-Length: %d\r\n\r\n%s" % (url.hostname.encode(), auth, len(body), body))
     loop = asyncio.get_running_loop()
@@ -183,10 +190,10 @@ async def _stall(base_url: str, model: str, plan: SoakPlan, log: SoakLog) -> Non
     try:
         await loop.sock_connect(sock, (url.hostname, url.port or 80))
         await loop.sock_sendall(sock, request)
-        await asyncio.sleep(plan.stall_seconds)  # never reading
-        log.count("stall", "held")  # whether the server cut it shows in its metrics (requests_cut_short)
+        await asyncio.sleep(seconds)  # never reading
+        return None
     except OSError as exc:
-        log.count("stall", "dropped", f"{type(exc).__name__}: {exc}")
+        return f"{type(exc).__name__}: {exc}"
     finally:
         sock.close()
 
@@ -210,7 +217,7 @@ async def _invalid(http: httpx.AsyncClient, model: str, rng: random.Random, log:
 # ---------------------------------------------------------------------------- the server's side
 
 
-async def _metrics(http: httpx.AsyncClient) -> dict[str, float]:
+async def server_metrics(http: httpx.AsyncClient) -> dict[str, float]:
     """The server's /metrics as {name{labels}: value} (comments left out)."""
     response = await http.get("/metrics")
     response.raise_for_status()
@@ -231,7 +238,7 @@ def _gauge(metrics: dict[str, float], name: str) -> float | None:
 async def _sample(http: httpx.AsyncClient, plan: SoakPlan, log: SoakLog) -> None:
     while True:
         with contextlib.suppress(httpx.HTTPError):
-            metrics = await _metrics(http)
+            metrics = await server_metrics(http)
             log.samples.append({"t": round(time.monotonic() - log.started, 2),
                                 "rss_bytes": _gauge(metrics, "process_resident_memory_bytes"),
                                 "running": _gauge(metrics, "quill:num_requests_running"),
@@ -245,7 +252,7 @@ async def _wait_idle(http: httpx.AsyncClient, plan: SoakPlan, timeout: float = 6
     (stalled readers may be being cut still); None if it never did within `timeout`."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
-        metrics = await _metrics(http)
+        metrics = await server_metrics(http)
         if not _gauge(metrics, "quill:num_requests_running") and not _gauge(metrics, "quill:num_requests_waiting"):
             return time.monotonic() - started
         await asyncio.sleep(0.25)
