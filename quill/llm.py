@@ -103,6 +103,7 @@ class LLM:
             while remaining:
                 for output in self.engine.step():
                     if output.request_id == request_id:
+                        _raise_failure(output)
                         remaining -= output.finished
                         yield output
         finally:
@@ -122,8 +123,16 @@ class LLM:
             while self.engine.has_unfinished():
                 for output in self.engine.step():
                     if output.finished and output.request_id in final:
+                        _raise_failure(output)
                         final[output.request_id][output.index] = output
         finally:
             for request_id in request_ids:
                 self.engine.abort(request_id)  # no-op unless interrupted
         return [final[r][i] for r in request_ids for i in sorted(final[r])]
+
+
+def _raise_failure(output: RequestOutput) -> None:
+    """A completion that failed alone (its grammar broke mid-output) fails its call, as the server's
+    request does; the `finally` blocks above abort whatever else of it is still running."""
+    if output.error is not None:
+        raise output.error

@@ -53,12 +53,13 @@ class RequestOutput:
     text: str  # generated text so far
     delta: str  # text new since the previous output of this request
     finished: bool
-    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    finish_reason: str | None  # "stop", "length", "abort", "error" or None while running
     metrics: RequestMetrics
     prompt: str | None = None
     new_token_ids: list[int] = field(default_factory=list)
     index: int = 0  # which of the prompt's n completions this is
     logprobs: list | None = None  # TokenLogprob per output token, when requested
+    error: Exception | None = None  # finish_reason "error": why this completion failed alone
 
     @property
     def num_prompt_tokens(self) -> int:

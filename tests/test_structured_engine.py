@@ -3,6 +3,7 @@ work with everything else the engine does (batching, chunked prefill, prefix cac
 preemption, n > 1, logprobs, stop strings, speculative decoding) without changing greedy output."""
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from engine_helpers import run_outputs, tiny_engine, tiny_text_engine
+from quill.engine.async_engine import AsyncEngine
 from quill.engine.engine import Engine
 from quill.errors import InvalidRequestError, StructuredOutputError
 from quill.outputs import RequestOutput
@@ -295,3 +297,67 @@ def test_masks_are_filled_on_the_engine_thread_when_no_job_foresaw_them(llama):
     foreseen = engine.structured.collect(job, batch.requests)
     unforeseen = engine.structured.collect(None, batch.requests)
     assert foreseen.rows == unforeseen.rows == [0] and torch.equal(foreseen.bits, unforeseen.bits)
+
+
+# ------------------------------------------------------------- a grammar that breaks midway
+BREAKING = [SamplingParams(regex="[a-d]{40}", temperature=0, max_tokens=50),  # the one that breaks
+            SamplingParams(json_schema=PERSON, temperature=0, max_tokens=60),
+            SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)]
+
+
+def _break_grammar_midway(engine: Engine, group_id: str, after_tokens: int = 2) -> None:
+    """Put the request's matcher into llguidance's error state once it has `after_tokens` output
+    tokens, as a parser that exceeds its limits while computing a mask ends up: that mask allows
+    only EOS, and the token drawn from it cannot be committed."""
+    start = engine.structured.start
+
+    def start_and_break(requests, num_new_tokens):
+        for request in requests:
+            if request.group_id == group_id and request.num_output_tokens == after_tokens:
+                matcher = engine.structured._matchers[request.request_id]
+                bad = next(t for t in range(engine.structured.compiler.vocab_size) if not matcher.valid_prefix([t]))
+                assert not matcher.advance(bad) and matcher.error
+        return start(requests, num_new_tokens)
+
+    engine.structured.start = start_and_break
+
+
+def test_a_grammar_that_breaks_mid_output_ends_only_its_own_request(llama):
+    expected = run_outputs(tiny_text_engine(llama), ["Hello"] * 3, BREAKING)
+    engine = tiny_text_engine(llama)
+    _break_grammar_midway(engine, "req-0")
+    broken, *others = run_outputs(engine, ["Hello"] * 3, BREAKING)
+    assert broken.finish_reason == "error" and isinstance(broken.error, StructuredOutputError)
+    assert (broken.error.code, broken.error.param) == ("grammar_failed", "regex")
+    assert "failed at output token 3 (" in broken.error.message and len(broken.error.message) < 600
+    assert broken.token_ids[:2] == expected[0].token_ids[:2]
+    assert [o.token_ids for o in others] == [o.token_ids for o in expected[1:]]
+    assert all(o.error is None and o.finish_reason in ("stop", "length") for o in others)
+    _assert_no_leaks(engine)
+
+
+def test_the_async_engine_fails_the_broken_request_and_serves_the_others(llama):
+    expected = run_outputs(tiny_text_engine(llama), ["Hello"] * 3, BREAKING)
+    engine = tiny_text_engine(llama)
+    _break_grammar_midway(engine, "broken")
+    async_engine = AsyncEngine(engine)
+
+    async def collect(index: int) -> list[int] | StructuredOutputError:
+        tokens = []
+        try:
+            async for output in async_engine.generate("Hello", BREAKING[index], request_id=["broken", "b", "c"][index]):
+                tokens += output.new_token_ids
+        except StructuredOutputError as error:
+            return error
+        return tokens
+
+    async def main():
+        return await asyncio.gather(*(collect(i) for i in range(3)))
+
+    try:
+        broken, *others = asyncio.run(main())
+        assert isinstance(broken, StructuredOutputError) and broken.code == "grammar_failed"
+        assert others == [o.token_ids for o in expected[1:]]
+    finally:
+        async_engine.shutdown()
+    _assert_no_leaks(engine)

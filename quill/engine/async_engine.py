@@ -176,6 +176,9 @@ class AsyncEngine:
         # Before the outputs go out, so a finished request never sees stats that miss its last step.
         self._stats = self.engine.stats()
         for output in outputs:
+            if output.error is not None:  # one completion failed: its request fails, the rest go on
+                self._fail(output.request_id, output.error)
+                continue
             stream = self._streams.get(output.request_id)
             if stream is not None:
                 stream.put(output)

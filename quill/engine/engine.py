@@ -7,7 +7,8 @@ rolled back, and new drafts are proposed for the next step.
 
 Structured output (`quill.structured`): the grammar masks of the step's constrained requests are
 filled on a worker thread while the forward pass runs, applied before sampling, and each committed
-token advances its request's matcher; a complete grammar ends the request ("stop")."""
+token advances its request's matcher; a complete grammar ends the request ("stop"), a grammar that
+breaks mid-output ends that completion alone ("error", with `RequestOutput.error`)."""
 from __future__ import annotations
 
 import itertools
@@ -27,7 +28,7 @@ from quill.engine.batch import StepChannel
 from quill.engine.runner import ModelRunner, kv_bytes_per_token, kv_cache_dtype
 from quill.engine.sampler import TokenLogprob, sample
 from quill.engine.scheduler import Scheduler
-from quill.errors import InvalidRequestError
+from quill.errors import InvalidRequestError, StructuredOutputError
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
 from quill.speculative import SpeculativeStats, Speculator, build_speculator
@@ -241,7 +242,7 @@ class Engine:
         string or id inside a run of accepted drafts ends it there)."""
         detokenizer = self._detokenizers.get(request.request_id)
         delta = ""
-        finish_reason = None
+        finish_reason = error = None
         new_token_ids = []
         for token_id, logprob in zip(token_ids, logprobs):
             request.token_ids.append(token_id)
@@ -250,8 +251,12 @@ class Engine:
                 request.logprobs.append(logprob)
             if detokenizer is not None:
                 delta += detokenizer.add(token_id)
-            # A complete grammar is a complete answer ("stop"), even on the max_tokens-th token.
-            grammar_complete = self.structured is not None and self.structured.advance(request, token_id)
+            try:
+                # A complete grammar is a complete answer ("stop"), even on the max_tokens-th token.
+                grammar_complete = self.structured is not None and self.structured.advance(request, token_id)
+            except StructuredOutputError as failed:  # this request's grammar broke: it alone ends
+                finish_reason, error = "error", failed
+                break
             finish_reason = "stop" if grammar_complete else self._finish_reason(request, token_id, detokenizer)
             if finish_reason is not None:
                 break
@@ -273,7 +278,7 @@ class Engine:
             text=detokenizer.text if detokenizer is not None else "", delta=delta,
             finished=finish_reason is not None, finish_reason=finish_reason,
             metrics=metrics, new_token_ids=new_token_ids,
-            logprobs=request.logprobs if request.params.logprobs is not None else None,
+            logprobs=request.logprobs if request.params.logprobs is not None else None, error=error,
         )
 
     def _finish(self, request: Request, finish_reason: str, now: float) -> None:

@@ -21,29 +21,35 @@ change only how the prompt's KV is computed) unchanged.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
+from quill.errors import StructuredOutputError
 from quill.structured.compiler import DEFAULT_CACHE_SIZE, GrammarCompiler
 from quill.structured.constraints import Constraint
 from quill.structured.masks import TokenMasks
 from quill.structured.matcher import GrammarMatcher, fill_masks, mask_words
 from quill.structured.stats import Histogram, StructuredStats
 
+log = logging.getLogger("quill.structured")
 
 
 class Request(Protocol):
     """What this module reads of an engine request (`quill.engine.request.Request`, a layer above)."""
 
     request_id: str
+    params: Any  # SamplingParams: its constraint's kind names the field in errors
     num_tokens: int
     num_computed_tokens: int
+    num_output_tokens: int
     draft_token_ids: list[int]
+
 
 RECENT_MASK_TIMES = 1 << 16  # per-mask seconds kept for exact percentiles (benchmarks read them)
 
@@ -142,11 +148,16 @@ class StructuredDecoding:
         return torch.full((num_rows, self.words), -1, dtype=torch.int32)
 
     def advance(self, request: Request, token_id: int) -> bool:
-        """Commit a token to the request's matcher. Returns whether its grammar is complete."""
+        """Commit a token to the request's matcher. Returns whether its grammar is complete.
+        Raises StructuredOutputError if the grammar failed on the way (that request alone fails)."""
         matcher = self._matchers.get(request.request_id)
         if matcher is None:
             return False
         self._settle()
+        if matcher.error:
+            # The grammar broke while its mask was computed (llguidance stops a parser that
+            # exceeds its step limits: "ParserTooComplex"); the mask then allowed only EOS.
+            raise _grammar_failed(request, matcher.error)
         if not matcher.advance(token_id):  # masks make this impossible: a bug, not a user error
             raise RuntimeError(f"request {request.request_id}: the grammar rejected committed token {token_id}: "
                                f"{matcher.error}")
@@ -179,6 +190,17 @@ class StructuredDecoding:
             mask_seconds_buckets=self._mask_seconds.cumulative(), mask_seconds_sum=self._mask_seconds.sum,
             mask_seconds_count=self._mask_seconds.count, mask_wait_seconds=self._mask_wait_seconds,
         )
+
+
+def _grammar_failed(request: Request, detail: str) -> StructuredOutputError:
+    """The error for `request`, whose output already holds the token being committed."""
+    log.warning("request %s: its grammar failed at output token %d: %s", request.request_id,
+                request.num_output_tokens, detail)
+    kind = request.params.constraint.kind
+    reason = detail.strip().splitlines()[0][:300] if detail.strip() else "unknown error"  # the rest is state dump
+    return StructuredOutputError(f"the {kind} constraint failed at output token {request.num_output_tokens} "
+                                 f"(the grammar matcher stopped: {reason}); simplify it or allow fewer tokens",
+                                 param=kind, code="grammar_failed")
 
 
 def _fill_masks(entries: list[_Entry], bits: torch.Tensor) -> float:
