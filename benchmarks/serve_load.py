@@ -20,10 +20,11 @@ measured one after the other, never at the same time (2 cores):
 client; build it with ../shared/peers/build-llama-server.sh; on AMD processors without AVX-VNNI
 build it with -DGGML_AVX_VNNI=OFF, or it dies of an illegal instruction).
 `--stalled-readers 0 1` measures the same server twice: alone, then with one client that sends
-a long streaming request and never reads (`quill.bench.soak.stalled_reader`) for the whole run.
-Quill started with `--serve-option=--stream-idle-timeout=5` should cut that one and keep the
-others' inter-token latency (ITL p99) where it was; the table's "cut" column is the server's
-`quill:requests_cut_short` count afterwards.
+a long streaming request (one choice, no logprobs, no max_tokens: what a normal client costs)
+and never reads (`quill.bench.soak.stalled_reader`). Its events fill the connection's buffers
+(~100 KB, a few hundred tokens), then Quill started with `--serve-option=--stream-idle-timeout=N`
+cuts it N seconds later; the others' inter-token latency (ITL p99) should stay near the run
+without it. The "cut" column is the server's `quill:requests_cut_short` count afterwards.
 
 `--start-llama-cpp PYTHON` runs `PYTHON -m llama_cpp.server --model FILE --n_threads 2
 --interrupt_requests False` (by default that server cancels the stream in progress when a new
@@ -69,7 +70,8 @@ async def run_load(base_url: str, args: argparse.Namespace, stalled: int = 0) ->
         specs = synthetic_workload(args.clients, args.prompt_words, args.max_tokens)
         await send_request(client, target, RequestSpec(max_tokens=4, messages=specs[0].messages))  # warm-up
         # Stalled readers hold their sockets past the load's end; they are closed once it is done.
-        stalls = [asyncio.create_task(stalled_reader(base_url, model, args.timeout)) for _ in range(stalled)]
+        stalls = [asyncio.create_task(stalled_reader(base_url, model, args.timeout, choices=1, logprobs=None))
+                  for _ in range(stalled)]
         started = time.perf_counter()
         results = await asyncio.gather(*(send_request(client, target, spec) for spec in specs))
         wall = time.perf_counter() - started

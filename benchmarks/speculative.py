@@ -92,7 +92,8 @@ def main() -> int:
     _add_speedups(results)
     _print_table(results)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"host": _host(), "model": args.model, "max_tokens": args.max_tokens,
+    args.json.write_text(json.dumps({"host": _host(), "model": args.model,
+                                     "draft_model": str(args.draft_model or args.model), "max_tokens": args.max_tokens,
                                      "num_speculative_tokens": args.num_speculative_tokens, "dtype": args.dtype,
                                      "repeats": args.repeats, "results": results}, indent=2) + "\n")
     return 0

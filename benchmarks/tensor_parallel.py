@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,11 +39,13 @@ def main() -> int:
     args = parser.parse_args()
 
     from quill import LLM, SamplingParams
+    from quill.hardware import host_description
 
     results = []
     for size in args.sizes:
+        # No prefix caching: every run repeats the prompt, which must be computed each time.
         llm = LLM(args.model, dtype=args.dtype, device=args.device, tensor_parallel_size=size,
-                  max_model_len=args.prompt_tokens + args.decode_tokens)
+                  max_model_len=args.prompt_tokens + args.decode_tokens, enable_prefix_caching=False)
         try:
             vocab = llm.config.vocab_size
             prompt = [(17 * i + 5) % (vocab - 10) + 5 for i in range(args.prompt_tokens)]
@@ -57,7 +58,7 @@ def main() -> int:
         print(f"size {size}: done", file=sys.stderr, flush=True)
     _print_table(results)
     if args.json:
-        args.json.write_text(json.dumps({"model": args.model, "dtype": args.dtype, "host": platform.node(),
+        args.json.write_text(json.dumps({"model": args.model, "dtype": args.dtype, "host": host_description(),
                                          "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
                                          "results": results}, indent=2) + "\n")
     return 0

@@ -170,15 +170,18 @@ async def _stall(base_url: str, model: str, plan: SoakPlan, log: SoakLog) -> Non
     log.count("stall", "dropped" if error else "held", error)
 
 
-async def stalled_reader(base_url: str, model: str, seconds: float, api_key: str | None = None) -> str | None:
+async def stalled_reader(base_url: str, model: str, seconds: float, api_key: str | None = None, *,
+                         choices: int = 4, logprobs: int | None = 20) -> str | None:
     """A client that sends a streaming request and reads nothing for `seconds` (a small receive
     window, so that the connection fills after a few kilobytes, as a slow link's would after more).
     Returns None, or the socket error that ended it early."""
     url = urlsplit(base_url)
-    # No max_tokens: the server's default applies, as for a client that forgot it. Four choices with
-    # the top 20 logprobs make about 6 KB of events a step: the ~100 KB the connection holds (socket
-    # buffers, the transport's) are full within a few dozen steps, even of a tiny model's short window.
-    body = json.dumps({"model": model, "prompt": "Tell me everything.", "n": 4, "logprobs": 20,
+    # No max_tokens: the server's default applies, as for a client that forgot it. By default four
+    # choices with the top 20 logprobs make about 6 KB of events a step: the ~100 KB the connection
+    # holds (socket buffers, the transport's) are full within a few dozen steps, even of a tiny
+    # model's short window. One plain choice costs the server what a reading client costs.
+    fields = {"n": choices} | ({"logprobs": logprobs} if logprobs else {})
+    body = json.dumps({"model": model, "prompt": "Tell me everything.", **fields,
                        "ignore_eos": True, "stream": True, "cache": False}).encode()
     auth = f"Authorization: Bearer {api_key}\r\n".encode() if api_key else b""
     request = (b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n%s"
