@@ -59,7 +59,8 @@ def layout(text: str) -> tuple[int, int]:
 
 def serve_command(args: argparse.Namespace, port: int, replicas: int, threads: int, routing: str) -> list[str]:
     return quill_serve_command(args.model, port, "--replicas", str(replicas), "--threads-per-replica", str(threads),
-                               "--routing", routing, *(["--dtype", args.dtype] if args.dtype else []))
+                               "--routing", routing, "--stream-interval", str(args.stream_interval),
+                               *(["--dtype", args.dtype] if args.dtype else []))
 
 
 def started(args: argparse.Namespace, name: str, replicas: int, threads: int, routing: str = "prefix"):
@@ -148,6 +149,9 @@ def main() -> int:
     parser.add_argument("--turn-tokens", type=int, default=16, help="output tokens per turn (routing)")
     parser.add_argument("--system-words", type=int, default=300,
                         help="words of the shared system prompt (300 are ~400 SmolLM2 tokens)")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="the servers' --stream-interval: engine outputs per item streamed from a replica "
+                             "(default: %(default)s)")
     parser.add_argument("--skip", choices=["layouts", "routing"], action="append", default=[])
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp"), help="where started servers log")
@@ -160,7 +164,7 @@ def main() -> int:
     print_tables(layouts, routing)
     if args.json:
         report = {"host": host_description(), "model": args.model, "max_tokens": args.max_tokens,
-                  "layouts": layouts, "routing": routing,
+                  "stream_interval": args.stream_interval, "layouts": layouts, "routing": routing,
                   "routing_workload": {"replicas": args.routing_replicas, "conversations": args.conversations,
                                        "turns": args.turns, "turn_tokens": args.turn_tokens,
                                        "system_words": args.system_words}}

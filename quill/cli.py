@@ -199,6 +199,10 @@ def _add_replica_arguments(serve: argparse.ArgumentParser) -> None:
     group.add_argument("--threads-per-replica", type=_positive_int, metavar="N",
                        help="torch threads (and Ray CPUs) per replica; replicas x threads should not exceed the "
                             "cores (default: 1)")
+    group.add_argument("--stream-interval", type=_positive_int, metavar="N",
+                       help="engine outputs per item a replica streams back, merged (default: 1). Each item "
+                            "costs two Ray hops, more CPU than a small model's token: 4 raises 2 replicas' "
+                            "throughput on 2 cores, and streams tokens in groups of 4")
     group.add_argument("--gpus-per-replica", type=float, metavar="N",
                        help="GPUs Ray gives each replica (default: 0; a replica sees no GPU without one)")
     group.add_argument("--ray-address", metavar="ADDRESS",
@@ -552,7 +556,7 @@ def _cluster_settings(args: argparse.Namespace, config):
             autoscaling["target_ongoing_requests"] = args.target_ongoing_requests
     elif args.min_replicas is not None or args.target_ongoing_requests is not None:
         raise InvalidRequestError("--min-replicas and --target-ongoing-requests need --max-replicas (autoscaling)")
-    given = {name: getattr(args, name) for name in ("threads_per_replica", "gpus_per_replica")
+    given = {name: getattr(args, name) for name in ("threads_per_replica", "gpus_per_replica", "stream_interval")
              if getattr(args, name) is not None}
     try:
         return ClusterSettings(model=args.model, engine=_llm_options(args), server=config, replicas=args.replicas or 1,

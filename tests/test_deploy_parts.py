@@ -17,7 +17,7 @@ from quill.cost import CostModel
 from quill.deploy.affinity import AffinityTable, choose, prefix_hashes
 from quill.deploy.settings import ClusterCapacityError, ClusterSettings
 from quill.deploy.stats import combine_stats
-from quill.deploy.wire import DeltaEncoder, OutputAssembler
+from quill.deploy.wire import DeltaEncoder, OutputAssembler, merge_deltas
 from quill.engine.async_engine import AsyncEngine, EngineClient
 from quill.engine.engine import EngineStats
 from quill.engine.limits import EngineLimits
@@ -136,6 +136,31 @@ def test_deltas_rebuild_every_engine_output(tiny_model_dir):
             assert rebuilt.prompt_token_ids == prompt_ids
             finished += rebuilt.finished
     assert finished == 2
+
+
+def test_merged_deltas_rebuild_the_same_final_outputs(tiny_model_dir):
+    """A replica with stream_interval k sends k outputs at a time, merged per completion: the
+    ingress ends with the same text, tokens, logprobs and finish for every completion."""
+    engine = tiny_text_engine(tiny_model_dir("llama"))
+    params = SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=11, logprobs=2, ignore_eos=True)
+    request_id = engine.add_request("Hello world", params)
+    encoder, assembler = DeltaEncoder(), OutputAssembler(request_id, engine.tokenizer.encode("Hello world"))
+    final, rebuilt, pending = {}, {}, []
+    while engine.has_unfinished():
+        for output in engine.step():
+            final[output.index] = output
+            pending.append(encoder.encode(output))
+            if len(pending) == 3:  # outputs of both completions, several steps' worth
+                for delta in pickle.loads(pickle.dumps(merge_deltas(pending))):
+                    rebuilt[delta.index] = assembler.add(delta)
+                pending = []
+    for delta in merge_deltas(pending):
+        rebuilt[delta.index] = assembler.add(delta)
+    assert sorted(rebuilt) == [0, 1]
+    for index, output in final.items():
+        got = rebuilt[index]
+        assert (got.text, got.token_ids, got.logprobs) == (output.text, list(output.token_ids), output.logprobs)
+        assert (got.finished, got.finish_reason) == (True, "length")
 
 
 # ------------------------------------------------------------------------------ settings and the CLI

@@ -87,9 +87,10 @@ class ReplicaClient:
             call = self._streams.generate.remote(submission)
             self._calls[request_id] = call
             try:
-                async for delta in self._deltas(call):
+                async for deltas in self._deltas(call):
                     started = True
-                    yield assembler.add(delta)
+                    for delta in deltas:
+                        yield assembler.add(delta)
                 complete = True
                 return
             except _LOST as exc:
@@ -158,8 +159,8 @@ class ReplicaClient:
             await asyncio.sleep(self._settings.stats_interval_s)
             await self.refresh()
 
-    async def _deltas(self, call: DeploymentResponseGenerator) -> AsyncIterator[OutputDelta]:
-        """The call's deltas. Until the first one arrives, give up once no replica has been running
+    async def _deltas(self, call: DeploymentResponseGenerator) -> AsyncIterator[list[OutputDelta]]:
+        """The call's items (lists of deltas). Until the first one arrives, give up once no replica has been running
         for `unavailable_timeout_s` (Ray would otherwise hold the request until one comes back)."""
         iterator = call.__aiter__()
         first = asyncio.ensure_future(iterator.__anext__())

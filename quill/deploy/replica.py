@@ -1,6 +1,6 @@
 """One engine replica, as a Ray Serve deployment: it loads the model once, runs it on its own
 `AsyncEngine` (the same one thread that owns the engine as in `quill serve`) and answers the
-ingress's `Submission`s with a stream of `OutputDelta`s. Cancelling the stream (the client went
+ingress's `Submission`s with a stream of `OutputDelta` lists. Cancelling the stream (the client went
 away, the ingress aborted the request) cancels the generator here, which aborts the engine request
 and frees its KV blocks.
 
@@ -22,7 +22,7 @@ from ray.exceptions import RayActorError
 
 from quill.cache import model_identity
 from quill.deploy.settings import ClusterSettings
-from quill.deploy.wire import DeltaEncoder, OutputDelta, ReplicaInfo, Submission
+from quill.deploy.wire import DeltaEncoder, OutputDelta, ReplicaInfo, Submission, merge_deltas
 from quill.engine.async_engine import AsyncEngine
 from quill.engine.engine import EngineStats
 from quill.llm import LLM
@@ -35,6 +35,7 @@ BOARD = "stats"  # the deployment-scoped StatsBoard's name
 class EngineReplica:
     async def __init__(self, settings: ClusterSettings) -> None:
         self.name = serve.get_replica_context().replica_id.unique_id
+        self.stream_interval = settings.stream_interval
         # As in `quill serve` (quill/cli.py): load single-threaded so that the engine thread's
         # OpenMP pool is the only one, then give the engine thread this replica's share of cores
         # (Ray also set OMP_NUM_THREADS for the process, see application.py).
@@ -49,10 +50,20 @@ class EngineReplica:
         self._publisher = asyncio.ensure_future(self._publish(settings.stats_interval_s))
         log.info("replica %s serves %s with %d threads", self.name, Path(llm.path).name, settings.threads_per_replica)
 
-    async def generate(self, submission: Submission) -> AsyncIterator[OutputDelta]:
+    async def generate(self, submission: Submission) -> AsyncIterator[list[OutputDelta]]:
+        """The request's outputs, `stream_interval` at a time (the first and the last at once),
+        merged per completion: each item crosses two Ray hops (here to the ingress, its SSE chunk on
+        to the HTTP proxy), which cost more CPU than the engine spends on a token of a small model."""
         encoder = DeltaEncoder()
+        pending: list[OutputDelta] = []
+        sent = 0
         async for output in self.engine.generate(submission.prompt_ids, submission.params, submission.request_id):
-            yield encoder.encode(output)
+            pending.append(encoder.encode(output))
+            if not sent or output.finished or len(pending) >= self.stream_interval:
+                yield merge_deltas(pending)
+                pending, sent = [], sent + 1
+        if pending:
+            yield merge_deltas(pending)
 
     def describe(self) -> ReplicaInfo:
         return self.info

@@ -70,6 +70,9 @@ class ClusterSettings(BaseModel):
     health_check_timeout_s: float = Field(30.0, gt=0)
     ingress_replicas: int = Field(1, ge=1)
     stats_interval_s: float = Field(0.5, gt=0)  # how often each replica publishes its engine stats
+    # Engine outputs per item a replica streams back (merged; the first and the last go at once).
+    # Each item costs two Ray hops; above 1 the client gets tokens in groups of this many.
+    stream_interval: int = Field(1, ge=1)
     retries: int = Field(1, ge=0)  # resubmissions of a request whose replica died before its first token
     # With no replica running for this long, a request waiting for its first token fails (503).
     unavailable_timeout_s: float = Field(60.0, gt=0)

@@ -1,7 +1,8 @@
 """What travels between the ingress and the engine replicas: a `Submission` (one engine request,
 already tokenized, with the hashes its routing uses), `ReplicaInfo` (what the ingress learns of the
 model from a replica at start-up) and, per engine output, an `OutputDelta`: only what is new, so a
-long answer costs the same per token to stream across processes as a short one. `OutputAssembler`
+long answer costs the same per token to stream across processes as a short one. A replica sends
+them in lists, several outputs merged per completion when `stream_interval` > 1 (`merge_deltas`). `OutputAssembler`
 turns the deltas back into the `RequestOutput`s the server consumes, as `AsyncEngine` yields them.
 """
 from __future__ import annotations
@@ -60,6 +61,25 @@ class DeltaEncoder:
             self._logprobs_sent[output.index] = end
         return OutputDelta(output.index, list(output.new_token_ids), output.delta, new_logprobs, output.finished,
                            output.finish_reason, output.metrics)
+
+
+def merge_deltas(deltas: list[OutputDelta]) -> list[OutputDelta]:
+    """Consecutive deltas as one per completion (in the order the completions first appear): their
+    tokens, text and logprobs joined, the last one's finish and metrics."""
+    merged: dict[int, OutputDelta] = {}
+    for delta in deltas:
+        held = merged.get(delta.index)
+        if held is None:
+            merged[delta.index] = OutputDelta(delta.index, list(delta.new_token_ids), delta.delta,
+                                              None if delta.new_logprobs is None else list(delta.new_logprobs),
+                                              delta.finished, delta.finish_reason, delta.metrics)
+            continue
+        held.new_token_ids += delta.new_token_ids
+        held.delta += delta.delta
+        if delta.new_logprobs is not None:
+            held.new_logprobs = (held.new_logprobs or []) + delta.new_logprobs
+        held.finished, held.finish_reason, held.metrics = delta.finished, delta.finish_reason, delta.metrics
+    return list(merged.values())
 
 
 @dataclass
