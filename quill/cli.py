@@ -517,8 +517,8 @@ def _serve_as_worker_under_a_launcher(args: argparse.Namespace) -> None:
         raise SystemExit(0)
 
 
-_REPLICA_OPTIONS = ("threads_per_replica", "gpus_per_replica", "ray_address", "routing", "min_replicas",
-                    "target_ongoing_requests")
+_REPLICA_OPTIONS = ("threads_per_replica", "gpus_per_replica", "stream_interval", "ray_address", "routing",
+                    "min_replicas", "target_ongoing_requests")
 
 
 def _replicated(args: argparse.Namespace) -> bool:

@@ -192,6 +192,8 @@ def test_replicas_must_fit_the_cluster():
 def test_replica_options_without_replicas_are_refused(capsys):
     assert main(["serve", "m", "--threads-per-replica", "2", "--routing", "random"]) != 0
     assert "--threads-per-replica, --routing only apply to replicas" in capsys.readouterr().err
+    assert main(["serve", "m", "--stream-interval", "4"]) != 0
+    assert "--stream-interval only apply to replicas" in capsys.readouterr().err
     assert main(["serve", "m", "--replicas", "2", "--max-replicas", "3"]) != 0
     assert "give one of them" in capsys.readouterr().err
     assert main(["serve", "m", "--replicas", "2", "--min-replicas", "1"]) != 0
