@@ -396,3 +396,27 @@ def test_metric_labels_come_from_the_routes(tiny_model_dir):
     for label in ('endpoint="/added-later",status="200"', 'endpoint="/v1/models/{model}",status="404"',
                   'endpoint="other",status="404"'):
         assert f"quill:http_requests_total{{{label}}}" in metrics, label
+
+
+def test_server_logs_go_to_the_current_stderr_not_a_closed_one(monkeypatch):
+    """A server's log handler made while stderr was one stream (pytest's capture of an earlier test)
+    writes to the stream stderr is now, without an error once the first is closed."""
+    import io
+    import sys
+
+    from quill.server.runner import StderrHandler
+
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    handler = StderrHandler()
+    logger = logging.getLogger("quill.test-stderr")
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "propagate", False)
+    try:
+        monkeypatch.setattr(sys, "stderr", second)
+        first.close()
+        monkeypatch.setattr(logging, "raiseExceptions", True)
+        logger.warning("after the swap")
+    finally:
+        logger.removeHandler(handler)
+    assert second.getvalue() == "after the swap\n"

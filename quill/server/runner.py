@@ -51,11 +51,28 @@ def configure_logging() -> None:
     _log_to_stderr("quill", "%(levelname)s %(name)s: %(message)s")
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted, not the stream it was when the
+    handler was made: that one may be closed by then (pytest's capture of a test that started a
+    server, whose threads log on after it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns one: always sys.stderr instead
+        pass
+
+
 def _log_to_stderr(name: str, form: str, propagate: bool = True) -> None:
     logger = logging.getLogger(name)
     if logger.handlers:  # configured already (a second server in this process, or the embedding app)
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter(form))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
