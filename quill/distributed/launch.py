@@ -42,8 +42,7 @@ class TensorParallel:
         try:
             self.channel.stop()
             # The workers leave the group after STOP; rank 0 hosts the group's store, so it waits
-            # for them before leaving itself. Leaving first raced them: CI once saw a worker end with
-            # a non-zero exit code after a clean STOP.
+            # for them before leaving itself.
             _stop(self.processes, timeout)
         finally:
             dist.destroy_process_group()
