@@ -51,7 +51,7 @@ from quill.bench.servers import (
     quill_serve_command,
     started_server,
 )
-from quill.bench.soak import server_metrics, stalled_reader
+from quill.bench.soak import cut_short_by_reason, server_metrics, stalled_reader
 from quill.bench.workload import RequestSpec, synthetic_workload
 from quill.hardware import host_description
 from quill.table import format_table
@@ -104,7 +104,7 @@ async def _requests_cut_short(client: httpx.AsyncClient) -> float | None:
         metrics = await server_metrics(client)
     except httpx.HTTPError:
         return None
-    return sum(value for key, value in metrics.items() if key.startswith("quill:requests_cut_short"))
+    return sum(cut_short_by_reason(metrics).values())
 
 
 def quill_command(model: str, port: int, args: argparse.Namespace) -> list[str]:

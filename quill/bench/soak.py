@@ -273,8 +273,6 @@ def _report(plan: SoakPlan, log: SoakLog, final: dict[str, float], idle_after: f
     for (_, outcome), count in log.counts.items():
         if outcome in ("5xx", "dropped", "wrong_status", "error_event", "bad_stream", "4xx"):
             failures[outcome] += count
-    cut = {key.split('reason="')[1].split('"')[0]: value for key, value in final.items()
-           if key.startswith("quill:requests_cut_short_total{")}
     return {
         "plan": {k: v for k, v in vars(plan).items() if k != "api_key"},
         "requests": sum(log.counts.values()), "by_kind": by_kind, "failures": dict(failures),
@@ -285,8 +283,14 @@ def _report(plan: SoakPlan, log: SoakLog, final: dict[str, float], idle_after: f
                   "waiting": _gauge(final, "quill:num_requests_waiting"),
                   "kv_cache_usage": _gauge(final, "quill:kv_cache_usage_perc"),
                   "rss_bytes": _gauge(final, "process_resident_memory_bytes"),
-                  "cut_short": cut},
+                  "cut_short": cut_short_by_reason(final)},
     }
+
+
+def cut_short_by_reason(metrics: dict[str, float]) -> dict[str, float]:
+    """`quill:requests_cut_short_total` from `server_metrics`, by reason (idle, buffer_full, ...)."""
+    return {key.split('reason="')[1].split('"')[0]: value for key, value in metrics.items()
+            if key.startswith("quill:requests_cut_short_total{")}
 
 
 def _windows(log: SoakLog, window: float) -> list[dict]:
