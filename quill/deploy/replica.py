@@ -56,12 +56,12 @@ class EngineReplica:
         to the HTTP proxy), which cost more CPU than the engine spends on a token of a small model."""
         encoder = DeltaEncoder()
         pending: list[OutputDelta] = []
-        sent = 0
+        first = True
         async for output in self.engine.generate(submission.prompt_ids, submission.params, submission.request_id):
             pending.append(encoder.encode(output))
-            if not sent or output.finished or len(pending) >= self.stream_interval:
+            if first or output.finished or len(pending) >= self.stream_interval:
                 yield merge_deltas(pending)
-                pending, sent = [], sent + 1
+                pending, first = [], False
         if pending:
             yield merge_deltas(pending)
 

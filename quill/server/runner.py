@@ -56,9 +56,6 @@ class StderrHandler(logging.StreamHandler):
     handler was made: that one may be closed by then (pytest's capture of a test that started a
     server, whose threads log on after it)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr
