@@ -84,6 +84,10 @@ class ModelRunner:
             prepare_linears_for_cpu(model)
             return_freed_memory_to_os()  # the float weights the packed copies replaced
             log.info(describe_paths(model))
+            if hasattr(model, "fuse_layers"):
+                model.fuse_layers()
+                log.info("decoder layers: %s", "all in one C call per step" if model.fused_layers
+                         else "module by module (the model does not qualify for the fused path)")
         self._block_offsets = torch.arange(block_size, device=device)
         self.quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
         # A step's rows are paid for in blocks of this many (None: row by row, or nearly free).

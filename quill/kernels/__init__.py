@@ -27,6 +27,9 @@ SOURCE_DIR = Path(__file__).parent
 # -march=native: the library is built where it runs, so it may use every instruction this CPU has.
 # OpenMP resolves to the runtime PyTorch has already loaded, so both share one thread pool.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+# Libraries built from several sources, each its own translation unit (so each function compiles
+# to the same machine code as in its own library): the fused decoder calls the other kernels.
+LINKED = {"decoder": ("decoder", "matmul", "rms_norm", "rotary", "store_kv", "decode_attention", "activation")}
 
 
 # ctypes types for `function`'s argtypes and restype
@@ -60,10 +63,11 @@ def _build(name: str, extra_flags: tuple[str, ...] = ()) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
-    source = SOURCE_DIR / f"{name}.c"
+    sources = [SOURCE_DIR / f"{source}.c" for source in LINKED.get(name, (name,))]
     headers = b"".join(header.read_bytes() for header in sorted(SOURCE_DIR.glob("*.h")))  # what it may include
     flags = [*FLAGS, *extra_flags]
-    key = hashlib.sha256(source.read_bytes() + headers + " ".join([compiler, *flags, _cpu()]).encode()).hexdigest()[:16]
+    code = b"".join(source.read_bytes() for source in sources)
+    key = hashlib.sha256(code + headers + " ".join([compiler, *flags, _cpu()]).encode()).hexdigest()[:16]
     variant = "".join("+" + flag.lstrip("-") for flag in extra_flags)
     target = quill_home() / "kernels" / f"{name}{variant}-{key}.so"
     if not target.exists():
@@ -71,7 +75,7 @@ def _build(name: str, extra_flags: tuple[str, ...] = ()) -> Path:
         # Build beside the target and rename: a concurrent process never loads a half-written file.
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
+            subprocess.run([compiler, *flags, *map(str, sources), "-o", str(built), "-lm"],
                            check=True, capture_output=True, text=True)
             os.replace(built, target)
         for stale in target.parent.glob(f"{name}{variant}-*.so"):  # builds of older sources or another CPU

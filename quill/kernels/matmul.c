@@ -44,22 +44,11 @@
 #define QUILL_AVX512_BF16 1
 #endif
 
+#include "entry_points.h"
 #include "half_floats.h"
-
-enum format { FMT_BF16, FMT_INT4, FMT_INT8, FMT_INT8G, FMT_F32 };
 
 #define LANES 16
 #define FUSED_MAX_ROWS 16 /* up to this many rows, weights are expanded once per call into registers */
-
-/* A layer's packed weights, built once by quill/layers/matmul.py (`_Weights` mirrors it). */
-typedef struct {
-    int format, k, n, group;
-    const void *packed;         /* BF16: uint16 pairs; INT4: nibble pairs; INT8, INT8G: int8 pairs; F32 */
-    const uint16_t *scales;     /* INT4, INT8G: bf16 [panels][k/group][16] */
-    const uint16_t *zeros;      /* INT4, INT8G: bf16 [panels][k/group][16] */
-    const float *channel_scale; /* INT8: float32 [panels * 16] */
-    const float *bias;          /* float32 [n] or NULL */
-} weights_t;
 
 static inline int panels_of(int n) { return (n + LANES - 1) / LANES; }
 

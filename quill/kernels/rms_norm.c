@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "entry_points.h"
 #include "half_floats.h"
 
 void rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint16_t *out,

@@ -9,6 +9,8 @@
    multiply-adds (ISO C mode), so both paths give the same bits. */
 #include <stdint.h>
 
+#include "entry_points.h"
+
 void rotary(const float *x, int64_t x_stride, const float *cos, const float *signed_sin, float *out,
             int tokens, int heads, int dim) {
     int half = dim / 2;

@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #endif
 
+#include "entry_points.h"
 #include "half_floats.h"
 
 static void store_row(const float *source, void *cache, enum cache_type type, int64_t start, int dim) {

@@ -10,6 +10,7 @@ from quill import kernels
 from quill.layers.module import InferenceModule
 from quill.rope import rope_inverse_frequencies
 
+
 class RotaryEmbedding(InferenceModule):
     """cos/sin of position x frequency, computed for the positions at hand.
 
@@ -28,15 +29,19 @@ class RotaryEmbedding(InferenceModule):
         pointer, i32 = kernels.POINTER, kernels.INT32  # float32 heads on the CPU (quill/kernels/rotary.c)
         self._kernel = kernels.function("rotary", [pointer, kernels.INT64, pointer, pointer, pointer, i32, i32, i32])
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, heads, head_dim]; positions: [tokens]. Returns x rotated, in float32."""
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed_sin) of `positions`, each [tokens, 1, head_dim] float32 and contiguous."""
         if positions is not self._positions:
             freqs = positions.float()[:, None] * self.inv_freq[None, :]
             cos, sin = freqs.cos(), freqs.sin()
             # rotate_half(x) * sin == swap_halves(x) * (-sin, sin): the negation folds into the table
             self._positions, self._cos_sin = positions, (torch.cat((cos, cos), dim=-1).unsqueeze(1),
                                                          torch.cat((-sin, sin), dim=-1).unsqueeze(1))
-        cos, signed_sin = self._cos_sin
+        return self._cos_sin
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, heads, head_dim]; positions: [tokens]. Returns x rotated, in float32."""
+        cos, signed_sin = self.tables(positions)
         if (self._kernel is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(2) == 1
                 and x.stride(1) == x.shape[2]):
             return self._in_kernel(x, cos, signed_sin)

@@ -9,6 +9,7 @@ from torch import nn
 
 from quill.config import ModelConfig
 from quill.layers.attention import AttentionMetadata
+from quill.layers.fused_layers import FusedLayers
 from quill.layers.linear import Linear
 from quill.layers.logits import full_vocabulary_logits, lm_head_logits, output_token_ids
 from quill.layers.mlp import GatedMLP
@@ -47,15 +48,24 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.output_token_ids = output_token_ids(config)
+        self.fused_layers: FusedLayers | None = None  # see fuse_layers
 
     def decoder_layer(self, config: ModelConfig, layer_index: int, rotary: RotaryEmbedding) -> LlamaDecoderLayer:
         """Layer `layer_index`. A family that differs from Llama only inside its layers overrides this."""
         return LlamaDecoderLayer(config, layer_index, rotary,
                                  GatedMLP(config.hidden_size, config.intermediate_size, config.hidden_act))
 
+    def fuse_layers(self) -> None:
+        """Run every layer of a step in one C call from now on, where the model qualifies
+        (`quill.layers.fused_layers`). The CPU runner calls it once the caches are bound and the
+        matrices packed."""
+        self.fused_layers = FusedLayers.build(self.layers, LlamaDecoderLayer, self.config.hidden_size)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final norm, [tokens, hidden]."""
         x = self.embed_tokens(input_ids)
+        if self.fused_layers is not None and self.fused_layers.takes(x, meta):
+            return self.norm(self.fused_layers(x, positions, meta))
         for layer in self.layers:
             x = layer(x, positions, meta)
         return self.norm(x)
