@@ -23,6 +23,8 @@ int matmul(const weights_t *w, const void *x, int64_t x_stride, int rows, void *
            int out_bf16);                                                                   /* matmul.c */
 void rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint16_t *out, int rows, int dim,
               float eps, float offset);                                                     /* rms_norm.c */
+void rms_norm_heads(const float *x, int64_t x_stride, const uint16_t *weight, float *out, int tokens, int heads,
+                    int dim, float eps, float offset);                                      /* rms_norm.c */
 void rotary(const float *x, int64_t x_stride, const float *cos, const float *signed_sin, float *out, int tokens,
             int heads, int dim);                                                            /* rotary.c */
 void store_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride, const int64_t *slots,

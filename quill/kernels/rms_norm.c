@@ -37,3 +37,25 @@ void rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint1
         }
     }
 }
+
+/* RMSNorm of each head of float32 rows (Gemma 3's and Qwen3's q and k norms), into float32:
+   per token t and head h of x [tokens, heads, dim] (token stride x_stride, heads adjacent) into
+   out [tokens, heads, dim]:
+     y = x * 1 / sqrt(mean(x^2) + eps);  out = y * (w + offset)
+   (with offset 0 that is w * y, as the reference's float32 product). */
+void rms_norm_heads(const float *x, int64_t x_stride, const uint16_t *weight, float *out, int tokens, int heads,
+                    int dim, float eps, float offset) {
+#pragma omp parallel for if ((int64_t)tokens * heads * dim > (1 << 16))
+    for (int t = 0; t < tokens; t++) {
+        for (int h = 0; h < heads; h++) {
+            const float *row = x + t * x_stride + (int64_t)h * dim;
+            float *result = out + ((int64_t)t * heads + h) * dim;
+            float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+            for (int d = 0; d < dim; d++) squares += row[d] * row[d];
+            float inverse = 1.0f / sqrtf(squares / dim + eps);
+#pragma omp simd
+            for (int d = 0; d < dim; d++) result[d] = row[d] * inverse * (from_bf16(weight[d]) + offset);
+        }
+    }
+}

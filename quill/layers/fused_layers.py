@@ -7,11 +7,12 @@ through all of them in one call. It is the same computation, not an approximatio
 calls the kernels the modules call and rounds between them as PyTorch does, and
 `tests/test_fused_layers.py` checks both paths bit for bit.
 
-A model qualifies (`FusedLayers.build`, called through the model's `fuse_layers`) when every layer is a plain Llama-style layer
-(`LlamaDecoderLayer` with a `GatedMLP` and no q/k norms) whose matrices run through the packed
-kernel on bfloat16 activations, whose norms are bfloat16 and share one epsilon, and whose
-attention reads its cache through the C kernel. Anything else (Gemma 3's sandwich norms, Qwen3's
-q/k norms, experts, tensor-parallel shards, float32 models, no C compiler) keeps the module path.
+A model qualifies (`FusedLayers.build`, called through the model's `fuse_layers`) when every
+layer is of the one class decoder.c reproduces (`LlamaDecoderLayer`, `Gemma3DecoderLayer`: each
+names its norms in `fused_norms`) with a `GatedMLP`, its matrices run through the packed kernel on
+bfloat16 activations, its norms are bfloat16 kernels sharing one epsilon, and its attention reads
+the cache through the C kernel. Anything else (experts, tensor-parallel shards, float32 models, no
+C compiler) keeps the module path.
 A step qualifies (`takes`) when every row is a single-query row, which on the CPU is every step.
 """
 from __future__ import annotations
@@ -35,8 +36,10 @@ _MAX_ROTARIES = 2  # `step_t`'s tables: one per distinct RotaryEmbedding
 class _Layer(ctypes.Structure):
     """decoder.c's `layer_t`."""
 
-    _fields_ = [("attention_norm", _POINTER), ("mlp_norm", _POINTER), ("norm_offset", ctypes.c_float),
-                ("eps", ctypes.c_float), ("qkv", _POINTER), ("o", _POINTER), ("gate_up", _POINTER),
+    _fields_ = [("attention_norm", _POINTER), ("mlp_norm", _POINTER), ("attention_out_norm", _POINTER),
+                ("mlp_out_norm", _POINTER), ("q_norm", _POINTER), ("k_norm", _POINTER),
+                ("norm_offset", ctypes.c_float), ("head_norm_offset", ctypes.c_float), ("eps", ctypes.c_float),
+                ("qkv", _POINTER), ("o", _POINTER), ("gate_up", _POINTER),
                 ("down", _POINTER), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int), ("head_dim", ctypes.c_int),
                 ("intermediate", ctypes.c_int), ("activation", ctypes.c_int), ("rope", ctypes.c_int),
                 ("k_cache", _POINTER), ("v_cache", _POINTER), ("cache_type", ctypes.c_int), ("window", ctypes.c_int),
@@ -72,8 +75,12 @@ class FusedLayers:
         whose forward decoder.c reproduces (the models import the layers, not the reverse)."""
         if not layers or not all(type(layer) is layer_type and _qualifies(layer) for layer in layers):
             return None
-        norms = [norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-        if len({(norm.eps, norm.weight_offset) for norm in norms}) != 1:
+        norms = [norm for layer in layers for norm in layer.fused_norms() if norm is not None]
+        head_norms = [norm for layer in layers for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm)
+                      if norm is not None]
+        if (len({(norm.eps, norm.weight_offset) for norm in norms}) != 1
+                or len({norm.weight_offset for norm in head_norms}) > 1
+                or any(norm.eps != norms[0].eps for norm in head_norms)):
             return None
         rotaries = list(dict.fromkeys(layer.self_attn.rotary for layer in layers if layer.self_attn.rotary))
         kernel = _kernel()
@@ -104,8 +111,11 @@ class FusedLayers:
         attention, mlp = layer.self_attn, layer.mlp
         paged = attention.attn
         rope = self.rotaries.index(attention.rotary) if attention.rotary is not None else -1
-        return _Layer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                      layer.input_layernorm.weight_offset, layer.input_layernorm.eps,
+        attention_norm, attention_out_norm, mlp_norm, mlp_out_norm = layer.fused_norms()
+        head_norm_offset = attention.q_norm.weight_offset if attention.q_norm is not None else 0.0
+        return _Layer(*(_weight(norm) for norm in (attention_norm, mlp_norm, attention_out_norm, mlp_out_norm,
+                                                   attention.q_norm, attention.k_norm)),
+                      attention_norm.weight_offset, head_norm_offset, attention_norm.eps,
                       *(linear.matmul._address for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj,
                                                               mlp.down_proj)),
                       attention.num_heads, attention.num_kv_heads, attention.head_dim, mlp.intermediate_size,
@@ -114,13 +124,19 @@ class FusedLayers:
                       paged.scale)
 
 
+def _weight(norm: RMSNorm | None) -> int | None:
+    return None if norm is None else norm.weight.data_ptr()
+
+
 def _qualifies(layer: nn.Module) -> bool:
     attention, mlp = layer.self_attn, layer.mlp
     matrices = (attention.qkv_proj, attention.o_proj, getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None))
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    norms = [norm for norm in layer.fused_norms() if norm is not None]
+    head_norms = [norm for norm in (attention.q_norm, attention.k_norm) if norm is not None]
     paged = attention.attn
     return (type(mlp) is GatedMLP and mlp.activation in KERNEL_ACTIVATIONS and mlp._kernel is not None
-            and attention.q_norm is None and isinstance(paged, PagedAttention)
-            and paged._kernel is not None and paged._store_kernel is not None
+            and isinstance(paged, PagedAttention) and paged._kernel is not None and paged._store_kernel is not None
             and all(isinstance(getattr(m, "matmul", None), PackedMatmul) and m.matmul.format != "f32" for m in matrices)
-            and all(type(n) is RMSNorm and n._kernel is not None and n.weight.dtype == torch.bfloat16 for n in norms))
+            and all(type(n) is RMSNorm and n._kernel is not None and n.weight.dtype == torch.bfloat16 for n in norms)
+            and all(type(n) is RMSNorm and n._heads_kernel is not None and n.weight.dtype == torch.bfloat16
+                    for n in head_norms))

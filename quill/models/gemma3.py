@@ -16,6 +16,7 @@ from torch import nn
 from quill.config import ModelConfig
 from quill.errors import UnsupportedModelError
 from quill.layers.attention import AttentionMetadata
+from quill.layers.fused_layers import FusedLayers
 from quill.layers.linear import Linear
 from quill.layers.logits import full_vocabulary_logits, lm_head_logits, output_token_ids
 from quill.layers.mlp import GatedMLP
@@ -46,6 +47,12 @@ class Gemma3DecoderLayer(InferenceModule):
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), positions, meta))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
+    def fused_norms(self) -> tuple[RMSNorm, RMSNorm, RMSNorm, RMSNorm]:
+        """(attention's input norm, its output norm, the MLP's input norm, its output norm): see
+        `quill.layers.fused_layers`."""
+        return (self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
+                self.post_feedforward_layernorm)
+
 
 class Gemma3ForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -63,11 +70,19 @@ class Gemma3ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.output_token_ids = output_token_ids(config)
+        self.fused_layers: FusedLayers | None = None  # see fuse_layers
+
+    def fuse_layers(self) -> None:
+        """Run every layer of a step in one C call from now on, where the model qualifies
+        (`quill.layers.fused_layers`; called by the CPU runner)."""
+        self.fused_layers = FusedLayers.build(self.layers, Gemma3DecoderLayer, self.config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         # The reference rounds the normalizer to the activation dtype before scaling.
         x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
+        if self.fused_layers is not None and self.fused_layers.takes(x, meta):
+            return self.norm(self.fused_layers(x, positions, meta))
         for layer in self.layers:
             x = layer(x, positions, meta)
         return self.norm(x)

@@ -35,6 +35,11 @@ class LlamaDecoderLayer(InferenceModule):
         x = x + self.self_attn(self.input_layernorm(x), positions, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def fused_norms(self) -> tuple[RMSNorm, None, RMSNorm, None]:
+        """(attention's input norm, its output norm, the MLP's input norm, its output norm), as
+        `quill.layers.fused_layers` describes a layer: Llama has no output norms."""
+        return self.input_layernorm, None, self.post_attention_layernorm, None
+
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
