@@ -27,8 +27,7 @@ SOURCE_DIR = Path(__file__).parent
 # -march=native: the library is built where it runs, so it may use every instruction this CPU has.
 # OpenMP resolves to the runtime PyTorch has already loaded, so both share one thread pool.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-# Libraries built from several sources, each its own translation unit (so each function compiles
-# to the same machine code as in its own library): the fused decoder calls the other kernels.
+# Libraries linked from several sources' objects: the fused decoder calls the other kernels.
 LINKED = {"decoder": ("decoder", "matmul", "rms_norm", "rotary", "store_kv", "decode_attention", "activation")}
 
 
@@ -58,31 +57,47 @@ def _load(name: str) -> ctypes.CDLL | None:
 
 
 def _build(name: str, extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compile once per source, flags and CPU; later calls find the library in the cache. The
+    """Compile once per source, flags and CPU; later calls find the library in the cache. Each
+    source compiles to an object file of its own, which every library that links it shares (the
+    fused decoder links the matmul kernel's object: one compilation, the same machine code). The
     tests build variants with `extra_flags` (e.g. without AVX-512) to check the portable paths."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
-    sources = [SOURCE_DIR / f"{source}.c" for source in LINKED.get(name, (name,))]
-    headers = b"".join(header.read_bytes() for header in sorted(SOURCE_DIR.glob("*.h")))  # what it may include
     flags = [*FLAGS, *extra_flags]
-    code = b"".join(source.read_bytes() for source in sources)
-    key = hashlib.sha256(code + headers + " ".join([compiler, *flags, _cpu()]).encode()).hexdigest()[:16]
     variant = "".join("+" + flag.lstrip("-") for flag in extra_flags)
+    objects = [_compiled(compiler, source, flags, variant) for source in LINKED.get(name, (name,))]
+    key = hashlib.sha256(" ".join(o.name for o in objects).encode()).hexdigest()[:16]
     target = quill_home() / "kernels" / f"{name}{variant}-{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename: a concurrent process never loads a half-written file.
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            subprocess.run([compiler, *flags, *map(str, sources), "-o", str(built), "-lm"],
-                           check=True, capture_output=True, text=True)
-            os.replace(built, target)
-        for stale in target.parent.glob(f"{name}{variant}-*.so"):  # builds of older sources or another CPU
-            if stale != target:
-                stale.unlink(missing_ok=True)
+        _produce(target, [compiler, *flags, *map(str, objects), "-lm"], name, variant)
         log.info("built C kernel %s -> %s", name, target)
     return target
+
+
+def _compiled(compiler: str, source: str, flags: list[str], variant: str) -> Path:
+    """The object file of `source`.c, compiled on first use; keyed on the source, every header
+    (what it may include), the compiler, the flags and the CPU."""
+    headers = b"".join(header.read_bytes() for header in sorted(SOURCE_DIR.glob("*.h")))
+    code = (SOURCE_DIR / f"{source}.c").read_bytes()
+    key = hashlib.sha256(code + headers + " ".join([compiler, *flags, _cpu()]).encode()).hexdigest()[:16]
+    target = quill_home() / "kernels" / "objects" / f"{source}{variant}-{key}.o"
+    if not target.exists():
+        _produce(target, [compiler, *flags, "-c", str(SOURCE_DIR / f"{source}.c")], source, variant)
+    return target
+
+
+def _produce(target: Path, command: list[str], name: str, variant: str) -> None:
+    """Run `command` with `-o` beside `target`, then rename: a concurrent process never reads a
+    half-written file. Older builds of the same name (other sources, another CPU) go."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run([*command, "-o", str(built)], check=True, capture_output=True, text=True)
+        os.replace(built, target)
+    for stale in target.parent.glob(f"{name}{variant}-*{target.suffix}"):
+        if stale != target:
+            stale.unlink(missing_ok=True)
 
 
 def _cpu() -> str:
