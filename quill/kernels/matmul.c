@@ -11,25 +11,20 @@
    of 16 columns; every output lane accumulates in float32, over the inputs in increasing order,
    starting from zero:
 
-     bf16 activations (formats BF16, INT4, INT8, INT8G): for each input pair (2i, 2i+1),
+     bf16 activations (formats BF16, INT4, INT8): for each input pair (2i, 2i+1),
          acc = acc + w[2i+1] * x[2i+1];  acc = acc + w[2i] * x[2i]
        with both weight and activation bfloat16, so every product is exact in float32 and each
        addition rounds once (to nearest even) -- what AVX-512 BF16's vdpbf16ps does, and what the
        portable loop below computes too. Weights come from their packed form as bfloat16:
          BF16  w itself;                      packed [panels][k/2][16][2] uint16
-         INT4  code - 8 (exact), summed this way over each group of inputs from zero into s;
-               then, group by group,
-                 acc = fma(s, scale, acc);  acc = fma(xsum, zero, acc)
-               where xsum is the group's sum of activations: input i of the group into lane
-               i % 16 in order, then lane l + lane l + 8, + 4, + 2, + 1 (group_sums). So the
-               weight is (code - 8) * scale + zero, never rounded to bf16, and a code costs a
-               table lookup instead of a conversion and a multiply-add: 1.4x faster on SmolLM2's
-               matrices at one row (106 against 152 us a layer, 2 threads, AMD EPYC; at 512 rows
-               11.0 against 10.5 ms, the group's extra sums outweighing the cheaper expansion).
+         INT4  bf16((code - 8) * scale + zero), computed in float32 (the product is exact);
                codes [panels][k/2][16] uint8: byte i holds input 2p + i % 2 of column i / 2 in
                its low nibble and of column 8 + i / 2 in its high one (so that a vector of low
                nibbles, and one of high nibbles, is already in pair order);
                scales and zeros [panels][k/group][16] bfloat16
+               (Tried and reverted, 0f6075b: codes looked up as bf16 integers, scale and zero
+               applied to each group's sum. One row ran 1.4x faster, 512 rows 1.3x slower, from
+               the extra per-group sums: SmolLM2 decoded 13% faster and prefilled 15-20% slower.)
          INT8  the signed code (exact in bf16); packed [panels][k/2][16][2] int8, and the output
                is then acc * channel_scale[n]
          INT8G bf16(code * scale + zero), computed in float32 (the product is exact: 8 bits by 8),
@@ -44,7 +39,6 @@
    Rows are worked through in tiles that share each expanded weight vector: up to 16 rows in one
    pass over the packed weights (decoding batches), more through a per-thread buffer of expanded
    panels (prompts). Threads split the columns, never the inputs. */
-#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,26 +73,6 @@ static inline void store_value(void *out, int64_t index, float value, int out_bf
         ((float *)out)[index] = value;
 }
 
-/* A buffer of at least `bytes`, 64-byte aligned, kept between calls in *buffer (a fresh one per
-   call would be mmap'ed and page-faulted every time). NULL when it cannot be allocated. */
-static void *grown(void **buffer, size_t *capacity, size_t bytes) {
-    if (bytes > *capacity) {
-        free(*buffer);
-        *capacity = (bytes + 4095) & ~(size_t)4095;
-        *buffer = aligned_alloc(64, *capacity);
-        if (!*buffer) *capacity = 0;
-    }
-    return *buffer;
-}
-
-/* The calling thread's INT4 group sums of one call (see group_sums): apart from `scratch`, which
-   the same thread fills again inside the call. */
-static float *sums_buffer(size_t count) {
-    static __thread void *buffer;
-    static __thread size_t capacity;
-    return grown(&buffer, &capacity, count * sizeof(float));
-}
-
 #ifdef QUILL_AVX512_BF16
 
 /* ---- AVX-512 BF16 ------------------------------------------------------------------------------ */
@@ -112,18 +86,9 @@ typedef struct {
     __m512 scale_high, zero_high; /* the last 8 columns' values, each twice */
 } group_t;
 
-/* bf16 of (i & 15) - 8 for i = 0..31: INT4's codes less 8. */
-static inline __m512i int4_table(void) {
-    static const uint16_t values[32] = {0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
-                                        0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0,
-                                        0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80,
-                                        0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0, 0x40C0, 0x40E0};
-    return _mm512_loadu_si512(values);
-}
-
-/* The weight vector of one panel and input pair, as bf16 pairs (INT4: the codes alone). */
+/* The weight vector of one panel and input pair, as bf16 pairs. */
 static inline __attribute__((always_inline)) __m512bh expand(const int format, const weights_t *w, int panel,
-                                                            int pair, group_t g, __m512i table) {
+                                                            int pair, group_t g, __m512 table) {
     int64_t pairs = w->k / 2, at = (int64_t)panel * pairs + pair;
     if (format == FMT_BF16) return (__m512bh)_mm512_loadu_si512((const uint16_t *)w->packed + at * 32);
     if (format == FMT_INT8) {
@@ -138,13 +103,10 @@ static inline __attribute__((always_inline)) __m512bh expand(const int format, c
         __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16))));
         return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(high, g.scale_high, g.zero_high), _mm512_fmadd_ps(low, g.scale, g.zero));
     }
-    /* INT4: code - 8, exact in bf16. Words 0-15 take the 16 bytes' low nibbles (the panel's first
-       8 columns' pairs), words 16-31 their high nibbles (the last 8 columns'); the table reads the
-       low 5 bits of each word, and maps i to (i & 15) - 8. */
-    __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)((const uint8_t *)w->packed + at * 16)));
-    __m512i words = _mm512_srlv_epi16(_mm512_cvtepu8_epi16(bytes), _mm512_inserti64x4(_mm512_setzero_si512(),
-                                                                                      _mm256_set1_epi16(4), 1));
-    return (__m512bh)_mm512_permutexvar_epi16(words, table);
+    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)w->packed + at * 16)));
+    __m512 low = _mm512_permutexvar_ps(bytes, table); /* code - 8: the table reads the low 4 bits */
+    __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+    return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(high, g.scale_high, g.zero_high), _mm512_fmadd_ps(low, g.scale, g.zero));
 }
 
 static inline group_t load_group(const int format, const weights_t *w, int panel, int group_index) {
@@ -154,7 +116,7 @@ static inline group_t load_group(const int format, const weights_t *w, int panel
         g.scale = bf16_to_ps(w->scales + at);
         g.zero = bf16_to_ps(w->zeros + at);
     }
-    if (format == FMT_INT8G) { /* lane i of the codes' vectors is column i / 2 */
+    if (format == FMT_INT4 || format == FMT_INT8G) { /* lane i of the codes' vectors is column i / 2 */
         const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
         const __m512i last = _mm512_add_epi32(first, _mm512_set1_epi32(8));
         g.scale_high = _mm512_permutexvar_ps(last, g.scale), g.zero_high = _mm512_permutexvar_ps(last, g.zero);
@@ -186,54 +148,27 @@ static inline int32_t activation_pair(const uint16_t *row, int pair) {
    (otherwise it spills them around each product: measured at half the speed). */
 #define UNROLLED _Pragma("GCC unroll 16")
 
-/* INT4's step at the end of a group: acc += sums * scale, then acc += xsum * zero (lanes are
-   columns: scale and zero as stored). */
-static inline __attribute__((always_inline)) __m512 add_group(__m512 acc, __m512 sums, __m512 scale, __m512 zero,
-                                                             float xsum) {
-    return _mm512_fmadd_ps(_mm512_set1_ps(xsum), zero, _mm512_fmadd_ps(sums, scale, acc));
-}
-
-static inline void load_scales(const weights_t *w, int panel, int group_index, __m512 *scale, __m512 *zero) {
-    int64_t at = ((int64_t)panel * (w->k / w->group) + group_index) * LANES;
-    *scale = bf16_to_ps(w->scales + at), *zero = bf16_to_ps(w->zeros + at);
-}
-
 /* R rows (from row0) by C panels straight from the packed weights: each weight vector is expanded
    once and used by every row. */
 static inline __attribute__((always_inline)) void fused_tile(const int format, const int R, const int C,
                                                             const weights_t *w, int panel, const uint16_t *x,
                                                             int64_t x_stride, int row0, void *out,
-                                                            int64_t out_stride, int out_bf16, const float *xsums) {
+                                                            int64_t out_stride, int out_bf16) {
     __m512 acc[FUSED_MAX_ROWS][4];
     UNROLLED for (int r = 0; r < R; r++) UNROLLED for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
-    const __m512i table = int4_table();
+    const __m512 table = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
     const uint16_t *rows[FUSED_MAX_ROWS];
     UNROLLED for (int r = 0; r < R; r++) rows[r] = x + (row0 + r) * x_stride;
-    int pairs = w->k / 2, step = grouped(format) ? w->group / 2 : pairs, groups = pairs / step;
+    int pairs = w->k / 2, step = grouped(format) ? w->group / 2 : pairs;
     for (int first = 0; first < pairs; first += step) {
         group_t g[4];
-        __m512 sums[FUSED_MAX_ROWS][4];
-        UNROLLED for (int r = 0; r < R; r++) UNROLLED for (int c = 0; c < C; c++) sums[r][c] = _mm512_setzero_ps();
-        UNROLLED for (int c = 0; c < C; c++)  /* INT4's scales come after the group's sums */
-            g[c] = format == FMT_INT4 ? (group_t){0} : load_group(format, w, panel + c, first / step);
+        UNROLLED for (int c = 0; c < C; c++) g[c] = load_group(format, w, panel + c, first / step);
         for (int pair = first; pair < first + step; pair++) {
             __m512bh wv[4];
             UNROLLED for (int c = 0; c < C; c++) wv[c] = expand(format, w, panel + c, pair, g[c], table);
             UNROLLED for (int r = 0; r < R; r++) {
                 __m512bh xv = (__m512bh)_mm512_set1_epi32(activation_pair(rows[r], pair));
-                if (format == FMT_INT4) {
-                    UNROLLED for (int c = 0; c < C; c++) sums[r][c] = _mm512_dpbf16_ps(sums[r][c], wv[c], xv);
-                } else {
-                    UNROLLED for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
-                }
-            }
-        }
-        if (format == FMT_INT4) {
-            UNROLLED for (int c = 0; c < C; c++) {
-                __m512 scale, zero;
-                load_scales(w, panel + c, first / step, &scale, &zero);
-                UNROLLED for (int r = 0; r < R; r++)
-                    acc[r][c] = add_group(acc[r][c], sums[r][c], scale, zero, xsums[(row0 + r) * groups + first / step]);
+                UNROLLED for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
             }
         }
     }
@@ -242,37 +177,23 @@ static inline __attribute__((always_inline)) void fused_tile(const int format, c
 }
 
 /* R rows (from row0) by C panels from expanded panels (`expanded[c]` holds panel c's pairs). */
-static inline __attribute__((always_inline)) void buffered_tile(const int format, const int R, const int C,
-                                                               const weights_t *w, int panel,
-                                                               const __m512bh *const *expanded, const uint16_t *x,
-                                                               int64_t x_stride, int row0, void *out,
-                                                               int64_t out_stride, int out_bf16, const float *xsums) {
+static inline __attribute__((always_inline)) void buffered_tile(const int R, const int C, const weights_t *w,
+                                                               int panel, const __m512bh *const *expanded,
+                                                               const uint16_t *x, int64_t x_stride, int row0,
+                                                               void *out, int64_t out_stride, int out_bf16) {
     __m512 acc[FUSED_MAX_ROWS][4];
     UNROLLED for (int r = 0; r < R; r++) UNROLLED for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
     const uint16_t *rows[FUSED_MAX_ROWS];
     UNROLLED for (int r = 0; r < R; r++) rows[r] = x + (row0 + r) * x_stride;
     const __m512bh *source[4];
     UNROLLED for (int c = 0; c < C; c++) source[c] = expanded[c];
-    int pairs = w->k / 2, step = format == FMT_INT4 ? w->group / 2 : pairs, groups = pairs / step;
-    for (int first = 0; first < pairs; first += step) {
-        __m512 sums[FUSED_MAX_ROWS][4];
-        UNROLLED for (int r = 0; r < R; r++) UNROLLED for (int c = 0; c < C; c++)
-            sums[r][c] = format == FMT_INT4 ? _mm512_setzero_ps() : acc[r][c];
-        for (int pair = first; pair < first + step; pair++) {
-            __m512bh wv[4];
-            UNROLLED for (int c = 0; c < C; c++) wv[c] = source[c][pair];
-            UNROLLED for (int r = 0; r < R; r++) {
-                __m512bh xv = (__m512bh)_mm512_set1_epi32(activation_pair(rows[r], pair));
-                UNROLLED for (int c = 0; c < C; c++) sums[r][c] = _mm512_dpbf16_ps(sums[r][c], wv[c], xv);
-            }
-        }
-        UNROLLED for (int c = 0; c < C; c++) {
-            __m512 scale, zero;
-            if (format == FMT_INT4) load_scales(w, panel + c, first / step, &scale, &zero);
-            UNROLLED for (int r = 0; r < R; r++)
-                acc[r][c] = format == FMT_INT4 ? add_group(acc[r][c], sums[r][c], scale, zero,
-                                                           xsums[(row0 + r) * groups + first / step])
-                                               : sums[r][c];
+    int pairs = w->k / 2;
+    for (int pair = 0; pair < pairs; pair++) {
+        __m512bh wv[4];
+        UNROLLED for (int c = 0; c < C; c++) wv[c] = source[c][pair];
+        UNROLLED for (int r = 0; r < R; r++) {
+            __m512bh xv = (__m512bh)_mm512_set1_epi32(activation_pair(rows[r], pair));
+            UNROLLED for (int c = 0; c < C; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], wv[c], xv);
         }
     }
     UNROLLED for (int r = 0; r < R; r++) UNROLLED for (int c = 0; c < C; c++)
@@ -292,28 +213,20 @@ static inline __attribute__((always_inline)) void buffered_tile(const int format
    independent sums in flight; more rows take one panel each. */
 static inline __attribute__((always_inline)) void fused_rows(const int format, const weights_t *w, int rows,
                                                             const uint16_t *x, int64_t x_stride, void *out,
-                                                            int64_t out_stride, int out_bf16, const float *xsums) {
+                                                            int64_t out_stride, int out_bf16) {
     int panels = panels_of(w->n), width = rows <= 4 ? 4 : 1;
     int units = (panels + width - 1) / width;
-    /* INT4 keeps each group's sums beside the running totals: more than 8 rows in one pass spill
-       them, so it takes passes of at most 8 rows, as even as can be (a pass of 4 rows leaves too
-       few independent sums in flight: 12 rows as 8 + 4 took 0.61 ms a SmolLM2 layer, as 6 + 6
-       0.39-0.52 ms, about what the bf16-expanding kernel took; AMD EPYC, 2 threads) */
-    int tile = format == FMT_INT4 ? (rows + (rows + 7) / 8 - 1) / ((rows + 7) / 8) : FUSED_MAX_ROWS;
     int64_t work = (int64_t)rows * w->n * w->k;
 #pragma omp parallel for schedule(static) if (work > (1 << 18))
     for (int unit = 0; unit < units; unit++) {
         int panel = unit * width;
-        for (int row0 = 0; row0 < rows; row0 += tile) {
-            int count = rows - row0 < tile ? rows - row0 : tile;
-            if (width == 4 && panel + 4 <= panels) {
-#define FUSED4(R) fused_tile(format, R, 4, w, panel, x, x_stride, row0, out, out_stride, out_bf16, xsums)
-                ROWS_SWITCH(count, FUSED4)
-            } else {
-                for (int p = panel; p < panel + width && p < panels; p++) {
-#define FUSED1(R) fused_tile(format, R, 1, w, p, x, x_stride, row0, out, out_stride, out_bf16, xsums)
-                    ROWS_SWITCH(count, FUSED1)
-                }
+        if (width == 4 && panel + 4 <= panels) {
+#define FUSED4(R) fused_tile(format, R, 4, w, panel, x, x_stride, 0, out, out_stride, out_bf16)
+            ROWS_SWITCH(rows, FUSED4)
+        } else {
+            for (int p = panel; p < panel + width && p < panels; p++) {
+#define FUSED1(R) fused_tile(format, R, 1, w, p, x, x_stride, 0, out, out_stride, out_bf16)
+                ROWS_SWITCH(rows, FUSED1)
             }
         }
     }
@@ -322,29 +235,33 @@ static inline __attribute__((always_inline)) void fused_rows(const int format, c
 #define BUFFER_PANELS 4
 #define TILE_ROWS 6
 
-/* The calling thread's buffer of expanded panels. */
-static void *scratch(size_t bytes) {
+/* A per-thread buffer of at least `bytes`, 64-byte aligned, kept between calls (a fresh one per
+   call would be mmap'ed and page-faulted every time). */
+static __m512bh *scratch(size_t bytes) {
     static __thread void *buffer;
     static __thread size_t capacity;
-    return grown(&buffer, &capacity, bytes);
+    if (bytes > capacity) {
+        free(buffer);
+        capacity = (bytes + 4095) & ~(size_t)4095;
+        buffer = aligned_alloc(64, capacity);
+        if (!buffer) capacity = 0;
+    }
+    return buffer;
 }
 
 /* Rows of one group of up to BUFFER_PANELS expanded panels, TILE_ROWS at a time. */
-static inline __attribute__((always_inline)) void buffered_panels(const int format, const weights_t *w, int panel,
-                                                                 int width, const __m512bh *const *expanded,
-                                                                 int rows, const uint16_t *x, int64_t x_stride,
-                                                                 void *out, int64_t out_stride, int out_bf16,
-                                                                 const float *xsums) {
+static inline __attribute__((always_inline)) void buffered_panels(const weights_t *w, int panel, int width,
+                                                                 const __m512bh *const *expanded, int rows,
+                                                                 const uint16_t *x, int64_t x_stride, void *out,
+                                                                 int64_t out_stride, int out_bf16) {
     for (int row = 0; row < rows; row += TILE_ROWS) {
         int count = rows - row < TILE_ROWS ? rows - row : TILE_ROWS;
         if (width == BUFFER_PANELS) {
-#define BUFFERED4(R) buffered_tile(format, R, BUFFER_PANELS, w, panel, expanded, x, x_stride, row, out, out_stride, \
-                                   out_bf16, xsums)
+#define BUFFERED4(R) buffered_tile(R, BUFFER_PANELS, w, panel, expanded, x, x_stride, row, out, out_stride, out_bf16)
             ROWS_SWITCH(count, BUFFERED4)
         } else {
             for (int c = 0; c < width; c++) {
-#define BUFFERED1(R) buffered_tile(format, R, 1, w, panel + c, expanded + c, x, x_stride, row, out, out_stride, \
-                                   out_bf16, xsums)
+#define BUFFERED1(R) buffered_tile(R, 1, w, panel + c, expanded + c, x, x_stride, row, out, out_stride, out_bf16)
                 ROWS_SWITCH(count, BUFFERED1)
             }
         }
@@ -355,7 +272,7 @@ static inline __attribute__((always_inline)) void buffered_panels(const int form
    through it. */
 static inline __attribute__((always_inline)) int buffered_rows(const int format, const weights_t *w, int rows,
                                                               const uint16_t *x, int64_t x_stride, void *out,
-                                                              int64_t out_stride, int out_bf16, const float *xsums) {
+                                                              int64_t out_stride, int out_bf16) {
     int panels = panels_of(w->n), pairs = w->k / 2;
     int units = (panels + BUFFER_PANELS - 1) / BUFFER_PANELS;
     int failed = 0;
@@ -373,8 +290,8 @@ static inline __attribute__((always_inline)) int buffered_rows(const int format,
                 failed = 1;
                 continue;
             }
-            const __m512i table = int4_table();
-            int step = grouped(format) ? w->group / 2 : pairs;
+            const __m512 table = _mm512_set_ps(7, 6, 5, 4, 3, 2, 1, 0, -1, -2, -3, -4, -5, -6, -7, -8);
+                    int step = grouped(format) ? w->group / 2 : pairs;
             for (int c = 0; c < width; c++) {
                 __m512bh *target = buffer + (int64_t)c * pairs;
                 for (int first = 0; first < pairs; first += step) {
@@ -385,47 +302,18 @@ static inline __attribute__((always_inline)) int buffered_rows(const int format,
                 expanded[c] = target;
             }
         }
-        buffered_panels(format, w, panel, width, expanded, rows, x, x_stride, out, out_stride, out_bf16, xsums);
+        buffered_panels(w, panel, width, expanded, rows, x, x_stride, out, out_stride, out_bf16);
     }
     return failed ? -1 : 0;
 }
 
-/* INT4: per row and group of inputs, the sum of the row's activations over the group (see the
-   top of this file for the order), into xsums [rows][k / group]. */
-static void group_sums(const weights_t *w, const uint16_t *x, int64_t x_stride, int rows, float *xsums) {
-    int groups = w->k / w->group;
-#pragma omp parallel for if ((int64_t)rows * w->k > (1 << 16))
-    for (int r = 0; r < rows; r++) {
-        for (int g = 0; g < groups; g++) {
-            const uint16_t *in = x + r * x_stride + (int64_t)g * w->group;
-            __m512 lanes = _mm512_setzero_ps();
-            for (int i = 0; i < w->group; i += 16) {
-                __mmask16 mask = w->group - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (w->group - i)) - 1);
-                lanes = _mm512_add_ps(lanes, _mm512_castsi512_ps(_mm512_slli_epi32(
-                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, in + i)), 16)));
-            }
-            lanes = _mm512_add_ps(lanes, _mm512_shuffle_f32x4(lanes, lanes, _MM_SHUFFLE(1, 0, 3, 2))); /* + lane l+8 */
-            lanes = _mm512_add_ps(lanes, _mm512_shuffle_f32x4(lanes, lanes, _MM_SHUFFLE(2, 3, 0, 1))); /* + l+4 */
-            lanes = _mm512_add_ps(lanes, _mm512_permute_ps(lanes, _MM_SHUFFLE(1, 0, 3, 2)));           /* + l+2 */
-            lanes = _mm512_add_ps(lanes, _mm512_permute_ps(lanes, _MM_SHUFFLE(2, 3, 0, 1)));           /* + l+1 */
-            xsums[(int64_t)r * groups + g] = _mm512_cvtss_f32(lanes);
-        }
-    }
-}
-
 static int matmul_format(const int format, const weights_t *w, int rows, const uint16_t *x, int64_t x_stride,
                          void *out, int64_t out_stride, int out_bf16) {
-    float *xsums = NULL;
-    if (format == FMT_INT4) {
-        xsums = sums_buffer((size_t)rows * (w->k / w->group));
-        if (!xsums) return -1;
-        group_sums(w, x, x_stride, rows, xsums);
-    }
     if (rows <= FUSED_MAX_ROWS) {
-        fused_rows(format, w, rows, x, x_stride, out, out_stride, out_bf16, xsums);
+        fused_rows(format, w, rows, x, x_stride, out, out_stride, out_bf16);
         return 0;
     }
-    return buffered_rows(format, w, rows, x, x_stride, out, out_stride, out_bf16, xsums);
+    return buffered_rows(format, w, rows, x, x_stride, out, out_stride, out_bf16);
 }
 
 static int matmul_rows(const weights_t *w, int rows, const uint16_t *x, int64_t x_stride, void *out,
@@ -455,26 +343,13 @@ static inline void expand_pair(const weights_t *w, int panel, int pair, int lane
         float scale = from_bf16(w->scales[g]), zero = from_bf16(w->zeros[g]);
         *even = from_bf16(to_bf16((float)v[0] * scale + zero));
         *odd = from_bf16(to_bf16((float)v[1] * scale + zero));
-    } else { /* INT4: the code less 8; scale and zero come after the group's sum */
+    } else {
         const uint8_t *bytes = (const uint8_t *)w->packed + at * 16 + 2 * (lane % 8);
         int shift = lane < 8 ? 0 : 4;
-        *even = (float)(((bytes[0] >> shift) & 15) - 8);
-        *odd = (float)(((bytes[1] >> shift) & 15) - 8);
-    }
-}
-
-/* INT4: as the vector version (see the top of this file). */
-static void group_sums(const weights_t *w, const uint16_t *x, int64_t x_stride, int rows, float *xsums) {
-    int groups = w->k / w->group;
-    for (int r = 0; r < rows; r++) {
-        for (int g = 0; g < groups; g++) {
-            const uint16_t *in = x + r * x_stride + (int64_t)g * w->group;
-            float lanes[LANES] = {0};
-            for (int i = 0; i < w->group; i++) lanes[i % LANES] = lanes[i % LANES] + from_bf16(in[i]);
-            for (int step = LANES / 2; step >= 1; step /= 2)
-                for (int lane = 0; lane < step; lane++) lanes[lane] = lanes[lane] + lanes[lane + step];
-            xsums[(int64_t)r * groups + g] = lanes[0];
-        }
+        int64_t g = ((int64_t)panel * (w->k / w->group) + (2 * pair) / w->group) * LANES + lane;
+        float scale = from_bf16(w->scales[g]), zero = from_bf16(w->zeros[g]);
+        *even = from_bf16(to_bf16((float)(((bytes[0] >> shift) & 15) - 8) * scale + zero));
+        *odd = from_bf16(to_bf16((float)(((bytes[1] >> shift) & 15) - 8) * scale + zero));
     }
 }
 
@@ -482,13 +357,6 @@ static int matmul_rows(const weights_t *w, int rows, const uint16_t *x, int64_t 
                        int64_t out_stride, int out_bf16) {
     int panels = panels_of(w->n), pairs = w->k / 2, failed = 0;
     int64_t work = (int64_t)rows * w->n * w->k;
-    int int4 = w->format == FMT_INT4, step = int4 ? w->group / 2 : pairs, groups = pairs / step;
-    float *xsums = NULL;
-    if (int4) {
-        xsums = sums_buffer((size_t)rows * groups);
-        if (!xsums) return -1;
-        group_sums(w, x, x_stride, rows, xsums);
-    }
 #pragma omp parallel for schedule(static) if (work > (1 << 18)) reduction(| : failed)
     for (int panel = 0; panel < panels; panel++) {
         float *expanded = malloc(sizeof(float) * 2 * LANES * pairs); /* [pair][lane][even, odd] */
@@ -503,26 +371,13 @@ static int matmul_rows(const weights_t *w, int rows, const uint16_t *x, int64_t 
         int valid = w->n - panel * LANES < LANES ? w->n - panel * LANES : LANES;
         for (int r = 0; r < rows; r++) {
             float acc[LANES] = {0};
-            for (int first = 0; first < pairs; first += step) {
-                float sums[LANES] = {0};
-                for (int pair = first; pair < first + step; pair++) {
-                    float x_even = from_bf16(x[r * x_stride + 2 * pair]);
-                    float x_odd = from_bf16(x[r * x_stride + 2 * pair + 1]);
-                    const float *wp = expanded + pair * LANES * 2;
+            for (int pair = 0; pair < pairs; pair++) {
+                float x_even = from_bf16(x[r * x_stride + 2 * pair]), x_odd = from_bf16(x[r * x_stride + 2 * pair + 1]);
+                const float *wp = expanded + pair * LANES * 2;
 #pragma omp simd
-                    for (int lane = 0; lane < LANES; lane++) {
-                        sums[lane] = sums[lane] + wp[2 * lane + 1] * x_odd; /* exact products: one rounding each */
-                        sums[lane] = sums[lane] + wp[2 * lane] * x_even;
-                    }
-                }
                 for (int lane = 0; lane < LANES; lane++) {
-                    if (!int4) {
-                        acc[lane] = sums[lane];
-                        continue;
-                    }
-                    int64_t g = ((int64_t)panel * groups + first / step) * LANES + lane;
-                    acc[lane] = fmaf(sums[lane], from_bf16(w->scales[g]), acc[lane]);
-                    acc[lane] = fmaf(xsums[(int64_t)r * groups + first / step], from_bf16(w->zeros[g]), acc[lane]);
+                    acc[lane] = acc[lane] + wp[2 * lane + 1] * x_odd; /* exact products: one rounding each */
+                    acc[lane] = acc[lane] + wp[2 * lane] * x_even;
                 }
             }
             for (int lane = 0; lane < valid; lane++)

@@ -144,8 +144,7 @@ class PackedMatmul:
     """Weights in the kernel's packed layout, and the product with them (see the module docstring).
 
     Formats: "f32" (float32 activations and weights), "bf16" (bfloat16 weights), "int4" (codes in
-    0..15, weight = (code - 8) * scale + zero with bf16 scale and zero per group of inputs, applied
-    to each group's sum of code * activation),
+    0..15, weight = bf16((code - 8) * scale + zero) with bf16 scale and zero per group of inputs),
     "int8g" (signed codes, weight = bf16(code * scale + zero), the same groups) and "int8" (signed
     codes, one float32 scale per output). All but "f32" take bfloat16 activations: other
     activations are converted first, and the output comes back in x's dtype.
@@ -223,10 +222,9 @@ class PackedMatmul:
             codes = unpack_nibbles(self.packed, n).float() - 8
         scales, zeros = (unpack_columns(t, n).float() for t in (self.scales, self.zeros))
         grouped = codes.view(n, -1, self.group_size)
-        values = (grouped * scales[..., None] + zeros[..., None]).view(n, -1)  # code * scale + zero in float32
-        if self.format == "int4":  # scale and zero apply to each group's sum: no weight is rounded
-            return values.to(dtype)
-        return values.to(torch.bfloat16).to(dtype)  # INT8G: rounded once to bf16, as the kernel does
+        # code * scale + zero in float32, rounded once to bf16: what the kernel multiplies by
+        values = (grouped * scales[..., None] + zeros[..., None]).view(n, -1)
+        return values.to(torch.bfloat16).to(dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros, self.channel_scale)

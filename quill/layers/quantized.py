@@ -50,9 +50,7 @@ class QuantizedLinear(InferenceModule):
 
 class Int4Linear(QuantizedLinear):
     """Group-wise asymmetric 4-bit weights: weight = (code - 8) * scale + zero, with bf16 scale and
-    zero per group of inputs (zero = offset + 8 * scale). The packed kernel applies them to each
-    group's sums (see quill/kernels/matmul.c); PyTorch's int4 kernel, the fallback, multiplies by
-    the weight rounded to bf16."""
+    zero per group of inputs (zero = offset + 8 * scale), rounded to bf16."""
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
         out, inp = weight.shape
@@ -78,8 +76,7 @@ class Int4Linear(QuantizedLinear):
         return weight.group_size in INT4_GROUP_SIZES and out % _INT4_BLOCK_N == 0  # PyTorch's kernel
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """W [out, in] as the layer multiplies by it, as `dtype`: (code - 8) * scale + zero in
-        float32 (the packed kernel), or that rounded to bf16 (PyTorch's kernel)."""
+        """W [out, in] as the layer multiplies by it: bf16((code - 8) * scale + zero), as `dtype`."""
         if isinstance(self.matmul, PackedMatmul):
             return self.matmul.weight(dtype)
         # PyTorch's packing stores, per block of 64 outputs and per input, 32 bytes: outputs 0-31 in
