@@ -23,7 +23,7 @@ def _prompts(count: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(320) for _ in range(rng.randint(2, 60))] for _ in range(count)]
 
 
-def _both_paths(path, **options) -> tuple[list, list]:
+def _both_paths(path, rows_per_pass: int | None = None, **options) -> tuple[list, list]:
     """Tokens and logprobs of staggered requests (prompt rows beside decoding rows, prompts cut
     into chunks), with the fused layers and with the modules."""
     prompts = _prompts(5)
@@ -33,6 +33,8 @@ def _both_paths(path, **options) -> tuple[list, list]:
         engine = tiny_engine(path, dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=32, **options)
         model = engine.runner.model
         assert model.fused_layers is not None
+        if rows_per_pass:
+            model.fused_layers.rows_per_pass = rows_per_pass
         if not fused:
             model.fused_layers = None
         results.append(run_requests(engine, prompts, params, with_logprobs=True, arrive_every=2))
@@ -44,6 +46,12 @@ def _both_paths(path, **options) -> tuple[list, list]:
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "smollm3", "phi3", "qwen3", "gemma3"])
 def test_fused_layers_give_the_module_paths_tokens_and_logprobs(arch, tiny_model_dir):
     fused, modules = _both_paths(tiny_model_dir(arch))
+    assert fused == modules
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_step_cut_into_passes_through_the_layers_computes_the_same(arch, tiny_model_dir):
+    fused, modules = _both_paths(tiny_model_dir(arch), rows_per_pass=5)  # steps of up to 32 rows
     assert fused == modules
 
 

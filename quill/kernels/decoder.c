@@ -45,7 +45,9 @@ typedef struct {
     int max_blocks;
     const int32_t *context_lens;                   /* [rows] */
     int block_size;
-    const float *cos[2], *signed_sin[2];           /* [rows, head_dim] per rotary table */
+    const float *cos[2], *signed_sin[2];           /* [rows, table_width] per rotary table */
+    int table_width;
+    int rows_per_pass;                             /* see decoder_layers */
 } step_t;
 
 /* Where each intermediate lives in the workspace, for `rows` rows of the widest layer. */
@@ -173,12 +175,30 @@ static int layer(const layer_t *l, const step_t *s, uint16_t *x, int hidden, con
     return 0;
 }
 
+/* The rows from `first` on, at most `rows` of them, as a step of their own. */
+static step_t rows_of(const step_t *s, int first, int rows) {
+    step_t part = *s;
+    part.rows = rows;
+    part.slots += first, part.block_tables += (int64_t)first * s->max_blocks, part.context_lens += first;
+    for (int t = 0; t < 2; t++)
+        if (part.cos[t]) part.cos[t] += (int64_t)first * s->table_width, part.signed_sin[t] += (int64_t)first * s->table_width;
+    return part;
+}
+
 /* Runs `count` layers over x [step->rows, hidden] (bf16, contiguous), in place. Returns 0, or -1
-   when scratch memory could not be allocated. */
+   when scratch memory could not be allocated.
+
+   The rows go through all the layers `rows_per_pass` at a time, which bounds the workspace (about
+   28 KB a row for SmolLM2, 43 for Gemma 3 270M), as chunked prefill cuts a prompt: a later pass's
+   rows find the earlier ones' keys and values in the cache, and every row computes the same. */
 int decoder_layers(const layer_t *layers, int count, const step_t *step, uint16_t *x, int hidden) {
-    workspace_t w;
-    if (workspace(layers, count, step->rows, hidden, &w)) return -1;
-    for (int i = 0; i < count; i++)
-        if (layer(&layers[i], step, x, hidden, &w)) return -1;
+    for (int first = 0; first < step->rows; first += step->rows_per_pass) {
+        int rows = step->rows - first < step->rows_per_pass ? step->rows - first : step->rows_per_pass;
+        step_t part = rows_of(step, first, rows);
+        workspace_t w;
+        if (workspace(layers, count, rows, hidden, &w)) return -1;
+        for (int i = 0; i < count; i++)
+            if (layer(&layers[i], &part, x + (int64_t)first * hidden, hidden, &w)) return -1;
+    }
     return 0;
 }

@@ -31,6 +31,9 @@ from quill.layers.rotary import RotaryEmbedding
 
 _POINTER = ctypes.c_void_p
 _MAX_ROTARIES = 2  # `step_t`'s tables: one per distinct RotaryEmbedding
+# Rows a step sends through all the layers at once (decoder.c's `decoder_layers`): the default
+# step (512 tokens) in one pass, a larger one in several, so the workspace stays under ~25 MB.
+ROWS_PER_PASS = 512
 
 
 class _Layer(ctypes.Structure):
@@ -51,7 +54,8 @@ class _Step(ctypes.Structure):
 
     _fields_ = [("rows", ctypes.c_int), ("slots", _POINTER), ("block_tables", _POINTER),
                 ("max_blocks", ctypes.c_int), ("context_lens", _POINTER), ("block_size", ctypes.c_int),
-                ("cos", _POINTER * _MAX_ROTARIES), ("signed_sin", _POINTER * _MAX_ROTARIES)]
+                ("cos", _POINTER * _MAX_ROTARIES), ("signed_sin", _POINTER * _MAX_ROTARIES),
+                ("table_width", ctypes.c_int), ("rows_per_pass", ctypes.c_int)]
 
 
 def _kernel():
@@ -65,6 +69,7 @@ class FusedLayers:
 
     def __init__(self, layers: nn.ModuleList, rotaries: list[RotaryEmbedding], hidden_size: int, kernel) -> None:
         self.rotaries, self.hidden_size, self._kernel = rotaries, hidden_size, kernel
+        self.rows_per_pass = ROWS_PER_PASS
         self._layers = (_Layer * len(layers))(*(self._describe(layer) for layer in layers))
         self._modules = layers  # what the structs point into stays alive with them
 
@@ -102,7 +107,8 @@ class FusedLayers:
         step = _Step(x.shape[0], slots.data_ptr(), tables.data_ptr(), tables.shape[1], context_lens.data_ptr(),
                      meta.single_query.block_size,
                      (_POINTER * _MAX_ROTARIES)(*(cos.data_ptr() for cos, _ in cos_sin)),
-                     (_POINTER * _MAX_ROTARIES)(*(sin.data_ptr() for _, sin in cos_sin)))
+                     (_POINTER * _MAX_ROTARIES)(*(sin.data_ptr() for _, sin in cos_sin)),
+                     cos_sin[0][0].shape[-1] if cos_sin else 0, self.rows_per_pass)
         if self._kernel(self._layers, len(self._layers), ctypes.byref(step), x.data_ptr(), self.hidden_size):
             raise MemoryError("the fused decoder layers could not allocate their scratch memory")
         return x
