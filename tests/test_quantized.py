@@ -267,3 +267,30 @@ def test_an_embedding_read_from_its_file_blocks_changes_nothing(tiny_model_dir, 
     runs = [run_requests(Engine(m, config, None, EngineConfig(dtype="bfloat16")), prompts, params, with_logprobs=True)
             for m in (model, reference)]
     assert runs[0] == runs[1]
+
+
+def test_int8_from_float_packs_what_quantizing_whole_would_give():
+    """`Int8Linear.from_float` quantizes and packs a chunk of rows at a time (the LM head's load
+    peak); the layer must be the one quantizing the whole matrix first makes, bit for bit."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(4096 + 37, 96, generator=generator) * 0.05  # a chunk, then a ragged tail
+    weight[3] = 0  # an all-zero row keeps scale 0
+    whole, chunked = Int8Linear(quantize_per_channel_int8(weight)), Int8Linear.from_float(weight)
+    assert torch.equal(chunked.scales, whole.scales) and chunked.max_step == whole.max_step
+    assert torch.equal(chunked.dequantize(torch.float32), whole.dequantize(torch.float32))
+    x = torch.randn(3, 96, generator=generator).to(torch.bfloat16)
+    assert torch.equal(chunked(x), whole(x))
+
+
+def test_building_a_model_imports_neither_dynamo_nor_sympy(tiny_model_dir):
+    """nn.Embedding's own initialisation on the meta device imported torch._dynamo and sympy,
+    80 MB resident for the process's life; the models leave their tables uninitialised."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from quill.models.loader import build_model, load_checkpoint;"
+              "c = load_checkpoint(sys.argv[1]); build_model(c.config, c.tensors, torch.bfloat16);"
+              "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script, str(tiny_model_dir("llama"))], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from quill.layers.fixed_order import fixed_order_dot
-from quill.layers.quantized import Int8Linear, quantize_per_channel_int8
+from quill.layers.quantized import Int8Linear
 
 # A bf16 output v is within 2**-8 * |v| of the float32 one; 2**-9 more covers the float32 sums.
 _BF16_RELATIVE_ERROR = 2.0 ** -8 + 2.0 ** -9
@@ -32,7 +32,7 @@ _BF16_RELATIVE_ERROR = 2.0 ** -8 + 2.0 ** -9
 def int8_lm_head(weight: torch.Tensor) -> Int8Linear:
     """An int8 copy of a float LM head (often the tied embedding table), keeping the float weight
     for the exact recomputation of the top candidates."""
-    head = Int8Linear(quantize_per_channel_int8(weight))
+    head = Int8Linear.from_float(weight)
     head.exact_weight = weight  # shared with the embedding when tied: no copy
     return head
 

@@ -12,10 +12,12 @@ and an offset per group of input columns); `quantized_linear` picks the layer th
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from quill.layers.matmul import PackedMatmul, RowBlockedMatmul, kernel_available
+from quill.layers.matmul import PackedMatmul, RowBlockedMatmul, kernel_available, pack_pairs
 from quill.layers.module import InferenceModule
 from quill.weights.quantized import QuantizedWeight
 
@@ -103,17 +105,37 @@ class Int8Linear(QuantizedLinear):
     """Per-output-channel symmetric 8-bit weights: weight = code * scale, the scale applied to the
     output."""
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: QuantizedWeight | _PackedCodes, bias: torch.Tensor | None = None) -> None:
         out, inp = weight.shape
         super().__init__(out, inp, bias)
         self.scales = weight.scales[:, 0].float()
         self.max_step = weight.scales.max().item()
-        if kernel_available():
+        self._codes = None
+        if isinstance(weight, _PackedCodes):
+            self.matmul = PackedMatmul("int8", out, inp, weight.packed, channel_scale=self.scales, bias=bias)
+        elif kernel_available():
             self.matmul = PackedMatmul.int8(weight.codes, self.scales, bias, convert=_signed_codes)
-            self._codes = None
         else:
             self._codes = codes = _signed_codes(weight.codes)
             self.matmul = RowBlockedMatmul(_int8_matmul(codes, self.scales, bias), inp, ("int8", out, bias is not None))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Int8Linear:
+        """The layer `quantize_per_channel_int8(weight)` makes, with the codes packed a chunk of
+        rows at a time as they are made: never held whole beside their packed copy (SmolLM2's
+        49,152 x 576 head: the load's peak 30 MB lower). `weight` may be a table that yields float
+        rows when sliced."""
+        if not kernel_available():
+            return cls(quantize_per_channel_int8(weight))
+        scales = []
+
+        def signed_codes(rows: torch.Tensor) -> torch.Tensor:
+            codes, scale = _int8_codes(rows)
+            scales.append(scale)
+            return codes.to(torch.int8)
+
+        packed = pack_pairs(weight, signed_codes, rows_per_chunk=_QUANTIZE_ROWS_PER_CHUNK)
+        return cls(_PackedCodes(tuple(weight.shape), packed, torch.cat(scales)))
 
     @staticmethod
     def supports(weight: QuantizedWeight) -> bool:
@@ -177,19 +199,40 @@ def _int8_matmul(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor |
     return matmul
 
 
-def quantize_per_channel_int8(weight: torch.Tensor, rows_per_chunk: int = 4096) -> QuantizedWeight:
-    """Symmetric int8 with one scale per output row (what `Int8Linear` runs). Works through the
-    rows in chunks: float32 copies of a whole embedding table would cost GBs (Gemma 3: 0.7 GB each)."""
+# Rows quantized at a time: float32 copies of a whole embedding table would cost GBs (Gemma 3:
+# 0.7 GB each).
+_QUANTIZE_ROWS_PER_CHUNK = 4096
+
+
+def quantize_per_channel_int8(weight: torch.Tensor, rows_per_chunk: int = _QUANTIZE_ROWS_PER_CHUNK) -> QuantizedWeight:
+    """Symmetric int8 with one scale per output row (what `Int8Linear` runs), a chunk of rows at a
+    time."""
     out, inp = weight.shape
     codes = torch.empty(out, inp, dtype=torch.uint8)
     scales = torch.empty(out, 1)
     for start in range(0, out, rows_per_chunk):
-        chunk = weight[start:start + rows_per_chunk].detach().to(torch.float32, copy=True)
-        scale = chunk.abs().amax(dim=1, keepdim=True) / 127
-        step = torch.where(scale > 0, scale, 1)  # an all-zero row keeps scale 0 and codes 128
-        codes[start:start + rows_per_chunk] = chunk.div_(step).round_().clamp_(-127, 127).add_(128)
+        chunk_codes, scale = _int8_codes(weight[start:start + rows_per_chunk])
+        codes[start:start + rows_per_chunk] = chunk_codes.add_(128)
         scales[start:start + rows_per_chunk] = scale
     return QuantizedWeight(codes, scales, -128 * scales, bits=8, group_size=inp, source="int8")
+
+
+def _int8_codes(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes in -127..127 as float32, scale [rows, 1]) of float rows: code = round(w / scale)
+    with scale = max |w| / 127 per row. An all-zero row keeps scale 0 and codes 0."""
+    rows = rows.detach().to(torch.float32, copy=True)
+    scale = rows.abs().amax(dim=1, keepdim=True) / 127
+    step = torch.where(scale > 0, scale, 1)
+    return rows.div_(step).round_().clamp_(-127, 127), scale
+
+
+@dataclass
+class _PackedCodes:
+    """Int8 codes already in the kernel's packed layout, with their scales [out, 1]."""
+
+    shape: tuple[int, int]
+    packed: torch.Tensor
+    scales: torch.Tensor
 
 
 def quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantizedLinear | None:

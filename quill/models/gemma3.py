@@ -16,6 +16,7 @@ from torch import nn
 from quill.config import ModelConfig
 from quill.errors import UnsupportedModelError
 from quill.layers.attention import AttentionMetadata
+from quill.layers.embedding import token_embedding
 from quill.layers.fused_layers import FusedLayers
 from quill.layers.linear import Linear
 from quill.layers.logits import full_vocabulary_logits, lm_head_logits, output_token_ids
@@ -60,7 +61,7 @@ class Gemma3ForCausalLM(nn.Module):
         self.config = config
         global_rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         local_rotary = RotaryEmbedding(config.head_dim, config.rope_local_theta or config.rope_theta, None)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = token_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(config, i, local_rotary if kind == "sliding" else global_rotary)
             for i, kind in enumerate(config.layer_types)

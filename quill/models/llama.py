@@ -9,6 +9,7 @@ from torch import nn
 
 from quill.config import ModelConfig
 from quill.layers.attention import AttentionMetadata
+from quill.layers.embedding import token_embedding
 from quill.layers.fused_layers import FusedLayers
 from quill.layers.linear import Linear
 from quill.layers.logits import full_vocabulary_logits, lm_head_logits, output_token_ids
@@ -46,7 +47,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = token_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(self.decoder_layer(config, i, rotary) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.output_vocab_size, bias=False)

@@ -81,14 +81,19 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype = torch.f
 
     With `consume`, `tensors` is emptied as the model takes them, so that each quantized weight's
     codes are freed as soon as its layer has packed them, not at the end. With this, chunked
-    packing (`layers/matmul.pack_pairs`) and the embedding table kept in its file's blocks,
-    SmolLM2 Q4_1's load peaked at 563 MB for a process that then holds 459 MB (697 for 490
-    before); Gemma 3 270M Q4_K_M's at 1,086 for 843 (1,723 for 1,097)."""
+    packing (`layers/matmul.pack_pairs`), the embedding table kept in its file's blocks, the LM
+    head quantized and packed a chunk at a time, glibc's heap trimmed between the layers and the
+    head, and no torch._dynamo import (`layers/embedding.token_embedding`), `LLM("smollm2")`
+    peaks at 446 MB for a process that then holds 392 (640 for 464 before those last three, and
+    697 for 490 before all of them); Gemma 3 270M Q4_K_M's at 1,018 for 780 (1,723 for 1,097 at
+    first). Measured on AMD EPYC."""
     family = FAMILIES.named(config.architecture)
     with torch.device("meta"):
         model = family.module(config)
     params = _quill_tensors(tensors.copy() if not consume else tensors, config.tie_word_embeddings)
-    native = _install_quantized_layers(model, params, dtype) + _install_embedding_rows(model, params, config)
+    native = _install_quantized_layers(model, params, dtype)
+    return_freed_memory_to_os()  # the layers' transient codes, before the head adds its own
+    native += _install_embedding_rows(model, params, config)
     expected = {name for name, _ in model.named_parameters()}  # tied lm_head appears once, as embed_tokens
     missing = sorted(expected - params.keys())
     unexpected = sorted(params.keys() - expected - {"lm_head.weight"})
