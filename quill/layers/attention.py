@@ -256,6 +256,11 @@ class PagedAttention(InferenceModule):
     def attends_rows_in_kernel(self) -> bool:
         return self._kernel is not None
 
+    @property
+    def runs_in_kernels(self) -> bool:
+        """Whether both the cache writes and attention run through the C kernels."""
+        return self._kernel is not None and self._store_kernel is not None
+
     def _store(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Write this step's keys and values into their cache slots, in the cache's dtype."""
         if (self._store_kernel is not None and k.dtype == v.dtype == torch.float32 and slots.dtype == torch.int64

@@ -122,8 +122,8 @@ class FusedLayers:
         return _Layer(*(_weight(norm) for norm in (attention_norm, mlp_norm, attention_out_norm, mlp_out_norm,
                                                    attention.q_norm, attention.k_norm)),
                       attention_norm.weight_offset, head_norm_offset, attention_norm.eps,
-                      *(linear.matmul._address for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj,
-                                                              mlp.down_proj)),
+                      *(linear.matmul.address for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj,
+                                                             mlp.down_proj)),
                       attention.num_heads, attention.num_kv_heads, attention.head_dim, mlp.intermediate_size,
                       KERNEL_ACTIVATIONS[mlp.activation], rope, paged.k_cache.data_ptr(), paged.v_cache.data_ptr(),
                       KERNEL_CACHE_TYPES[paged.k_cache.dtype], paged.sliding_window or 0, paged.k_cache.shape[1],
@@ -139,10 +139,8 @@ def _qualifies(layer: nn.Module) -> bool:
     matrices = (attention.qkv_proj, attention.o_proj, getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None))
     norms = [norm for norm in layer.fused_norms() if norm is not None]
     head_norms = [norm for norm in (attention.q_norm, attention.k_norm) if norm is not None]
-    paged = attention.attn
-    return (type(mlp) is GatedMLP and mlp.activation in KERNEL_ACTIVATIONS and mlp._kernel is not None
-            and isinstance(paged, PagedAttention) and paged._kernel is not None and paged._store_kernel is not None
+    return (type(mlp) is GatedMLP and mlp.activation in KERNEL_ACTIVATIONS and mlp.activates_in_kernel
+            and isinstance(attention.attn, PagedAttention) and attention.attn.runs_in_kernels
             and all(isinstance(getattr(m, "matmul", None), PackedMatmul) and m.matmul.format != "f32" for m in matrices)
-            and all(type(n) is RMSNorm and n._kernel is not None and n.weight.dtype == torch.bfloat16 for n in norms)
-            and all(type(n) is RMSNorm and n._heads_kernel is not None and n.weight.dtype == torch.bfloat16
-                    for n in head_norms))
+            and all(type(n) is RMSNorm and n.runs_in_kernel() for n in norms)
+            and all(type(n) is RMSNorm and n.runs_in_kernel(heads=True) for n in head_norms))

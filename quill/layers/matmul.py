@@ -164,7 +164,7 @@ class PackedMatmul:
         self._kernel = _kernel()
         self._weights = _Weights(FORMATS[fmt], in_features, out_features, group_size, *(
             _pointer(t) for t in (self.packed, self.scales, self.zeros, self.channel_scale, self.bias)))
-        self._address = ctypes.addressof(self._weights)
+        self.address = ctypes.addressof(self._weights)  # of matmul.c's `weights_t` (decoder.c takes it too)
 
     @classmethod
     def dense(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedMatmul:
@@ -203,7 +203,7 @@ class PackedMatmul:
             x = x.to(takes).contiguous()
         in_bf16 = source.dtype == torch.bfloat16 and takes == torch.bfloat16
         out = torch.empty(x.shape[0], self.out_features, dtype=torch.bfloat16 if in_bf16 else torch.float32)
-        if self._kernel(self._address, x.data_ptr(), x.stride(0), x.shape[0], out.data_ptr(), out.stride(0), in_bf16):
+        if self._kernel(self.address, x.data_ptr(), x.stride(0), x.shape[0], out.data_ptr(), out.stride(0), in_bf16):
             raise MemoryError("the matmul kernel could not allocate its scratch memory")
         return out if in_bf16 or source.dtype == torch.float32 else out.to(source.dtype)
 

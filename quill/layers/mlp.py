@@ -32,6 +32,11 @@ class GatedMLP(InferenceModule):
         self._kernel = kernels.function("gated_activation", [pointer, kernels.INT64, i32, i32, i32, pointer],
                                         source="activation")
 
+    @property
+    def activates_in_kernel(self) -> bool:
+        """Whether bf16 rows take the activation kernel (the fused decoder needs it)."""
+        return self._kernel is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if (self._kernel is not None and gate_up.dtype == torch.bfloat16 and gate_up.dim() == 2

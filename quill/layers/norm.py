@@ -27,6 +27,10 @@ class RMSNorm(InferenceModule):
         self._heads_kernel = kernels.function("rms_norm_heads", [pointer, kernels.INT64, pointer, pointer, i32, i32,
                                                                  i32, f32, f32], source="rms_norm")
 
+    def runs_in_kernel(self, *, heads: bool = False) -> bool:
+        """Whether bf16 rows (or, with `heads`, float32 heads) go through the C kernel."""
+        return self.weight.dtype == torch.bfloat16 and (self._heads_kernel if heads else self._kernel) is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
             if self._kernel is not None and x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1:
