@@ -24,6 +24,7 @@
 
 #include "entry_points.h"
 #include "half_floats.h"
+#include "thread_buffer.h"
 
 typedef struct {
     const uint16_t *attention_norm, *mlp_norm;         /* bf16 [hidden]: each block's input norm */
@@ -59,17 +60,11 @@ typedef struct {
 
 static size_t aligned(size_t bytes) { return (bytes + 63) & ~(size_t)63; }
 
-/* A per-thread buffer kept between calls (a fresh one per call would be page-faulted each time). */
+/* This thread's workspace memory, at least `bytes`. */
 static void *scratch(size_t bytes) {
     static __thread void *buffer;
     static __thread size_t capacity;
-    if (bytes > capacity) {
-        free(buffer);
-        capacity = aligned(bytes) + 4096;
-        buffer = aligned_alloc(64, capacity);
-        if (!buffer) capacity = 0;
-    }
-    return buffer;
+    return grown_buffer(&buffer, &capacity, bytes);
 }
 
 static int workspace(const layer_t *layers, int count, int rows, int hidden, workspace_t *w) {

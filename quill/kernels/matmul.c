@@ -49,6 +49,7 @@
 
 #include "entry_points.h"
 #include "half_floats.h"
+#include "thread_buffer.h"
 
 #define LANES 16
 #define FUSED_MAX_ROWS 16 /* up to this many rows, weights are expanded once per call into registers */
@@ -235,18 +236,11 @@ static inline __attribute__((always_inline)) void fused_rows(const int format, c
 #define BUFFER_PANELS 4
 #define TILE_ROWS 6
 
-/* A per-thread buffer of at least `bytes`, 64-byte aligned, kept between calls (a fresh one per
-   call would be mmap'ed and page-faulted every time). */
+/* This thread's buffer of expanded panels, at least `bytes`. */
 static __m512bh *scratch(size_t bytes) {
     static __thread void *buffer;
     static __thread size_t capacity;
-    if (bytes > capacity) {
-        free(buffer);
-        capacity = (bytes + 4095) & ~(size_t)4095;
-        buffer = aligned_alloc(64, capacity);
-        if (!buffer) capacity = 0;
-    }
-    return buffer;
+    return grown_buffer(&buffer, &capacity, bytes);
 }
 
 /* Rows of one group of up to BUFFER_PANELS expanded panels, TILE_ROWS at a time. */

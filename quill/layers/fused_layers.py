@@ -130,6 +130,16 @@ class FusedLayers:
                       paged.scale)
 
 
+def run_layers(fused: FusedLayers | None, layers: nn.ModuleList, x: torch.Tensor, positions: torch.Tensor,
+               meta: AttentionMetadata) -> torch.Tensor:
+    """x through every layer: in one C call where `fused` takes the step, module by module otherwise."""
+    if fused is not None and fused.takes(x, meta):
+        return fused(x, positions, meta)
+    for layer in layers:
+        x = layer(x, positions, meta)
+    return x
+
+
 def _weight(norm: RMSNorm | None) -> int | None:
     return None if norm is None else norm.weight.data_ptr()
 

@@ -17,7 +17,7 @@ from quill.config import ModelConfig
 from quill.errors import UnsupportedModelError
 from quill.layers.attention import AttentionMetadata
 from quill.layers.embedding import token_embedding
-from quill.layers.fused_layers import FusedLayers
+from quill.layers.fused_layers import FusedLayers, run_layers
 from quill.layers.linear import Linear
 from quill.layers.logits import full_vocabulary_logits, lm_head_logits, output_token_ids
 from quill.layers.mlp import GatedMLP
@@ -82,11 +82,7 @@ class Gemma3ForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         # The reference rounds the normalizer to the activation dtype before scaling.
         x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
-        if self.fused_layers is not None and self.fused_layers.takes(x, meta):
-            return self.norm(self.fused_layers(x, positions, meta))
-        for layer in self.layers:
-            x = layer(x, positions, meta)
-        return self.norm(x)
+        return self.norm(run_layers(self.fused_layers, self.layers, x, positions, meta))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = lm_head_logits(self.lm_head, hidden)

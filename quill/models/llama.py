@@ -10,7 +10,7 @@ from torch import nn
 from quill.config import ModelConfig
 from quill.layers.attention import AttentionMetadata
 from quill.layers.embedding import token_embedding
-from quill.layers.fused_layers import FusedLayers
+from quill.layers.fused_layers import FusedLayers, run_layers
 from quill.layers.linear import Linear
 from quill.layers.logits import full_vocabulary_logits, lm_head_logits, output_token_ids
 from quill.layers.mlp import GatedMLP
@@ -70,11 +70,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states after the final norm, [tokens, hidden]."""
         x = self.embed_tokens(input_ids)
-        if self.fused_layers is not None and self.fused_layers.takes(x, meta):
-            return self.norm(self.fused_layers(x, positions, meta))
-        for layer in self.layers:
-            x = layer(x, positions, meta)
-        return self.norm(x)
+        return self.norm(run_layers(self.fused_layers, self.layers, x, positions, meta))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return full_vocabulary_logits(lm_head_logits(self.lm_head, hidden), self.output_token_ids, self.config.vocab_size)
