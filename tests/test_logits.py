@@ -1,11 +1,15 @@
 """LM-head logits: bf16 rounding never decides between near-tied tokens."""
 from __future__ import annotations
 
+import gguf
 import pytest
 import torch
 
+from quill.layers.embedding import Q8Table
 from quill.layers.linear import Linear, prepare_linears_for_cpu
-from quill.layers.logits import int8_lm_head, lm_head_logits
+from quill.layers.logits import TableHead, int8_lm_head, lm_head_logits
+from quill.layers.matmul import kernel_available
+from quill.weights.quantized import GGMLRows
 
 
 def test_tokens_near_the_maximum_get_exact_float32_logits():
@@ -52,6 +56,31 @@ def test_int8_head_of_a_float32_model_is_refined_too():
     hidden = torch.randn(200, 64) * 2
     exact = hidden @ weight.T
     assert not torch.equal(head(hidden).float().argmax(-1), exact.argmax(-1))
+    assert torch.equal(lm_head_logits(head, hidden).argmax(-1), exact.argmax(-1))
+
+
+def _q8_0_table(weight: torch.Tensor, dtype: torch.dtype) -> Q8Table:
+    """`weight` quantized to GGML Q8_0 blocks, as a table the head is tied to."""
+    blocks = gguf.quants.quantize(weight.float().numpy(), gguf.GGMLQuantizationType.Q8_0)
+    return Q8Table(GGMLRows(torch.from_numpy(blocks), gguf.GGMLQuantizationType.Q8_0, weight.shape[1], dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def test_a_head_tied_to_a_q8_0_table_is_within_its_bound_and_picks_the_exact_maximum(dtype):
+    """`TableHead` multiplies by the table's own rows; before rounding its logits are within
+    `error_bound` of the exact ones (float32 sums of the table's rows), and after refining, the
+    maximum is the exact one's, near-ties included."""
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    weight = _near_ties(4000, 128, seed=4)
+    table = _q8_0_table(weight, dtype)
+    head = TableHead(table)
+    rows = table[0:4000].float()
+    hidden = (torch.randn(500, 128) * 2).to(torch.bfloat16).to(dtype)
+    exact = hidden.float() @ rows.T
+    unrounded = head.matmul(hidden.float())  # float32 activations: float32 outputs
+    assert (unrounded - exact).abs().max(dim=-1, keepdim=True).values.le(head.error_bound(hidden)).all()
+    assert not torch.equal(head(hidden).float().argmax(-1), exact.argmax(-1))  # rounded outputs would pick others
     assert torch.equal(lm_head_logits(head, hidden).argmax(-1), exact.argmax(-1))
 
 

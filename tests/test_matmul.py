@@ -37,7 +37,17 @@ def _random_codes(out: int, inp: int, bits: int = 4, group: int = 32) -> Quantiz
     return QuantizedWeight(codes, scales, offsets, bits, group, "test")
 
 
+def _random_q8_0(out: int, inp: int) -> PackedMatmul:
+    """GGML Q8_0: signed codes, a float16 scale per 32 inputs."""
+    generator = torch.Generator().manual_seed(out * 5 + inp)
+    codes = torch.randint(-127, 128, (out, inp), dtype=torch.int8, generator=generator)
+    scales = (torch.rand(out, inp // 32, generator=generator) * 0.001 + 1e-4).to(torch.float16)
+    return PackedMatmul.q8_0(codes, scales)
+
+
 def _layer(kind: str, out: int, inp: int):
+    if kind == "q8_0":
+        return _random_q8_0(out, inp) if kernel_available() and inp % 32 == 0 else None
     if kind == "int4":
         return Int4Linear(_random_codes(out, inp)) if out % 64 == 0 or kernel_available() else None
     if kind == "int8g":  # 6-bit codes in groups of 16, as Q6_K
@@ -57,21 +67,25 @@ def _assert_rows_alone_equal_rows_together(layer, x: torch.Tensor, sizes) -> Non
 
 
 @pytest.mark.parametrize("kernels_on", ["1", "0"], ids=["kernel", "pytorch-fallback"])
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int4", "int8", "int8g"])
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int4", "int8", "int8g", "q8_0"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_rows_in_batches_of_1_to_64_equal_rows_alone(shape, kind, kernels_on, monkeypatch):
     monkeypatch.setenv("QUILL_KERNELS", kernels_on)
     layer = _layer(kind, *shape)
     if layer is None:
-        pytest.skip("without the kernel, int4 layers need whole blocks of 64 outputs, and byte codes expand")
+        pytest.skip("without the kernel, int4 layers need whole blocks of 64 outputs, and byte codes expand; "
+                    "Q8_0 needs whole blocks of 32 inputs")
     dtype = torch.float32 if kind == "float32" else torch.bfloat16
     x = torch.randn(72, shape[1], generator=torch.Generator().manual_seed(1)).to(dtype)
     _assert_rows_alone_equal_rows_together(layer, x, range(1, 65))
 
 
+@pytest.mark.parametrize("kind", ["int8", "q8_0"])
 @pytest.mark.parametrize("shape", HEADS, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_lm_head_rows_do_not_depend_on_the_batch(shape):
-    layer = _layer("int8", *shape)
+def test_lm_head_rows_do_not_depend_on_the_batch(shape, kind):
+    layer = _layer(kind, *shape)
+    if layer is None:
+        pytest.skip("no C compiler")
     x = torch.randn(24, shape[1], generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     _assert_rows_alone_equal_rows_together(layer, x, [1, 2, 3, 4, 5, 16, 17, 23])
 
@@ -99,7 +113,7 @@ def _portable_build():
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
-@pytest.mark.parametrize("fmt", ["bf16", "int4", "int8", "int8g"])
+@pytest.mark.parametrize("fmt", ["bf16", "int4", "int8", "int8g", "q8_0"])
 def test_kernel_computes_its_documented_arithmetic(fmt, build):
     """Bit for bit in the portable build (plain C: the same on any CPU); within float32 rounding
     in the native one (AVX-512 BF16 where present, whose dot product is specified the same way)."""
@@ -114,6 +128,8 @@ def test_kernel_computes_its_documented_arithmetic(fmt, build):
         matmul = Int4Linear(_random_codes(out, inp)).matmul
     elif fmt == "int8g":
         matmul = Int8GroupLinear(_random_codes(out, inp, bits=8, group=32)).matmul
+    elif fmt == "q8_0":
+        matmul = _random_q8_0(out, inp)
     else:
         layer = Int8Linear(quantize_per_channel_int8(torch.randn(out, inp, generator=generator)))
         matmul = layer.matmul

@@ -12,9 +12,10 @@ import torch
 from engine_helpers import all_position_logits, run_requests
 from quill.engine.engine import Engine
 from quill.config import EngineConfig
-from quill.layers.embedding import RowsEmbedding
+from quill.layers.embedding import Q8Table, RowsEmbedding
 from quill.layers.linear import Linear
-from quill.layers.logits import int8_lm_head
+from quill.layers.logits import TableHead, int8_lm_head
+from quill.layers.matmul import PackedMatmul, kernel_available
 from quill.layers.quantized import Int4Linear, Int8GroupLinear, Int8Linear, quantize_per_channel_int8, quantized_linear
 from quill.sampling_params import SamplingParams
 from quill.models.loader import build_model, load_checkpoint
@@ -24,7 +25,7 @@ from quill.weights.gguf import read_gguf_tensor_types
 from quill.weights.gguf_quant import NATIVE_GGML_TYPES, repack_ggml
 from quill.weights.safetensors import load_hf_directory
 from quill.weights.gguf_export import write_gguf
-from quill.weights.quantized import QuantizedWeight
+from quill.weights.quantized import GGMLRows, QuantizedWeight
 
 Q = gguf.GGMLQuantizationType
 # byte offsets of the fp16 scales in a block
@@ -241,11 +242,25 @@ def test_quantized_experts_are_batch_invariant(tiny_model_dir, tmp_path):
     assert together == [run_requests(engine, [prompt], params, with_logprobs=True)[0] for prompt in prompts]
 
 
+class _DenseHead(torch.nn.Module):
+    """A head over a float table, with the kernel's arithmetic on it (`PackedMatmul.dense`) and
+    `bound` for the error `lm_head_logits` allows it."""
+
+    def __init__(self, table: torch.Tensor, bound) -> None:
+        super().__init__()
+        self.matmul, self.exact_weight, self.error_bound = PackedMatmul.dense(table), table, bound
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+
 @pytest.mark.parametrize("table_type", [Q.Q8_0, Q.Q4_1], ids=lambda t: t.name)
 def test_an_embedding_read_from_its_file_blocks_changes_nothing(tiny_model_dir, tmp_path, table_type):
-    """A quantized table stays in its file's blocks (`GGMLRows`, expanded per row when read): its rows
-    are the dequantized table's bit for bit, and the engine's tokens and logprobs (the tied int8 head
-    recomputing its candidates from those rows) are those of the same model holding a float table."""
+    """A quantized table is held once, never as a float copy, and its rows are the dequantized
+    table's bit for bit: a Q8_0 one repacked for the kernel (`Q8Table`), which the tied head
+    multiplies by (`TableHead`), any other in its file's blocks (`GGMLRows`) with a tied int8 head.
+    The engine's tokens and logprobs are those of the same model holding a float table (and, for
+    Q8_0, a head over it that multiplies as the kernel does: the same bf16 weights)."""
     checkpoint = load_hf_directory(tiny_model_dir("gemma3"), FAMILIES)
     path = tmp_path / "gemma3.gguf"
     write_gguf(path, FAMILIES.named("gemma3"), checkpoint.config, checkpoint.tensors,
@@ -253,7 +268,10 @@ def test_an_embedding_read_from_its_file_blocks_changes_nothing(tiny_model_dir, 
     native = load_checkpoint(path, torch.bfloat16, keep_quantized=True)
     config = native.config
     model = build_model(config, native.tensors, torch.bfloat16)
-    assert isinstance(model.embed_tokens, RowsEmbedding) and isinstance(model.lm_head, Int8Linear)
+    shared = table_type == Q.Q8_0 and kernel_available()
+    assert isinstance(model.embed_tokens, RowsEmbedding)
+    assert isinstance(model.lm_head, TableHead if shared else Int8Linear)
+    assert isinstance(model.embed_tokens.weight, Q8Table if shared else GGMLRows)
     dense = load_checkpoint(path, torch.bfloat16).tensors["model.embed_tokens.weight"]
     assert torch.equal(model.embed_tokens.weight[0:config.vocab_size], dense)
     ids = torch.tensor([[5, 0, 77], [config.vocab_size - 1, 5, 3]])
@@ -261,12 +279,29 @@ def test_an_embedding_read_from_its_file_blocks_changes_nothing(tiny_model_dir, 
 
     reference = build_model(config, load_checkpoint(path, torch.bfloat16, keep_quantized=True).tensors, torch.bfloat16)
     reference.embed_tokens = torch.nn.Embedding.from_pretrained(dense)
-    reference.lm_head = int8_lm_head(dense)
+    reference.lm_head = _DenseHead(dense, model.lm_head.error_bound) if shared else int8_lm_head(dense)
     prompts = [[3, 9, 27, 81], [5, 6], list(range(10, 30))]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3)
     runs = [run_requests(Engine(m, config, None, EngineConfig(dtype="bfloat16")), prompts, params, with_logprobs=True)
             for m in (model, reference)]
     assert runs[0] == runs[1]
+
+
+def test_a_q8_0_table_expands_its_rows_as_the_files_blocks_do():
+    """Every code (-128 included) and scale sign, by index tensor, slice and a partial last panel:
+    `Q8Table`'s rows are gguf-py's dequantized rows, rounded once to the model's dtype."""
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    rows, cols = 16 * 9 + 5, 128
+    blocks = torch.from_numpy(random_blocks(Q.Q8_0, rows, cols, np.random.default_rng(4)))
+    for dtype in (torch.bfloat16, torch.float32):
+        file_rows = GGMLRows(blocks, Q.Q8_0, cols, dtype)
+        table = Q8Table(file_rows)
+        assert torch.equal(table[0:rows], file_rows[0:rows])
+        ids = torch.tensor([[rows - 1, 0, 17], [16, 15, rows - 1]])
+        assert torch.equal(table[ids], file_rows[ids])
+        assert table[torch.tensor([], dtype=torch.long)].shape == (0, cols)  # no candidates in a vocabulary slice
+        assert torch.equal(table.matmul.weight(torch.bfloat16), file_rows[0:rows].to(torch.bfloat16))
 
 
 def test_int8_from_float_packs_what_quantizing_whole_would_give():

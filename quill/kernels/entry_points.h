@@ -7,13 +7,13 @@
 
 #include <stdint.h>
 
-enum format { FMT_BF16, FMT_INT4, FMT_INT8, FMT_INT8G, FMT_F32 };
+enum format { FMT_BF16, FMT_INT4, FMT_INT8, FMT_INT8G, FMT_F32, FMT_Q8_0 };
 
 /* A layer's packed weights, built once by quill/layers/matmul.py (`_Weights` mirrors it). */
 typedef struct {
     int format, k, n, group;
-    const void *packed;         /* BF16: uint16 pairs; INT4: nibble pairs; INT8, INT8G: int8 pairs; F32 */
-    const uint16_t *scales;     /* INT4, INT8G: bf16 [panels][k/group][16] */
+    const void *packed;         /* BF16: uint16 pairs; INT4: nibble pairs; INT8, INT8G, Q8_0: int8 pairs; F32 */
+    const uint16_t *scales;     /* INT4, INT8G: bf16 [panels][k/group][16]; Q8_0: float16, the same shape */
     const uint16_t *zeros;      /* INT4, INT8G: bf16 [panels][k/group][16] */
     const float *channel_scale; /* INT8: float32 [panels * 16] */
     const float *bias;          /* float32 [n] or NULL */

@@ -31,6 +31,10 @@
                codes signed bytes centred on zero (5- to 8-bit values less 2^(bits - 1), so that
                symmetric formats have zero = 0); packed [panels][k/2][16][2] int8, scales and
                zeros as INT4's
+         Q8_0  bf16(code * scale), computed in float32 with the scale an IEEE half: GGML's Q8_0
+               exactly as its dequantizer expands it, so that the one packed copy serves both as
+               an LM head and as the embedding table it is tied to (quill/layers/embedding.py);
+               packed [panels][k/2][16][2] int8, scales [panels][k/32][16] float16, no zeros
      F32 (format F32, float32 activations): acc = fma(x[i], w[i], acc) for each input i;
          packed [panels][k][16] float32.
    A bias is then added (once, rounding once) and the result stored as float32 or rounded to
@@ -57,7 +61,7 @@
 static inline int panels_of(int n) { return (n + LANES - 1) / LANES; }
 
 /* Whether the format has a scale and zero per group of inputs. */
-static inline int grouped(int format) { return format == FMT_INT4 || format == FMT_INT8G; }
+static inline int grouped(int format) { return format == FMT_INT4 || format == FMT_INT8G || format == FMT_Q8_0; }
 
 /* The epilogue of one output: the channel scale (INT8), then the bias. Scalar, for the portable
    path; the vector path's store_lanes does the same operations. */
@@ -104,6 +108,12 @@ static inline __attribute__((always_inline)) __m512bh expand(const int format, c
         __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16))));
         return _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(high, g.scale_high, g.zero_high), _mm512_fmadd_ps(low, g.scale, g.zero));
     }
+    if (format == FMT_Q8_0) { /* as INT8G, less the zero: code * scale alone, as GGML expands it */
+        const int8_t *codes = (const int8_t *)w->packed + at * 32;
+        __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes)));
+        __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 16))));
+        return _mm512_cvtne2ps_pbh(_mm512_mul_ps(high, g.scale_high), _mm512_mul_ps(low, g.scale));
+    }
     __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)((const uint8_t *)w->packed + at * 16)));
     __m512 low = _mm512_permutexvar_ps(bytes, table); /* code - 8: the table reads the low 4 bits */
     __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
@@ -112,17 +122,19 @@ static inline __attribute__((always_inline)) __m512bh expand(const int format, c
 
 static inline group_t load_group(const int format, const weights_t *w, int panel, int group_index) {
     group_t g = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    if (format == FMT_INT4 || format == FMT_INT8G) {
-        int64_t at = ((int64_t)panel * (w->k / w->group) + group_index) * LANES;
+    if (!grouped(format)) return g;
+    int64_t at = ((int64_t)panel * (w->k / w->group) + group_index) * LANES;
+    if (format == FMT_Q8_0) {
+        g.scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scales + at)));
+    } else {
         g.scale = bf16_to_ps(w->scales + at);
         g.zero = bf16_to_ps(w->zeros + at);
     }
-    if (format == FMT_INT4 || format == FMT_INT8G) { /* lane i of the codes' vectors is column i / 2 */
-        const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-        const __m512i last = _mm512_add_epi32(first, _mm512_set1_epi32(8));
-        g.scale_high = _mm512_permutexvar_ps(last, g.scale), g.zero_high = _mm512_permutexvar_ps(last, g.zero);
-        g.scale = _mm512_permutexvar_ps(first, g.scale), g.zero = _mm512_permutexvar_ps(first, g.zero);
-    }
+    /* lane i of the codes' vectors is column i / 2 */
+    const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i last = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    g.scale_high = _mm512_permutexvar_ps(last, g.scale), g.zero_high = _mm512_permutexvar_ps(last, g.zero);
+    g.scale = _mm512_permutexvar_ps(first, g.scale), g.zero = _mm512_permutexvar_ps(first, g.zero);
     return g;
 }
 
@@ -316,6 +328,7 @@ static int matmul_rows(const weights_t *w, int rows, const uint16_t *x, int64_t 
     case FMT_BF16: return matmul_format(FMT_BF16, w, rows, x, x_stride, out, out_stride, out_bf16);
     case FMT_INT4: return matmul_format(FMT_INT4, w, rows, x, x_stride, out, out_stride, out_bf16);
     case FMT_INT8G: return matmul_format(FMT_INT8G, w, rows, x, x_stride, out, out_stride, out_bf16);
+    case FMT_Q8_0: return matmul_format(FMT_Q8_0, w, rows, x, x_stride, out, out_stride, out_bf16);
     default: return matmul_format(FMT_INT8, w, rows, x, x_stride, out, out_stride, out_bf16);
     }
 }
@@ -331,6 +344,11 @@ static inline void expand_pair(const weights_t *w, int panel, int pair, int lane
     } else if (w->format == FMT_INT8) {
         const int8_t *v = (const int8_t *)w->packed + at * 32 + 2 * lane;
         *even = (float)v[0], *odd = (float)v[1];
+    } else if (w->format == FMT_Q8_0) {
+        const int8_t *v = (const int8_t *)w->packed + at * 32 + 2 * lane;
+        float scale = from_half(w->scales[((int64_t)panel * (w->k / w->group) + (2 * pair) / w->group) * LANES + lane]);
+        *even = from_bf16(to_bf16((float)v[0] * scale));
+        *odd = from_bf16(to_bf16((float)v[1] * scale));
     } else if (w->format == FMT_INT8G) {
         const int8_t *v = (const int8_t *)w->packed + at * 32 + 2 * lane;
         int64_t g = ((int64_t)panel * (w->k / w->group) + (2 * pair) / w->group) * LANES + lane;

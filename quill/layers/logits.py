@@ -22,7 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from quill.layers.embedding import Q8Table
 from quill.layers.fixed_order import fixed_order_dot
+from quill.layers.module import InferenceModule
 from quill.layers.quantized import Int8Linear
 
 # A bf16 output v is within 2**-8 * |v| of the float32 one; 2**-9 more covers the float32 sums.
@@ -35,6 +37,32 @@ def int8_lm_head(weight: torch.Tensor) -> Int8Linear:
     head = Int8Linear.from_float(weight)
     head.exact_weight = weight  # shared with the embedding when tied: no copy
     return head
+
+
+class TableHead(InferenceModule):
+    """The LM head tied to a `Q8Table`, multiplying by the table's own packed rows: no copy of its
+    own, and no approximation of the weights either. Its logits are the exact ones summed in the
+    kernel's order rather than `fixed_order_dot`'s (and, for a float32 model, with weights and
+    activations rounded to bf16), then rounded to bf16 like any bf16 product's; the rows near the
+    maximum are recomputed as every head's are. Against the int8 head this replaced (SmolLM2, AMD
+    EPYC): the same speed, 28 MB less memory; Gemma 3's, 168 MB less."""
+
+    def __init__(self, table: Q8Table) -> None:
+        super().__init__()
+        self.exact_weight = table  # the rows the candidates are recomputed from
+        self.matmul = table.matmul
+        self.max_row_norm = table.max_row_norm
+        # Two float32 sums of the same k exact products differ by at most 2k * 2**-24 * sum |w_i x_i|.
+        rounding = 0.0 if table.dtype == torch.bfloat16 else 2.0 ** -8
+        self.relative_error = rounding + 2 * table.shape[1] * 2.0 ** -24
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, 1]: how far outputs (before their rounding to bf16) can be from the exact
+        logits; sum |w_i x_i| is at most |w|_2 |x|_2."""
+        return self.relative_error * self.max_row_norm * x.float().norm(dim=-1, keepdim=True)
 
 
 def lm_head_logits(lm_head: nn.Module, hidden: torch.Tensor, *,

@@ -36,7 +36,7 @@ from quill import kernels
 from quill.hardware import cpu_info, cpu_summary
 
 LANES = 16  # output columns per panel of the packed layouts
-FORMATS = {"bf16": 0, "int4": 1, "int8": 2, "int8g": 3, "f32": 4}  # `enum format` in matmul.c
+FORMATS = {"bf16": 0, "int4": 1, "int8": 2, "int8g": 3, "f32": 4, "q8_0": 5}  # `enum format` in matmul.c
 
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -145,7 +145,8 @@ class PackedMatmul:
 
     Formats: "f32" (float32 activations and weights), "bf16" (bfloat16 weights), "int4" (codes in
     0..15, weight = bf16((code - 8) * scale + zero) with bf16 scale and zero per group of inputs),
-    "int8g" (signed codes, weight = bf16(code * scale + zero), the same groups) and "int8" (signed
+    "int8g" (signed codes, weight = bf16(code * scale + zero), the same groups), "q8_0" (signed codes,
+    weight = bf16(code * scale) with a float16 scale per 32 inputs: GGML's Q8_0) and "int8" (signed
     codes, one float32 scale per output). All but "f32" take bfloat16 activations: other
     activations are converted first, and the output comes back in x's dtype.
     """
@@ -196,6 +197,15 @@ class PackedMatmul:
         out, inp = codes.shape
         return cls("int8", out, inp, pack_pairs(codes, convert), channel_scale=channel_scale, bias=bias)
 
+    @classmethod
+    def q8_0(cls, codes: torch.Tensor, scales: torch.Tensor,
+             convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PackedMatmul:
+        """GGML's Q8_0: codes int8 [out, in] (or what `convert` turns into them, a chunk at a time),
+        scales float16 [out, in / 32]; weight = bf16(code * scale)."""
+        out, inp = codes.shape
+        return cls("q8_0", out, inp, pack_pairs(codes, convert), scales=pack_columns(scales.to(torch.float16)),
+                   group_size=32)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         source = x
         takes = torch.float32 if self.format == "f32" else torch.bfloat16
@@ -212,19 +222,15 @@ class PackedMatmul:
         n = self.out_features
         if self.format == "f32":
             return unpack_columns(self.packed, n).to(dtype)
-        if self.format == "bf16":
+        if self.format in ("bf16", "int8"):
             return unpack_pairs(self.packed, n).to(dtype)
-        if self.format == "int8":
-            return unpack_pairs(self.packed, n).to(dtype)
-        if self.format == "int8g":
-            codes = unpack_pairs(self.packed, n).float()
-        else:
-            codes = unpack_nibbles(self.packed, n).float() - 8
-        scales, zeros = (unpack_columns(t, n).float() for t in (self.scales, self.zeros))
-        grouped = codes.view(n, -1, self.group_size)
-        # code * scale + zero in float32, rounded once to bf16: what the kernel multiplies by
-        values = (grouped * scales[..., None] + zeros[..., None]).view(n, -1)
-        return values.to(torch.bfloat16).to(dtype)
+        codes = unpack_nibbles(self.packed, n).float() - 8 if self.format == "int4" else unpack_pairs(self.packed, n).float()
+        # code * scale (+ zero) in float32 (the product is exact), rounded once to bf16: what the
+        # kernel multiplies by
+        values = codes.view(n, -1, self.group_size) * unpack_columns(self.scales, n).float()[..., None]
+        if self.zeros is not None:
+            values = values + unpack_columns(self.zeros, n).float()[..., None]
+        return values.view(n, -1).to(torch.bfloat16).to(dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros, self.channel_scale)

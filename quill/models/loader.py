@@ -17,9 +17,10 @@ from torch import nn
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError
 from quill.hardware import return_freed_memory_to_os
-from quill.layers.embedding import RowsEmbedding
+from quill.layers.embedding import Q8Table, RowsEmbedding
 from quill.layers.linear import Linear
-from quill.layers.logits import int8_lm_head
+from quill.layers.logits import TableHead, int8_lm_head
+from quill.layers.matmul import kernel_available
 from quill.layers.quantized import quantized_linear
 from quill.models.registry import FAMILIES
 from quill.tokenizer import Tokenizer, load_tokenizer
@@ -120,8 +121,16 @@ def _install_embedding_rows(model: nn.Module, params: dict, config: ModelConfig)
     if not isinstance(table, GGMLRows):
         return 0
     del params["embed_tokens.weight"]
+    tied = config.tie_word_embeddings
+    if tied and kernel_available() and Q8Table.takes(table):
+        # One packed copy for both: the head multiplies by the table's own rows.
+        shared = Q8Table(table)
+        del table  # the file's blocks: the packed copy replaces them
+        model.embed_tokens, model.lm_head = RowsEmbedding(shared), TableHead(shared)
+        log.info("LM head runs through the q8_0 kernel on the embedding table's own packed rows")
+        return 1
     model.embed_tokens = RowsEmbedding(table)
-    if not config.tie_word_embeddings:
+    if not tied:
         return 0
     model.lm_head = int8_lm_head(table)
     log.info("LM head runs through the int8 kernel (top candidates recomputed from the file's %s rows)",
