@@ -11,6 +11,7 @@ import torch
 
 from engine_helpers import all_position_logits, run_requests
 from quill.engine.engine import Engine
+from quill.errors import ModelLoadError
 from quill.config import EngineConfig
 from quill.layers.embedding import Q8Table, RowsEmbedding
 from quill.layers.linear import Linear
@@ -25,7 +26,7 @@ from quill.weights.gguf import read_gguf_tensor_types
 from quill.weights.gguf_quant import NATIVE_GGML_TYPES, repack_ggml
 from quill.weights.safetensors import load_hf_directory
 from quill.weights.gguf_export import write_gguf
-from quill.weights.quantized import GGMLRows, QuantizedWeight
+from quill.weights.quantized import DeferredWeight, GGMLFileRows, GGMLRows, QuantizedWeight
 
 Q = gguf.GGMLQuantizationType
 # byte offsets of the fp16 scales in a block
@@ -165,6 +166,45 @@ def test_quantized_gguf_runs_natively_and_matches_the_dequantized_model(tiny_mod
     torch.testing.assert_close(ours, theirs, atol=3e-2 * theirs.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe"])
+def test_a_deferred_load_unpacks_one_layer_at_a_time_into_the_same_model(tiny_model_dir, tmp_path, monkeypatch, arch):
+    """`load_model` reads GGML blocks as `DeferredWeight`s and unpacks each as its layer is
+    installed, instead of every layer first (a byte per code: twice a 4-bit file). The model is
+    the eager load's, bit for bit; experts, which a GGUF stacks in one tensor, unpack on reading."""
+    import weakref
+
+    import quill.weights.gguf as gguf_reader
+
+    path = _quantized_gguf(tiny_model_dir, tmp_path, arch, lambda name: Q.Q4_1)
+    live, most = [0], [0]
+
+    def counted_repack(*args):
+        weight = repack_ggml(*args)
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        weakref.finalize(weight, lambda: live.__setitem__(0, live[0] - 1))
+        return weight
+
+    monkeypatch.setattr(gguf_reader, "repack_ggml", counted_repack)
+    deferred = load_checkpoint(path, torch.bfloat16, keep_quantized=True, defer_unpacking=True)
+    kinds = {type(t) for name, t in deferred.tensors.items() if "layers" in name and name.endswith("proj.weight")}
+    model = build_model(deferred.config, deferred.tensors, torch.bfloat16, consume=True)
+    most_unpacked, most[0] = most[0], 0
+    eager = load_checkpoint(path, torch.bfloat16, keep_quantized=True)
+    reference = build_model(eager.config, eager.tensors, torch.bfloat16)
+    if arch == "llama":
+        assert kinds == {DeferredWeight}
+        assert most_unpacked <= 4 < most[0]  # q, k and v to fuse, and the weight before; eagerly all
+    else:
+        assert DeferredWeight in kinds and QuantizedWeight in kinds  # attention deferred; experts not
+    packed = {name: m.matmul.packed for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    assert packed and packed.keys() == {n for n, m in reference.named_modules() if isinstance(m, Int4Linear)}
+    for name, m in reference.named_modules():
+        if isinstance(m, Int4Linear):
+            assert torch.equal(packed[name], m.matmul.packed) and torch.equal(model.get_submodule(name).matmul.scales,
+                                                                               m.matmul.scales), name
+
+
 def test_quill_quantize_int4_experts_run_natively(tiny_model_dir, tmp_path):
     """`quill quantize` on a Qwen3-MoE model: every expert's projections run through the int4
     kernel like a dense layer's, the router stays float, and the logits stay near the float model's."""
@@ -302,6 +342,31 @@ def test_a_q8_0_table_expands_its_rows_as_the_files_blocks_do():
         assert torch.equal(table[ids], file_rows[ids])
         assert table[torch.tensor([], dtype=torch.long)].shape == (0, cols)  # no candidates in a vocabulary slice
         assert torch.equal(table.matmul.weight(torch.bfloat16), file_rows[0:rows].to(torch.bfloat16))
+
+
+def test_a_table_read_from_its_file_a_chunk_at_a_time_is_the_table_read_whole(tmp_path, monkeypatch):
+    """`GGMLFileRows` (the loader's table, left in the file): `Q8Table` packs it chunk by chunk
+    into what the blocks read whole give; `load` gives those blocks; a cut file is a clear error."""
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    import quill.layers.matmul as matmul_module
+
+    monkeypatch.setattr(matmul_module.pack_pairs, "__defaults__", (None, 64))  # several chunks, a ragged last one
+    rows, cols, offset = 16 * 9 + 5, 96, 40
+    blocks = random_blocks(Q.Q8_0, rows, cols, np.random.default_rng(6))
+    path = tmp_path / "table.bin"
+    path.write_bytes(b"h" * offset + blocks.tobytes())
+    in_file = GGMLFileRows(path, offset, rows, blocks.shape[1], Q.Q8_0, cols, torch.bfloat16)
+    whole = GGMLRows(torch.from_numpy(blocks), Q.Q8_0, cols, torch.bfloat16)
+    assert torch.equal(in_file.load().blocks, whole.blocks)
+    chunked, reference = Q8Table(in_file), Q8Table(whole)
+    assert torch.equal(chunked.matmul.packed, reference.matmul.packed)
+    assert torch.equal(chunked.matmul.scales, reference.matmul.scales)
+    assert chunked.max_row_norm == reference.max_row_norm > 0
+    assert torch.equal(chunked[0:rows], whole[0:rows])
+    path.write_bytes(b"h" * offset + blocks.tobytes()[:-1])
+    with pytest.raises(ModelLoadError, match="cut short"):
+        GGMLFileRows(path, offset, rows, blocks.shape[1], Q.Q8_0, cols, torch.bfloat16).load()
 
 
 def test_int8_from_float_packs_what_quantizing_whole_would_give():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from quill.layers.matmul import LANES, PackedMatmul
-from quill.weights.quantized import GGMLRows
+from quill.weights.quantized import GGMLFileRows, GGMLRows
 
 Q8_0_BLOCK = 32  # values per GGML Q8_0 block: a float16 scale, then 32 signed bytes
 _Q8_0_BLOCK_BYTES = 2 + Q8_0_BLOCK
@@ -38,24 +38,23 @@ class Q8Table:
     exactly as `GGMLRows` expands the file's blocks: code * scale in float32, one rounding to `dtype`.
 
     A tied LM head multiplies by the same packed copy (`layers/logits.TableHead`), where it used to
-    hold an int8 copy of its own beside the table's blocks: 28 MB more for SmolLM2, 168 MB for Gemma 3.
-    Indexes like a tensor's first dimension: `table[ids]`, `table[a:b]`."""
+    hold an int8 copy of its own beside the table's blocks: 28 MB more for SmolLM2, 168 MB for
+    Gemma 3. The blocks are read and packed a chunk of rows at a time, from memory or from the file
+    (`GGMLFileRows`). Indexes like a tensor's first dimension: `table[ids]`, `table[a:b]`."""
 
-    def __init__(self, rows: GGMLRows) -> None:
+    def __init__(self, rows: GGMLRows | GGMLFileRows) -> None:
         if not self.takes(rows):
             raise ValueError("a Q8Table is made of Q8_0 blocks with a whole number of them per row")
-        n, k = rows.shape
-        blocks = rows.blocks.view(n, k // Q8_0_BLOCK, _Q8_0_BLOCK_BYTES)
-        scales = blocks[..., :2].contiguous().view(torch.float16).view(n, -1)
-        self.matmul = PackedMatmul.q8_0(_Q8Codes(blocks), scales)
+        codes = _Q8Codes(rows)
+        self.matmul = PackedMatmul.q8_0(codes, lambda: codes.scales)
         self.shape, self.dtype, self.device = rows.shape, rows.dtype, rows.device
         # Each weight is at most 127 scales in size: a bound on every row's length, for the head's error.
-        self.max_row_norm = float(127 * (Q8_0_BLOCK * scales.float().square().sum(dim=1).amax()) ** 0.5)
+        self.max_row_norm = 127 * (Q8_0_BLOCK * codes.max_square_scales) ** 0.5
 
     @staticmethod
-    def takes(rows: GGMLRows) -> bool:
+    def takes(rows: GGMLRows | GGMLFileRows) -> bool:
         return rows.qtype == gguf.GGMLQuantizationType.Q8_0 and rows.shape[1] % Q8_0_BLOCK == 0 \
-            and rows.blocks.shape[1] == rows.shape[1] // Q8_0_BLOCK * _Q8_0_BLOCK_BYTES
+            and rows.row_bytes == rows.shape[1] // Q8_0_BLOCK * _Q8_0_BLOCK_BYTES
 
     def __getitem__(self, index: torch.Tensor | slice | int) -> torch.Tensor:
         ids = index if isinstance(index, torch.Tensor) else torch.arange(self.shape[0])[index]
@@ -68,12 +67,20 @@ class Q8Table:
 
 
 class _Q8Codes:
-    """The codes of Q8_0 blocks [rows, blocks, 34] as int8 [rows, columns], a slice of rows at a
-    time (what `pack_pairs` reads), so that they are never copied whole."""
+    """The codes of a table's Q8_0 blocks as int8 [rows, columns], read a slice of rows at a time
+    (as `pack_pairs` asks for them), their scales copied into `scales` as they go by, and the
+    largest sum of a row's squared scales kept."""
 
-    def __init__(self, blocks: torch.Tensor) -> None:
-        self.blocks = blocks
-        self.shape = (blocks.shape[0], blocks.shape[1] * Q8_0_BLOCK)
+    def __init__(self, rows: GGMLRows | GGMLFileRows) -> None:
+        self.rows = rows
+        self.shape = tuple(rows.shape)
+        self.scales = torch.empty(rows.shape[0], rows.shape[1] // Q8_0_BLOCK, dtype=torch.float16)
+        self.max_square_scales = 0.0
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
-        return self.blocks[rows, :, 2:].reshape(-1, self.shape[1]).view(torch.int8)
+        blocks = self.rows.read_blocks(rows.start, rows.stop)
+        blocks = blocks.view(blocks.shape[0], -1, _Q8_0_BLOCK_BYTES)
+        scales = self.scales[rows]
+        scales.view(torch.uint8).view(*scales.shape, 2).copy_(blocks[..., :2])
+        self.max_square_scales = max(self.max_square_scales, scales.float().square().sum(dim=1).max().item())
+        return blocks[..., 2:].reshape(blocks.shape[0], -1).view(torch.int8)

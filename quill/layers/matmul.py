@@ -198,13 +198,14 @@ class PackedMatmul:
         return cls("int8", out, inp, pack_pairs(codes, convert), channel_scale=channel_scale, bias=bias)
 
     @classmethod
-    def q8_0(cls, codes: torch.Tensor, scales: torch.Tensor,
-             convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> PackedMatmul:
-        """GGML's Q8_0: codes int8 [out, in] (or what `convert` turns into them, a chunk at a time),
-        scales float16 [out, in / 32]; weight = bf16(code * scale)."""
+    def q8_0(cls, codes: torch.Tensor, scales: torch.Tensor | Callable[[], torch.Tensor]) -> PackedMatmul:
+        """GGML's Q8_0: codes int8 [out, in] (or a table whose row slices give them), scales float16
+        [out, in / 32], or a function that gives them once the codes are packed (a reader that
+        finds both in the same blocks); weight = bf16(code * scale)."""
         out, inp = codes.shape
-        return cls("q8_0", out, inp, pack_pairs(codes, convert), scales=pack_columns(scales.to(torch.float16)),
-                   group_size=32)
+        packed = pack_pairs(codes)
+        scales = scales() if callable(scales) else scales
+        return cls("q8_0", out, inp, packed, scales=pack_columns(scales.to(torch.float16)), group_size=32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         source = x

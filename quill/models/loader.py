@@ -27,7 +27,7 @@ from quill.tokenizer import Tokenizer, load_tokenizer
 from quill.weights import read_checkpoint
 from quill.weights.checkpoint import Checkpoint
 from quill.weights.hub import resolve_model
-from quill.weights.quantized import GGMLRows, QuantizedWeight
+from quill.weights.quantized import DeferredWeight, GGMLFileRows, GGMLRows, QuantizedWeight
 
 log = logging.getLogger("quill")
 
@@ -56,9 +56,10 @@ def load_model_and_tokenizer(model: str | Path, dtype: torch.dtype, device: str 
     return LoadedModel(path, network, config, load_tokenizer(path) if tokenizer else None)
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, *, keep_quantized: bool = False) -> Checkpoint:
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, *, keep_quantized: bool = False,
+                    defer_unpacking: bool = False) -> Checkpoint:
     """A checkpoint of any family Quill runs (see `quill.weights.read_checkpoint`)."""
-    return read_checkpoint(path, FAMILIES, dtype, keep_quantized=keep_quantized)
+    return read_checkpoint(path, FAMILIES, dtype, keep_quantized=keep_quantized, defer_unpacking=defer_unpacking)
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu", *,
@@ -67,7 +68,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: str | torch.device 
     and run through the CPU kernels, unless `dequantize` expands them to `dtype` (the reference
     path) or the device is a GPU, where bf16 weights are what its matmuls want."""
     device = torch.device(device)
-    checkpoint = load_checkpoint(path, dtype, keep_quantized=not dequantize and device.type == "cpu")
+    native = not dequantize and device.type == "cpu"
+    checkpoint = load_checkpoint(path, dtype, keep_quantized=native, defer_unpacking=native)
     network = build_model(checkpoint.config, checkpoint.tensors, dtype, consume=True).to(device)
     config = checkpoint.config
     del checkpoint  # the tensors now live in the network; drop the loader's references
@@ -81,13 +83,14 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype = torch.f
     `QuantizedWeight`s become native quantized layers where a kernel takes their format.
 
     With `consume`, `tensors` is emptied as the model takes them, so that each quantized weight's
-    codes are freed as soon as its layer has packed them, not at the end. With this, chunked
-    packing (`layers/matmul.pack_pairs`), the embedding table kept in its file's blocks, the LM
-    head quantized and packed a chunk at a time, glibc's heap trimmed between the layers and the
-    head, and no torch._dynamo import (`layers/embedding.token_embedding`), `LLM("smollm2")`
-    peaks at 446 MB for a process that then holds 392 (640 for 464 before those last three, and
-    697 for 490 before all of them); Gemma 3 270M Q4_K_M's at 1,018 for 780 (1,723 for 1,097 at
-    first). Measured on AMD EPYC."""
+    codes are freed as soon as its layer has packed them, not at the end. With this, weights
+    unpacked one layer at a time (`DeferredWeight`), chunked packing (`layers/matmul.pack_pairs`),
+    the embedding table kept in its file's blocks and a tied Q8_0 head multiplying by the table's
+    own packed rows (`layers/embedding.Q8Table`), glibc's heap trimmed between the layers and the
+    head, and no torch._dynamo import (`layers/embedding.token_embedding`), `LLM("smollm2")` peaks
+    at 395 MB for a process that then holds 364 (446 for 392 before the first two, 697 for 490
+    before all of them); Gemma 3 270M Q4_K_M's at 848 for 615 (1,018 for 780, and 1,723 for
+    1,097 at first), the rest of its peak being its tokenizer's construction. Measured on AMD EPYC."""
     family = FAMILIES.named(config.architecture)
     with torch.device("meta"):
         model = family.module(config)
@@ -114,21 +117,24 @@ def build_model(config: ModelConfig, tensors: dict, dtype: torch.dtype = torch.f
 
 
 def _install_embedding_rows(model: nn.Module, params: dict, config: ModelConfig) -> int:
-    """An embedding table kept in its file's blocks (`GGMLRows`) becomes a `RowsEmbedding`; a head
-    tied to it runs through the int8 kernel, its top candidates recomputed from those rows.
+    """An embedding table kept in its file's blocks (`GGMLRows`, or `GGMLFileRows` still in the
+    file) becomes a `RowsEmbedding`. A head tied to a Q8_0 one multiplies by the table's packed rows
+    (`Q8Table`); one tied to another format runs through the int8 kernel, its top candidates
+    recomputed from those rows.
     Returns the number of layers that run natively."""
     table = params.get("embed_tokens.weight")
-    if not isinstance(table, GGMLRows):
+    if not isinstance(table, (GGMLRows, GGMLFileRows)):
         return 0
     del params["embed_tokens.weight"]
     tied = config.tie_word_embeddings
     if tied and kernel_available() and Q8Table.takes(table):
         # One packed copy for both: the head multiplies by the table's own rows.
         shared = Q8Table(table)
-        del table  # the file's blocks: the packed copy replaces them
         model.embed_tokens, model.lm_head = RowsEmbedding(shared), TableHead(shared)
         log.info("LM head runs through the q8_0 kernel on the embedding table's own packed rows")
         return 1
+    if isinstance(table, GGMLFileRows):
+        table = table.load()
     model.embed_tokens = RowsEmbedding(table)
     if not tied:
         return 0
@@ -143,8 +149,12 @@ def _install_quantized_layers(model: nn.Module, params: dict, dtype: torch.dtype
     format with no kernel is expanded to `dtype`, and the load log says which and how many.
     Returns the number of layers that run natively."""
     native, expanded = Counter(), Counter()
-    for name in [name for name, value in params.items() if isinstance(value, QuantizedWeight)]:
+    for name in [name for name, value in params.items() if isinstance(value, (QuantizedWeight, DeferredWeight))]:
         weight = params[name]
+        if isinstance(weight, DeferredWeight):
+            weight = params[name] = weight.load()  # one layer unpacked at a time
+            if not isinstance(weight, QuantizedWeight):
+                continue  # shards of different groups, fused as floats (`_concat`)
         layer_name = name.removesuffix(".weight")
         bias = params.get(layer_name + ".bias")
         layer = quantized_linear(weight, None if bias is None else bias.to(dtype))
@@ -187,9 +197,12 @@ def _quill_tensors(tensors: dict, tied: bool) -> dict:
     return out
 
 
-def _concat(parts: list) -> torch.Tensor | QuantizedWeight:
+def _concat(parts: list) -> torch.Tensor | QuantizedWeight | DeferredWeight:
     """Fuse shards along the output dimension; quantized shards stay quantized when they share a
-    format, and are expanded (then fused as floats) when they do not."""
+    format, and are expanded (then fused as floats) when they do not. Deferred shards are fused
+    when loaded."""
+    if any(isinstance(p, DeferredWeight) for p in parts):
+        return DeferredWeight.concat(parts, _concat)
     if all(isinstance(p, QuantizedWeight) for p in parts):
         fused = QuantizedWeight.concat(parts)
         if fused is not None:

@@ -19,12 +19,13 @@ if TYPE_CHECKING:  # torch is only needed once a checkpoint is actually read
 
 
 def read_checkpoint(path: str | Path, families: "Families", dtype: "torch.dtype | None" = None, *,
-                    keep_quantized: bool = False) -> Checkpoint:
+                    keep_quantized: bool = False, defer_unpacking: bool = False) -> Checkpoint:
     """Load a `.gguf` file or a Hugging Face directory (config.json + *.safetensors).
 
     Float tensors come back as float32, or as `dtype` when given: converting each tensor as it
     is read keeps the peak memory of loading near the size of the final model. With
-    `keep_quantized`, GGUF weights in a natively supported format stay quantized."""
+    `keep_quantized`, GGUF weights in a natively supported format stay quantized; with
+    `defer_unpacking` too, GGML blocks come back as `DeferredWeight`s, unpacked when loaded."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model path does not exist: {path}")
@@ -34,4 +35,4 @@ def read_checkpoint(path: str | Path, families: "Families", dtype: "torch.dtype 
         return load_hf_directory(path, families, dtype)
     from quill.weights.gguf import load_gguf
 
-    return load_gguf(path, families, dtype, keep_quantized=keep_quantized)
+    return load_gguf(path, families, dtype, keep_quantized=keep_quantized, defer_unpacking=defer_unpacking)

@@ -20,7 +20,7 @@ import torch
 
 from quill.config import ModelConfig
 from quill.errors import ModelLoadError, UnsupportedModelError
-from quill.weights.quantized import QuantizedWeight
+from quill.weights.quantized import DeferredWeight, QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class InterleavedRope:
         heads = self._heads(hf_name, config)
         if heads is None:
             return tensor
-        if isinstance(tensor, QuantizedWeight):  # rows move whole: permute them by index
+        if isinstance(tensor, (QuantizedWeight, DeferredWeight)):  # rows move whole: permute them by index
             return tensor.select_rows(self._unpermute(torch.arange(tensor.shape[0]), heads))
         return self._unpermute(tensor, heads)
 

@@ -15,6 +15,7 @@ with raw numpy/struct errors. Dequantization uses `gguf.quants`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import struct
@@ -33,7 +34,7 @@ from quill.weights.checkpoint import Checkpoint
 from quill.weights.family import Families, GGUFKeys, ModelFamily
 from quill.weights.gguf_quant import CODES, NATIVE_GGML_TYPES, OFFSETS, SCALES, quill_quantized, repack_ggml
 from quill.weights.layout import check_shapes
-from quill.weights.quantized import GGMLRows, QuantizedWeight
+from quill.weights.quantized import DeferredWeight, GGMLFileRows, GGMLRows, QuantizedWeight
 
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -216,15 +217,19 @@ def read_gguf_tensor_types(path: str | Path) -> dict[str, str]:
 
 def _read_raw(f: BinaryIO, info: GGUFTensorInfo, path: Path) -> np.ndarray:
     """The tensor's bytes as uint8 [rows, bytes per row]."""
-    if info.nbytes is None:
-        raise UnsupportedModelError(
-            f"{path.name}: tensor {info.name} has shape {info.shape}, which is not whole {_type_name(info)} blocks"
-        )
+    _check_whole_blocks(info, path)
     raw = np.empty(info.nbytes, dtype=np.uint8)
     f.seek(info.offset)
     if f.readinto(raw) != info.nbytes:
         raise ModelLoadError(f"{path.name}: tensor {info.name} is cut short; the file is truncated")
     return raw.reshape(math.prod(info.shape[:-1]), -1)
+
+
+def _check_whole_blocks(info: GGUFTensorInfo, path: Path) -> None:
+    if info.nbytes is None:
+        raise UnsupportedModelError(
+            f"{path.name}: tensor {info.name} has shape {info.shape}, which is not whole {_type_name(info)} blocks"
+        )
 
 
 def _ggml_type(info: GGUFTensorInfo, path: Path) -> gguf.GGMLQuantizationType:
@@ -318,10 +323,12 @@ def _rope_scaling(key, head_dim: int, rope_theta: float, rope_freqs: np.ndarray 
 
 
 def load_gguf(path: str | Path, families: Families, dtype: torch.dtype | None = None, *,
-              keep_quantized: bool = False) -> Checkpoint:
+              keep_quantized: bool = False, defer_unpacking: bool = False) -> Checkpoint:
     """Read a GGUF file into float32 (or `dtype`) tensors with Hugging Face names, layout and
     conventions. With `keep_quantized`, weights in a format Quill multiplies natively (see
-    `gguf_quant.py`) come back as `QuantizedWeight`s instead; the embedding table stays float."""
+    `gguf_quant.py`) come back as `QuantizedWeight`s instead (`DeferredWeight`s, with
+    `defer_unpacking`: the file's bytes, unpacked when loaded); the embedding table stays in the
+    file's blocks (`GGMLRows`; with `defer_unpacking`, in the file until read, `GGMLFileRows`)."""
     path = Path(path)
     metadata, infos = _read_header(path)
     architecture = metadata.get("general.architecture")
@@ -341,14 +348,16 @@ def load_gguf(path: str | Path, families: Families, dtype: torch.dtype | None = 
                 raise ModelLoadError(f"{path.name}: invalid model metadata: {exc}") from exc
             # Check names and shapes before reading anything; tensors the model does not use are skipped.
             wanted = family.tensors(config)
-            reader = _TensorReader(f, path, metadata, infos, keep_quantized, dtype or torch.float32)
+            reader = _TensorReader(f, path, metadata, infos, keep_quantized, dtype or torch.float32, defer_unpacking)
             check_shapes({t.gguf: t.gguf_shape for t in wanted}, reader.shapes(), path.name)
             tensors = {}
             for spec in wanted:
                 stored = reader.read(spec.gguf)
+                if spec.experts and isinstance(stored, DeferredWeight):  # split by expert: unpack once
+                    stored = stored.load()
                 for hf_name, tensor in zip(spec.hf_names, _unstack(stored, spec.experts)):
                     tensor = family.from_gguf(hf_name, tensor, config)
-                    quantized = isinstance(tensor, (QuantizedWeight, GGMLRows))
+                    quantized = isinstance(tensor, (QuantizedWeight, DeferredWeight, GGMLRows, GGMLFileRows))
                     tensors[hf_name] = tensor if quantized else tensor.to(dtype or torch.float32)
     except OSError as exc:
         raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from exc
@@ -371,8 +380,9 @@ class _TensorReader:
     `W.scales`, `W.offsets`), which stand for one weight `W`."""
 
     def __init__(self, f: BinaryIO, path: Path, metadata: dict[str, Any], infos: dict[str, GGUFTensorInfo],
-                 keep_quantized: bool, dtype: torch.dtype) -> None:
+                 keep_quantized: bool, dtype: torch.dtype, defer_unpacking: bool = False) -> None:
         self.f, self.path, self.infos, self.keep_quantized = f, path, infos, keep_quantized
+        self.defer_unpacking = defer_unpacking
         self.dtype = dtype  # for matrices, which a family only permutes (exact in any type)
         self.quill_type = metadata.get("quill.quantization.type")
         self.quill_weights = {name.removesuffix(CODES) for name in infos if name.endswith(CODES)}
@@ -409,9 +419,18 @@ class _TensorReader:
             return weight if self.keep_quantized else weight.dequantize()
         info = self.infos[name]
         if self.keep_quantized and info.type_id in NATIVE_GGML_TYPES and len(info.shape) >= 2:
-            rows = _read_raw(self.f, info, self.path)
             if name == "token_embd.weight":  # a lookup table, not a matmul: rows expand when read
-                return GGMLRows(torch.from_numpy(rows), info.type_id, info.shape[-1], self.dtype)
-            return repack_ggml(rows, gguf.GGMLQuantizationType(info.type_id), (rows.shape[0], info.shape[-1]))
+                if self.defer_unpacking:
+                    _check_whole_blocks(info, self.path)
+                    rows = math.prod(info.shape[:-1])
+                    return GGMLFileRows(self.path, info.offset, rows, info.nbytes // rows, info.type_id,
+                                        info.shape[-1], self.dtype)
+                return GGMLRows(torch.from_numpy(_read_raw(self.f, info, self.path)), info.type_id, info.shape[-1],
+                                self.dtype)
+            rows = _read_raw(self.f, info, self.path)
+            qtype, shape = gguf.GGMLQuantizationType(info.type_id), (rows.shape[0], info.shape[-1])
+            if self.defer_unpacking:
+                return DeferredWeight(shape, functools.partial(repack_ggml, rows, qtype, shape))
+            return repack_ggml(rows, qtype, shape)
         # Vectors stay float32 until the family has converted them (norm offsets are arithmetic).
         return _dequantize(self.f, info, self.path, self.dtype if len(info.shape) >= 2 else torch.float32)

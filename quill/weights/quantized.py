@@ -7,10 +7,16 @@ readers, writers and layers can all import it without importing one another.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import gguf
+import numpy as np
 import torch
+
+from quill.errors import ModelLoadError
 
 
 @dataclass
@@ -52,6 +58,33 @@ class QuantizedWeight:
                                "+".join(sources))
 
 
+class DeferredWeight:
+    """A quantized weight read from its file but not yet unpacked: `load()` makes the
+    `QuantizedWeight`. Unpacked, a weight holds a byte per code and float32 scales and offsets,
+    twice a 4-bit file's bytes, so a loader that unpacked every layer before installing the first
+    held the model twice over; deferred, a load holds the file's own bytes and one layer unpacked
+    at a time (`quill.models.loader`). Row selections (a family's reordering) and fusions
+    (`concat`) are deferred with it."""
+
+    def __init__(self, shape: tuple[int, int], make: Callable[[], QuantizedWeight]) -> None:
+        self.shape = torch.Size(shape)
+        self._make = make
+
+    def load(self) -> QuantizedWeight:
+        return self._make()
+
+    def select_rows(self, index: torch.Tensor) -> DeferredWeight:
+        return DeferredWeight(self.shape, lambda: self.load().select_rows(index))
+
+    @staticmethod
+    def concat(parts: list, combine: Callable[[list], Any]) -> DeferredWeight:
+        """`combine` (a fusion of shards along the output dimension) of `parts`, some of them
+        deferred, when loaded."""
+        rows = sum(p.shape[0] for p in parts)
+        return DeferredWeight((rows, parts[0].shape[1]),
+                              lambda: combine([p.load() if isinstance(p, DeferredWeight) else p for p in parts]))
+
+
 class GGMLRows:
     """A matrix kept in the GGML blocks its file stores, each row expanded to `dtype` when read.
 
@@ -71,3 +104,37 @@ class GGMLRows:
         blocks = self.blocks[index]
         values = gguf.quants.dequantize(blocks.reshape(-1, self.blocks.shape[1]).numpy(), self.qtype)
         return torch.from_numpy(values).to(self.dtype).reshape(*blocks.shape[:-1], self.shape[1])
+
+    @property
+    def row_bytes(self) -> int:
+        return self.blocks.shape[1]
+
+    def read_blocks(self, start: int, stop: int) -> torch.Tensor:
+        """The blocks of rows start..stop, uint8 [rows, row_bytes]."""
+        return self.blocks[start:stop]
+
+
+class GGMLFileRows:
+    """A `GGMLRows` table still in its file: `read_blocks` reads a run of its rows, `load` all of
+    them. A table the loader repacks anyway (a Q8_0 one its LM head is tied to,
+    `quill.layers.embedding.Q8Table`) is then read a chunk at a time and never held whole beside
+    its packed copy: for Gemma 3, 178 MB less at the load's peak."""
+
+    def __init__(self, path: Path, offset: int, rows: int, row_bytes: int, qtype: int, columns: int,
+                 dtype: torch.dtype) -> None:
+        self.path, self.offset, self.row_bytes = path, offset, row_bytes
+        self.qtype, self.dtype = qtype, dtype
+        self.shape = torch.Size((rows, columns))
+        self.device = torch.device("cpu")
+
+    def read_blocks(self, start: int, stop: int) -> torch.Tensor:
+        stop = min(stop, self.shape[0])
+        blocks = np.empty((max(stop - start, 0), self.row_bytes), dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + start * self.row_bytes)
+            if f.readinto(blocks) != blocks.nbytes:
+                raise ModelLoadError(f"{self.path.name}: its token embedding table is cut short; the file is truncated")
+        return torch.from_numpy(blocks)
+
+    def load(self) -> GGMLRows:
+        return GGMLRows(self.read_blocks(0, self.shape[0]), self.qtype, self.shape[1], self.dtype)
