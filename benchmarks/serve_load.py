@@ -48,6 +48,7 @@ from quill.bench.servers import (
     free_port,
     llama_cpp_command,
     llama_server_command,
+    peak_rss_mb,
     quill_serve_command,
     started_server,
 )
@@ -125,8 +126,10 @@ def measure_started(name: str, command: list[str], port: int, ready_path: str, l
     """Start a server, run the load against it once it answers `ready_path`, stop it."""
     url = f"http://127.0.0.1:{port}"
     print(f"starting {name} ({Path(command[0]).name} ...) on {url} ...", file=sys.stderr, flush=True)
-    with started_server(command, url, ready_path, log, timeout=180.0):
-        return measure(name, url, args)
+    with started_server(command, url, ready_path, log, timeout=180.0) as process:
+        results = measure(name, url, args)
+        peak = peak_rss_mb(process.pid)  # the server's own, from its start to the end of the load
+    return {key: result | {"server_peak_rss_mb": peak} for key, result in results.items()}
 
 
 def main() -> int:
@@ -195,11 +198,12 @@ def print_table(results: dict[str, dict]) -> None:
         return "n/a" if value is None else f"{value * 1000:.0f}"
 
     header = ("server", "clients", "ok", "tokens", "tok/stream", "wall s", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
-              "e2e p50 ms", "ITL p50 ms", "ITL p99 ms", "cut")
+              "e2e p50 ms", "ITL p50 ms", "ITL p99 ms", "cut", "peak RSS MB")
     rows = [(name, str(r["clients"]), str(r["completed"]), str(r["output_tokens"]),
              f"{r['mean_tokens_per_stream']:.0f}", f"{r['wall_seconds']:.1f}", f"{r['output_tokens_per_second']:.1f}",
              ms(r["ttft_p50"]), ms(r["ttft_p99"]), ms(r["e2e_p50"]), ms(r["itl_p50"]), ms(r["itl_p99"]),
-             "n/a" if r["requests_cut_short"] is None else f"{r['requests_cut_short']:.0f}")
+             "n/a" if r["requests_cut_short"] is None else f"{r['requests_cut_short']:.0f}",
+             "n/a" if r.get("server_peak_rss_mb") is None else f"{r['server_peak_rss_mb']:.0f}")
             for name, r in results.items()]
     print(format_table(header, rows, numeric=True))
     for name, r in results.items():

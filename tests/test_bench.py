@@ -12,6 +12,7 @@ from quill import cli
 from quill.bench.client import RequestResult
 from quill.bench.command import _split_label
 from quill.bench.report import format_report, percentile, summarize_level
+from quill.bench.servers import peak_rss_mb
 from quill.bench.workload import WorkloadError, load_jsonl, poisson_arrivals, synthetic_workload, take
 from quill.cost import REFERENCE_PRICES
 from quill.server import BackgroundServer, ServerConfig, create_app
@@ -152,3 +153,15 @@ def test_bench_reports_failures(server_url, tmp_path, capsys):
     assert cli.main(argv) == 1
     assert "2 failed, e.g. HTTP 400" in capsys.readouterr().out
     assert httpx.get(f"{server_url}/health").status_code == 200
+
+
+def test_a_servers_peak_memory_is_read_from_proc_and_none_for_no_such_process():
+    import os
+    import resource
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("VmHWM is Linux's")
+    peak = peak_rss_mb(os.getpid())
+    assert peak == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rel=0.05)
+    assert peak_rss_mb(2 ** 22 + 12345) is None  # above Linux's largest pid

@@ -54,6 +54,19 @@ def started_server(command: list[str], base_url: str, ready_path: str, log_path:
                     process.wait()
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """A process's peak resident memory so far (Linux's VmHWM), in MB; None where /proc has no such
+    process or field (another OS)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def quill_serve_command(model: str, port: int, *options: str) -> list[str]:
     """`quill serve MODEL` on a loopback port, with a queue long enough for any benchmark level."""
     return [sys.executable, "-m", "quill.cli", "serve", model, "--port", str(port), "--max-queue", "4096", *options]
