@@ -42,9 +42,9 @@ def int8_lm_head(weight: torch.Tensor) -> Int8Linear:
 class TableHead(InferenceModule):
     """The LM head tied to a `Q8Table`, multiplying by the table's own packed rows: no copy of its
     own, and no approximation of the weights either. Its logits are the exact ones summed in the
-    kernel's order rather than `fixed_order_dot`'s (and, for a float32 model, with weights and
-    activations rounded to bf16), then rounded to bf16 like any bf16 product's; the rows near the
-    maximum are recomputed as every head's are. Against the int8 head this replaced (SmolLM2, AMD
+    kernel's order rather than `fixed_order_dot`'s, then rounded to bf16 like any bf16 product's
+    (for a float32 model: not rounded, but with weights and activations rounded to bf16 first);
+    the rows near the maximum are recomputed as every head's are. Against the int8 head this replaced (SmolLM2, AMD
     EPYC): the same speed, 28 MB less memory; Gemma 3's, 168 MB less."""
 
     def __init__(self, table: Q8Table) -> None:
