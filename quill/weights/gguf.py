@@ -34,7 +34,7 @@ from quill.weights.checkpoint import Checkpoint
 from quill.weights.family import Families, GGUFKeys, ModelFamily
 from quill.weights.gguf_quant import CODES, NATIVE_GGML_TYPES, OFFSETS, SCALES, quill_quantized, repack_ggml
 from quill.weights.layout import check_shapes
-from quill.weights.quantized import DeferredWeight, GGMLFileRows, GGMLRows, QuantizedWeight
+from quill.weights.quantized import DeferredWeight, GGMLFileRows, GGMLRows, QuantizedWeight, read_into
 
 _MAGIC = b"GGUF"
 _DEFAULT_ALIGNMENT = 32
@@ -219,9 +219,7 @@ def _read_raw(f: BinaryIO, info: GGUFTensorInfo, path: Path) -> np.ndarray:
     """The tensor's bytes as uint8 [rows, bytes per row]."""
     _check_whole_blocks(info, path)
     raw = np.empty(info.nbytes, dtype=np.uint8)
-    f.seek(info.offset)
-    if f.readinto(raw) != info.nbytes:
-        raise ModelLoadError(f"{path.name}: tensor {info.name} is cut short; the file is truncated")
+    read_into(f, info.offset, raw, f"{path.name}: tensor {info.name}")
     return raw.reshape(math.prod(info.shape[:-1]), -1)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import gguf
 import numpy as np
@@ -56,6 +56,14 @@ class QuantizedWeight:
         return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
                                torch.cat([p.offsets for p in parts]), max(p.bits for p in parts), first.group_size,
                                "+".join(sources))
+
+
+def read_into(f: BinaryIO, offset: int, out: np.ndarray, what: str) -> None:
+    """Fill `out` with the bytes of `f` from `offset`; a ModelLoadError naming `what` if the file
+    ends first."""
+    f.seek(offset)
+    if f.readinto(out) != out.nbytes:
+        raise ModelLoadError(f"{what} is cut short; the file is truncated")
 
 
 class DeferredWeight:
@@ -131,9 +139,7 @@ class GGMLFileRows:
         stop = min(stop, self.shape[0])
         blocks = np.empty((max(stop - start, 0), self.row_bytes), dtype=np.uint8)
         with open(self.path, "rb") as f:
-            f.seek(self.offset + start * self.row_bytes)
-            if f.readinto(blocks) != blocks.nbytes:
-                raise ModelLoadError(f"{self.path.name}: its token embedding table is cut short; the file is truncated")
+            read_into(f, self.offset + start * self.row_bytes, blocks, f"{self.path.name}: its token embedding table")
         return torch.from_numpy(blocks)
 
     def load(self) -> GGMLRows:
