@@ -51,18 +51,17 @@ class TableHead(InferenceModule):
         super().__init__()
         self.exact_weight = table  # the rows the candidates are recomputed from
         self.matmul = table.matmul
-        self.max_row_norm = table.max_row_norm
-        # Two float32 sums of the same k exact products differ by at most 2k * 2**-24 * sum |w_i x_i|.
+        # Two float32 sums of the same k exact products differ by at most 2k * 2**-24 * sum |w_i x_i|,
+        # and sum |w_i x_i| is at most |w|_2 |x|_2: the bound is this times |x|_2.
         rounding = 0.0 if table.dtype == torch.bfloat16 else 2.0 ** -8
-        self.relative_error = rounding + 2 * table.shape[1] * 2.0 ** -24
+        self.error_per_unit_x = (rounding + 2 * table.shape[1] * 2.0 ** -24) * table.max_row_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x)
 
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        """[rows, 1]: how far outputs (before their rounding to bf16) can be from the exact
-        logits; sum |w_i x_i| is at most |w|_2 |x|_2."""
-        return self.relative_error * self.max_row_norm * x.float().norm(dim=-1, keepdim=True)
+        """[rows, 1]: how far outputs (before their rounding to bf16) can be from the exact logits."""
+        return self.error_per_unit_x * x.float().norm(dim=-1, keepdim=True)
 
 
 def lm_head_logits(lm_head: nn.Module, hidden: torch.Tensor, *,
