@@ -4,6 +4,7 @@ preemption, n > 1, logprobs, stop strings, speculative decoding) without changin
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 
@@ -102,6 +103,27 @@ def test_penalties_and_bias_cannot_break_the_grammar(llama):
 
 
 # --------------------------------------------------------------------------- invariance
+def test_vetted_greedy_picks_are_the_masked_picks(llama):
+    """Greedy requests without logprobs pick unmasked and have the pick vetted (see
+    quill/structured/decoding.py); with logprobs=0 the same requests are masked up front. The random
+    model's argmax often breaks the grammar, so both outcomes of the vetting occur; bias, penalties and
+    min_tokens act on the rows either way."""
+    eos = next(iter(tiny_text_engine(llama).tokenizer.eos_token_ids))
+    params = _constrained(temperature=0) + [
+        SamplingParams(json_schema=PERSON, max_tokens=60, temperature=0, repetition_penalty=1.5,
+                       frequency_penalty=1.0, logit_bias={eos: 100.0, 128: 100.0}),
+        SamplingParams(choice=["Hello", "world"], temperature=0, min_tokens=5),
+        *(SamplingParams(json_schema=s, temperature=0, max_tokens=80) for s in property_test_schemas(40))]
+    vetted_engine, masked_engine = tiny_text_engine(llama, max_num_seqs=64), tiny_text_engine(llama, max_num_seqs=64)
+    prompts = ["Hello world"] * len(params)
+    vetted = run_outputs(vetted_engine, prompts, params)
+    masked = run_outputs(masked_engine, prompts, [dataclasses.replace(p, logprobs=0) for p in params])
+    assert [o.token_ids for o in vetted] == [o.token_ids for o in masked]
+    stats = vetted_engine.stats().structured
+    assert 0 < stats.vetted_picks_masked < stats.vetted_picks == sum(len(o.token_ids) for o in vetted)
+    assert masked_engine.stats().structured.vetted_picks == 0
+
+
 def _mixed_batch() -> tuple[list[str], list[SamplingParams]]:
     """16 requests: constrained greedy ones (the subject) among sampled and unconstrained ones."""
     greedy = _constrained(temperature=0)
@@ -266,8 +288,10 @@ def test_stats_count_requests_compiles_cache_hits_and_masks(llama):
     assert stats.num_constrained_requests == 4
     assert (stats.grammar_cache_misses, stats.grammar_cache_hits) == (2, 2)
     assert stats.grammar_compile_seconds > 0
-    sampled_positions = sum(len(o.token_ids) for o in outputs[:3]) + 2 * 2
-    assert stats.mask_seconds_count == sampled_positions == stats.mask_seconds_buckets[-1][1]
+    greedy_picks = sum(len(o.token_ids) for o in outputs[:3])  # vetted; the random model's are often rejected
+    assert stats.vetted_picks == greedy_picks and 0 < stats.vetted_picks_masked < greedy_picks
+    masked_positions = stats.vetted_picks_masked + 2 * 2  # the sampled "ab"s: masked up front
+    assert stats.mask_seconds_count == masked_positions == stats.mask_seconds_buckets[-1][1]
     assert stats.mask_seconds_sum > 0 and stats.mask_wait_seconds >= 0
 
 

@@ -5,12 +5,17 @@ modest), and SmolLM2's constrained greedy output is the same alone, in a busy ba
 n-gram speculation."""
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
+import random
 
 import jsonschema
 import pytest
+import torch
 
 from quill import LLM, SamplingParams
+from quill.structured import TokenMasks
 from quill.structured.tools import parse_tool_calls, tool_choice_grammar
 from structured_schemas import property_test_schemas, validate
 
@@ -73,6 +78,47 @@ def test_every_output_validates_against_its_schema(model, count, request):
     assert llm.engine.kv_cache.num_free_blocks == llm.engine.kv_cache.num_blocks
 
 
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_vet_gives_the_masked_greedy_pick(model, request):
+    """`GrammarMatcher.vet` (how greedy picks skip their masks) against llguidance's masks, on the
+    real vocabularies, at every position of real outputs, for the chosen token, EOS and samples of
+    each mask's allowed and forbidden tokens: where it names a pick, the mask allows that pick, and
+    a forced token is the mask's only one; where the grammar forces no bytes, it names a token with
+    bytes exactly when the mask allows it."""
+    llm: LLM = request.getfixturevalue(model)
+    structured, vocab = llm.engine.structured, llm.engine.structured.compiler.vocab_size
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    params = [SamplingParams(json_schema=s, temperature=0, max_tokens=MAX_TOKENS) for s in SCHEMAS[:12]] + [
+        SamplingParams(grammar=tool_choice_grammar(tools, "required", parallel_tool_calls=False), temperature=0,
+                       max_tokens=MAX_TOKENS),
+        SamplingParams(regex=r"[A-Z][a-z]{2,8} [0-9]{1,2}", temperature=0, max_tokens=12)]
+    outputs = _run(llm, [_prompt(llm)] * len(params), params)
+    rng, row = random.Random(0), torch.empty(structured.words, dtype=torch.int32)
+    cases = collections.Counter()
+    for output, p in zip(outputs, params):
+        (matcher,) = structured.matchers(p.constraint, 1)
+        for token in output.token_ids:
+            forced = bool(matcher._matcher.compute_ff_bytes())
+            matcher.fill_mask(row)
+            allowed = TokenMasks([0], row[None]).allowed(vocab)[0]
+            allowed_ids = allowed.nonzero().flatten().tolist()
+            checked = {token, *llm.tokenizer.eos_token_ids, *rng.sample(allowed_ids, min(48, len(allowed_ids))),
+                       *rng.sample(range(vocab), 48)}
+            for t in checked:
+                pick = matcher.vet(t)
+                where = (p, output.token_ids, token, t, pick)
+                if forced:
+                    assert pick is None or allowed_ids == [pick], where
+                elif t not in structured.compiler._unvettable:
+                    assert (pick == t) == bool(allowed[t]) and pick in (t, None), where
+                else:
+                    assert pick is None, where
+            cases["free" if not forced else "forced token" if matcher.vet(token) is not None else "mask"] += 1
+            assert matcher.advance(token)
+    assert cases["free"] > 50 and cases["forced token"] > 50, cases  # both shortcuts were tried
+
+
 def _mixed_requests(llm: LLM) -> tuple[list, list[SamplingParams]]:
     """16 requests: 8 constrained greedy ones (the subjects) among sampled and free ones."""
     subjects = [SamplingParams(json_schema=s, temperature=0, max_tokens=MAX_TOKENS) for s in SCHEMAS[:4]] + [
@@ -95,6 +141,10 @@ def test_smollm2_constrained_greedy_is_the_same_alone_in_a_batch_and_with_specul
     alone = [_run(smollm2, [prompt], [p])[0] for prompt, p in zip(prompts, params) if p.greedy]
     together = [o for o, p in zip(_run(smollm2, prompts, params), params) if p.greedy]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    # logprobs=0 masks a greedy request up front, where without logprobs its pick is vetted after sampling.
+    masked = [o for o, p in zip(_run(smollm2, prompts, [dataclasses.replace(p, logprobs=0) if p.greedy else p
+                                                        for p in params]), params) if p.greedy]
+    assert [o.token_ids for o in masked] == [o.token_ids for o in alone]
     speculative = LLM(smollm2_gguf, speculative="ngram")
     speculated = [o for o, p in zip(_run(speculative, prompts, params), params) if p.greedy]
     assert [o.token_ids for o in speculated] == [o.token_ids for o in alone]
@@ -110,6 +160,8 @@ def test_smollm2_tool_call_round_trip(smollm2):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     grammar = tool_choice_grammar(tools, "required", parallel_tool_calls=False)
     out = smollm2.chat(messages, SamplingParams(grammar=grammar, temperature=0, max_tokens=64), tools=tools)
+    masked = smollm2.chat(messages, SamplingParams(grammar=grammar, temperature=0, max_tokens=64, logprobs=0), tools=tools)
+    assert masked.token_ids == out.token_ids  # the vetted picks are the masked ones (here ' {' once was not)
     message = parse_tool_calls(out.text, "hermes")
     assert out.finish_reason == "stop" and len(message.tool_calls) == 1
     call = message.tool_calls[0]

@@ -6,11 +6,13 @@ at the end of the previous step are verified by this step's forward, the KV of r
 rolled back, and new drafts are proposed for the next step.
 
 Structured output (`quill.structured`): the grammar masks of the step's constrained requests are
-filled on a worker thread while the forward pass runs, applied before sampling, and each committed
-token advances its request's matcher; a complete grammar ends the request ("stop"), a grammar that
+filled on a worker thread while the forward pass runs, applied before sampling (greedy picks are
+instead vetted after it: see quill/structured/decoding.py), and each committed token advances its
+request's matcher; a complete grammar ends the request ("stop"), a grammar that
 breaks mid-output ends that completion alone ("error", with `RequestOutput.error`)."""
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ from quill.errors import InvalidRequestError, StructuredOutputError
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
 from quill.speculative import SpeculativeStats, Speculator, build_speculator
-from quill.structured import StructuredDecoding, StructuredStats, TokenMasks
+from quill.structured import MaskJob, StructuredDecoding, StructuredStats
 
 
 @dataclass
@@ -202,9 +204,8 @@ class Engine:
             if request.num_computed_tokens <= request.num_prompt_tokens:
                 num_prefill += num_new
         self._num_prompt_tokens += num_prefill
-        masks = self.structured.collect(mask_job, to_sample) if self.structured else None
         outputs = [self._append_tokens(request, tokens, logprobs, now)
-                   for request, (tokens, logprobs) in zip(to_sample, self._sample(to_sample, logits, masks))]
+                   for request, (tokens, logprobs) in zip(to_sample, self._sample(to_sample, logits, mask_job))]
         if self.speculator is not None:
             self.speculator.propose([r for r in to_sample if r.status is RequestStatus.RUNNING],
                                     self.structured.draft_prefix if self.structured else None)
@@ -219,15 +220,18 @@ class Engine:
         self._decode_seconds += seconds - prefill
 
     def _sample(self, requests: list[Request], logits: torch.Tensor,
-                masks: TokenMasks | None) -> list[tuple[list[int], list]]:
+                mask_job: MaskJob | None) -> list[tuple[list[int], list]]:
         """The tokens (and logprob records) each request commits this step."""
         eos_ids = self.tokenizer.eos_token_ids if self.tokenizer is not None else frozenset()
         if not any(r.draft_token_ids for r in requests):
             # On the CPU the plain sampler; on a GPU its tensor-op twin, which copies back only the
             # chosen tokens (and logprobs asked for) instead of the logits.
-            sampler = sample if logits.device.type == "cpu" else sample_on_device
-            tokens, logprobs = sampler(logits, requests, eos_ids, masks)
+            sampler = functools.partial(sample if logits.device.type == "cpu" else sample_on_device,
+                                        eos_token_ids=eos_ids)
+            tokens, logprobs = (self.structured.sample(mask_job, requests, logits, sampler) if self.structured
+                                else sampler(logits, requests))
             return [([t], [lp]) for t, lp in zip(tokens, logprobs)]
+        masks = self.structured.collect(mask_job, requests) if self.structured else None
         verdicts = self.speculator.verify(logits.cpu(), requests, eos_ids, masks)
         for request, verdict in zip(requests, verdicts):
             if request.draft_token_ids:  # keep the accepted drafts' KV, release the rejected ones'

@@ -117,8 +117,13 @@ class _EngineCollector:
         yield _counter("quill:structured_grammar_compile_seconds", "Time spent compiling grammars.", label,
                        stats.grammar_compile_seconds)
         yield _counter("quill:structured_mask_wait_seconds",
-                       "Time the engine waited for token masks after the forward pass (constraint cost not hidden).",
-                       label, stats.mask_wait_seconds)
+                       "Time the engine waited for token masks after the forward pass, or vetted greedy picks "
+                       "(constraint cost not hidden).", label, stats.mask_wait_seconds)
+        yield _counter("quill:structured_vetted_picks", "Greedy constrained picks made unmasked and vetted.", label,
+                       stats.vetted_picks)
+        yield _counter("quill:structured_vetted_picks_masked",
+                       "Vetted greedy picks the grammar's mask then decided (picked again under it).", label,
+                       stats.vetted_picks_masked)
         masks = HistogramMetricFamily("quill:structured_mask_seconds", "Time to compute one token mask.",
                                       labels=list(label))
         buckets = [("+Inf" if bound == float("inf") else repr(bound), count) for bound, count in stats.mask_seconds_buckets]

@@ -5,13 +5,14 @@
 - `compiler.py`: grammars compiled for a model's tokenizer, cached by key (LRU);
 - `matcher.py`: one sequence's matcher (advance, masks, rollback), and why llguidance;
 - `masks.py`: a step's masks over the logits rows; `stats.py`: counters for metrics;
-- `decoding.py`: what the engine talks to (masks filled on a worker during the forward pass);
+- `decoding.py`: what the engine talks to (masks filled on a worker during the forward pass, greedy
+  picks vetted after it);
 - `tools.py`: tool calling: grammars for `tool_choice`, native-format parsers, streaming deltas,
   the fallback prompt for chat templates without tools.
 """
 from quill.structured.constraints import Constraint, constraint_from_fields
-from quill.structured.decoding import StructuredDecoding
+from quill.structured.decoding import MaskJob, StructuredDecoding
 from quill.structured.masks import TokenMasks
 from quill.structured.stats import StructuredStats
 
-__all__ = ["Constraint", "StructuredDecoding", "StructuredStats", "TokenMasks", "constraint_from_fields"]
+__all__ = ["Constraint", "MaskJob", "StructuredDecoding", "StructuredStats", "TokenMasks", "constraint_from_fields"]

@@ -78,8 +78,10 @@ class GrammarMatcher:
     """A wrapper over `llguidance.LLMatcher` with the operations the engine uses. Its methods are
     called from one thread at a time (the engine thread, or the mask worker while it owns it)."""
 
-    def __init__(self, matcher) -> None:
+    def __init__(self, matcher, unvettable: frozenset[int] = frozenset(), forcing: bool = True) -> None:
         self._matcher = matcher
+        self._unvettable = unvettable  # see `vet`
+        self._forcing = forcing  # False: the grammar has llguidance's no_forcing option
 
     def advance(self, token_id: int) -> bool:
         """Consume a committed token. False if the grammar rejects it (the matcher is then broken)."""
@@ -88,6 +90,28 @@ class GrammarMatcher:
     def valid_prefix(self, token_ids: list[int]) -> int:
         """How many of `token_ids` the grammar accepts in a row from here (nothing is consumed)."""
         return self._matcher.validate_tokens(token_ids) if token_ids else 0
+
+    def vet(self, token_id: int) -> int | None:
+        """The token a greedy pick under the next mask (`fill_mask`) takes, given `token_id`, the pick
+        made without it; None when only the mask can tell. Microseconds, where SmolLM2's masks take
+        50-300 us. (Masking only removes candidates: the masked argmax is the unmasked one if allowed.)
+
+        llguidance's mask is one of three things (TokenParser::compute_mask_inner in its source):
+        - the grammar forces bytes (`,"price":` after a value, say) and their canonical tokenization
+          starts with a whole token: that token alone (`compute_ff_tokens`), the pick whatever
+          `token_id` was. `validate_tokens` would accept any tokenization of the forced bytes;
+        - it forces bytes otherwise (a token healing across them): None, the mask decides;
+        - nothing forced: the tokens whose bytes the parser accepts, plus EOS when the grammar may end.
+          For a token with bytes (not EOS, not special, not an empty id: `unvettable`) that is exactly
+          what `validate_tokens` checks, byte by byte through the same lexer and parser.
+        A grammar with llguidance's `no_forcing` option masks forced bytes as in the second case.
+        tests/test_structured_real.py holds all this against the masks on both real vocabularies."""
+        if self._matcher.compute_ff_bytes():
+            forced = self._matcher.compute_ff_tokens() if self._forcing else []
+            return forced[0] if forced else None
+        if token_id in self._unvettable or self._matcher.validate_tokens([token_id]) != 1:
+            return None
+        return token_id
 
     def fill_mask(self, row: torch.Tensor) -> None:
         """Write the allowed next tokens into `row` (contiguous int32, `mask_words(vocab)` long).

@@ -22,8 +22,11 @@ class StructuredStats:
     mask_seconds_buckets: tuple[tuple[float, int], ...] = tuple((b, 0) for b in MASK_SECONDS_BUCKETS)
     mask_seconds_sum: float = 0.0
     mask_seconds_count: int = 0
-    # Time the engine thread waited for masks after the forward pass: the constraint cost not hidden.
+    # Time the engine thread waited for masks after the forward pass, vetted greedy picks and masked
+    # the rejected ones (see quill/structured/decoding.py): the constraint cost not hidden.
     mask_wait_seconds: float = 0.0
+    vetted_picks: int = 0  # greedy picks made unmasked and vetted against the grammar
+    vetted_picks_masked: int = 0  # ... that the grammar's mask then had to decide
 
 
 class Histogram:
