@@ -9,6 +9,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,10 @@ class _RecordingChannel:
     def open(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype) -> None:
         self.num_blocks = num_blocks
 
-    def send(self, batch: StepBatch) -> None:
+    @contextlib.contextmanager
+    def step(self, batch: StepBatch):
         self.batches.append(batch)
+        yield
 
 
 def test_decode_graphs_are_off_with_a_step_channel_so_the_other_ranks_see_every_decode_step(tiny_model_dir):
@@ -146,6 +149,33 @@ def _split_engine(path: Path, **options):
         parallel.close()
     assert not torch.distributed.is_initialized()
     assert all(p.exitcode == 0 for p in parallel.processes.processes)  # stopped, not killed
+
+
+def test_a_step_that_fails_on_rank_0_midway_ends_the_group_instead_of_hanging(tmp_path, monkeypatch):
+    """Rank 0 raises in its MLP, after the step's first all-reduce: the other rank waits in the
+    next one for ever. Later steps are refused, and closing ends that rank instead of sending it a
+    STOP it would take for the all-reduce (before, both sides waited for ever)."""
+    path = tiny_models.build_qwen2(tmp_path / "qwen2")
+    parallel = start_tensor_parallel(path, 2, torch.float32, CPU)
+    try:
+        engine = Engine(parallel.model, parallel.config, None, EngineConfig(dtype="float32"),
+                        step_channel=parallel.channel)
+        def boom(mlp, x):
+            raise RuntimeError("boom in rank 0's MLP")
+
+        monkeypatch.setattr(type(parallel.model.layers[0].mlp), "__call__", boom)  # rank 0's process only
+        engine.add_request(PROMPTS[0], GREEDY)
+        with pytest.raises(RuntimeError, match="boom"):
+            engine.step()
+        with pytest.raises(RuntimeError, match=r"out of step since a step failed on rank 0 \(RuntimeError: boom"):
+            engine.runner.run(StepBatch(token_ids=[1], positions=[0], slot_mapping=[0]))
+    finally:
+        closing = threading.Thread(target=parallel.close, daemon=True)
+        closing.start()
+        closing.join(timeout=60)
+    assert not closing.is_alive(), "close() hung"
+    assert not torch.distributed.is_initialized()
+    assert not any(p.is_alive() for p in parallel.processes.processes)
 
 
 def _assert_same_model(whole: Engine, split: Engine, tolerance: float = 1e-5) -> None:

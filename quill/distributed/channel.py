@@ -1,11 +1,20 @@
 """Rank 0's messages to the other ranks of a tensor-parallel group, as broadcasts of int64
 tensors: the KV cache's shape once (OPEN), then each step's batch (STEP), then STOP.
 
+A step that fails on rank 0 after its batch went out (an error in rank 0's share of the forward
+pass) leaves the other ranks waiting in one of the step's collectives, which rank 0 will never
+join: the channel is then broken. It refuses further steps with the first error's name, and
+`TensorParallel.close` ends the other ranks instead of sending them a STOP they cannot read (it
+would be taken for the collective they wait in, and both sides would wait for ever).
+
 Every message is a header [command, payload length] and, when the length is not zero, the
 payload. A batch travels as lists of ints (`quill.engine.batch.StepBatch`), never pickled: each
 list as its length and its values, a list of lists as its count, each length, then the values.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -69,12 +78,22 @@ class StepChannel:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device  # NCCL broadcasts GPU tensors; gloo, CPU ones
+        self.broken: str | None = None  # the error that left the other ranks mid-step
 
     def open(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype) -> None:
         self._send(OPEN, [num_blocks, block_size, CACHE_DTYPES.index(cache_dtype)])
 
-    def send(self, batch: StepBatch) -> None:
-        self._send(STEP, encode(batch))
+    @contextlib.contextmanager
+    def step(self, batch: StepBatch) -> Iterator[None]:
+        if self.broken is not None:
+            raise RuntimeError(f"the tensor-parallel group is out of step since a step failed on rank 0 "
+                               f"({self.broken}); restart it")
+        try:
+            self._send(STEP, encode(batch))
+            yield
+        except BaseException as exc:
+            self.broken = f"{type(exc).__name__}: {exc}"[:300]
+            raise
 
     def stop(self) -> None:
         self._send(STOP, [])

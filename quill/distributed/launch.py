@@ -40,10 +40,12 @@ class TensorParallel:
             return
         self._closed = True
         try:
-            self.channel.stop()
+            if self.channel.broken is None:
+                self.channel.stop()
             # The workers leave the group after STOP; rank 0 hosts the group's store, so it waits
-            # for them before leaving itself.
-            _stop(self.processes, timeout)
+            # for them before leaving itself. Workers a broken step left waiting in a collective
+            # (see channel.py) are ended at once; launched ones fail when rank 0 leaves the group.
+            _stop(self.processes, timeout if self.channel.broken is None else 0.0)
         finally:
             dist.destroy_process_group()
             _stop(self.processes, 0.0)

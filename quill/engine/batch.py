@@ -8,6 +8,7 @@ wire format needs no pickle.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,4 +43,7 @@ class StepChannel(Protocol):
 
     def open(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype) -> None: ...
 
-    def send(self, batch: StepBatch) -> None: ...
+    def step(self, batch: StepBatch) -> AbstractContextManager[None]:
+        """Send `batch` to the other ranks; rank 0 runs its share of the step inside the block. A
+        block that raises leaves them inside the step's collectives, so later steps are refused."""
+        ...

@@ -145,8 +145,12 @@ class ModelRunner:
     def run(self, batch: StepBatch) -> torch.Tensor:
         """One forward pass over `batch`; float32 logits of its `sample_rows`, on the model's device
         (empty when none). With a step channel (tensor parallelism), the other ranks run the same batch."""
-        if self.channel is not None:
-            self.channel.send(batch)
+        if self.channel is None:
+            return self._forward(batch)
+        with self.channel.step(batch):
+            return self._forward(batch)
+
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
         device = self.device
         single = None
         if batch.single_rows:
