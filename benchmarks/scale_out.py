@@ -13,7 +13,9 @@ no two run at the same time:
    conversations that all start with the same long system prompt. Each conversation sends its
    turns one after another (each turn's prompt extends the last: system prompt, earlier
    questions, a fixed stand-in for each answer), the conversations at the same time. TTFT p50
-   over every turn; target: prefix <= 0.6x random.
+   over every turn; target: prefix <= 0.6x random. Once both replicas hold the shared prompt,
+   random routing loses only a conversation's own short history; `--context-words N` gives each
+   conversation a record of its own after the shared prompt, which it loses on the other replica.
 
     python benchmarks/scale_out.py --model smollm2 --json benchmarks/results/scale_out.json
 
@@ -75,14 +77,28 @@ def started(args: argparse.Namespace, name: str, replicas: int, threads: int, ro
 # ---------------------------------------------------------------------------- routing workload
 
 
+_RECORD_WORDS = ("loan", "returned", "renewed", "atlas", "novel", "periodical", "fine", "waived", "branch",
+                 "reserve", "archive", "card")
+
+
 def system_prompt(words: int) -> str:
     return " ".join(_SYSTEM_WORDS[i % len(_SYSTEM_WORDS)] for i in range(words))
 
 
+def patron_record(index: int, words: int) -> str:
+    """`words` words of one conversation's own context (a patron's record), different from the
+    first word on for every conversation."""
+    return " ".join(f"{_RECORD_WORDS[(i * 7 + index) % len(_RECORD_WORDS)]}{index}" for i in range(words))
+
+
 async def conversation(client: httpx.AsyncClient, target: Target, index: int, args: argparse.Namespace) -> list:
     """One conversation's turns, in order; the answers are replaced by a fixed stand-in, so every
-    turn's prompt extends the previous one whatever the model said."""
-    messages = [{"role": "system", "content": system_prompt(args.system_words)}]
+    turn's prompt extends the previous one whatever the model said. With --context-words, the
+    shared system prompt is followed by the conversation's own record."""
+    system = system_prompt(args.system_words)
+    if args.context_words:
+        system += f"\n\nThe patron's record: {patron_record(index, args.context_words)}"
+    messages = [{"role": "system", "content": system}]
     results = []
     for turn in range(args.turns):
         messages.append({"role": "user", "content": f"Patron {index}, question {turn}: where are the atlases?"})
@@ -149,6 +165,9 @@ def main() -> int:
     parser.add_argument("--turn-tokens", type=int, default=16, help="output tokens per turn (routing)")
     parser.add_argument("--system-words", type=int, default=300,
                         help="words of the shared system prompt (300 are ~400 SmolLM2 tokens)")
+    parser.add_argument("--context-words", type=int, default=0,
+                        help="words of each conversation's own record after the shared system prompt (routing; "
+                             "default: %(default)s, the conversations share everything but their questions)")
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="the servers' --stream-interval: engine outputs per item streamed from a replica "
                              "(default: %(default)s)")
@@ -167,7 +186,7 @@ def main() -> int:
                   "stream_interval": args.stream_interval, "layouts": layouts, "routing": routing,
                   "routing_workload": {"replicas": args.routing_replicas, "conversations": args.conversations,
                                        "turns": args.turns, "turn_tokens": args.turn_tokens,
-                                       "system_words": args.system_words}}
+                                       "system_words": args.system_words, "context_words": args.context_words}}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     failed = sum(r["failed"] for r in [*layouts.values(), *routing.values()])
