@@ -9,7 +9,8 @@
    that share each block's reads.
 
    The cache holds float32, float16 or bfloat16 (cache_type 0, 1, 2); half-size caches are widened
-   to float32 a block at a time, and all arithmetic is float32. Decoding reads the whole context
+   to float32 a block at a time (a decoding row's bfloat16 one in registers, see `in_place`), and
+   all arithmetic is float32. Decoding reads the whole context
    for every token: a half-size cache halves those bytes (and the cache's memory), and the next
    block is prefetched while one is computed. With AVX-512 (and head sizes a multiple of 16), the
    scores of 16 keys come out of one vector tree, the exponentials are vectorised and the
@@ -52,18 +53,32 @@ static __attribute__((noinline)) const float *widen(const void *cache, enum cach
     return scratch;
 }
 
+/* Element `i` of cache data held as bfloat16 (`bf16`) or float32. */
+static inline __attribute__((always_inline)) const void *element(const void *data, int bf16, int64_t i) {
+    return bf16 ? (const void *)((const uint16_t *)data + i) : (const void *)((const float *)data + i);
+}
+
 #if defined(__AVX512F__)
+/* 16 floats from element `i` of `data`: float32, or bfloat16 (`bf16`) widened in registers, the
+   exact value `widen` would have stored. */
+static inline __attribute__((always_inline)) __m512 load16(const void *data, int64_t i, int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)data + i);
+    __m256i halves = _mm256_loadu_si256((const __m256i *)((const uint16_t *)data + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+}
+
 /* Dot products of one query with `n` <= 16 keys (rows `dim` apart; dim a multiple of 16), as one
    vector: each key's 16 lane sums, then all keys' lanes added pairwise in a transposing tree.
    Every key's sum is added in the same order, whatever its position among the 16. */
-static inline __m512 dot16(const float *restrict query, const float *restrict keys, int n, int dim) {
+static inline __attribute__((always_inline)) __m512 dot16(const float *restrict query, const void *keys, int bf16,
+                                                          int n, int dim) {
     __m512 acc[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; i++) {  /* unrolled, branch-free: the sums stay in registers */
-        const float *key = keys + (int64_t)(i < n ? i : n - 1) * dim;  /* keys past n: a copy, unstored */
+        int64_t key = (int64_t)(i < n ? i : n - 1) * dim;  /* keys past n: a copy, unstored */
         acc[i] = _mm512_setzero_ps();
         for (int d = 0; d < dim; d += 16)
-            acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), _mm512_loadu_ps(key + d), acc[i]);
+            acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), load16(keys, key + d, bf16), acc[i]);
     }
     __m512 pairs[8], quads[4], halves[2];
     for (int i = 0; i < 8; i++)  /* 128-bit lane j: keys 2i, 2i+1, two partial sums each */
@@ -80,21 +95,22 @@ static inline __m512 dot16(const float *restrict query, const float *restrict ke
 }
 #endif
 
-/* scores[i] = scale * (query . key i) for the `n` keys of a block. */
-static inline __attribute__((always_inline)) void score_keys(const float *restrict query, const float *restrict keys,
+/* scores[i] = scale * (query . key i) for the `n` keys of a block: float32 keys, or bfloat16 ones
+   (`bf16`, only where the vector path below runs: see `in_place`). */
+static inline __attribute__((always_inline)) void score_keys(const float *restrict query, const void *keys, int bf16,
                                                              int n, int dim, float scale, float *restrict scores) {
 #if defined(__AVX512F__)
     if (dim % 16 == 0) {  /* 16 keys at a time, with no horizontal sum per key */
         for (int i = 0; i < n; i += 16) {
             int m = n - i < 16 ? n - i : 16;
-            __m512 dots = dot16(query, keys + (int64_t)i * dim, m, dim);
+            __m512 dots = dot16(query, element(keys, bf16, (int64_t)i * dim), bf16, m, dim);
             _mm512_mask_storeu_ps(scores + i, (__mmask16)((1u << m) - 1), _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
         }
         return;
     }
 #endif
     for (int i = 0; i < n; i++) {
-        const float *key = keys + (int64_t)i * dim;
+        const float *key = (const float *)keys + (int64_t)i * dim;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int d = 0; d < dim; d++) dot += query[d] * key[d];
@@ -102,9 +118,10 @@ static inline __attribute__((always_inline)) void score_keys(const float *restri
     }
 }
 
-/* out += sum over the block's `n` values (rows `dim` apart) of weights[i] * value i, key by key. */
+/* out += sum over the block's `n` values (rows `dim` apart) of weights[i] * value i, key by key:
+   float32 values, or bfloat16 ones (`bf16`, as in score_keys). */
 static inline __attribute__((always_inline)) void add_weighted(float *restrict out, const float *restrict weights,
-                                                               const float *restrict values, int n, int dim) {
+                                                               const void *values, int bf16, int n, int dim) {
 #if defined(__AVX512F__)
     if (dim % 16 == 0) {  /* up to 64 output floats in registers across the block */
         for (int d0 = 0; d0 < dim; d0 += 64) {
@@ -113,8 +130,9 @@ static inline __attribute__((always_inline)) void add_weighted(float *restrict o
             for (int c = 0; c < chunks; c++) acc[c] = _mm512_loadu_ps(out + d0 + 16 * c);
             for (int i = 0; i < n; i++) {
                 __m512 weight = _mm512_set1_ps(weights[i]);
-                const float *value = values + (int64_t)i * dim + d0;
-                for (int c = 0; c < chunks; c++) acc[c] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(value + 16 * c), acc[c]);
+                int64_t value = (int64_t)i * dim + d0;
+                for (int c = 0; c < chunks; c++)
+                    acc[c] = _mm512_fmadd_ps(weight, load16(values, value + 16 * c, bf16), acc[c]);
             }
             for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + d0 + 16 * c, acc[c]);
         }
@@ -122,7 +140,7 @@ static inline __attribute__((always_inline)) void add_weighted(float *restrict o
     }
 #endif
     for (int i = 0; i < n; i++) {
-        const float *value = values + (int64_t)i * dim;
+        const float *value = (const float *)values + (int64_t)i * dim;
 #pragma omp simd
         for (int d = 0; d < dim; d++) out[d] += weights[i] * value[d];
     }
@@ -194,6 +212,28 @@ static inline int first_visible(int len, int window) { return window > 0 && len 
    for the whole tile; every row still computes exactly what it would alone. */
 #define MAX_TILE 16
 
+/* Whether a row alone (a tile of one: a decoding row) reads a bfloat16 cache in place, its vector
+   loops widening each element in registers instead of `widen` storing the block as float32 first:
+   the same floats, one pass over the block instead of two. A tile of several rows still widens
+   each block once for all of them. `benchmarks/attention.py` (16 rows, SmolLM2's heads, one thread,
+   AMD EPYC, best of 7, alternating runs): 157-173 -> 131-154 us a call at 128 keys a row, where the
+   blocks stay in cache; at 512 and 2,048 keys, memory-bound, the same within this machine's noise. */
+static inline int in_place(const struct kv_cache *cache, int size, int dim) {
+#if defined(__AVX512F__)
+    return size == 1 && cache->type == CACHE_BF16 && dim % 16 == 0;
+#else
+    (void)cache, (void)size, (void)dim;
+    return 0;
+#endif
+}
+
+/* The `count` cache elements of a block from element `start`: in place as bfloat16 (`bf16`), or
+   as float32 (`widen`). */
+static inline __attribute__((always_inline)) const void *block_of(const void *data, enum cache_type type, int bf16,
+                                                                  int64_t start, int count, float *scratch) {
+    return bf16 ? element(data, 1, start) : (const void *)widen(data, type, start, count, scratch);
+}
+
 /* One (tile, kv head): the `group` query heads that share the kv head, for each of the tile's
    `size` rows. Always inlined into `attend_dim`, so that common head sizes get loops of known
    length. `scores` has room for the rows' group * score_stride(len - first) floats, `block` for
@@ -202,7 +242,7 @@ static inline int first_visible(int len, int window) { return window > 0 && len 
 static inline __attribute__((always_inline)) void attend_tile(
     const float *restrict q, int64_t q_stride, const struct kv_cache *cache, int kv_head, float *restrict out,
     int64_t out_stride, const int32_t *restrict table, const int32_t *restrict lens, int size, int window,
-    int group, int dim, float scale, float *restrict scores, float *restrict block) {
+    int group, int dim, float scale, float *restrict scores, float *restrict block, int bf16) {
     int block_size = cache->block_size, first = first_visible(lens[0], window), len = lens[size - 1];
     int firsts[MAX_TILE], strides[MAX_TILE];
     float *row_scores[MAX_TILE];
@@ -215,12 +255,13 @@ static inline __attribute__((always_inline)) void attend_tile(
         int n = keys_in_block(block_size, p, len);
         if (p + n < len) prefetch(cache, cache->keys, kv_head, table, p + n, len, dim);
         else prefetch(cache, cache->values, kv_head, table, first, len, dim);  /* for after the softmax */
-        const float *keys = widen(cache->keys, cache->type, slot_of(cache, kv_head, table, p) * dim, n * dim, block);
+        const void *keys = block_of(cache->keys, cache->type, bf16, slot_of(cache, kv_head, table, p) * dim, n * dim,
+                                    block);
         for (int t = 0; t < size; t++) {
             int from = p > firsts[t] ? p : firsts[t], to = p + n < lens[t] ? p + n : lens[t];
             for (int g = 0; from < to && g < group; g++)
-                score_keys(q + t * q_stride + g * dim, keys + (int64_t)(from - p) * dim, to - from, dim, scale,
-                           row_scores[t] + g * strides[t] + from - firsts[t]);
+                score_keys(q + t * q_stride + g * dim, element(keys, bf16, (int64_t)(from - p) * dim), bf16, to - from,
+                           dim, scale, row_scores[t] + g * strides[t] + from - firsts[t]);
         }
         p += n;
     }
@@ -231,12 +272,13 @@ static inline __attribute__((always_inline)) void attend_tile(
     for (int p = first; p < len;) {
         int n = keys_in_block(block_size, p, len);
         if (p + n < len) prefetch(cache, cache->values, kv_head, table, p + n, len, dim);
-        const float *values = widen(cache->values, cache->type, slot_of(cache, kv_head, table, p) * dim, n * dim, block);
+        const void *values = block_of(cache->values, cache->type, bf16, slot_of(cache, kv_head, table, p) * dim,
+                                      n * dim, block);
         for (int t = 0; t < size; t++) {
             int from = p > firsts[t] ? p : firsts[t], to = p + n < lens[t] ? p + n : lens[t];
             for (int g = 0; from < to && g < group; g++)
                 add_weighted(out + t * out_stride + g * dim, row_scores[t] + g * strides[t] + from - firsts[t],
-                             values + (int64_t)(from - p) * dim, to - from, dim);
+                             element(values, bf16, (int64_t)(from - p) * dim), bf16, to - from, dim);
         }
         p += n;
     }
@@ -245,15 +287,25 @@ static inline __attribute__((always_inline)) void attend_tile(
 static void attend_dim(const float *q, int64_t q_stride, const struct kv_cache *cache, int kv_head, float *out,
                        int64_t out_stride, const int32_t *table, const int32_t *lens, int size, int window, int group,
                        int dim, float scale, float *scores, float *block) {
-    switch (dim) {  /* the same code, compiled for the head sizes of common models */
-#define ATTEND(DIM) attend_tile(q, q_stride, cache, kv_head, out, out_stride, table, lens, size, window, group, DIM, \
-                                scale, scores, block)
-    case 64: ATTEND(64); break;
-    case 128: ATTEND(128); break;
-    case 256: ATTEND(256); break;
-    default: ATTEND(dim);
-#undef ATTEND
+    /* the same code, compiled for the head sizes of common models, and for a bf16 cache read in place */
+#define ATTEND(DIM, BF16) attend_tile(q, q_stride, cache, kv_head, out, out_stride, table, lens, size, window, group, \
+                                      DIM, scale, scores, block, BF16)
+    if (in_place(cache, size, dim)) {
+        switch (dim) {
+        case 64: ATTEND(64, 1); break;
+        case 128: ATTEND(128, 1); break;
+        case 256: ATTEND(256, 1); break;
+        default: ATTEND(dim, 1);
+        }
+        return;
     }
+    switch (dim) {
+    case 64: ATTEND(64, 0); break;
+    case 128: ATTEND(128, 0); break;
+    case 256: ATTEND(256, 0); break;
+    default: ATTEND(dim, 0);
+    }
+#undef ATTEND
 }
 
 /* Splits the rows into tiles; tile_starts gets rows + 1 entries at most. Returns the tile count. */
