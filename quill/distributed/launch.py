@@ -44,7 +44,8 @@ class TensorParallel:
                 self.channel.stop()
             # The workers leave the group after STOP; rank 0 hosts the group's store, so it waits
             # for them before leaving itself. Workers a broken step left waiting in a collective
-            # (see channel.py) are ended at once; launched ones fail when rank 0 leaves the group.
+            # (see channel.py) are ended at once. Ranks a launcher started are not this process's
+            # to end: rank 0 leaving the group should fail their collective (not tested).
             _stop(self.processes, timeout if self.channel.broken is None else 0.0)
         finally:
             dist.destroy_process_group()
