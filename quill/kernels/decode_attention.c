@@ -287,23 +287,18 @@ static inline __attribute__((always_inline)) void attend_tile(
 static void attend_dim(const float *q, int64_t q_stride, const struct kv_cache *cache, int kv_head, float *out,
                        int64_t out_stride, const int32_t *table, const int32_t *lens, int size, int window, int group,
                        int dim, float scale, float *scores, float *block) {
-    /* the same code, compiled for the head sizes of common models, and for a bf16 cache read in place */
-#define ATTEND(DIM, BF16) attend_tile(q, q_stride, cache, kv_head, out, out_stride, table, lens, size, window, group, \
-                                      DIM, scale, scores, block, BF16)
-    if (in_place(cache, size, dim)) {
-        switch (dim) {
-        case 64: ATTEND(64, 1); break;
-        case 128: ATTEND(128, 1); break;
-        case 256: ATTEND(256, 1); break;
-        default: ATTEND(dim, 1);
-        }
-        return;
-    }
+    /* the same code, compiled for the head sizes of common models, each for a bf16 cache read in
+       place and for blocks widened first (the flag is a constant in each call: two loop nests) */
+    int bf16 = in_place(cache, size, dim);
+#define ATTEND(DIM) (bf16 ? attend_tile(q, q_stride, cache, kv_head, out, out_stride, table, lens, size, window, \
+                                        group, DIM, scale, scores, block, 1)                                  \
+                          : attend_tile(q, q_stride, cache, kv_head, out, out_stride, table, lens, size, window, \
+                                        group, DIM, scale, scores, block, 0))
     switch (dim) {
-    case 64: ATTEND(64, 0); break;
-    case 128: ATTEND(128, 0); break;
-    case 256: ATTEND(256, 0); break;
-    default: ATTEND(dim, 0);
+    case 64: ATTEND(64); break;
+    case 128: ATTEND(128); break;
+    case 256: ATTEND(256); break;
+    default: ATTEND(dim);
     }
 #undef ATTEND
 }
