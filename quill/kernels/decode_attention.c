@@ -9,8 +9,8 @@
    that share each block's reads.
 
    The cache holds float32, float16 or bfloat16 (cache_type 0, 1, 2); half-size caches are widened
-   to float32 a block at a time (a decoding row's bfloat16 one in registers, see `in_place`), and
-   all arithmetic is float32. Decoding reads the whole context
+   to float32 a block at a time (a decoding row's in registers, see `in_place`), and all arithmetic
+   is float32. Decoding reads the whole context
    for every token: a half-size cache halves those bytes (and the cache's memory), and the next
    block is prefetched while one is computed. With AVX-512 (and head sizes a multiple of 16), the
    scores of 16 keys come out of one vector tree, the exponentials are vectorised and the
@@ -53,32 +53,34 @@ static __attribute__((noinline)) const float *widen(const void *cache, enum cach
     return scratch;
 }
 
-/* Element `i` of cache data held as bfloat16 (`bf16`) or float32. */
-static inline __attribute__((always_inline)) const void *element(const void *data, int bf16, int64_t i) {
-    return bf16 ? (const void *)((const uint16_t *)data + i) : (const void *)((const float *)data + i);
+/* Element `i` of cache data read as `type`: float32 (a float32 cache, or a block `widen` stored),
+   or float16 or bfloat16 read in place. */
+static inline __attribute__((always_inline)) const void *element(const void *data, enum cache_type type, int64_t i) {
+    return type == CACHE_F32 ? (const void *)((const float *)data + i) : (const void *)((const uint16_t *)data + i);
 }
 
 #if defined(__AVX512F__)
-/* 16 floats from element `i` of `data`: float32, or bfloat16 (`bf16`) widened in registers, the
-   exact value `widen` would have stored. */
-static inline __attribute__((always_inline)) __m512 load16(const void *data, int64_t i, int bf16) {
-    if (!bf16) return _mm512_loadu_ps((const float *)data + i);
+/* 16 floats from element `i` of `data` read as `type`: float32, or float16 or bfloat16 widened in
+   registers, the exact values `widen` would have stored (both widenings are exact). */
+static inline __attribute__((always_inline)) __m512 load16(const void *data, int64_t i, enum cache_type type) {
+    if (type == CACHE_F32) return _mm512_loadu_ps((const float *)data + i);
     __m256i halves = _mm256_loadu_si256((const __m256i *)((const uint16_t *)data + i));
+    if (type == CACHE_F16) return _mm512_cvtph_ps(halves);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
 }
 
 /* Dot products of one query with `n` <= 16 keys (rows `dim` apart; dim a multiple of 16), as one
    vector: each key's 16 lane sums, then all keys' lanes added pairwise in a transposing tree.
    Every key's sum is added in the same order, whatever its position among the 16. */
-static inline __attribute__((always_inline)) __m512 dot16(const float *restrict query, const void *keys, int bf16,
-                                                          int n, int dim) {
+static inline __attribute__((always_inline)) __m512 dot16(const float *restrict query, const void *keys,
+                                                          enum cache_type read, int n, int dim) {
     __m512 acc[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; i++) {  /* unrolled, branch-free: the sums stay in registers */
         int64_t key = (int64_t)(i < n ? i : n - 1) * dim;  /* keys past n: a copy, unstored */
         acc[i] = _mm512_setzero_ps();
         for (int d = 0; d < dim; d += 16)
-            acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), load16(keys, key + d, bf16), acc[i]);
+            acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), load16(keys, key + d, read), acc[i]);
     }
     __m512 pairs[8], quads[4], halves[2];
     for (int i = 0; i < 8; i++)  /* 128-bit lane j: keys 2i, 2i+1, two partial sums each */
@@ -95,15 +97,16 @@ static inline __attribute__((always_inline)) __m512 dot16(const float *restrict 
 }
 #endif
 
-/* scores[i] = scale * (query . key i) for the `n` keys of a block: float32 keys, or bfloat16 ones
-   (`bf16`, only where the vector path below runs: see `in_place`). */
-static inline __attribute__((always_inline)) void score_keys(const float *restrict query, const void *keys, int bf16,
-                                                             int n, int dim, float scale, float *restrict scores) {
+/* scores[i] = scale * (query . key i) for the `n` keys of a block, read as `read` (float32, or a
+   half-size type only where the vector path below runs: see `in_place`). */
+static inline __attribute__((always_inline)) void score_keys(const float *restrict query, const void *keys,
+                                                             enum cache_type read, int n, int dim, float scale,
+                                                             float *restrict scores) {
 #if defined(__AVX512F__)
     if (dim % 16 == 0) {  /* 16 keys at a time, with no horizontal sum per key */
         for (int i = 0; i < n; i += 16) {
             int m = n - i < 16 ? n - i : 16;
-            __m512 dots = dot16(query, element(keys, bf16, (int64_t)i * dim), bf16, m, dim);
+            __m512 dots = dot16(query, element(keys, read, (int64_t)i * dim), read, m, dim);
             _mm512_mask_storeu_ps(scores + i, (__mmask16)((1u << m) - 1), _mm512_mul_ps(dots, _mm512_set1_ps(scale)));
         }
         return;
@@ -118,10 +121,11 @@ static inline __attribute__((always_inline)) void score_keys(const float *restri
     }
 }
 
-/* out += sum over the block's `n` values (rows `dim` apart) of weights[i] * value i, key by key:
-   float32 values, or bfloat16 ones (`bf16`, as in score_keys). */
+/* out += sum over the block's `n` values (rows `dim` apart) of weights[i] * value i, key by key,
+   read as `read` (as in score_keys). */
 static inline __attribute__((always_inline)) void add_weighted(float *restrict out, const float *restrict weights,
-                                                               const void *values, int bf16, int n, int dim) {
+                                                               const void *values, enum cache_type read, int n,
+                                                               int dim) {
 #if defined(__AVX512F__)
     if (dim % 16 == 0) {  /* up to 64 output floats in registers across the block */
         for (int d0 = 0; d0 < dim; d0 += 64) {
@@ -132,7 +136,7 @@ static inline __attribute__((always_inline)) void add_weighted(float *restrict o
                 __m512 weight = _mm512_set1_ps(weights[i]);
                 int64_t value = (int64_t)i * dim + d0;
                 for (int c = 0; c < chunks; c++)
-                    acc[c] = _mm512_fmadd_ps(weight, load16(values, value + 16 * c, bf16), acc[c]);
+                    acc[c] = _mm512_fmadd_ps(weight, load16(values, value + 16 * c, read), acc[c]);
             }
             for (int c = 0; c < chunks; c++) _mm512_storeu_ps(out + d0 + 16 * c, acc[c]);
         }
@@ -212,26 +216,30 @@ static inline int first_visible(int len, int window) { return window > 0 && len 
    for the whole tile; every row still computes exactly what it would alone. */
 #define MAX_TILE 16
 
-/* Whether a row alone (a tile of one: a decoding row) reads a bfloat16 cache in place, its vector
-   loops widening each element in registers instead of `widen` storing the block as float32 first:
-   the same floats, one pass over the block instead of two. A tile of several rows still widens
-   each block once for all of them. `benchmarks/attention.py` (16 rows, SmolLM2's heads, one thread,
-   AMD EPYC, best of 7, alternating runs): 157-173 -> 131-154 us a call at 128 keys a row, where the
-   blocks stay in cache; at 512 and 2,048 keys, memory-bound, the same within this machine's noise. */
-static inline int in_place(const struct kv_cache *cache, int size, int dim) {
+/* How a tile's loops read the cache: a row alone (a tile of one: a decoding row) reads a float16 or
+   bfloat16 cache in place, its vector loops widening each element in registers instead of `widen`
+   storing the block as float32 first: the same floats, one pass over the block instead of two.
+   Otherwise CACHE_F32: a float32 cache, or blocks widened once for all of a tile's rows.
+   `benchmarks/attention.py` (16 rows, SmolLM2's heads, AMD EPYC, best of 7, alternating runs):
+   bfloat16, one thread: 157-173 -> 131-154 us a call at 128 keys a row, at 512 and 2,048 the same
+   within this machine's noise; float16 (the CPU default), one thread: 146 -> 129 us at 128 keys,
+   279 -> 236 at 256, 553 -> 457 at 512; two threads: 86-108 -> 74-81, 155-161 -> 125-140,
+   299 -> 241-247. In a 16-stream decode step, attention is about a seventh of the time. */
+static inline enum cache_type in_place(const struct kv_cache *cache, int size, int dim) {
 #if defined(__AVX512F__)
-    return size == 1 && cache->type == CACHE_BF16 && dim % 16 == 0;
+    if (size == 1 && cache->type != CACHE_F32 && dim % 16 == 0) return cache->type;
 #else
     (void)cache, (void)size, (void)dim;
-    return 0;
 #endif
+    return CACHE_F32;
 }
 
-/* The `count` cache elements of a block from element `start`: in place as bfloat16 (`bf16`), or
-   as float32 (`widen`). */
-static inline __attribute__((always_inline)) const void *block_of(const void *data, enum cache_type type, int bf16,
-                                                                  int64_t start, int count, float *scratch) {
-    return bf16 ? element(data, 1, start) : (const void *)widen(data, type, start, count, scratch);
+/* The `count` cache elements of a block from element `start`, read as `read`: in place, or widened
+   to float32 (`widen`). */
+static inline __attribute__((always_inline)) const void *block_of(const void *data, enum cache_type type,
+                                                                  enum cache_type read, int64_t start, int count,
+                                                                  float *scratch) {
+    return read != CACHE_F32 ? element(data, read, start) : (const void *)widen(data, type, start, count, scratch);
 }
 
 /* One (tile, kv head): the `group` query heads that share the kv head, for each of the tile's
@@ -242,7 +250,7 @@ static inline __attribute__((always_inline)) const void *block_of(const void *da
 static inline __attribute__((always_inline)) void attend_tile(
     const float *restrict q, int64_t q_stride, const struct kv_cache *cache, int kv_head, float *restrict out,
     int64_t out_stride, const int32_t *restrict table, const int32_t *restrict lens, int size, int window,
-    int group, int dim, float scale, float *restrict scores, float *restrict block, int bf16) {
+    int group, int dim, float scale, float *restrict scores, float *restrict block, enum cache_type read) {
     int block_size = cache->block_size, first = first_visible(lens[0], window), len = lens[size - 1];
     int firsts[MAX_TILE], strides[MAX_TILE];
     float *row_scores[MAX_TILE];
@@ -255,12 +263,12 @@ static inline __attribute__((always_inline)) void attend_tile(
         int n = keys_in_block(block_size, p, len);
         if (p + n < len) prefetch(cache, cache->keys, kv_head, table, p + n, len, dim);
         else prefetch(cache, cache->values, kv_head, table, first, len, dim);  /* for after the softmax */
-        const void *keys = block_of(cache->keys, cache->type, bf16, slot_of(cache, kv_head, table, p) * dim, n * dim,
+        const void *keys = block_of(cache->keys, cache->type, read, slot_of(cache, kv_head, table, p) * dim, n * dim,
                                     block);
         for (int t = 0; t < size; t++) {
             int from = p > firsts[t] ? p : firsts[t], to = p + n < lens[t] ? p + n : lens[t];
             for (int g = 0; from < to && g < group; g++)
-                score_keys(q + t * q_stride + g * dim, element(keys, bf16, (int64_t)(from - p) * dim), bf16, to - from,
+                score_keys(q + t * q_stride + g * dim, element(keys, read, (int64_t)(from - p) * dim), read, to - from,
                            dim, scale, row_scores[t] + g * strides[t] + from - firsts[t]);
         }
         p += n;
@@ -272,13 +280,13 @@ static inline __attribute__((always_inline)) void attend_tile(
     for (int p = first; p < len;) {
         int n = keys_in_block(block_size, p, len);
         if (p + n < len) prefetch(cache, cache->values, kv_head, table, p + n, len, dim);
-        const void *values = block_of(cache->values, cache->type, bf16, slot_of(cache, kv_head, table, p) * dim,
+        const void *values = block_of(cache->values, cache->type, read, slot_of(cache, kv_head, table, p) * dim,
                                       n * dim, block);
         for (int t = 0; t < size; t++) {
             int from = p > firsts[t] ? p : firsts[t], to = p + n < lens[t] ? p + n : lens[t];
             for (int g = 0; from < to && g < group; g++)
                 add_weighted(out + t * out_stride + g * dim, row_scores[t] + g * strides[t] + from - firsts[t],
-                             element(values, bf16, (int64_t)(from - p) * dim), bf16, to - from, dim);
+                             element(values, read, (int64_t)(from - p) * dim), read, to - from, dim);
         }
         p += n;
     }
@@ -287,13 +295,13 @@ static inline __attribute__((always_inline)) void attend_tile(
 static void attend_dim(const float *q, int64_t q_stride, const struct kv_cache *cache, int kv_head, float *out,
                        int64_t out_stride, const int32_t *table, const int32_t *lens, int size, int window, int group,
                        int dim, float scale, float *scores, float *block) {
-    /* the same code, compiled for the head sizes of common models, each for a bf16 cache read in
-       place and for blocks widened first (the flag is a constant in each call: two loop nests) */
-    int bf16 = in_place(cache, size, dim);
-#define ATTEND(DIM) (bf16 ? attend_tile(q, q_stride, cache, kv_head, out, out_stride, table, lens, size, window, \
-                                        group, DIM, scale, scores, block, 1)                                  \
-                          : attend_tile(q, q_stride, cache, kv_head, out, out_stride, table, lens, size, window, \
-                                        group, DIM, scale, scores, block, 0))
+    /* the same code, compiled for the head sizes of common models, each for every way of reading
+       the cache (`read` is a constant in each call: three loop nests) */
+    enum cache_type read = in_place(cache, size, dim);
+#define TILE(DIM, READ) attend_tile(q, q_stride, cache, kv_head, out, out_stride, table, lens, size, window, group, \
+                                    DIM, scale, scores, block, READ)
+#define ATTEND(DIM) (read == CACHE_F16 ? TILE(DIM, CACHE_F16) : read == CACHE_BF16 ? TILE(DIM, CACHE_BF16) \
+                                                                                 : TILE(DIM, CACHE_F32))
     switch (dim) {
     case 64: ATTEND(64); break;
     case 128: ATTEND(128); break;
@@ -301,6 +309,7 @@ static void attend_dim(const float *q, int64_t q_stride, const struct kv_cache *
     default: ATTEND(dim);
     }
 #undef ATTEND
+#undef TILE
 }
 
 /* Splits the rows into tiles; tile_starts gets rows + 1 entries at most. Returns the tile count. */
