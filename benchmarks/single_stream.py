@@ -7,6 +7,9 @@ RSS belongs to one engine and one model alone.
 
     python benchmarks/single_stream.py --models smollm2 gemma3 --peer-python /tmp/peer/venv/bin/python
 
+Engines: `quill` (the defaults), `quill-int8` (`--int8-activations`: 4-bit weights times 8-bit
+activations, as llama.cpp computes them) and `llama.cpp`.
+
 Prefill rate is prompt tokens / time to first token; decode rate is (tokens - 1) / (end - first token).
 Each engine first does one untimed warm-up run of the same shape; the table shows the best of
 `--repeats` timed runs, the one least disturbed by other work on the machine (all runs go to --json).
@@ -22,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+ENGINES = ["quill", "quill-int8", "llama.cpp"]
 PROMPT_TOKENS = 512
 DECODE_TOKENS = 128
 # Any text longer than PROMPT_TOKENS tokens in both vocabularies; it is tokenized once and truncated.
@@ -38,13 +42,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"],
                         help="known model names or .gguf paths (default: %(default)s)")
-    parser.add_argument("--engines", nargs="+", choices=["quill", "llama.cpp"], default=["quill", "llama.cpp"])
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=["quill", "quill-int8", "llama.cpp"])
     parser.add_argument("--peer-python", default=sys.executable,
                         help="interpreter that can `import llama_cpp` (default: this one)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine and model (best shown)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="Quill's compute dtype (default: %(default)s)")
     parser.add_argument("--json", metavar="OUT", type=Path, help="also write the results here")
-    parser.add_argument("--worker", choices=["quill", "llama.cpp"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--prompt-ids", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -108,8 +112,8 @@ def _run_worker(python: str, engine: str, path: Path, prompt_ids: list[int] | No
 def _worker(args: argparse.Namespace) -> int:
     prompt_ids = json.loads(args.prompt_ids.read_text()) if args.prompt_ids else None
     started = time.perf_counter()
-    if args.worker == "quill":
-        prompt_ids, run_once = _quill(args.model_path, prompt_ids, args.dtype)
+    if args.worker.startswith("quill"):
+        prompt_ids, run_once = _quill(args.model_path, prompt_ids, args.dtype, args.worker == "quill-int8")
     else:
         prompt_ids, run_once = _llama_cpp(args.model_path, prompt_ids)
     load_seconds = time.perf_counter() - started
@@ -129,11 +133,11 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quill(path: str, prompt_ids: list[int] | None, dtype: str):
+def _quill(path: str, prompt_ids: list[int] | None, dtype: str, int8_activations: bool):
     from quill import LLM, SamplingParams
 
     # Every run repeats the same prompt: without this, runs after the first would skip prefill.
-    llm = LLM(path, dtype=dtype, enable_prefix_caching=False)
+    llm = LLM(path, dtype=dtype, enable_prefix_caching=False, int8_activations=int8_activations)
     prompt_ids = prompt_ids or llm.tokenizer.encode(PROMPT_TEXT)[:PROMPT_TOKENS]
     params = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True)
 
@@ -172,11 +176,13 @@ def _print_table(results: list[dict]) -> None:
              f"{r['peak_rss_mb']:.0f}", f"{r['load_s']:.1f}") for r in results]
     by_key = {(r["model"], r["engine"]): r for r in results}
     for model in dict.fromkeys(r["model"] for r in results):
-        quill, peer = by_key.get((model, "quill")), by_key.get((model, "llama.cpp"))
-        if quill and peer:
-            rows.append((model, "quill/llama.cpp",
-                         *(f"{quill[key] / peer[key]:.2f}x" for key in
-                           ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb", "load_s"))))
+        peer = by_key.get((model, "llama.cpp"))
+        for engine in ("quill", "quill-int8"):
+            ours = by_key.get((model, engine))
+            if ours and peer:
+                rows.append((model, f"{engine}/llama.cpp",
+                             *(f"{ours[key] / peer[key]:.2f}x" for key in
+                               ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb", "load_s"))))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
     for row in (header, *rows):
         print("  ".join(cell.rjust(w) if i >= 2 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))

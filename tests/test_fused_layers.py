@@ -10,8 +10,12 @@ import pytest
 import torch
 
 from engine_helpers import run_requests, tiny_engine
+from quill.config import EngineConfig
+from quill.engine.engine import Engine
 from quill.layers.fused_layers import FusedLayers
 from quill.layers.mlp import GatedMLP
+from quill.layers.quantized import Int4Linear
+from quill.models.loader import load_model
 from quill.optimize.quantize import quantize_checkpoint
 from quill.sampling_params import SamplingParams
 
@@ -23,16 +27,24 @@ def _prompts(count: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(320) for _ in range(rng.randint(2, 60))] for _ in range(count)]
 
 
-def _both_paths(path, rows_per_pass: int | None = None, **options) -> tuple[list, list]:
+def _both_paths(path, rows_per_pass: int | None = None, native: bool = False, **options) -> tuple[list, list]:
     """Tokens and logprobs of staggered requests (prompt rows beside decoding rows, prompts cut
-    into chunks), with the fused layers and with the modules."""
+    into chunks), with the fused layers and with the modules. `native`: quantized weights load as
+    quantized layers, as `LLM` loads them (the test helper expands them)."""
     prompts = _prompts(5)
     params = [SamplingParams(max_tokens=8 + i, temperature=0, ignore_eos=True, logprobs=3) for i in range(5)]
     results = []
     for fused in (True, False):
-        engine = tiny_engine(path, dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=32, **options)
+        if native:
+            engine = Engine(*load_model(path, torch.bfloat16), None,
+                            EngineConfig(dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=32, **options))
+        else:
+            engine = tiny_engine(path, dtype="bfloat16", max_num_seqs=8, max_num_batched_tokens=32, **options)
         model = engine.runner.model
         assert model.fused_layers is not None
+        if native:  # the 4-bit kernel the options ask for, not weights expanded at load
+            wanted = "int4_q8" if options.get("int8_activations") else "int4"
+            assert {m.matmul.format for m in model.modules() if isinstance(m, Int4Linear)} == {wanted}
         if rows_per_pass:
             model.fused_layers.rows_per_pass = rows_per_pass
         if not fused:
@@ -55,10 +67,11 @@ def test_a_step_cut_into_passes_through_the_layers_computes_the_same(arch, tiny_
     assert fused == modules
 
 
-def test_fused_layers_run_int4_weights_as_the_modules_do(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["bf16-activations", "int8-activations"])
+def test_fused_layers_run_int4_weights_as_the_modules_do(tiny_model_dir, tmp_path, int8_activations):
     path = tmp_path / "int4.gguf"
     quantize_checkpoint(tiny_model_dir("llama"), path, "int4", group_size=32, with_tokenizer=False, progress=False)
-    fused, modules = _both_paths(path)
+    fused, modules = _both_paths(path, native=True, int8_activations=int8_activations)
     assert fused == modules
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from quill import kernels
 from quill.layers.fixed_order import fixed_order_dot, tree_sum
 from quill.layers.linear import Linear, prepare_linears_for_cpu
-from quill.layers.matmul import PackedMatmul, RowBlockedMatmul, kernel_available, probe_row_blocks
+from quill.layers.matmul import (PackedMatmul, RowBlockedMatmul, kernel_available, probe_row_blocks, unpack_columns,
+                                 unpack_nibble_dwords, unpack_nibbles)
 from quill.layers.quantized import Int4Linear, Int8GroupLinear, Int8Linear, quantize_per_channel_int8
 from quill.weights.quantized import QuantizedWeight
 
@@ -212,3 +214,115 @@ def test_tree_sum_ignores_zero_padding_and_the_batch():
     torch.testing.assert_close(total, values.sum(-1))
     a, b = torch.randn(3, 10), torch.randn(3, 10)
     torch.testing.assert_close(fixed_order_dot(a, b), (a * b).sum(-1))
+
+
+# --- 4-bit weights times 8-bit activations (int4_q8.c) -------------------------------------------
+
+def _int4_q8_layer(out: int, inp: int, group: int = 32, bias: bool = False) -> Int4Linear:
+    generator = torch.Generator().manual_seed(out + inp)
+    layer = Int4Linear(_random_codes(out, inp, group=group), torch.randn(out, generator=generator) if bias else None)
+    layer.use_int8_activations()
+    return layer
+
+
+def _quantized_activations(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """int4_q8.c's activations, computed independently: per row and block of 32, the codes
+    round(x * (127 / amax)) (half to even, float32) and d = amax / 127."""
+    blocks = x.float().numpy().reshape(x.shape[0], -1, 32)
+    amax = np.abs(blocks).max(axis=2, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(amax > 0, np.clip(np.rint(blocks * (np.float32(127) / amax)), -127, 127), 0).astype(np.int64)
+    return q, (amax / np.float32(127))[..., 0].astype(np.float32)
+
+
+def _fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 fma through float64: a * b is exact there (an int32 sum of at most 17 bits times a
+    float32); the one rounding of the sum to float64 could in principle differ from fma's, with
+    odds far below anything a test could meet."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+
+
+def _emulated_int4_q8(x: torch.Tensor, matmul: PackedMatmul) -> torch.Tensor:
+    """int4_q8.c's chain, per block in order: isum = sum code * q - 8 * sum q (exact), then
+    acc = fma(isum, scale * d, acc), acc = fma(zero, sum(q) * d, acc)."""
+    n, group = matmul.out_features, matmul.group_size
+    codes = unpack_nibble_dwords(matmul.packed, n).numpy().astype(np.int64).reshape(n, -1, 32)
+    scales = unpack_columns(matmul.scales, n).float().numpy().repeat(group // 32, axis=1)
+    zeros = unpack_columns(matmul.zeros, n).float().numpy().repeat(group // 32, axis=1)
+    q, d = _quantized_activations(x)
+    acc = np.zeros((x.shape[0], n), np.float32)
+    for b in range(q.shape[1]):
+        sums = q[:, b].sum(axis=1)  # [rows]
+        isum = q[:, b] @ codes[:, b].T - 8 * sums[:, None]  # [rows, n]
+        acc = _fma32(isum, (scales[None, :, b] * d[:, b, None]).astype(np.float32), acc)
+        acc = _fma32(np.broadcast_to(zeros[None, :, b], acc.shape), (sums.astype(np.float32) * d[:, b])[:, None], acc)
+    if matmul.bias is not None:
+        acc = acc + matmul.bias.numpy()
+    return torch.from_numpy(acc)
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("group", [32, 64])
+def test_int8_activations_kernel_computes_its_documented_chain_bit_for_bit(build, group):
+    """Integer sums and one fixed float chain: the AVX-512 VNNI path and the plain C one give the
+    same bits, and both those of an independent emulation. The rows include one of zeros, one
+    with an outlier and tiny values beside it, and values that round to .5 on the 127 scale."""
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    generator = torch.Generator().manual_seed(9)
+    out, inp = 100, 192  # a partial last panel
+    matmul = _int4_q8_layer(out, inp, group, bias=True).matmul
+    x = torch.randn(21, inp, generator=generator)
+    x[3] = 0
+    x[4, :32] = torch.linspace(-1e-4, 1e-4, 32)
+    x[4, 5] = 300.0
+    x[5, :32] = torch.arange(32) - 15.5  # amax 15.5: codes at k * 127 / 15.5, ties included
+    x = x.to(torch.bfloat16)
+    if build == "portable":
+        matmul._kernel = _portable_build()
+    assert torch.equal(matmul(x.float()), _emulated_int4_q8(x, matmul))
+
+
+@pytest.mark.parametrize("shape", SMOLLM2 + GEMMA3 + [(128, 64), (64, 64), (64, 160)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_int8_activations_rows_in_batches_of_1_to_64_equal_rows_alone(shape):
+    """Each row is quantized and multiplied on its own, whatever the tile (1, 2 or up to 16 rows
+    a pass) or the thread holding its panels."""
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    layer = _int4_q8_layer(*shape)
+    assert layer.matmul.format == "int4_q8"
+    x = torch.randn(72, shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    _assert_rows_alone_equal_rows_together(layer, x, range(1, 65))
+
+
+def test_int8_activations_stay_within_the_quantization_bound():
+    """Against the exact product with the same weights (float64), each output is off by at most
+    what rounding the activations allows: sum over blocks of d / 2 * sum |w|, plus float32 sums."""
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    layer = _int4_q8_layer(576, 1536)
+    x = (torch.randn(8, 1536, generator=torch.Generator().manual_seed(5)) * 3).to(torch.bfloat16)
+    weight = layer.matmul.weight().double()  # exact: (code - 8) * scale + zero needs no rounding here
+    exact = x.double() @ weight.T
+    _, d = _quantized_activations(x)
+    bound = (torch.from_numpy(d).double() / 2) @ weight.abs().view(576, -1, 32).sum(2).T
+    error = (layer(x.float()).double() - exact).abs()
+    assert (error <= bound + 1e-4 * exact.abs().max()).all()
+    assert error.max() > 0  # the activations were rounded: the test can tell
+
+
+def test_int8_activations_keep_the_weights_and_refuse_shapes_they_cannot_tile():
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    layer = Int4Linear(_random_codes(40, 96))
+    before = layer.matmul
+    layer.use_int8_activations()
+    assert layer.matmul.format == "int4_q8"
+    # the same weights, unrounded: the bf16 path's are these rounded to bf16
+    assert torch.equal(layer.matmul.weight().to(torch.bfloat16), before.weight(torch.bfloat16))
+    assert torch.equal(unpack_nibble_dwords(layer.matmul.packed, 40), unpack_nibbles(before.packed, 40))
+    narrow = Int4Linear(_random_codes(40, 48, group=16))  # groups of 16: the bf16 path keeps it
+    narrow.use_int8_activations()
+    assert narrow.matmul.format == "int4"
+    with pytest.raises(ValueError, match="multiples of 32"):
+        narrow.matmul.with_int8_activations()

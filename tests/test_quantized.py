@@ -267,6 +267,24 @@ def test_quantized_model_is_batch_invariant(tiny_model_dir, tmp_path):
     assert together == alone
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+def test_int8_activations_keep_the_model_batch_invariant(tiny_model_dir, tmp_path, qtype):
+    """With 8-bit activations every 4-bit layer runs int4_q8.c, and a request's tokens and logprobs
+    are still those it gets alone: batched, chunked, with prompts joining mid-flight."""
+    path = _quantized_gguf(tiny_model_dir, tmp_path, "llama", lambda name: qtype)
+    checkpoint = load_checkpoint(path, torch.bfloat16, keep_quantized=True)
+    model = build_model(checkpoint.config, checkpoint.tensors, torch.bfloat16)
+    engine = Engine(model, checkpoint.config, None,
+                    EngineConfig(dtype="bfloat16", max_num_batched_tokens=64, int8_activations=True))
+    formats = {m.matmul.format for m in model.modules() if isinstance(m, Int4Linear)}
+    assert formats == ({"int4_q8"} if kernel_available() else {"int4"})
+    prompts = [[(5 * i + j) % 300 + 3 for j in range(4 + 11 * i)] for i in range(6)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    together = run_requests(engine, prompts, params, arrive_every=2, with_logprobs=True)
+    alone = [run_requests(engine, [prompt], params, with_logprobs=True)[0] for prompt in prompts]
+    assert together == alone
+
+
 def test_quantized_experts_are_batch_invariant(tiny_model_dir, tmp_path):
     """Q4_1 experts, each fed the rows of a step routed to it, however many: a request's greedy
     tokens and logprobs are those it gets alone, whatever else the steps held and whatever the

@@ -1,5 +1,5 @@
 """Rank 0's messages to the other ranks of a tensor-parallel group, as broadcasts of int64
-tensors: the KV cache's shape once (OPEN), then each step's batch (STEP), then STOP.
+tensors: the KV cache's shape and the activations' format once (OPEN), then each step's batch (STEP), then STOP.
 
 A step that fails on rank 0 after its batch went out (an error in rank 0's share of the forward
 pass) leaves the other ranks waiting in one of the step's collectives, which rank 0 will never
@@ -80,8 +80,8 @@ class StepChannel:
         self.device = device  # NCCL broadcasts GPU tensors; gloo, CPU ones
         self.broken: str | None = None  # the error that left the other ranks mid-step
 
-    def open(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype) -> None:
-        self._send(OPEN, [num_blocks, block_size, CACHE_DTYPES.index(cache_dtype)])
+    def open(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype, int8_activations: bool) -> None:
+        self._send(OPEN, [num_blocks, block_size, CACHE_DTYPES.index(cache_dtype), int(int8_activations)])
 
     @contextlib.contextmanager
     def step(self, batch: StepBatch) -> Iterator[None]:

@@ -45,9 +45,10 @@ def run_worker(spec: WorkerSpec, rank: int, address: GroupAddress | None) -> Non
         command, payload = receive(device)
         if command != OPEN:
             return
-        num_blocks, block_size, cache_dtype = payload
+        num_blocks, block_size, cache_dtype, int8_activations = payload
         runner = ModelRunner(model, plan.local_config(), num_blocks=num_blocks, block_size=block_size,
-                             kv_cache_dtype=CACHE_DTYPES[cache_dtype], device=device)
+                             kv_cache_dtype=CACHE_DTYPES[cache_dtype], device=device,
+                             int8_activations=bool(int8_activations))
         while True:
             command, payload = receive(device)
             if command == STOP:

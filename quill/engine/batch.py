@@ -41,7 +41,7 @@ class StepChannel(Protocol):
     """Where rank 0 of a tensor-parallel group sends the cache's shape once, then every step
     (implemented by `quill.distributed.channel`)."""
 
-    def open(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype) -> None: ...
+    def open(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype, int8_activations: bool) -> None: ...
 
     def step(self, batch: StepBatch) -> AbstractContextManager[None]:
         """Send `batch` to the other ranks; rank 0 runs its share of the step inside the block. A

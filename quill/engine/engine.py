@@ -92,7 +92,7 @@ class Engine:
         self.runner = ModelRunner(model, model_config, num_blocks=num_blocks, block_size=config.block_size,
                                   kv_cache_dtype=cache_dtype, device=device, decode_graphs=config.decode_graphs,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                                  channel=step_channel)
+                                  channel=step_channel, int8_activations=config.int8_activations)
         self.speculator: Speculator | None = None if config.speculative is None else build_speculator(
             config, model_config, tokenizer, num_blocks=num_blocks, max_model_len=self.max_model_len, device=device,
             kv_cache_dtype=cache_dtype, row_block=self.runner.row_block)

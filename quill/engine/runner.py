@@ -54,13 +54,14 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 class ModelRunner:
     def __init__(self, model: nn.Module, config: ModelConfig, *, num_blocks: int, block_size: int,
                  kv_cache_dtype: torch.dtype, device: torch.device, decode_graphs: str = "off",
-                 max_num_seqs: int = 1, max_model_len: int = 1, channel: StepChannel | None = None) -> None:
+                 max_num_seqs: int = 1, max_model_len: int = 1, channel: StepChannel | None = None,
+                 int8_activations: bool = False) -> None:
         """`channel`: where rank 0 of a tensor-parallel group sends each step for the other ranks
         (`quill.distributed`); None in a single process."""
         self.model = model
         self.channel = channel
         if channel is not None:
-            channel.open(num_blocks, block_size, kv_cache_dtype)
+            channel.open(num_blocks, block_size, kv_cache_dtype, int8_activations)
         self.block_size = block_size
         self.device = device
         # Pure decode steps padded to batch buckets, replayed as CUDA graphs on a GPU (None: as is).
@@ -81,7 +82,7 @@ class ModelRunner:
         # prefix cache (see quill.layers.attention). GPUs attend prompts through fused kernels.
         self.prompts_as_rows = device.type == "cpu"
         if device.type == "cpu":
-            prepare_linears_for_cpu(model)
+            prepare_linears_for_cpu(model, int8_activations=int8_activations)
             return_freed_memory_to_os()  # the float weights the packed copies replaced
             log.info(describe_paths(model))
             if hasattr(model, "fuse_layers"):

@@ -28,7 +28,8 @@ SOURCE_DIR = Path(__file__).parent
 # OpenMP resolves to the runtime PyTorch has already loaded, so both share one thread pool.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 # Libraries linked from several sources' objects: the fused decoder calls the other kernels.
-LINKED = {"decoder": ("decoder", "matmul", "rms_norm", "rotary", "store_kv", "decode_attention", "activation")}
+LINKED = {"matmul": ("matmul", "int4_q8"),
+          "decoder": ("decoder", "matmul", "int4_q8", "rms_norm", "rotary", "store_kv", "decode_attention", "activation")}
 
 
 # ctypes types for `function`'s argtypes and restype

@@ -7,20 +7,23 @@
 
 #include <stdint.h>
 
-enum format { FMT_BF16, FMT_INT4, FMT_INT8, FMT_INT8G, FMT_F32, FMT_Q8_0 };
+enum format { FMT_BF16, FMT_INT4, FMT_INT8, FMT_INT8G, FMT_F32, FMT_Q8_0, FMT_INT4_Q8 };
 
 /* A layer's packed weights, built once by quill/layers/matmul.py (`_Weights` mirrors it). */
 typedef struct {
     int format, k, n, group;
-    const void *packed;         /* BF16: uint16 pairs; INT4: nibble pairs; INT8, INT8G, Q8_0: int8 pairs; F32 */
-    const uint16_t *scales;     /* INT4, INT8G: bf16 [panels][k/group][16]; Q8_0: float16, the same shape */
-    const uint16_t *zeros;      /* INT4, INT8G: bf16 [panels][k/group][16] */
+    const void *packed;         /* BF16: uint16 pairs; INT4: nibble pairs; INT8, INT8G, Q8_0: int8 pairs; F32;
+                                   INT4_Q8: nibble dwords (int4_q8.c) */
+    const uint16_t *scales;     /* INT4, INT4_Q8, INT8G: bf16 [panels][k/group][16]; Q8_0: float16, the same shape */
+    const uint16_t *zeros;      /* INT4, INT4_Q8, INT8G: bf16 [panels][k/group][16] */
     const float *channel_scale; /* INT8: float32 [panels * 16] */
     const float *bias;          /* float32 [n] or NULL */
 } weights_t;
 
 int matmul(const weights_t *w, const void *x, int64_t x_stride, int rows, void *out, int64_t out_stride,
            int out_bf16);                                                                   /* matmul.c */
+int matmul_int4_q8(const weights_t *w, const uint16_t *x, int64_t x_stride, int rows, void *out, int64_t out_stride,
+                   int out_bf16);                                                           /* int4_q8.c */
 void rms_norm(const uint16_t *x, int64_t x_stride, const uint16_t *weight, uint16_t *out, int rows, int dim,
               float eps, float offset);                                                     /* rms_norm.c */
 void rms_norm_heads(const float *x, int64_t x_stride, const uint16_t *weight, float *out, int tokens, int heads,

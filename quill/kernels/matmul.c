@@ -38,7 +38,8 @@
      F32 (format F32, float32 activations): acc = fma(x[i], w[i], acc) for each input i;
          packed [panels][k][16] float32.
    A bias is then added (once, rounding once) and the result stored as float32 or rounded to
-   bfloat16 (nearest even).
+   bfloat16 (nearest even). INT4_Q8 (INT4's weights times 8-bit activations) has a chain of its own,
+   defined in int4_q8.c.
 
    Rows are worked through in tiles that share each expanded weight vector: up to 16 rows in one
    pass over the packed weights (decoding batches), more through a per-thread buffer of expanded
@@ -444,5 +445,6 @@ int matmul(const weights_t *w, const void *x, int64_t x_stride, int rows, void *
         matmul_f32(w, x, x_stride, rows, out, out_stride);
         return 0;
     }
+    if (w->format == FMT_INT4_Q8) return matmul_int4_q8(w, x, x_stride, rows, out, out_stride, out_bf16);
     return matmul_rows(w, rows, x, x_stride, out, out_stride, out_bf16);
 }

@@ -15,6 +15,7 @@ from torch import nn
 
 from quill.layers.matmul import PackedMatmul, RowBlockedMatmul, kernel_available
 from quill.layers.module import InferenceModule
+from quill.layers.quantized import Int4Linear
 
 log = logging.getLogger("quill")
 
@@ -41,14 +42,17 @@ class Linear(InferenceModule, nn.Linear):
         return f"PyTorch in blocks of {'/'.join(map(str, self.matmul.blocks))} rows"
 
 
-def prepare_linears_for_cpu(model: nn.Module) -> None:
+def prepare_linears_for_cpu(model: nn.Module, *, int8_activations: bool = False) -> None:
     """Give every dense `Linear` of a CPU model its row-invariant product (once; later calls do
     nothing). Float weights stay where something else reads them: a tied embedding, and the LM
-    head's exact recomputation of its top logits (`quill.layers.logits`). The load log says which
-    path the layers took."""
+    head's exact recomputation of its top logits (`quill.layers.logits`). With `int8_activations`,
+    4-bit layers multiply 8-bit activations from now on (`Int4Linear.use_int8_activations`). The
+    load log says which path the layers took."""
     readers = Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
     paths = Counter()
     for name, module in model.named_modules():
+        if int8_activations and isinstance(module, Int4Linear):
+            module.use_int8_activations()
         if isinstance(module, Linear) and module.matmul is None:
             keep = readers[id(module.weight)] > 1 or name.split(".")[0] == "lm_head"  # or a parallel head's slice
             paths[f"{tuple(module.weight.shape)} {module.weight.dtype}".replace("torch.", "") + " -> "

@@ -36,7 +36,8 @@ from quill import kernels
 from quill.hardware import cpu_info, cpu_summary
 
 LANES = 16  # output columns per panel of the packed layouts
-FORMATS = {"bf16": 0, "int4": 1, "int8": 2, "int8g": 3, "f32": 4, "q8_0": 5}  # `enum format` in matmul.c
+Q8_BLOCK = 32  # inputs per scale of INT4_Q8's 8-bit activations (int4_q8.c)
+FORMATS = {"bf16": 0, "int4": 1, "int8": 2, "int8g": 3, "f32": 4, "q8_0": 5, "int4_q8": 6}  # `enum format` in matmul.c
 
 
 def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -81,6 +82,21 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return unpack_pairs(torch.cat(halves, dim=2), n)
 
 
+def pack_nibble_dwords(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [n, k] -> [panels, k / 8, 16, 4] bytes (INT4_Q8, see int4_q8.c): per octet of
+    inputs and column, inputs 0-3 in the low nibbles of 4 bytes, inputs 4-7 in their high ones."""
+    codes = _pad_rows(codes, LANES)
+    n, k = codes.shape
+    octets = codes.view(n // LANES, LANES, k // 8, 2, 4)  # [panel, lane, octet, half, j]
+    return (octets[:, :, :, 0] | (octets[:, :, :, 1] << 4)).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_nibble_dwords(packed: torch.Tensor, n: int) -> torch.Tensor:
+    panels, octets = packed.shape[:2]
+    halves = torch.stack([packed & 15, packed >> 4], dim=3)  # [panel, octet, lane, half, j]
+    return halves.permute(0, 2, 1, 3, 4).reshape(panels * LANES, octets * 8)[:n]
+
+
 def pack_columns(w: torch.Tensor) -> torch.Tensor:
     """[n, m] -> [panels, m, 16]: the m values of each panel's 16 output rows side by side (F32
     weights; the per-group scales and zeros of every format)."""
@@ -108,9 +124,12 @@ def _kernel() -> Callable | None:
     return kernels.function("matmul", [pointer, pointer, i64, i32, pointer, i64, i32], restype=i32)
 
 
-def kernel_path() -> str:
-    """Which path the packed kernel compiled to on this CPU (its `-march=native` build)."""
+def kernel_path(fmt: str = "bf16") -> str:
+    """Which path the packed kernel compiled to on this CPU (its `-march=native` build), for the
+    bfloat16-activation formats or for int4_q8 (int4_q8.c)."""
     flags = cpu_info()["flags"]
+    if fmt == "int4_q8":
+        return "AVX-512 VNNI" if "avx512_vnni" in flags and "avx512bw" in flags else "portable C"
     return "AVX-512 BF16" if "avx512_bf16" in flags and "avx512bw" in flags else "portable C"
 
 
@@ -128,6 +147,8 @@ def describe_paths(model: torch.nn.Module) -> str:
         kinds[key] = kinds.get(key, 0) + 1
     paths = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none on the CPU"
     kernel = f"; the kernel's {kernel_path()} path" if any("kernel" in kind for kind in kinds) else ""
+    if "int4_q8 kernel" in kinds:
+        kernel += f" ({kernel_path('int4_q8')} for int4_q8)"
     return f"row-invariant matmuls: {paths}{kernel} on {cpu_summary()}"
 
 
@@ -145,6 +166,7 @@ class PackedMatmul:
 
     Formats: "f32" (float32 activations and weights), "bf16" (bfloat16 weights), "int4" (codes in
     0..15, weight = bf16((code - 8) * scale + zero) with bf16 scale and zero per group of inputs),
+    "int4_q8" (int4's weights unrounded, times activations quantized to 8 bits: int4_q8.c),
     "int8g" (signed codes, weight = bf16(code * scale + zero), the same groups), "q8_0" (signed codes,
     weight = bf16(code * scale) with a float16 scale per 32 inputs: GGML's Q8_0) and "int8" (signed
     codes, one float32 scale per output). All but "f32" take bfloat16 activations: other
@@ -181,6 +203,30 @@ class PackedMatmul:
         out, inp = codes.shape
         return cls("int4", out, inp, pack_nibbles(codes), scales=pack_columns(scales.to(torch.bfloat16)),
                    zeros=pack_columns(zeros.to(torch.bfloat16)), group_size=group_size, bias=bias)
+
+    @classmethod
+    def int4_q8(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                bias: torch.Tensor | None = None) -> PackedMatmul:
+        """INT4's weights (as `int4` takes them) times activations quantized to 8 bits per block of
+        32 inputs (int4_q8.c); see `takes_int4_q8` for the shapes it takes."""
+        return cls.int4(codes, scales, zeros, group_size, bias).with_int8_activations()
+
+    @staticmethod
+    def takes_int4_q8(in_features: int, group_size: int) -> bool:
+        """Whether INT4_Q8 takes a layer: its activations' blocks of 32 inputs must tile the
+        inputs and the weights' groups."""
+        return in_features % Q8_BLOCK == 0 and group_size % Q8_BLOCK == 0
+
+    def with_int8_activations(self) -> PackedMatmul:
+        """This INT4 product's weights, repacked for 8-bit activations (INT4_Q8): the same codes,
+        scales and zeros."""
+        if self.format != "int4" or not self.takes_int4_q8(self.in_features, self.group_size):
+            raise ValueError(f"8-bit activations take 4-bit weights with inputs and groups in multiples of "
+                             f"{Q8_BLOCK}, not {self.format} weights, {self.in_features} inputs, groups of "
+                             f"{self.group_size}")
+        codes = pack_nibble_dwords(unpack_nibbles(self.packed, self.out_features))
+        return PackedMatmul("int4_q8", self.out_features, self.in_features, codes, scales=self.scales,
+                            zeros=self.zeros, group_size=self.group_size, bias=self.bias)
 
     @classmethod
     def int8g(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
@@ -225,13 +271,19 @@ class PackedMatmul:
             return unpack_columns(self.packed, n).to(dtype)
         if self.format in ("bf16", "int8"):
             return unpack_pairs(self.packed, n).to(dtype)
-        codes = unpack_nibbles(self.packed, n).float() - 8 if self.format == "int4" else unpack_pairs(self.packed, n).float()
+        if self.format == "int4":
+            codes = unpack_nibbles(self.packed, n).float() - 8
+        elif self.format == "int4_q8":
+            codes = unpack_nibble_dwords(self.packed, n).float() - 8
+        else:
+            codes = unpack_pairs(self.packed, n).float()
         # code * scale (+ zero) in float32 (the product is exact), rounded once to bf16: what the
-        # kernel multiplies by
+        # kernel multiplies by. INT4_Q8 multiplies by these values unrounded (to float32 here).
         values = codes.view(n, -1, self.group_size) * unpack_columns(self.scales, n).float()[..., None]
         if self.zeros is not None:
             values = values + unpack_columns(self.zeros, n).float()[..., None]
-        return values.view(n, -1).to(torch.bfloat16).to(dtype)
+        values = values.view(n, -1)
+        return (values if self.format == "int4_q8" else values.to(torch.bfloat16)).to(dtype)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros, self.channel_scale)

@@ -68,6 +68,14 @@ class Int4Linear(QuantizedLinear):
             self.matmul = RowBlockedMatmul(_int4_matmul(self.packed, self.group_size, self.scales_and_zeros, bias),
                                            inp, ("int4", out, self.group_size, bias is not None))
 
+    def use_int8_activations(self) -> None:
+        """Multiply activations quantized to 8 bits from now on (`PackedMatmul.int4_q8`): the same
+        codes, scales and zeros, repacked. Nothing changes where the kernel's format cannot take
+        the layer's shape (inputs or groups not multiples of 32) or no kernel runs it."""
+        if isinstance(self.matmul, PackedMatmul) and self.matmul.format == "int4" and PackedMatmul.takes_int4_q8(
+                self.in_features, self.group_size):
+            self.matmul = self.matmul.with_int8_activations()
+
     @staticmethod
     def supports(weight: QuantizedWeight) -> bool:
         out, inp = weight.shape

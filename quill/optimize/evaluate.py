@@ -55,15 +55,18 @@ def tokenize_corpus(tokenizer: Tokenizer, path: str | Path, max_tokens: int | No
     return tokenizer.encode(text)[:max_tokens]
 
 
-def scoring_runner(model: torch.nn.Module, config: ModelConfig, max_tokens: int) -> ModelRunner:
+def scoring_runner(model: torch.nn.Module, config: ModelConfig, max_tokens: int,
+                   int8_activations: bool | None = None) -> ModelRunner:
     """A model runner with room for `max_tokens`, configured as an engine with default settings
-    configures its own (block size, KV-cache dtype). It binds the model's attention caches, so
-    never build one for a model an engine is running."""
+    configures its own (block size, KV-cache dtype, and `int8_activations` unless given). It binds
+    the model's attention caches, so never build one for a model an engine is running."""
     defaults = EngineConfig()
+    if int8_activations is None:
+        int8_activations = defaults.int8_activations
     weight = model.embed_tokens.weight
     return ModelRunner(model, config, num_blocks=-(-max_tokens // defaults.block_size), block_size=defaults.block_size,
                        kv_cache_dtype=kv_cache_dtype(defaults.kv_cache_dtype, weight.dtype, weight.device),
-                       device=weight.device)
+                       device=weight.device, int8_activations=int8_activations)
 
 
 def windows(num_tokens: int, window: int) -> Iterator[tuple[int, int, int]]:
@@ -108,8 +111,9 @@ class Scores:
 
 
 def score(model, config: ModelConfig, token_ids: list[int], window: int = DEFAULT_WINDOW,
-          progress: bool = False) -> Scores:
-    """Score every token of `token_ids` after the first (see the module docstring)."""
+          progress: bool = False, int8_activations: bool | None = None) -> Scores:
+    """Score every token of `token_ids` after the first (see the module docstring), with
+    `int8_activations` as `scoring_runner` takes it."""
     if len(token_ids) < 2:
         raise InvalidRequestError("the corpus must hold at least 2 tokens to score")
     if min(window, len(token_ids)) > config.max_position_embeddings:
@@ -118,7 +122,7 @@ def score(model, config: ModelConfig, token_ids: list[int], window: int = DEFAUL
     targets = torch.tensor(token_ids)
     nll, greedy = [], []
     spans = list(windows(len(token_ids), window))
-    runner = scoring_runner(model, config, min(window, len(token_ids)))
+    runner = scoring_runner(model, config, min(window, len(token_ids)), int8_activations)
     for start, end, first in tqdm(spans, unit="window", desc="scoring", disable=not progress, leave=False):
         logits = runner.prompt_logits(token_ids[start:end])[first - start - 1:end - start - 1]
         log_probs = torch.log_softmax(logits.float(), dim=-1)

@@ -33,6 +33,7 @@ def build_speculator(config: EngineConfig, model_config: ModelConfig, tokenizer,
         drafter = DraftModelDrafter.load(
             config.speculative, model_config, tokenizer, num_blocks=num_blocks, block_size=config.block_size,
             dtype=getattr(torch, config.dtype), kv_cache_dtype=kv_cache_dtype, device=device,
+            int8_activations=config.int8_activations,
         )
     return Speculator(drafter, config.num_speculative_tokens, max_model_len, adaptive=config.adaptive_speculation,
                       row_block=row_block)

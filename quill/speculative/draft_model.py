@@ -32,7 +32,7 @@ class DraftModelDrafter:
     @classmethod
     def load(cls, model: str | Path, target_config: ModelConfig, target_tokenizer, *, num_blocks: int,
              block_size: int, dtype: torch.dtype, kv_cache_dtype: torch.dtype,
-             device: torch.device) -> DraftModelDrafter:
+             device: torch.device, int8_activations: bool = False) -> DraftModelDrafter:
         """Load the draft model and check that it speaks the target's vocabulary."""
         from quill.models.loader import load_model_and_tokenizer
 
@@ -44,7 +44,7 @@ class DraftModelDrafter:
         if target_tokenizer is not None and draft.tokenizer.backend.get_vocab() != target_tokenizer.backend.get_vocab():
             raise ModelLoadError(f"draft model {model} does not use the target model's tokenizer")
         runner = ModelRunner(draft.model, draft.config, num_blocks=num_blocks, block_size=block_size,
-                             kv_cache_dtype=kv_cache_dtype, device=device)
+                             kv_cache_dtype=kv_cache_dtype, device=device, int8_activations=int8_activations)
         # No prefix caching: mirrors are rolled back and re-synced, never shared.
         return cls(runner, KVCacheManager(num_blocks, block_size, enable_prefix_caching=False))
 

@@ -1,0 +1,267 @@
+/* 4-bit weights times 8-bit activations (format INT4_Q8): integer dot products, as llama.cpp's
+   q4 x q8 kernels compute them, for twice the multiply-adds per instruction of bfloat16's.
+
+   The weights are INT4's (matmul.c): weight = (code - 8) * scale + zero, codes 0..15, bfloat16
+   scale and zero per group of inputs (a multiple of 32), only packed for 4-input dot products.
+   The activations are quantized per row and block of 32 inputs, each row alone:
+       amax = max |x_i|;  d = amax / 127;  q_i = round_half_even(x_i * (127 / amax))  (0 where amax is 0)
+   (float32, each operation rounding once), and every output is then this chain, block by block
+   in increasing order, from acc = 0:
+       isum = sum_i code_i * q_i - 8 * sum_i q_i                    exact, in int32
+       acc = fma((float)isum, scale * d, acc)                        scale * d rounded once
+       acc = fma(zero, (float)(sum_i q_i) * d, acc)                  the product rounded once
+   then plus the bias, stored as float32 or rounded to bfloat16. So a row's outputs depend on that
+   row alone, whatever the rows beside it, the tiling, the threads or the CPU (the portable loops
+   below compute the same chain): batch invariance, as in matmul.c. The integer sums are exact, so
+   their order is free; only the float chain above is fixed.
+
+   Against INT4 with bfloat16 activations, the products lose the activations' low bits (llama.cpp
+   quantizes them the same way) and keep the weights' exact values instead of rounding each to
+   bfloat16. See quill/layers/matmul.py for what it gains and costs.
+
+   Packed codes: [panels][k/8][64] bytes; byte 4 * lane + j of an octet o holds, in its low nibble,
+   input 8o + j of the panel's column `lane`, and in its high nibble input 8o + 4 + j: a vector of
+   low nibbles is 16 columns' 4-input dwords for vpdpbusd, and so is one of high nibbles. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QUILL_AVX512_VNNI 1
+#endif
+
+#include "entry_points.h"
+#include "half_floats.h"
+#include "thread_buffer.h"
+
+#define LANES 16
+#define BLOCK 32     /* activations quantized per this many inputs */
+#define TILE_ROWS 16 /* rows sharing each expanded weight vector */
+
+/* A call's quantized activations: per row, `k` codes, then per block its d, (sum q) * d and
+   -8 * sum q. */
+typedef struct {
+    int8_t *q;
+    float *d, *sum_d;
+    int32_t *offset;
+    int k, blocks;
+} activations_t;
+
+static inline float block_scale(float amax) { return amax / 127.0f; }
+
+#ifdef QUILL_AVX512_VNNI
+static void quantize_block(const uint16_t *x, int8_t *q, float *d, float *sum_d, int32_t *offset) {
+    __m512 low = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+    __m512 high =
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + 16))), 16));
+    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+    if (amax == 0.0f) {
+        memset(q, 0, BLOCK);
+        *d = 0.0f, *sum_d = 0.0f, *offset = 0;
+        return;
+    }
+    __m512 inverse = _mm512_set1_ps(127.0f / amax);
+    const int round = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m512i q_low = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(low, inverse), round));
+    __m512i q_high = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(high, inverse), round));
+    /* |x * 127 / amax| can round up past 127 by an ulp at most: clamped */
+    const __m512i top = _mm512_set1_epi32(127), bottom = _mm512_set1_epi32(-127);
+    q_low = _mm512_max_epi32(_mm512_min_epi32(q_low, top), bottom);
+    q_high = _mm512_max_epi32(_mm512_min_epi32(q_high, top), bottom);
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q_low));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q_high));
+    int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q_low, q_high));
+    *d = block_scale(amax), *sum_d = (float)sum * *d, *offset = -8 * sum;
+}
+#else
+static void quantize_block(const uint16_t *x, int8_t *q, float *d, float *sum_d, int32_t *offset) {
+    float amax = 0.0f;
+    for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(from_bf16(x[i])));
+    if (amax == 0.0f) {
+        memset(q, 0, BLOCK);
+        *d = 0.0f, *sum_d = 0.0f, *offset = 0;
+        return;
+    }
+    float inverse = 127.0f / amax;
+    int sum = 0;
+    for (int i = 0; i < BLOCK; i++) {
+        float value = nearbyintf(from_bf16(x[i]) * inverse); /* half to even, the default rounding */
+        int code = value > 127.0f ? 127 : value < -127.0f ? -127 : (int)value;
+        q[i] = (int8_t)code, sum += code;
+    }
+    *d = block_scale(amax), *sum_d = (float)sum * *d, *offset = -8 * sum;
+}
+#endif
+
+/* The rows' activations quantized into this thread's buffer; returns -1 if it cannot be had. */
+static int quantize(const uint16_t *x, int64_t x_stride, int rows, int k, activations_t *a) {
+    static __thread void *buffer;
+    static __thread size_t capacity;
+    int blocks = k / BLOCK;
+    size_t codes = (size_t)rows * k, per_block = (size_t)rows * blocks;
+    char *base = grown_buffer(&buffer, &capacity, codes + per_block * 12 + 64);
+    if (!base) return -1;
+    a->d = (float *)base, a->sum_d = a->d + per_block, a->offset = (int32_t *)(a->sum_d + per_block);
+    a->q = (int8_t *)(a->offset + per_block), a->k = k, a->blocks = blocks;
+    for (int r = 0; r < rows; r++)
+        for (int b = 0; b < blocks; b++) {
+            int64_t at = (int64_t)r * blocks + b;
+            quantize_block(x + r * x_stride + b * BLOCK, a->q + (int64_t)r * k + b * BLOCK, a->d + at, a->sum_d + at,
+                           a->offset + at);
+        }
+    return 0;
+}
+
+static inline void store_value(void *out, int64_t index, float value, int out_bf16) {
+    if (out_bf16)
+        ((uint16_t *)out)[index] = to_bf16(value);
+    else
+        ((float *)out)[index] = value;
+}
+
+#ifdef QUILL_AVX512_VNNI
+
+static inline __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+#define UNROLLED _Pragma("GCC unroll 16")
+
+/* The int32 at byte `i` of a row's codes (4 of them, broadcast to every lane by the caller). */
+static inline int32_t four_codes(const int8_t *q, int i) {
+    int32_t value;
+    memcpy(&value, q + i, sizeof value);
+    return value;
+}
+
+/* R rows (from row0) by C panels: each block's weight vectors are expanded once for all the rows. */
+static inline __attribute__((always_inline)) void tile(const int R, const int C, const weights_t *w, int panel,
+                                                      const activations_t *a, int row0, void *out,
+                                                      int64_t out_stride, int out_bf16) {
+    int blocks = a->blocks, groups = w->k / w->group, per_group = w->group / BLOCK;
+    const __m512i nibble = _mm512_set1_epi8(15);
+    __m512 acc[TILE_ROWS][4];
+    UNROLLED for (int r = 0; r < R; r++) UNROLLED for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        UNROLLED for (int c = 0; c < C; c++) {
+            const uint8_t *codes = (const uint8_t *)w->packed + ((int64_t)(panel + c) * (w->k / 8) + b * 4) * 64;
+            __m512i low[4], high[4];
+            UNROLLED for (int o = 0; o < 4; o++) {
+                __m512i v = _mm512_loadu_si512(codes + o * 64);
+                low[o] = _mm512_and_si512(v, nibble);
+                high[o] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+            }
+            int64_t g = ((int64_t)(panel + c) * groups + b / per_group) * LANES;
+            __m512 scale = bf16x16(w->scales + g), zero = bf16x16(w->zeros + g);
+            UNROLLED for (int r = 0; r < R; r++) {
+                int64_t at = (int64_t)(row0 + r) * blocks + b;
+                const int8_t *q = a->q + (row0 + r) * (int64_t)a->k + b * BLOCK;
+                __m512i sum = _mm512_set1_epi32(a->offset[at]);
+                UNROLLED for (int o = 0; o < 4; o++) {
+                    sum = _mm512_dpbusd_epi32(sum, low[o], _mm512_set1_epi32(four_codes(q, 8 * o)));
+                    sum = _mm512_dpbusd_epi32(sum, high[o], _mm512_set1_epi32(four_codes(q, 8 * o + 4)));
+                }
+                __m512 isum = _mm512_cvtepi32_ps(sum);
+                acc[r][c] = _mm512_fmadd_ps(isum, _mm512_mul_ps(scale, _mm512_set1_ps(a->d[at])), acc[r][c]);
+                acc[r][c] = _mm512_fmadd_ps(zero, _mm512_set1_ps(a->sum_d[at]), acc[r][c]);
+            }
+        }
+    }
+    UNROLLED for (int r = 0; r < R; r++) UNROLLED for (int c = 0; c < C; c++) {
+        int column = (panel + c) * LANES, valid = w->n - column < LANES ? w->n - column : LANES;
+        __mmask16 mask = (__mmask16)((1u << valid) - 1);
+        __m512 value = acc[r][c];
+        if (w->bias) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, w->bias + column));
+        int64_t at = (int64_t)(row0 + r) * out_stride + column;
+        if (out_bf16)
+            _mm256_mask_storeu_epi16((uint16_t *)out + at, mask, (__m256i)_mm512_cvtneps_pbh(value));
+        else
+            _mm512_mask_storeu_ps((float *)out + at, mask, value);
+    }
+}
+
+/* Each (rows, panels) shape compiled as a function of its own: inlined into one function, the 32
+   shapes' sums no longer fit in registers and GCC 12 spilled them around every product. */
+typedef void tile_fn(const weights_t *w, int panel, const activations_t *a, int row0, void *out, int64_t out_stride,
+                     int out_bf16);
+#define SHAPE(R, C)                                                                                               \
+    static __attribute__((noinline)) void tile_##R##_##C(const weights_t *w, int panel, const activations_t *a,  \
+                                                         int row0, void *out, int64_t out_stride, int out_bf16) { \
+        tile(R, C, w, panel, a, row0, out, out_stride, out_bf16);                                                 \
+    }
+#define SHAPES(C) SHAPE(1, C) SHAPE(2, C) SHAPE(3, C) SHAPE(4, C) SHAPE(5, C) SHAPE(6, C) SHAPE(7, C) SHAPE(8, C) \
+    SHAPE(9, C) SHAPE(10, C) SHAPE(11, C) SHAPE(12, C) SHAPE(13, C) SHAPE(14, C) SHAPE(15, C) SHAPE(16, C)
+SHAPE(1, 4) SHAPE(2, 2)
+SHAPES(1)
+/* One row takes 4 panels a call, two rows 2, for enough independent sums in flight (more panels
+   spilled); more rows take one. */
+static tile_fn *const few_rows[3] = {0, tile_1_4, tile_2_2};
+static tile_fn *const one_panel[17] = {0,         tile_1_1,  tile_2_1,  tile_3_1,  tile_4_1,  tile_5_1,
+                                       tile_6_1,  tile_7_1,  tile_8_1,  tile_9_1,  tile_10_1, tile_11_1,
+                                       tile_12_1, tile_13_1, tile_14_1, tile_15_1, tile_16_1};
+
+/* Rows in tiles of up to 16 that reread the panel's codes from cache. */
+static void run_panels(const weights_t *w, int rows, const activations_t *a, void *out, int64_t out_stride,
+                       int out_bf16) {
+    int panels = (w->n + LANES - 1) / LANES, width = rows <= 2 ? 4 / rows : 1;
+    int units = (panels + width - 1) / width;
+    int64_t work = (int64_t)rows * w->n * w->k;
+#pragma omp parallel for schedule(static) if (work > (1 << 18))
+    for (int unit = 0; unit < units; unit++) {
+        int panel = unit * width;
+        if (width > 1 && panel + width <= panels) {
+            few_rows[rows](w, panel, a, 0, out, out_stride, out_bf16);
+            continue;
+        }
+        for (int p = panel; p < panel + width && p < panels; p++)
+            for (int row = 0; row < rows; row += TILE_ROWS) {
+                int count = rows - row < TILE_ROWS ? rows - row : TILE_ROWS;
+                one_panel[count](w, p, a, row, out, out_stride, out_bf16);
+            }
+    }
+}
+
+#else /* portable: the same chain in plain C */
+
+static void run_panels(const weights_t *w, int rows, const activations_t *a, void *out, int64_t out_stride,
+                       int out_bf16) {
+    int panels = (w->n + LANES - 1) / LANES, blocks = a->blocks, groups = w->k / w->group;
+    int per_group = w->group / BLOCK;
+    int64_t work = (int64_t)rows * w->n * w->k;
+#pragma omp parallel for schedule(static) if (work > (1 << 18))
+    for (int panel = 0; panel < panels; panel++) {
+        const uint8_t *codes = (const uint8_t *)w->packed + (int64_t)panel * (w->k / 8) * 64;
+        for (int lane = 0; lane < LANES && panel * LANES + lane < w->n; lane++) {
+            int column = panel * LANES + lane;
+            for (int r = 0; r < rows; r++) {
+                float acc = 0.0f;
+                for (int b = 0; b < blocks; b++) {
+                    int64_t at = (int64_t)r * blocks + b, g = ((int64_t)panel * groups + b / per_group) * LANES + lane;
+                    const int8_t *q = a->q + (int64_t)r * a->k + b * BLOCK;
+                    int32_t isum = a->offset[at];
+                    for (int o = 0; o < 4; o++)
+                        for (int j = 0; j < 4; j++) {
+                            uint8_t byte = codes[(b * 4 + o) * 64 + 4 * lane + j];
+                            isum += (byte & 15) * q[8 * o + j] + (byte >> 4) * q[8 * o + 4 + j];
+                        }
+                    acc = fmaf((float)isum, from_bf16(w->scales[g]) * a->d[at], acc);
+                    acc = fmaf(from_bf16(w->zeros[g]), a->sum_d[at], acc);
+                }
+                if (w->bias) acc = acc + w->bias[column];
+                store_value(out, (int64_t)r * out_stride + column, acc, out_bf16);
+            }
+        }
+    }
+}
+
+#endif
+
+/* The INT4_Q8 product (matmul.c's `matmul` calls it for that format): bfloat16 x, as `matmul`.
+   Returns 0, or -1 when scratch memory could not be allocated. */
+int matmul_int4_q8(const weights_t *w, const uint16_t *x, int64_t x_stride, int rows, void *out, int64_t out_stride,
+                   int out_bf16) {
+    activations_t a;
+    if (quantize(x, x_stride, rows, w->k, &a)) return -1;
+    run_panels(w, rows, &a, out, out_stride, out_bf16);
+    return 0;
+}
