@@ -26,6 +26,7 @@ from quill.engine.batch import PromptPlan, StepBatch
 from quill.engine.engine import Engine
 from quill.errors import InvalidRequestError, UnsupportedModelError
 from quill.models.loader import load_checkpoint, load_model
+from quill.layers.quantized import Int4Linear
 from quill.optimize.quantize import quantize_checkpoint
 from quill.sampling_params import SamplingParams
 from quill.weights.quantized import QuantizedWeight
@@ -51,7 +52,7 @@ class _RecordingChannel:
     def __init__(self) -> None:
         self.batches: list[StepBatch] = []
 
-    def open(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype) -> None:
+    def open(self, num_blocks: int, block_size: int, cache_dtype: torch.dtype, int8_activations: bool) -> None:
         self.num_blocks = num_blocks
 
     @contextlib.contextmanager
@@ -211,19 +212,27 @@ def test_split_dense_model_computes_the_whole_models_logits_and_tokens(arch, tmp
         _assert_same_model(whole, split)
 
 
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["bf16-activations", "int8-activations"])
 @pytest.mark.parametrize("variant", QUANTIZED)
-def test_split_quantized_model_computes_the_whole_models_logits_and_tokens(variant, tmp_path):
+def test_split_quantized_model_computes_the_whole_models_logits_and_tokens(variant, int8_activations, tmp_path):
     """The quantized kernels take activations in bf16 (quill/kernels/matmul.c): a float32 rounding
     difference from the all-reduce's order can tip an activation to the neighbouring bf16 value,
     so logits agree within bf16 rounding (measured: at most 0.5% of the largest logit), not
-    float32's; the argmax at every position and the greedy tokens are the same."""
+    float32's; the argmax at every position and the greedy tokens are the same. With 8-bit
+    activations (4-bit layers only) each rank quantizes its own share of a row-parallel layer's
+    inputs, in the whole model's blocks of 32, and the same holds."""
     build, qtype = QUANTIZED[variant]
+    if int8_activations and qtype != "int4":
+        pytest.skip("8-bit activations change only 4-bit layers")
     path = tmp_path / f"{variant}.gguf"
     quantize_checkpoint(build(tmp_path / variant), path, qtype, with_tokenizer=False, progress=False)
     model, config = load_model(path, torch.float32)
-    whole = Engine(model, config, None, EngineConfig(dtype="float32", max_num_batched_tokens=32))
-    with _split_engine(path, max_num_batched_tokens=32) as split:
+    options = dict(max_num_batched_tokens=32, int8_activations=int8_activations)
+    whole = Engine(model, config, None, EngineConfig(dtype="float32", **options))
+    with _split_engine(path, **options) as split:
         assert split.runner.quantized  # the shares run natively, not expanded
+        formats = {m.matmul.format for m in split.runner.model.modules() if isinstance(m, Int4Linear)}
+        assert formats == ({"int4_q8"} if int8_activations else {"int4"} if qtype == "int4" else set())
         _assert_same_model(whole, split, tolerance=2 ** -7)
 
 
