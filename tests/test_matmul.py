@@ -315,12 +315,16 @@ def test_int8_activations_keep_the_weights_and_refuse_shapes_they_cannot_tile():
     if not kernel_available():
         pytest.skip("no C compiler")
     layer = Int4Linear(_random_codes(40, 96))
-    before = layer.matmul
+    weight, codes = layer.matmul.weight(torch.bfloat16), unpack_nibbles(layer.matmul.packed, 40)
+    moved = layer.matmul
     layer.use_int8_activations()
     assert layer.matmul.format == "int4_q8"
     # the same weights, unrounded: the bf16 path's are these rounded to bf16
-    assert torch.equal(layer.matmul.weight().to(torch.bfloat16), before.weight(torch.bfloat16))
-    assert torch.equal(unpack_nibble_dwords(layer.matmul.packed, 40), unpack_nibbles(before.packed, 40))
+    assert torch.equal(layer.matmul.weight().to(torch.bfloat16), weight)
+    assert torch.equal(unpack_nibble_dwords(layer.matmul.packed, 40), codes)
+    assert layer.matmul.packed.data_ptr() == moved.packed.data_ptr()  # repacked in place: no second copy
+    with pytest.raises(ValueError, match="not int4_q8 \\(moved\\) weights"):
+        moved.with_int8_activations()
     narrow = Int4Linear(_random_codes(40, 48, group=16))  # groups of 16: the bf16 path keeps it
     narrow.use_int8_activations()
     assert narrow.matmul.format == "int4"
