@@ -141,6 +141,33 @@ def test_bfloat16_greedy_identical(llama):
     assert run_requests(engine, prompts, GREEDY) == expected
 
 
+@pytest.mark.parametrize("drafter", ["ngram", "draft"])
+def test_int8_activations_greedy_identical_with_speculation(llama, tmp_path, drafter):
+    """4-bit weights with 8-bit activations, loaded as `LLM` loads them: verification rows are
+    decoding rows there too, and a draft model follows the engine's activations."""
+    from quill.config import EngineConfig
+    from quill.engine.engine import Engine
+    from quill.layers.quantized import Int4Linear
+    from quill.models.loader import load_model as load_native
+    from quill.optimize.quantize import quantize_checkpoint
+
+    path = tmp_path / "int4.gguf"
+    quantize_checkpoint(llama, path, "int4", group_size=32, with_tokenizer=False, progress=False)
+
+    def engine(**options) -> Engine:
+        return Engine(*load_native(path, torch.bfloat16), None,
+                      EngineConfig(dtype="bfloat16", int8_activations=True, **options))
+
+    prompts = _prompts(seed=3)
+    expected = run_requests(engine(), prompts, GREEDY)
+    speculating = engine(speculative="ngram" if drafter == "ngram" else str(path))
+    if drafter == "draft":
+        draft_model = speculating.speculator.drafter.runner.model
+        assert {m.matmul.format for m in draft_model.modules() if isinstance(m, Int4Linear)} == {"int4_q8"}
+    assert run_requests(speculating, prompts, GREEDY) == expected
+    _assert_no_leaks(speculating)
+
+
 def test_logprobs_with_speculation_are_the_plain_ones(llama):
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=3)
     prompt = _prompts()[5]
