@@ -48,4 +48,20 @@ static inline uint16_t to_half(float f) {
     return (uint16_t)(sign | ((magnitude + 0xfffu + ((magnitude >> 13) & 1u) - 0x38000000u) >> 13));
 }
 
+/* One output element: float32, or rounded to bfloat16 (`out_bf16`), at `index` of `out`. */
+static inline void store_value(void *out, int64_t index, float value, int out_bf16) {
+    if (out_bf16)
+        ((uint16_t *)out)[index] = to_bf16(value);
+    else
+        ((float *)out)[index] = value;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* 16 bfloat16 values widened to float32 (exact). */
+static inline __m512 bf16x16_to_ps(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#endif
+
 #endif

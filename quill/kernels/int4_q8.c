@@ -114,18 +114,7 @@ static void quantize_row(const uint16_t *x, int row, activations_t *a) {
     }
 }
 
-static inline void store_value(void *out, int64_t index, float value, int out_bf16) {
-    if (out_bf16)
-        ((uint16_t *)out)[index] = to_bf16(value);
-    else
-        ((float *)out)[index] = value;
-}
-
 #ifdef QUILL_AVX512_VNNI
-
-static inline __m512 bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 
 #define UNROLLED _Pragma("GCC unroll 16")
 
@@ -154,7 +143,7 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
                 high[o] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
             }
             int64_t g = ((int64_t)(panel + c) * groups + b / per_group) * LANES;
-            __m512 scale = bf16x16(w->scales + g), zero = bf16x16(w->zeros + g);
+            __m512 scale = bf16x16_to_ps(w->scales + g), zero = bf16x16_to_ps(w->zeros + g);
             UNROLLED for (int r = 0; r < R; r++) {
                 int64_t at = (int64_t)(row0 + r) * blocks + b;
                 const int8_t *q = a->q + (row0 + r) * (int64_t)a->k + b * BLOCK;

@@ -72,20 +72,9 @@ static inline float finish(const weights_t *w, int column, float acc) {
     return acc;
 }
 
-static inline void store_value(void *out, int64_t index, float value, int out_bf16) {
-    if (out_bf16)
-        ((uint16_t *)out)[index] = to_bf16(value);
-    else
-        ((float *)out)[index] = value;
-}
-
 #ifdef QUILL_AVX512_BF16
 
 /* ---- AVX-512 BF16 ------------------------------------------------------------------------------ */
-
-static inline __m512 bf16_to_ps(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
 
 typedef struct {
     __m512 scale, zero; /* the first 8 columns' values, each twice (lane i is column i / 2) */
@@ -128,8 +117,8 @@ static inline group_t load_group(const int format, const weights_t *w, int panel
     if (format == FMT_Q8_0) {
         g.scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w->scales + at)));
     } else {
-        g.scale = bf16_to_ps(w->scales + at);
-        g.zero = bf16_to_ps(w->zeros + at);
+        g.scale = bf16x16_to_ps(w->scales + at);
+        g.zero = bf16x16_to_ps(w->zeros + at);
     }
     /* lane i of the codes' vectors is column i / 2 */
     const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
