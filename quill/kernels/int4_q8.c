@@ -182,11 +182,12 @@ typedef void tile_fn(const weights_t *w, int panel, const activations_t *a, int 
     }
 #define SHAPES(C) SHAPE(1, C) SHAPE(2, C) SHAPE(3, C) SHAPE(4, C) SHAPE(5, C) SHAPE(6, C) SHAPE(7, C) SHAPE(8, C) \
     SHAPE(9, C) SHAPE(10, C) SHAPE(11, C) SHAPE(12, C) SHAPE(13, C) SHAPE(14, C) SHAPE(15, C) SHAPE(16, C)
-SHAPE(1, 4) SHAPE(2, 2)
+SHAPE(1, 4) SHAPE(2, 2) SHAPE(3, 2) SHAPE(4, 2)
 SHAPES(1)
-/* One row takes 4 panels a call, two rows 2, for enough independent sums in flight (more panels
-   spilled); more rows take one. */
-static tile_fn *const few_rows[3] = {0, tile_1_4, tile_2_2};
+/* One row takes 4 panels a call, two to four rows 2, for enough independent sums in flight (their
+   sums in registers: one panel at three rows was latency-bound, 1.5x slower; 3-4 rows at 2 panels
+   spill a little and still win); more rows take one. */
+static tile_fn *const few_rows[5] = {0, tile_1_4, tile_2_2, tile_3_2, tile_4_2};
 static tile_fn *const one_panel[17] = {0,         tile_1_1,  tile_2_1,  tile_3_1,  tile_4_1,  tile_5_1,
                                        tile_6_1,  tile_7_1,  tile_8_1,  tile_9_1,  tile_10_1, tile_11_1,
                                        tile_12_1, tile_13_1, tile_14_1, tile_15_1, tile_16_1};
@@ -195,7 +196,7 @@ static tile_fn *const one_panel[17] = {0,         tile_1_1,  tile_2_1,  tile_3_1
    region of `matmul_int4_q8`: the threads share out the panels. */
 static void run_panels(const weights_t *w, int rows, const activations_t *a, void *out, int64_t out_stride,
                        int out_bf16) {
-    int panels = (w->n + LANES - 1) / LANES, width = rows <= 2 ? 4 / rows : 1;
+    int panels = (w->n + LANES - 1) / LANES, width = rows == 1 ? 4 : rows <= 4 ? 2 : 1;
     int units = (panels + width - 1) / width;
 #pragma omp for schedule(static)
     for (int unit = 0; unit < units; unit++) {
