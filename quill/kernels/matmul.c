@@ -212,6 +212,16 @@ static inline __attribute__((always_inline)) void buffered_tile(const int R, con
     case 13: CALL(13); break; case 14: CALL(14); break; case 15: CALL(15); break; case 16: CALL(16); break;      \
     }
 
+/* CALL(R) for a run-time row count 1..4 (ROWS_SWITCH would also compile 4-panel tiles of up to 16
+   rows that never run: 3,300 spilling instructions of dead code). */
+#define FEW_ROWS_SWITCH(rows, CALL) \
+    switch (rows) {                 \
+    case 1: CALL(1); break;         \
+    case 2: CALL(2); break;         \
+    case 3: CALL(3); break;         \
+    case 4: CALL(4); break;         \
+    }
+
 /* Few rows: one pass over the packed weights. Up to 4 rows take 4 panels at a time, to keep enough
    independent sums in flight; more rows take one panel each. */
 static inline __attribute__((always_inline)) void fused_rows(const int format, const weights_t *w, int rows,
@@ -225,7 +235,7 @@ static inline __attribute__((always_inline)) void fused_rows(const int format, c
         int panel = unit * width;
         if (width == 4 && panel + 4 <= panels) {
 #define FUSED4(R) fused_tile(format, R, 4, w, panel, x, x_stride, 0, out, out_stride, out_bf16)
-            ROWS_SWITCH(rows, FUSED4)
+            FEW_ROWS_SWITCH(rows, FUSED4)
         } else {
             for (int p = panel; p < panel + width && p < panels; p++) {
 #define FUSED1(R) fused_tile(format, R, 1, w, p, x, x_stride, 0, out, out_stride, out_bf16)
