@@ -271,18 +271,36 @@ def test_quantized_model_is_batch_invariant(tiny_model_dir, tmp_path):
 def test_int8_activations_keep_the_model_batch_invariant(tiny_model_dir, tmp_path, qtype):
     """With 8-bit activations every 4-bit layer runs int4_q8.c, and a request's tokens and logprobs
     are still those it gets alone: batched, chunked, with prompts joining mid-flight."""
+    if not kernel_available():
+        pytest.skip("8-bit activations run in the C kernel")
     path = _quantized_gguf(tiny_model_dir, tmp_path, "llama", lambda name: qtype)
     checkpoint = load_checkpoint(path, torch.bfloat16, keep_quantized=True)
     model = build_model(checkpoint.config, checkpoint.tensors, torch.bfloat16)
     engine = Engine(model, checkpoint.config, None,
                     EngineConfig(dtype="bfloat16", max_num_batched_tokens=64, int8_activations=True))
-    formats = {m.matmul.format for m in model.modules() if isinstance(m, Int4Linear)}
-    assert formats == ({"int4_q8"} if kernel_available() else {"int4"})
+    assert {m.matmul.format for m in model.modules() if isinstance(m, Int4Linear)} == {"int4_q8"}
     prompts = [[(5 * i + j) % 300 + 3 for j in range(4 + 11 * i)] for i in range(6)]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
     together = run_requests(engine, prompts, params, arrive_every=2, with_logprobs=True)
     alone = [run_requests(engine, [prompt], params, with_logprobs=True)[0] for prompt in prompts]
     assert together == alone
+
+
+def test_int8_activations_are_refused_on_a_gpu_and_reported_where_nothing_takes_them(tiny_model_dir, tmp_path,
+                                                                                     caplog):
+    """Honoured or refused, never silently ignored: a GPU expands 4-bit weights to bf16, so the
+    option is refused there; a model with no 4-bit layer it can switch says so in the log."""
+    from quill.engine.runner import ModelRunner
+    from quill.errors import InvalidRequestError
+
+    checkpoint = load_checkpoint(tiny_model_dir("llama"), torch.bfloat16)
+    model = build_model(checkpoint.config, checkpoint.tensors, torch.bfloat16)
+    with pytest.raises(InvalidRequestError, match="on a GPU"):
+        ModelRunner(model, checkpoint.config, num_blocks=4, block_size=16, kv_cache_dtype=torch.float16,
+                    device=torch.device("cuda"), int8_activations=True)
+    with caplog.at_level(logging.WARNING, logger="quill"):
+        Engine(model, checkpoint.config, None, EngineConfig(dtype="bfloat16", int8_activations=True))
+    assert "int8_activations changes nothing here" in caplog.text
 
 
 def test_quantized_experts_are_batch_invariant(tiny_model_dir, tmp_path):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from quill.config import ModelConfig
+from quill.errors import InvalidRequestError
 from quill.engine.batch import PromptPlan, StepBatch, StepChannel
 from quill.engine.decode_graphs import build_decode_runner
 from quill.engine.request import Request
@@ -58,6 +59,9 @@ class ModelRunner:
                  int8_activations: bool = False) -> None:
         """`channel`: where rank 0 of a tensor-parallel group sends each step for the other ranks
         (`quill.distributed`); None in a single process."""
+        if int8_activations and device.type != "cpu":  # refused, not ignored: it would change the output
+            raise InvalidRequestError("int8_activations runs 4-bit weights through the CPU kernels; on a GPU "
+                                      "the weights are expanded to bfloat16, so leave it off there")
         self.model = model
         self.channel = channel
         if channel is not None:

@@ -50,12 +50,17 @@ def prepare_linears_for_cpu(model: nn.Module, *, int8_activations: bool = False)
     load log says which path the layers took."""
     readers = Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
     paths = Counter()
+    switched = 0
     for name, module in model.named_modules():
         if int8_activations and isinstance(module, Int4Linear):
             module.use_int8_activations()
+            switched += getattr(module.matmul, "format", None) == "int4_q8"
         if isinstance(module, Linear) and module.matmul is None:
             keep = readers[id(module.weight)] > 1 or name.split(".")[0] == "lm_head"  # or a parallel head's slice
             paths[f"{tuple(module.weight.shape)} {module.weight.dtype}".replace("torch.", "") + " -> "
                   + module.prepare_for_cpu(keep_weight=keep)] += 1
     if paths:
         log.info("dense layers: %s", "; ".join(f"{n} x {path}" for path, n in sorted(paths.items())))
+    if int8_activations and not switched:
+        log.warning("int8_activations changes nothing here: no 4-bit layer takes 8-bit activations (they need the "
+                    "C kernels, and inputs and groups in multiples of 32)")
