@@ -61,6 +61,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per cell (best shown)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--int8-activations", action="store_true",
+                        help="4-bit layers on 8-bit activations (see README: Quantization)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "speculative.json")
     args = parser.parse_args()
 
@@ -75,7 +77,7 @@ def main() -> int:
         print(f"loading {config} ...", file=sys.stderr, flush=True)
         # No prefix caching: every repeat must prefill and decode the same work again.
         llm = LLM(args.model, dtype=args.dtype, enable_prefix_caching=False, speculative=speculative,
-                  num_speculative_tokens=args.num_speculative_tokens)
+                  num_speculative_tokens=args.num_speculative_tokens, int8_activations=args.int8_activations)
         llm.generate([llm.tokenizer.encode_chat(_workloads()["free"][0])], SamplingParams(max_tokens=8))  # warm-up
         for workload, conversations in _workloads().items():
             for streams in args.streams:
