@@ -51,9 +51,7 @@ static inline float block_scale(float amax) { return amax / 127.0f; }
 
 #ifdef QUILL_AVX512_VNNI
 static void quantize_block(const uint16_t *x, int8_t *q, float *d, float *sum_d, int32_t *offset) {
-    __m512 low = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
-    __m512 high =
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + 16))), 16));
+    __m512 low = bf16x16_to_ps(x), high = bf16x16_to_ps(x + 16);
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
     if (amax == 0.0f) {
         memset(q, 0, BLOCK);
