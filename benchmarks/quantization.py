@@ -1,7 +1,8 @@
 """Quality, speed and memory of one model across quantized variants, in one table.
 
 Variants of SmolLM2 (its packaged Q4_1 GGUF is the only copy there is):
-- the Q4_1 file run natively, and dequantized to float32 and to bfloat16 (`LLM(dequantize=True)`);
+- the Q4_1 file run natively (with bfloat16 activations, the default, and with 8-bit ones,
+  `int8_activations`), and dequantized to float32 and to bfloat16 (`LLM(dequantize=True)`);
 - the "float model": the Q4_1 weights dequantized and written as an F16 GGUF (`write_gguf`);
 - what `quill quantize` makes of the float model: int8, int4 (group 32), q8_0, q4_0, q4_1.
 
@@ -40,15 +41,18 @@ class Variant:
     file: str  # key into the files made by _make_files
     dtype: str = "bfloat16"
     dequantize: bool = False
-    ggml: bool = True  # llama.cpp can run the file
+    ggml: bool = True  # llama.cpp can run the file (and its decode goes in the row)
+    int8_activations: bool = False
 
     def options(self) -> list[str]:
-        return ["--dtype", self.dtype] + (["--dequantize"] if self.dequantize else [])
+        return (["--dtype", self.dtype] + (["--dequantize"] if self.dequantize else [])
+                + (["--int8-activations"] if self.int8_activations else []))
 
 
 REFERENCE = Variant("float (F16 file) fp32", "float", dtype="float32")
 VARIANTS = [
     Variant("Q4_1 native", "source"),
+    Variant("Q4_1 native, int8 activations", "source", ggml=False, int8_activations=True),  # llama.cpp: row above
     Variant("Q4_1 dequantized fp32", "source", dtype="float32", dequantize=True),
     Variant("Q4_1 dequantized bf16", "source", dequantize=True),
     REFERENCE,
@@ -72,6 +76,7 @@ def main() -> int:
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--dequantize", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--int8-activations", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--reference-scores", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,7 +178,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     before = _rss_mb()
     llm = LLM(args.model_path, dtype=args.dtype, dequantize=args.dequantize, kv_cache_memory=KV_CACHE_MEMORY,
-              enable_prefix_caching=False)  # every run repeats the prompt; it must be prefilled each time
+              enable_prefix_caching=False, int8_activations=args.int8_activations)  # every run repeats the prompt; it must be prefilled each time
     loaded_rss = _rss_mb() - before
     prompt_ids = llm.tokenizer.encode(PROMPT_TEXT)[:PROMPT_TOKENS]
     params = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True)
@@ -186,7 +191,7 @@ def _worker(args: argparse.Namespace) -> int:
     # Scoring rebinds the attention caches, so it comes after generation, on the engine's own network.
     tokens = tokenize_corpus(llm.tokenizer, corpus_path(), args.eval_tokens)
     started = time.perf_counter()
-    scores = score(llm.engine.runner.model, llm.config, tokens, args.window)
+    scores = score(llm.engine.runner.model, llm.config, tokens, args.window, int8_activations=args.int8_activations)
     result = {"rss_mb": loaded_rss, "load_s": llm.load_seconds,
               "prefill_tokens_per_s": max(PROMPT_TOKENS / m.ttft for m in runs),
               "decode_tokens_per_s": max((DECODE_TOKENS - 1) / (m.e2e_latency - m.ttft) for m in runs),
