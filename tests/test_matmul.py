@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from quill import kernels
+from quill.hardware import cpu_info
 from quill.layers.fixed_order import fixed_order_dot, tree_sum
 from quill.layers.linear import Linear, prepare_linears_for_cpu
 from quill.layers.matmul import (PackedMatmul, RowBlockedMatmul, kernel_available, probe_row_blocks, unpack_columns,
@@ -105,10 +106,11 @@ def _emulated(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _portable_build():
+def _portable_build(flags: tuple[str, ...] = ("-mno-avx512f",)):
+    """The kernel library built with `flags`: by default without AVX-512, the plain C loops."""
     if not kernel_available():
         pytest.skip("no C compiler")
-    function = ctypes.CDLL(str(kernels._build("matmul", ("-mno-avx512f",)))).matmul
+    function = ctypes.CDLL(str(kernels._build("matmul", flags))).matmul
     pointer, i32, i64 = kernels.POINTER, kernels.INT32, kernels.INT64
     function.argtypes, function.restype = [pointer, pointer, i64, i32, pointer, i64, i32], i32
     return function
@@ -261,12 +263,14 @@ def _emulated_int4_q8(x: torch.Tensor, matmul: PackedMatmul) -> torch.Tensor:
     return torch.from_numpy(acc)
 
 
-@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("build", ["native", "portable", "without-bf16"])
 @pytest.mark.parametrize("group", [32, 64])
 def test_int8_activations_kernel_computes_its_documented_chain_bit_for_bit(build, group):
     """Integer sums and one fixed float chain: the AVX-512 VNNI path and the plain C one give the
-    same bits, and both those of an independent emulation. The rows include one of zeros, one
-    with an outlier and tiny values beside it, and values that round to .5 on the 127 scale."""
+    same bits, and both those of an independent emulation, in float32 and rounded to bfloat16.
+    "without-bf16" builds for a CPU with VNNI but not AVX-512 BF16 (Intel Cascade Lake, Ice Lake),
+    which rounds to bfloat16 in integer lanes. The rows include one of zeros, one with an outlier
+    and tiny values beside it, and values that round to .5 on the 127 scale."""
     if not kernel_available():
         pytest.skip("no C compiler")
     generator = torch.Generator().manual_seed(9)
@@ -278,9 +282,32 @@ def test_int8_activations_kernel_computes_its_documented_chain_bit_for_bit(build
     x[4, 5] = 300.0
     x[5, :32] = torch.arange(32) - 15.5  # amax 15.5: codes at k * 127 / 15.5, ties included
     x = x.to(torch.bfloat16)
-    if build == "portable":
-        matmul._kernel = _portable_build()
-    assert torch.equal(matmul(x.float()), _emulated_int4_q8(x, matmul))
+    if build != "native":
+        matmul._kernel = _portable_build(("-mno-avx512f",) if build == "portable" else ("-mno-avx512bf16",))
+    expected = _emulated_int4_q8(x, matmul)
+    assert torch.equal(matmul(x.float()), expected)
+    assert torch.equal(matmul(x), expected.to(torch.bfloat16))  # bf16 in, bf16 out: rounded to nearest even
+
+
+@pytest.mark.parametrize("build", ["native", "portable", "without-bf16"])
+def test_int8_activations_kernel_rounds_bfloat16_outputs_as_pytorch(build):
+    """Rows of zeros leave each output exactly its bias, which then goes through the kernel's
+    bfloat16 rounding: ties to even, overflow to infinity, infinities kept, in every build. A
+    subnormal result (1e-40) is kept by the integer rounding; AVX-512 BF16's instruction flushes it
+    to zero, as it does in matmul.c's bf16 path."""
+    if not kernel_available():
+        pytest.skip("no C compiler")
+    bias = torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, -(1 + 2 ** -8), 3.0e38, -3.4e38, float("inf"), float("-inf"),
+                         1e-40, 0.1, -7.3] * 4)
+    matmul = _int4_q8_layer(bias.numel(), 64, bias=True).matmul
+    matmul.bias.copy_(bias)
+    if build != "native":
+        matmul._kernel = _portable_build(("-mno-avx512f",) if build == "portable" else ("-mno-avx512bf16",))
+    out = matmul(torch.zeros(3, 64, dtype=torch.bfloat16))
+    expected = bias.to(torch.bfloat16).expand(3, -1).clone()
+    if build == "native" and "avx512_bf16" in cpu_info()["flags"]:
+        expected[:, bias.abs() < 2 ** -126] = 0
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
 
 
 @pytest.mark.parametrize("shape", SMOLLM2 + GEMMA3 + [(128, 64), (64, 64), (64, 160)], ids=lambda s: f"{s[0]}x{s[1]}")

@@ -62,6 +62,22 @@ static inline void store_value(void *out, int64_t index, float value, int out_bf
 static inline __m512 bf16x16_to_ps(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
+
+/* 16 floats rounded to bfloat16: AVX-512 BF16's instruction where the CPU has it, otherwise
+   `to_bf16` in integer lanes (CPUs with AVX-512 VNNI but not BF16, such as Intel's Cascade Lake
+   and Ice Lake, run int4_q8.c's vector path too). The two agree but on subnormal results, which
+   the instruction flushes to zero. */
+static inline __m256i bf16x16_from_ps(__m512 v) {
+#if defined(__AVX512BF16__)
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)); /* NaN stays NaN */
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), rounded, quiet));
+#endif
+}
 #endif
 
 #endif

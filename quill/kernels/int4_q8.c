@@ -163,7 +163,7 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
         if (w->bias) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, w->bias + column));
         int64_t at = (int64_t)(row0 + r) * out_stride + column;
         if (out_bf16)
-            _mm256_mask_storeu_epi16((uint16_t *)out + at, mask, (__m256i)_mm512_cvtneps_pbh(value));
+            _mm256_mask_storeu_epi16((uint16_t *)out + at, mask, bf16x16_from_ps(value));
         else
             _mm512_mask_storeu_ps((float *)out + at, mask, value);
     }

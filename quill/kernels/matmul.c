@@ -136,7 +136,7 @@ static inline void store_lanes(const weights_t *w, int panel, __m512 acc, void *
     if (w->format == FMT_INT8) acc = _mm512_mul_ps(acc, _mm512_maskz_loadu_ps(mask, w->channel_scale + column));
     if (w->bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, w->bias + column));
     if (out_bf16)
-        _mm256_mask_storeu_epi16((uint16_t *)out + row_offset + column, mask, (__m256i)_mm512_cvtneps_pbh(acc));
+        _mm256_mask_storeu_epi16((uint16_t *)out + row_offset + column, mask, bf16x16_from_ps(acc));
     else
         _mm512_mask_storeu_ps((float *)out + row_offset + column, mask, acc);
 }
