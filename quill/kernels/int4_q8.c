@@ -47,7 +47,11 @@ typedef struct {
     int k, blocks;
 } activations_t;
 
-static inline float block_scale(float amax) { return amax / 127.0f; }
+/* A block's d, (sum q) * d and -8 * sum q, from its largest magnitude and its codes' sum (both
+   paths below end here; an all-zero block has d = 0 and codes of 0). */
+static inline void finish_block(float amax, int sum, float *d, float *sum_d, int32_t *offset) {
+    *d = amax / 127.0f, *sum_d = (float)sum * *d, *offset = -8 * sum;
+}
 
 #ifdef QUILL_AVX512_VNNI
 static void quantize_block(const uint16_t *x, int8_t *q, float *d, float *sum_d, int32_t *offset) {
@@ -55,7 +59,7 @@ static void quantize_block(const uint16_t *x, int8_t *q, float *d, float *sum_d,
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
     if (amax == 0.0f) {
         memset(q, 0, BLOCK);
-        *d = 0.0f, *sum_d = 0.0f, *offset = 0;
+        finish_block(0.0f, 0, d, sum_d, offset);
         return;
     }
     __m512 inverse = _mm512_set1_ps(127.0f / amax);
@@ -69,7 +73,7 @@ static void quantize_block(const uint16_t *x, int8_t *q, float *d, float *sum_d,
     _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q_low));
     _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q_high));
     int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q_low, q_high));
-    *d = block_scale(amax), *sum_d = (float)sum * *d, *offset = -8 * sum;
+    finish_block(amax, sum, d, sum_d, offset);
 }
 #else
 static void quantize_block(const uint16_t *x, int8_t *q, float *d, float *sum_d, int32_t *offset) {
@@ -77,7 +81,7 @@ static void quantize_block(const uint16_t *x, int8_t *q, float *d, float *sum_d,
     for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(from_bf16(x[i])));
     if (amax == 0.0f) {
         memset(q, 0, BLOCK);
-        *d = 0.0f, *sum_d = 0.0f, *offset = 0;
+        finish_block(0.0f, 0, d, sum_d, offset);
         return;
     }
     float inverse = 127.0f / amax;
@@ -87,7 +91,7 @@ static void quantize_block(const uint16_t *x, int8_t *q, float *d, float *sum_d,
         int code = value > 127.0f ? 127 : value < -127.0f ? -127 : (int)value;
         q[i] = (int8_t)code, sum += code;
     }
-    *d = block_scale(amax), *sum_d = (float)sum * *d, *offset = -8 * sum;
+    finish_block(amax, sum, d, sum_d, offset);
 }
 #endif
 
