@@ -9,6 +9,11 @@
 
 enum format { FMT_BF16, FMT_INT4, FMT_INT8, FMT_INT8G, FMT_F32, FMT_Q8_0, FMT_INT4_Q8 };
 
+/* Output columns per panel of every packed layout (quill/layers/matmul.py LANES). */
+#define LANES 16
+
+static inline int panels_of(int n) { return (n + LANES - 1) / LANES; }
+
 /* A layer's packed weights, built once by quill/layers/matmul.py (`_Weights` mirrors it). */
 typedef struct {
     int format, k, n, group;

@@ -34,7 +34,6 @@
 #include "half_floats.h"
 #include "thread_buffer.h"
 
-#define LANES 16
 #define BLOCK 32     /* activations quantized per this many inputs */
 #define TILE_ROWS 16 /* rows sharing each expanded weight vector */
 
@@ -198,7 +197,7 @@ static tile_fn *const one_panel[17] = {0,         tile_1_1,  tile_2_1,  tile_3_1
    region of `matmul_int4_q8`: the threads share out the panels. */
 static void run_panels(const weights_t *w, int rows, const activations_t *a, void *out, int64_t out_stride,
                        int out_bf16) {
-    int panels = (w->n + LANES - 1) / LANES, width = rows == 1 ? 4 : rows <= 4 ? 2 : 1;
+    int panels = panels_of(w->n), width = rows == 1 ? 4 : rows <= 4 ? 2 : 1;
     int units = (panels + width - 1) / width;
 #pragma omp for schedule(static)
     for (int unit = 0; unit < units; unit++) {
@@ -219,7 +218,7 @@ static void run_panels(const weights_t *w, int rows, const activations_t *a, voi
 
 static void run_panels(const weights_t *w, int rows, const activations_t *a, void *out, int64_t out_stride,
                        int out_bf16) {
-    int panels = (w->n + LANES - 1) / LANES, blocks = a->blocks, groups = w->k / w->group;
+    int panels = panels_of(w->n), blocks = a->blocks, groups = w->k / w->group;
     int per_group = w->group / BLOCK;
 #pragma omp for schedule(static)
     for (int panel = 0; panel < panels; panel++) {

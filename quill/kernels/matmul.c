@@ -56,10 +56,7 @@
 #include "half_floats.h"
 #include "thread_buffer.h"
 
-#define LANES 16
 #define FUSED_MAX_ROWS 16 /* up to this many rows, weights are expanded once per call into registers */
-
-static inline int panels_of(int n) { return (n + LANES - 1) / LANES; }
 
 /* Whether the format has a scale and zero per group of inputs. */
 static inline int grouped(int format) { return format == FMT_INT4 || format == FMT_INT8G || format == FMT_Q8_0; }
