@@ -1,8 +1,8 @@
 """Quality, speed and memory of one model across quantized variants, in one table.
 
 Variants of SmolLM2 (its packaged Q4_1 GGUF is the only copy there is):
-- the Q4_1 file run natively (with bfloat16 activations, the default, and with 8-bit ones,
-  `int8_activations`), and dequantized to float32 and to bfloat16 (`LLM(dequantize=True)`);
+- the Q4_1 file run natively (with 8-bit activations, the CPU's default, and with bfloat16 ones,
+  `int8_activations=False`), and dequantized to float32 and to bfloat16 (`LLM(dequantize=True)`);
 - the "float model": the Q4_1 weights dequantized and written as an F16 GGUF (`write_gguf`);
 - what `quill quantize` makes of the float model: int8, int4 (group 32), q8_0, q4_0, q4_1.
 
@@ -10,7 +10,9 @@ Columns: file size; resident memory added by loading (RSS after load minus befor
 in its own subprocess, with a fixed 64 MiB KV cache); prefill rate of a 512-token prompt and
 single-stream greedy decode rate (best of --repeats, as benchmarks/single_stream.py measures them);
 perplexity on Quill's held-out corpus; greedy agreement with the float model run in float32 (the
-reference); and, with --llama-cpp-python, llama.cpp's decode rate on the same file (GGML types only).
+reference); and, with --llama-cpp-python, llama.cpp's decode rate on the same file (GGML types only),
+and with --llama-cpp-perplexity its perplexity too, on the same tokens in the same windows (about
+three minutes a file on 2 cores).
 
     python benchmarks/quantization.py --llama-cpp-python /tmp/peer/venv/bin/python
 
@@ -42,17 +44,18 @@ class Variant:
     dtype: str = "bfloat16"
     dequantize: bool = False
     ggml: bool = True  # llama.cpp can run the file (and its decode goes in the row)
-    int8_activations: bool = False
+    int8_activations: bool | None = None  # None: the engine's default
 
     def options(self) -> list[str]:
         return (["--dtype", self.dtype] + (["--dequantize"] if self.dequantize else [])
-                + (["--int8-activations"] if self.int8_activations else []))
+                + ([] if self.int8_activations is None else
+                   ["--int8-activations" if self.int8_activations else "--no-int8-activations"]))
 
 
 REFERENCE = Variant("float (F16 file) fp32", "float", dtype="float32")
 VARIANTS = [
     Variant("Q4_1 native", "source"),
-    Variant("Q4_1 native, int8 activations", "source", ggml=False, int8_activations=True),  # llama.cpp: row above
+    Variant("Q4_1 native, bf16 activations", "source", ggml=False, int8_activations=False),  # llama.cpp: row above
     Variant("Q4_1 dequantized fp32", "source", dtype="float32", dequantize=True),
     Variant("Q4_1 dequantized bf16", "source", dequantize=True),
     REFERENCE,
@@ -71,12 +74,14 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=512, help="perplexity window (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed generation runs per variant (best shown)")
     parser.add_argument("--llama-cpp-python", metavar="PYTHON", help="interpreter that can `import llama_cpp`")
+    parser.add_argument("--llama-cpp-perplexity", action="store_true",
+                        help="also score the corpus with llama.cpp on each file it runs (needs --llama-cpp-python)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "quantization.json")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--dequantize", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--int8-activations", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--int8-activations", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)
     parser.add_argument("--reference-scores", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -95,9 +100,11 @@ def main() -> int:
         row = {"variant": variant.name, "file": files[variant.file].name,
                "file_mb": files[variant.file].stat().st_size / 2**20,
                **_run_quill(variant, files[variant.file], reference_scores, args)}
-        prompt_ids = row.pop("prompt_ids")
+        prompt_ids, eval_ids = row.pop("prompt_ids"), row.pop("eval_ids")
         if peer and variant.ggml and not variant.dequantize and variant.dtype == "bfloat16":
             row["llama_cpp_decode_tokens_per_s"] = _run_llama_cpp(peer, files[variant.file], prompt_ids, args.repeats)
+            if args.llama_cpp_perplexity:
+                row["llama_cpp_perplexity"] = _llama_cpp_perplexity(peer, files[variant.file], eval_ids, args.window)
         rows.append(row)
     _print_table(rows)
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +169,40 @@ def _run_llama_cpp(python: str, path: Path, prompt_ids: list[int], repeats: int)
         return json.loads(Path(tmp, "result.json").read_text())["decode_tokens_per_s"]
 
 
+def _llama_cpp_perplexity(python: str, path: Path, token_ids: list[int], window: int) -> float:
+    """llama.cpp's perplexity on `token_ids`, scored in the windows Quill's `score` uses."""
+    from quill.optimize.evaluate import windows
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "job.json").write_text(json.dumps(
+            {"tokens": token_ids, "window": window, "windows": list(windows(len(token_ids), window))}))
+        done = subprocess.run([python, "-c", _LLAMA_CPP_PERPLEXITY_SCRIPT, str(path), f"{tmp}/job.json"], check=True,
+                              capture_output=True, text=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])["perplexity"]
+
+
+# Each window is one forward pass; logits_all keeps every position's logits, from which the scored
+# tokens' negative log-likelihoods are summed in float64 (every token after the first, once).
+_LLAMA_CPP_PERPLEXITY_SCRIPT = """
+import json, math, os, sys
+import numpy as np
+from llama_cpp import Llama
+path, job_file = sys.argv[1:]
+job = json.load(open(job_file))
+tokens = job["tokens"]
+llm = Llama(path, n_ctx=job["window"], n_batch=job["window"], logits_all=True, n_threads=os.cpu_count(), verbose=False)
+nll = 0.0
+for start, end, first in job["windows"]:
+    llm.reset()
+    llm.eval(tokens[start:end])
+    logits = np.asarray(llm.scores[first - start - 1:end - start - 1], dtype=np.float64)
+    top = logits.max(-1, keepdims=True)
+    log_total = top[:, 0] + np.log(np.exp(logits - top).sum(-1))
+    nll += float((log_total - logits[np.arange(len(logits)), tokens[first:end]]).sum())
+print(json.dumps({"perplexity": math.exp(nll / (len(tokens) - 1))}))
+"""
+
+
 def _rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -196,7 +237,8 @@ def _worker(args: argparse.Namespace) -> int:
               "prefill_tokens_per_s": max(PROMPT_TOKENS / m.ttft for m in runs),
               "decode_tokens_per_s": max((DECODE_TOKENS - 1) / (m.e2e_latency - m.ttft) for m in runs),
               "tokens_scored": scores.tokens_scored, "perplexity": scores.perplexity, "mean_nll": scores.mean_nll,
-              "eval_s": time.perf_counter() - started, "prompt_ids": prompt_ids}
+              "eval_s": time.perf_counter() - started, "prompt_ids": prompt_ids,
+              "eval_ids": tokens}
     if args.reference_scores.exists():
         result["greedy_agreement"] = scores.agreement(Scores(**torch.load(args.reference_scores)))
     else:  # this is the reference
@@ -209,12 +251,13 @@ def _worker(args: argparse.Namespace) -> int:
 def _print_table(rows: list[dict]) -> None:
     reference = next(r for r in rows if r["variant"] == REFERENCE.name)
     header = ("variant", "file MB", "RSS MB", "prefill tok/s", "decode tok/s", "llama.cpp decode",
-              "perplexity", "vs float", "greedy agree")
+              "perplexity", "vs float", "greedy agree", "llama.cpp perplexity")
     table = [(r["variant"], f"{r['file_mb']:.0f}", f"{r['rss_mb']:.0f}", f"{r['prefill_tokens_per_s']:.0f}",
               f"{r['decode_tokens_per_s']:.1f}",
               f"{r['llama_cpp_decode_tokens_per_s']:.1f}" if "llama_cpp_decode_tokens_per_s" in r else "-",
               f"{r['perplexity']:.3f}", f"{r['perplexity'] / reference['perplexity'] - 1:+.2%}",
-              f"{r['greedy_agreement']:.2%}") for r in rows]
+              f"{r['greedy_agreement']:.2%}",
+              f"{r['llama_cpp_perplexity']:.3f}" if "llama_cpp_perplexity" in r else "-") for r in rows]
     widths = [max(len(row[i]) for row in (header, *table)) for i in range(len(header))]
     for row in (header, *table):
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))

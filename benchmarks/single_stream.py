@@ -7,8 +7,8 @@ RSS belongs to one engine and one model alone.
 
     python benchmarks/single_stream.py --models smollm2 gemma3 --peer-python /tmp/peer/venv/bin/python
 
-Engines: `quill` (the defaults), `quill-int8` (`--int8-activations`: 4-bit weights times 8-bit
-activations, as llama.cpp computes them) and `llama.cpp`.
+Engines: `quill` (the defaults: on the CPU, 4-bit weights times 8-bit activations, as llama.cpp
+computes them), `quill-bf16` (`--no-int8-activations`: bfloat16 activations) and `llama.cpp`.
 
 Prefill rate is prompt tokens / time to first token; decode rate is (tokens - 1) / (end - first token).
 Each engine first does one untimed warm-up run of the same shape; the table shows the best of
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ["quill", "quill-int8", "llama.cpp"]
+ENGINES = ["quill", "quill-bf16", "llama.cpp"]
 PROMPT_TOKENS = 512
 DECODE_TOKENS = 128
 # Any text longer than PROMPT_TOKENS tokens in both vocabularies; it is tokenized once and truncated.
@@ -42,7 +42,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "gemma3"],
                         help="known model names or .gguf paths (default: %(default)s)")
-    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=["quill", "quill-int8", "llama.cpp"])
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=["quill", "quill-bf16", "llama.cpp"])
     parser.add_argument("--peer-python", default=sys.executable,
                         help="interpreter that can `import llama_cpp` (default: this one)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine and model (best shown)")
@@ -113,7 +113,7 @@ def _worker(args: argparse.Namespace) -> int:
     prompt_ids = json.loads(args.prompt_ids.read_text()) if args.prompt_ids else None
     started = time.perf_counter()
     if args.worker.startswith("quill"):
-        prompt_ids, run_once = _quill(args.model_path, prompt_ids, args.dtype, args.worker == "quill-int8")
+        prompt_ids, run_once = _quill(args.model_path, prompt_ids, args.dtype, None if args.worker == "quill" else False)
     else:
         prompt_ids, run_once = _llama_cpp(args.model_path, prompt_ids)
     load_seconds = time.perf_counter() - started
@@ -133,7 +133,7 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quill(path: str, prompt_ids: list[int] | None, dtype: str, int8_activations: bool):
+def _quill(path: str, prompt_ids: list[int] | None, dtype: str, int8_activations: bool | None):
     from quill import LLM, SamplingParams
 
     # Every run repeats the same prompt: without this, runs after the first would skip prefill.
@@ -177,7 +177,7 @@ def _print_table(results: list[dict]) -> None:
     by_key = {(r["model"], r["engine"]): r for r in results}
     for model in dict.fromkeys(r["model"] for r in results):
         peer = by_key.get((model, "llama.cpp"))
-        for engine in ("quill", "quill-int8"):
+        for engine in ("quill", "quill-bf16"):
             ours = by_key.get((model, engine))
             if ours and peer:
                 rows.append((model, f"{engine}/llama.cpp",

@@ -61,8 +61,9 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per cell (best shown)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--int8-activations", action="store_true",
-                        help="4-bit layers on 8-bit activations (see README: Quantization)")
+    parser.add_argument("--int8-activations", action=argparse.BooleanOptionalAction,
+                        help="4-bit layers on 8-bit activations (default: the engine's, on for bfloat16 on the "
+                             "CPU; see README: Quantization)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "speculative.json")
     args = parser.parse_args()
 

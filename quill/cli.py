@@ -235,10 +235,11 @@ def _model_options() -> argparse.ArgumentParser:
     options.add_argument("--dequantize", action="store_true",
                          help="expand quantized GGUF weights to --dtype at load instead of running Q4_0/Q4_1/Q4_K "
                               "and int4/int8 weights natively (more memory, slower decoding; the reference path)")
-    options.add_argument("--int8-activations", action="store_true",
+    options.add_argument("--int8-activations", action=argparse.BooleanOptionalAction,
                          help="multiply 4-bit weights by activations quantized to 8 bits per block of 32, as "
-                              "llama.cpp does: integer dot products, 1.2-3.5x faster 4-bit matrix products, a "
-                              "little less exact than the default bfloat16 activations (README: Quantization)")
+                              "llama.cpp does: integer dot products, 1.2-3.5x faster 4-bit matrix products than "
+                              "bfloat16 activations, which are a little more exact (README: Quantization). "
+                              "Default: on for --dtype bfloat16 on the CPU")
     options.add_argument("--max-model-len", type=int, metavar="N",
                          help="context length limit (default: the model's own)")
     options.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",
@@ -703,8 +704,8 @@ def _add_eval_command(commands) -> None:
                           help="compute precision of both models (default: %(default)s)")
     evaluate.add_argument("--dequantize", action="store_true",
                           help="expand MODEL's quantized weights to --dtype instead of running them natively")
-    evaluate.add_argument("--int8-activations", action="store_true",
-                          help="multiply 4-bit weights by 8-bit activations (see quill serve --help)")
+    evaluate.add_argument("--int8-activations", action=argparse.BooleanOptionalAction,
+                          help="multiply 4-bit weights by 8-bit activations (default: as quill serve; see its --help)")
     evaluate.set_defaults(func=_cmd_eval)
 
 

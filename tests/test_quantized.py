@@ -299,8 +299,30 @@ def test_int8_activations_are_refused_on_a_gpu_and_reported_where_nothing_takes_
         ModelRunner(model, checkpoint.config, num_blocks=4, block_size=16, kv_cache_dtype=torch.float16,
                     device=torch.device("cuda"), int8_activations=True)
     with caplog.at_level(logging.WARNING, logger="quill"):
+        Engine(model, checkpoint.config, None, EngineConfig(dtype="bfloat16"))
+    assert "int8_activations" not in caplog.text  # the default asks for nothing where nothing takes it
+    with caplog.at_level(logging.WARNING, logger="quill"):
         Engine(model, checkpoint.config, None, EngineConfig(dtype="bfloat16", int8_activations=True))
     assert "int8_activations changes nothing here" in caplog.text
+
+
+@pytest.mark.parametrize("dtype, requested, expected", [
+    ("bfloat16", None, {"int4_q8"}), ("float32", None, {"int4"}), ("bfloat16", False, {"int4"}),
+    ("float32", True, {"int4_q8"})])
+def test_int8_activations_are_the_cpu_default_for_bfloat16_and_an_explicit_choice_wins(
+        tiny_model_dir, tmp_path, dtype, requested, expected):
+    """4-bit layers take 8-bit activations by default on the CPU in bfloat16, as llama.cpp's do;
+    float32, the reference, keeps bfloat16 activations; and whatever is asked for is done."""
+    from quill.engine.runner import int8_activations_for
+
+    if not kernel_available():
+        pytest.skip("8-bit activations run in the C kernel")
+    path = _quantized_gguf(tiny_model_dir, tmp_path, "llama", lambda name: Q.Q4_1)
+    checkpoint = load_checkpoint(path, getattr(torch, dtype), keep_quantized=True)
+    model = build_model(checkpoint.config, checkpoint.tensors, getattr(torch, dtype))
+    Engine(model, checkpoint.config, None, EngineConfig(dtype=dtype, int8_activations=requested))
+    assert {m.matmul.format for m in model.modules() if isinstance(m, Int4Linear)} == expected
+    assert not int8_activations_for(None, torch.bfloat16, torch.device("cuda"))  # a GPU expands the weights
 
 
 def test_quantized_experts_are_batch_invariant(tiny_model_dir, tmp_path):

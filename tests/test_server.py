@@ -142,9 +142,10 @@ def test_serve_command_options():
     assert (args.kv_cache_memory, args.kv_cache_dtype) == (64 << 20, "float32")
     assert (args.served_model_name, args.log_prompts, args.shutdown_grace) == ("x", True, 2.0)
     assert args.response_cache is None and not args.no_response_cache and args.response_cache_ttl is None
-    assert cli._llm_options(args)["int8_activations"] is False  # the engine's default: bf16 activations
-    args = cli.build_parser().parse_args(["serve", "m", "--int8-activations"])
-    assert cli._llm_options(args)["int8_activations"] is True
+    assert cli._llm_options(args)["int8_activations"] is None  # the engine's default: on for bf16 on the CPU
+    for flag, value in [("--int8-activations", True), ("--no-int8-activations", False)]:
+        args = cli.build_parser().parse_args(["serve", "m", flag])
+        assert cli._llm_options(args)["int8_activations"] is value
     defaults = ServerConfig()
     args = cli.build_parser().parse_args(["serve", "m"])
     assert (args.default_max_tokens, args.stream_idle_timeout, args.stream_buffer, args.request_timeout) == (

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from quill.engine.kv_cache import KVCacheManager, plan_kv_cache
 from quill.engine.limits import EngineLimits
 from quill.engine.request import Request, RequestStatus
 from quill.engine.batch import StepChannel
-from quill.engine.runner import ModelRunner, kv_bytes_per_token, kv_cache_dtype
+from quill.engine.runner import ModelRunner, int8_activations_for, kv_bytes_per_token, kv_cache_dtype
 from quill.engine.sampler import TokenLogprob, sample
 from quill.engine.scheduler import Scheduler
 from quill.errors import InvalidRequestError, StructuredOutputError
@@ -35,6 +36,8 @@ from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
 from quill.speculative import SpeculativeStats, Speculator, build_speculator
 from quill.structured import MaskJob, StructuredDecoding, StructuredStats
+
+log = logging.getLogger("quill")
 
 
 @dataclass
@@ -78,6 +81,7 @@ class Engine:
         dtype = getattr(torch, config.dtype)
         device = next(model.parameters()).device  # the model was placed by whoever built it
         cache_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype, device)
+        int8_activations = int8_activations_for(config.int8_activations, dtype, device)
         # Sized before anything is allocated: the budget bounds the cache, and the window fits it.
         self.kv_plan = plan_kv_cache(config.kv_cache_memory, kv_bytes_per_token(model_config, cache_dtype),
                                      config.block_size, window, config.max_num_seqs,
@@ -92,10 +96,13 @@ class Engine:
         self.runner = ModelRunner(model, model_config, num_blocks=num_blocks, block_size=config.block_size,
                                   kv_cache_dtype=cache_dtype, device=device, decode_graphs=config.decode_graphs,
                                   max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-                                  channel=step_channel, int8_activations=config.int8_activations)
+                                  channel=step_channel, int8_activations=int8_activations)
+        if config.int8_activations and not self.runner.int8_layers:
+            log.warning("int8_activations changes nothing here: no 4-bit layer takes 8-bit activations (they need "
+                        "the C kernels, and inputs and groups in multiples of 32)")
         self.speculator: Speculator | None = None if config.speculative is None else build_speculator(
             config, model_config, tokenizer, num_blocks=num_blocks, max_model_len=self.max_model_len, device=device,
-            kv_cache_dtype=cache_dtype, row_block=self.runner.row_block)
+            kv_cache_dtype=cache_dtype, row_block=self.runner.row_block, int8_activations=int8_activations)
         # Constrained decoding needs the tokenizer (token bytes); set up on first use.
         self.structured = None if tokenizer is None else StructuredDecoding(tokenizer, model_config.vocab_size)
         self.requests: dict[str, Request] = {}  # unfinished requests by internal id

@@ -42,12 +42,12 @@ class Linear(InferenceModule, nn.Linear):
         return f"PyTorch in blocks of {'/'.join(map(str, self.matmul.blocks))} rows"
 
 
-def prepare_linears_for_cpu(model: nn.Module, *, int8_activations: bool = False) -> None:
+def prepare_linears_for_cpu(model: nn.Module, *, int8_activations: bool = False) -> int:
     """Give every dense `Linear` of a CPU model its row-invariant product (once; later calls do
     nothing). Float weights stay where something else reads them: a tied embedding, and the LM
     head's exact recomputation of its top logits (`quill.layers.logits`). With `int8_activations`,
-    4-bit layers multiply 8-bit activations from now on (`Int4Linear.use_int8_activations`). The
-    load log says which path the layers took."""
+    4-bit layers multiply 8-bit activations from now on (`Int4Linear.use_int8_activations`);
+    returns how many do. The load log says which path the layers took."""
     readers = Counter(id(p) for module in model.modules() for p in module.parameters(recurse=False))
     paths = Counter()
     switched = 0
@@ -61,6 +61,6 @@ def prepare_linears_for_cpu(model: nn.Module, *, int8_activations: bool = False)
                   + module.prepare_for_cpu(keep_weight=keep)] += 1
     if paths:
         log.info("dense layers: %s", "; ".join(f"{n} x {path}" for path, n in sorted(paths.items())))
-    if int8_activations and not switched:
-        log.warning("int8_activations changes nothing here: no 4-bit layer takes 8-bit activations (they need the "
-                    "C kernels, and inputs and groups in multiples of 32)")
+    if switched:
+        log.info("4-bit layers: %d multiply 8-bit activations", switched)
+    return switched

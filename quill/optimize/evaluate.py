@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from quill.config import EngineConfig, ModelConfig
-from quill.engine.runner import ModelRunner, kv_cache_dtype
+from quill.engine.runner import ModelRunner, int8_activations_for, kv_cache_dtype
 from quill.errors import InvalidRequestError
 from quill.models.loader import load_model_and_tokenizer
 from quill.tokenizer import Tokenizer
@@ -61,12 +61,11 @@ def scoring_runner(model: torch.nn.Module, config: ModelConfig, max_tokens: int,
     configures its own (block size, KV-cache dtype, and `int8_activations` unless given). It binds
     the model's attention caches, so never build one for a model an engine is running."""
     defaults = EngineConfig()
-    if int8_activations is None:
-        int8_activations = defaults.int8_activations
     weight = model.embed_tokens.weight
     return ModelRunner(model, config, num_blocks=-(-max_tokens // defaults.block_size), block_size=defaults.block_size,
                        kv_cache_dtype=kv_cache_dtype(defaults.kv_cache_dtype, weight.dtype, weight.device),
-                       device=weight.device, int8_activations=int8_activations)
+                       device=weight.device,
+                       int8_activations=int8_activations_for(int8_activations, weight.dtype, weight.device))
 
 
 def windows(num_tokens: int, window: int) -> Iterator[tuple[int, int, int]]:
