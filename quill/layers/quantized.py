@@ -26,7 +26,10 @@ _INT4_BLOCK_N = 64  # PyTorch's int4 packing interleaves output rows in blocks o
 # The kernel takes up to 4 rows in one pass over 4 panels of expanded weights; from the fifth, rows
 # cost more each. Measured on SmolLM2's four int4 matrices of a layer, one thread (AMD EPYC): 1 row
 # 236 us, 2 rows 258, 4 rows 302, 5 rows 353, 8 rows 466. Speculative decoding plans its extra
-# rows around it.
+# rows around it. With 8-bit activations (the CPU's default) rows cost more evenly: 50 us, 80, 130,
+# 150, 220 for 1, 2, 4, 5 and 8 rows; drafts fitted into blocks of 4 still did as well as unfitted
+# ones or better (`benchmarks/speculative.py`, n-gram, two alternations: grounded at 4 streams
+# 1.56-1.65x against 1.49-1.53x, free writing 0.98-1.07x against 0.96-1.09x).
 KERNEL_ROW_BLOCK = 4
 
 class QuantizedLinear(InferenceModule):
