@@ -49,9 +49,9 @@ def kv_cache_dtype(requested: str, dtype: torch.dtype, device: torch.device) -> 
 def int8_activations_for(requested: bool | None, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether 4-bit layers multiply 8-bit activations (`kernels/int4_q8.c`): `requested` (an
     `EngineConfig` int8_activations), where None means yes on the CPU for a bfloat16 model, as
-    llama.cpp computes its 4-bit formats. Against bfloat16 activations it decodes SmolLM2 1.2-1.3x
-    faster and prefills 1.0-1.3x faster, at llama.cpp's precision: perplexity 21.52 against its 21.50
-    and bfloat16 activations' 21.45 (README: Quantization). A float32 model is the exact reference,
+    llama.cpp computes its 4-bit formats. Against bfloat16 activations it decodes SmolLM2 1.2-1.6x
+    faster and prefills 1.1-1.3x faster in most runs (AMD EPYC), at llama.cpp's precision:
+    perplexity 21.52 against its 21.50 and bfloat16 activations' 21.45 (README: Quantization). A float32 model is the exact reference,
     and a GPU expands 4-bit weights to bfloat16: both keep their activations."""
     if requested is not None:
         return requested
