@@ -48,6 +48,7 @@ from quill.bench.servers import (
     free_port,
     llama_cpp_command,
     llama_server_command,
+    llama_server_slot_context,
     peak_rss_mb,
     quill_serve_command,
     started_server,
@@ -176,10 +177,9 @@ def main() -> int:
     model_file = Path(args.model_file) if args.model_file else resolve_model(args.start_quill or "smollm2")
     if args.start_llama_server:
         port = free_port()
-        context = args.max_tokens + 64 + 2 * args.prompt_words  # ~1.3 tokens a word, with room to spare
+        context = llama_server_slot_context(args.max_tokens, args.prompt_words)
         results |= measure_started(
-            "llama-server", llama_server_command(args.start_llama_server, model_file, port, args.clients,
-                                                 max(1024, context)),
+            "llama-server", llama_server_command(args.start_llama_server, model_file, port, args.clients, context),
             port, "/health", args.log_dir / "serve_load_llama_server.log", args)
     if args.start_llama_cpp:
         port = free_port()

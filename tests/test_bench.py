@@ -12,7 +12,7 @@ from quill import cli
 from quill.bench.client import RequestResult
 from quill.bench.command import _split_label
 from quill.bench.report import format_report, percentile, summarize_level
-from quill.bench.servers import peak_rss_mb
+from quill.bench.servers import llama_server_slot_context, peak_rss_mb
 from quill.bench.workload import WorkloadError, load_jsonl, poisson_arrivals, synthetic_workload, take
 from quill.cost import REFERENCE_PRICES
 from quill.server import BackgroundServer, ServerConfig, create_app
@@ -137,6 +137,44 @@ def test_bench_against_a_live_server_writes_report_and_plots(server_url, tmp_pat
     capsys.readouterr()
     assert cli.main(["bench", "--url", server_url, "--rate", "5", "--compare", str(out)]) == 2
     assert "another kind of level" in capsys.readouterr().err
+
+
+def test_bench_starts_llama_server_with_a_slot_per_request_in_flight_and_measures_it(server_url, tmp_path):
+    """--compare-llama-server starts the binary on the GGUF file with one slot per request in flight
+    and room for each prompt and answer, measures it under its own label with the same load, and
+    stops it. A stand-in binary records its arguments and serves the tiny model with `quill serve`."""
+    import sys
+
+    import tiny_models
+
+    model = tiny_models.add_tiny_tokenizer(tiny_models.build_llama(tmp_path / "model"))
+    record, binary = tmp_path / "argv.json", tmp_path / "llama-server"
+    binary.write_text(f"""#!{sys.executable}
+import json, os, sys
+json.dump(sys.argv[1:], open({str(record)!r}, "w"))
+port = sys.argv[sys.argv.index("--port") + 1]
+os.execv({sys.executable!r}, [{sys.executable!r}, "-m", "quill.cli", "serve", {str(model)!r}, "--port", port,
+                              "--dtype", "float32"])
+""")
+    binary.chmod(0o755)
+    out = tmp_path / "run"
+    argv = ["bench", "--url", server_url, "--concurrency", "1,3", "--num-requests", "3", "--max-tokens", "5",
+            "--prompt-words", "4", "--compare-llama-server", str(binary), "--model-file", "m.gguf",
+            "--output", str(out)]
+    assert cli.main(argv) == 0
+    runs = json.loads((out / "report.json").read_text())["runs"]
+    assert [run["label"] for run in runs] == ["tiny", "llama-server"]
+    assert [level["completed"] for level in runs[1]["levels"]] == [3, 3]
+    arguments = json.loads(record.read_text())
+    option = dict(zip(arguments[::2], arguments[1::2]))
+    assert (option["-m"], option["-np"], option["-t"]) == ("m.gguf", "3", "2")
+    assert option["-c"] == str(3 * 1024)  # short prompts: the 1,024 tokens a slot gets at least
+    # longer ones get room for ~2 tokens a word, their answer and a margin
+    [long_request] = synthetic_workload(1, 600, 128)
+    assert long_request.prompt_words > 600
+    assert llama_server_slot_context(128, long_request.prompt_words) == 128 + 64 + 2 * long_request.prompt_words
+    with pytest.raises(httpx.ConnectError):  # stopped once measured
+        httpx.get(f"http://127.0.0.1:{option['--port']}/health")
 
 
 def test_bench_poisson_rate_sweep(server_url, capsys):

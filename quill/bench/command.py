@@ -9,6 +9,7 @@ import os
 import shlex
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,11 @@ class Sweep:
     workload_name: str
     args: argparse.Namespace
     reference_prices: dict[str, Price]
+
+    @property
+    def most_in_flight(self) -> int:
+        """The most requests a server has at once: the top concurrency, or a rate level's count."""
+        return max(self.requests_per_level) if self.by_rate else max(self.levels)
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -113,11 +119,19 @@ def _compared_reports(args: argparse.Namespace, sweep: Sweep) -> list[dict]:
 
 
 def _compared_servers(args: argparse.Namespace, sweep: Sweep) -> list[dict]:
-    """Measure the servers given to --compare and --compare-llama-cpp, one after the other."""
+    """Measure the servers given to --compare, --compare-llama-cpp and --compare-llama-server, one
+    after the other."""
     runs = [_measure(target.rstrip("/"), label, sweep) for label, target in map(_split_label, args.compare)
             if target.startswith(("http://", "https://"))]
     if args.compare_llama_cpp:
-        runs.append(_measure_llama_cpp(args, sweep))
+        runs.append(_measure_started(args, sweep, "llama-cpp-python", "/v1/models", lambda model_file, port:
+                                     servers.llama_cpp_command(args.compare_llama_cpp, model_file, port)))
+    if args.compare_llama_server:
+        context = servers.llama_server_slot_context(max(spec.max_tokens for spec in sweep.workload),
+                                                    max(spec.prompt_words for spec in sweep.workload))
+        runs.append(_measure_started(args, sweep, "llama-server", "/health", lambda model_file, port:
+                                     servers.llama_server_command(args.compare_llama_server, model_file, port,
+                                                                  sweep.most_in_flight, context)))
     return runs
 
 
@@ -127,7 +141,10 @@ def _split_label(value: str) -> tuple[str | None, str]:
     return (head, rest) if sep and "/" not in head else (None, value)
 
 
-def _measure_llama_cpp(args: argparse.Namespace, sweep: Sweep) -> dict:
+def _measure_started(args: argparse.Namespace, sweep: Sweep, label: str, ready_path: str,
+                     command: Callable[[Path, int], list[str]]) -> dict:
+    """Start a peer server, `command(model_file, port)`, on the GGUF file Quill serves; measure it
+    under `label` once `ready_path` answers; stop it."""
     if args.model_file:
         model_file = args.model_file
     elif args.start:
@@ -135,14 +152,13 @@ def _measure_llama_cpp(args: argparse.Namespace, sweep: Sweep) -> dict:
 
         model_file = resolve_model(args.start)
     else:
-        raise InvalidRequestError("--compare-llama-cpp needs --model-file GGUF (or --start MODEL)")
+        raise InvalidRequestError(f"measuring {label} needs --model-file GGUF (or --start MODEL)")
     port = servers.free_port()
     url = f"http://127.0.0.1:{port}"
-    log_dir = _log_dir(args)
-    print(f"starting llama-cpp-python's server on {url} (log: {log_dir / 'llama-cpp-server.log'})", file=sys.stderr)
-    with servers.started_server(servers.llama_cpp_command(args.compare_llama_cpp, model_file, port), url,
-                                "/v1/models", log_dir / "llama-cpp-server.log"):
-        return _measure(url, "llama-cpp-python", sweep)
+    log = _log_dir(args) / f"{label}.log"
+    print(f"starting {label} on {url} (log: {log})", file=sys.stderr)
+    with servers.started_server(command(model_file, port), url, ready_path, log):
+        return _measure(url, label, sweep)
 
 
 def _measure(url: str, label: str | None, sweep: Sweep) -> dict:
@@ -153,9 +169,8 @@ async def _measure_async(url: str, label: str | None, sweep: Sweep) -> dict:
     args = sweep.args
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    most_in_flight = max(sweep.requests_per_level) if sweep.by_rate else max(sweep.levels)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(args.timeout, connect=30),
-                                 limits=httpx.Limits(max_connections=most_in_flight + 4)) as client:
+                                 limits=httpx.Limits(max_connections=sweep.most_in_flight + 4)) as client:
         model = args.model or await fetch_model(client)
         target = Target(url, model, args.api, args.temperature, {"ignore_eos": True} if args.ignore_eos else {})
         label = label or model

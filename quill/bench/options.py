@@ -22,6 +22,7 @@ examples:
   quill bench --url http://127.0.0.1:8000 --concurrency 1,4,16
   quill bench --start smollm2 --rate 1,2,4 --num-requests 64 --output bench-rate
   quill bench --start smollm2 --compare-llama-cpp PEER_VENV/bin/python --output bench-vs-llama
+  quill bench --start smollm2 --concurrency 16 --compare-llama-server path/to/llama-server
   quill bench --url http://127.0.0.1:8001 --label other --compare quill=bench-vs-llama/report.json"""
 
 
@@ -91,6 +92,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--compare-llama-cpp", metavar="PYTHON",
                         help="also start llama-cpp-python's server with this interpreter on the same GGUF file "
                              "and measure it (label llama-cpp-python)")
+    report.add_argument("--compare-llama-server", metavar="BINARY",
+                        help="also start llama.cpp's own llama-server (continuous batching; build it with "
+                             "../shared/peers/build-llama-server.sh) on the same GGUF file, two threads and one "
+                             "slot per request in flight, and measure it (label llama-server)")
     report.add_argument("--model-file", type=Path, metavar="GGUF",
-                        help="GGUF file for --compare-llama-cpp (default: the --start model's file)")
+                        help="GGUF file for --compare-llama-cpp and --compare-llama-server (default: the --start "
+                             "model's file)")
     report.add_argument("--output", type=Path, metavar="DIR", help="write report.json, throughput.png and ttft.png here")

@@ -79,6 +79,12 @@ def llama_cpp_command(python: str, model_file: Path, port: int) -> list[str]:
             "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
 
 
+def llama_server_slot_context(max_tokens: int, prompt_words: int) -> int:
+    """Tokens of context for each llama-server slot: one client's prompt (~1.3 tokens a word, with
+    room to spare) and answer, and at least the 1,024 of the issue's `-np 16 -c 16384`."""
+    return max(1024, max_tokens + 64 + 2 * prompt_words)
+
+
 def llama_server_command(binary: str, model_file: Path, port: int, clients: int, context_per_client: int = 1024) -> list[str]:
     """llama.cpp's own `llama-server` (build it with ../shared/peers/build-llama-server.sh) on two
     threads, with one parallel slot per client and room for each client's prompt and answer, as

@@ -29,6 +29,12 @@ class RequestSpec:
     messages: list[dict] | None = None
     prompt: str | None = None
 
+    @property
+    def prompt_words(self) -> int:
+        """Words in its messages' contents (or its prompt): what sizes a peer server's context."""
+        text = " ".join(str(m.get("content", "")) for m in self.messages) if self.messages else self.prompt or ""
+        return len(text.split())
+
 
 def synthetic_workload(num_requests: int, prompt_words: int, max_tokens: int) -> list[RequestSpec]:
     """Distinct story requests that invite long answers (`story_request` 0, 1, ...)."""
