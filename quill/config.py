@@ -102,7 +102,8 @@ class EngineConfig:
     # 4-bit weights multiply activations quantized to 8 bits per block of 32 inputs, in integer dot
     # products (quill/kernels/int4_q8.c), as llama.cpp's 4-bit formats do: faster than bfloat16
     # activations, and a little less exact (README: Quantization). None: on the CPU for a bfloat16
-    # model (quill/engine/runner.py int8_activations_for). Other weight formats are not affected.
+    # model where the kernel has AVX-512 VNNI (quill/engine/runner.py int8_activations_for). Other
+    # weight formats are not affected.
     int8_activations: bool | None = None
     block_size: int = 16  # tokens per KV-cache block
     kv_cache_memory: int | None = None  # bytes for the KV cache; None: sized from the model

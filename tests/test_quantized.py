@@ -307,22 +307,29 @@ def test_int8_activations_are_refused_on_a_gpu_and_reported_where_nothing_takes_
 
 
 @pytest.mark.parametrize("dtype, requested, expected", [
-    ("bfloat16", None, {"int4_q8"}), ("float32", None, {"int4"}), ("bfloat16", False, {"int4"}),
+    ("bfloat16", None, "int4_q8 with VNNI"), ("float32", None, {"int4"}), ("bfloat16", False, {"int4"}),
     ("float32", True, {"int4_q8"})])
 def test_int8_activations_are_the_cpu_default_for_bfloat16_and_an_explicit_choice_wins(
-        tiny_model_dir, tmp_path, dtype, requested, expected):
-    """4-bit layers take 8-bit activations by default on the CPU in bfloat16, as llama.cpp's do;
-    float32, the reference, keeps bfloat16 activations; and whatever is asked for is done."""
+        tiny_model_dir, tmp_path, dtype, requested, expected, monkeypatch):
+    """4-bit layers take 8-bit activations by default on the CPU in bfloat16 where the kernel has
+    integer dot products (AVX-512 VNNI), as llama.cpp's do; float32, the reference, keeps bfloat16
+    activations; and whatever is asked for is done."""
     from quill.engine.runner import int8_activations_for
+    from quill.layers.matmul import kernel_path
 
     if not kernel_available():
         pytest.skip("8-bit activations run in the C kernel")
+    if expected == "int4_q8 with VNNI":  # the plain C loops batch slowly: bfloat16 activations stay there
+        expected = {"int4"} if kernel_path("int4_q8") == "portable C" else {"int4_q8"}
     path = _quantized_gguf(tiny_model_dir, tmp_path, "llama", lambda name: Q.Q4_1)
     checkpoint = load_checkpoint(path, getattr(torch, dtype), keep_quantized=True)
     model = build_model(checkpoint.config, checkpoint.tensors, getattr(torch, dtype))
     Engine(model, checkpoint.config, None, EngineConfig(dtype=dtype, int8_activations=requested))
     assert {m.matmul.format for m in model.modules() if isinstance(m, Int4Linear)} == expected
     assert not int8_activations_for(None, torch.bfloat16, torch.device("cuda"))  # a GPU expands the weights
+    monkeypatch.setattr("quill.engine.runner.kernel_path", lambda fmt="bf16": "portable C")  # a CPU without VNNI
+    assert not int8_activations_for(None, torch.bfloat16, torch.device("cpu"))
+    assert int8_activations_for(True, torch.bfloat16, torch.device("cpu"))
 
 
 def test_quantized_experts_are_batch_invariant(tiny_model_dir, tmp_path):

@@ -28,7 +28,7 @@ from quill.engine.request import Request
 from quill.hardware import return_freed_memory_to_os
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
 from quill.layers.linear import prepare_linears_for_cpu
-from quill.layers.matmul import describe_paths
+from quill.layers.matmul import describe_paths, kernel_path
 from quill.layers.quantized import KERNEL_ROW_BLOCK, QuantizedLinear
 
 log = logging.getLogger("quill")
@@ -48,14 +48,18 @@ def kv_cache_dtype(requested: str, dtype: torch.dtype, device: torch.device) -> 
 
 def int8_activations_for(requested: bool | None, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether 4-bit layers multiply 8-bit activations (`kernels/int4_q8.c`): `requested` (an
-    `EngineConfig` int8_activations), where None means yes on the CPU for a bfloat16 model, as
-    llama.cpp computes its 4-bit formats. Against bfloat16 activations it decodes SmolLM2 1.2-1.6x
-    faster and prefills 1.1-1.3x faster in most runs (AMD EPYC), at llama.cpp's precision:
-    perplexity 21.52 against its 21.50 and bfloat16 activations' 21.45 (README: Quantization). A float32 model is the exact reference,
-    and a GPU expands 4-bit weights to bfloat16: both keep their activations."""
+    `EngineConfig` int8_activations), where None means yes on the CPU for a bfloat16 model wherever
+    the kernel has its integer dot products (AVX-512 VNNI), as llama.cpp computes its 4-bit formats.
+    Against bfloat16 activations it decodes SmolLM2 1.2-1.6x faster and prefills 1.1-1.3x faster in
+    most runs (AMD EPYC), at llama.cpp's precision: perplexity 21.52 against its 21.50 and bfloat16
+    activations' 21.45 (README: Quantization). Without VNNI its plain C loops decode faster still
+    but batch and prefill slowly (built without AVX-512, SmolLM2's four matrices of a layer: 0.8
+    against 4.9 ms for one row, 12.8 against 6.9 for 16, 104 against 21.5 for 128), so bfloat16
+    activations stay the default there. A float32 model is the exact reference, and a GPU expands
+    4-bit weights to bfloat16: both keep their activations."""
     if requested is not None:
         return requested
-    return device.type == "cpu" and dtype == torch.bfloat16
+    return device.type == "cpu" and dtype == torch.bfloat16 and kernel_path("int4_q8") != "portable C"
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
