@@ -43,13 +43,21 @@
 
    Rows are worked through in tiles that share each expanded weight vector: up to 16 rows in one
    pass over the packed weights (decoding batches), more through a per-thread buffer of expanded
-   panels (prompts). Threads split the columns, never the inputs. */
+   panels (prompts). Threads split the columns, never the inputs. Without AVX-512 BF16, each
+   thread expands one panel at a time into a buffer (with AVX2 where the CPU has it, in plain C
+   otherwise) and runs every row through it, adding the same exact products in the same order.
+   Built without AVX-512 on an AMD EPYC, AVX2's expansion took SmolLM2's decode from 4.6 to 40
+   tokens/s and its prefill from 152 to 299 (a layer's four 4-bit matrices: 4.9 -> 0.56 ms for one
+   row, 6.9 -> 2.0 for 16, 21.5 -> 12.5 for 128). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define QUILL_AVX512_BF16 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QUILL_AVX2 1
 #endif
 
 #include "entry_points.h"
@@ -330,7 +338,10 @@ static int matmul_rows(const weights_t *w, int rows, const uint16_t *x, int64_t 
     }
 }
 
-#else /* portable: the same operations in plain C, one panel at a time */
+#else /* without AVX-512 BF16: the same operations, one panel at a time (AVX2 expansion where present) */
+
+/* A panel's weights expanded for the row loop: [pair][even, odd][16 lanes] float32 bf16 values. */
+#define EXPANDED_PAIR (2 * LANES)
 
 /* One input pair of one lane as float32 bf16 values. */
 static inline void expand_pair(const weights_t *w, int panel, int pair, int lane, float *even, float *odd) {
@@ -362,38 +373,127 @@ static inline void expand_pair(const weights_t *w, int panel, int pair, int lane
     }
 }
 
+#ifdef QUILL_AVX2
+/* The same values as expand_pair, 8 lanes at a time, with the same operations (multiply, then
+   add, then round to bfloat16). Built without AVX-512, SmolLM2's four 4-bit matrices of a layer
+   took 4.9 ms for one row when every weight went through expand_pair. */
+
+/* 8 floats rounded to bfloat16 and widened back, as from_bf16(to_bf16(x)) (NaN stays NaN). */
+static inline __m256 bf16_round8(__m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    __m256i quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x400000));
+    __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    __m256i chosen = _mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(nan));
+    return _mm256_castsi256_ps(_mm256_and_si256(chosen, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+static inline __m256 bf16x8_to_ps(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* 16 bytes [lane][even, odd] of 8 lanes as their even bytes, then their odd bytes. */
+static inline __m128i split_pairs(__m128i bytes) {
+    return _mm_shuffle_epi8(bytes, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+}
+
+/* Lanes half*8 .. half*8+7 of one pair: `even` and `odd` as codes in int32, then as weights. */
+static inline void store_half(const weights_t *w, int panel, int pair, int half, __m256i even, __m256i odd,
+                              float *target) {
+    __m256 e = _mm256_cvtepi32_ps(even), o = _mm256_cvtepi32_ps(odd);
+    if (w->format == FMT_INT4 || w->format == FMT_INT8G || w->format == FMT_Q8_0) {
+        int64_t g = ((int64_t)panel * (w->k / w->group) + (2 * pair) / w->group) * LANES + 8 * half;
+        if (w->format == FMT_Q8_0) {
+            __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->scales + g)));
+            e = bf16_round8(_mm256_mul_ps(e, scale)), o = bf16_round8(_mm256_mul_ps(o, scale));
+        } else {
+            __m256 scale = bf16x8_to_ps(w->scales + g), zero = bf16x8_to_ps(w->zeros + g);
+            if (w->format == FMT_INT4) {
+                e = _mm256_sub_ps(e, _mm256_set1_ps(8.0f)), o = _mm256_sub_ps(o, _mm256_set1_ps(8.0f));
+            }
+            e = bf16_round8(_mm256_add_ps(_mm256_mul_ps(e, scale), zero));
+            o = bf16_round8(_mm256_add_ps(_mm256_mul_ps(o, scale), zero));
+        }
+    }
+    _mm256_storeu_ps(target + 8 * half, e);
+    _mm256_storeu_ps(target + LANES + 8 * half, o);
+}
+
+static void expand_panel(const weights_t *w, int panel, float *expanded) {
+    int64_t pairs = w->k / 2;
+    for (int pair = 0; pair < pairs; pair++) {
+        int64_t at = (int64_t)panel * pairs + pair;
+        float *target = expanded + (int64_t)pair * EXPANDED_PAIR;
+        if (w->format == FMT_BF16) { /* a dword per lane: even in its low half, odd in its high half */
+            for (int half = 0; half < 2; half++) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w->packed + at * 32 + 16 * half));
+                _mm256_storeu_ps(target + 8 * half, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+                _mm256_storeu_ps(target + LANES + 8 * half,
+                                 _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u))));
+            }
+        } else if (w->format == FMT_INT4) { /* byte i: lanes i / 2 (low nibble) and 8 + i / 2 (high) */
+            __m128i split = split_pairs(_mm_loadu_si128((const __m128i *)((const uint8_t *)w->packed + at * 16)));
+            __m128i nibble = _mm_set1_epi8(15);
+            __m128i low = _mm_and_si128(split, nibble), high = _mm_and_si128(_mm_srli_epi16(split, 4), nibble);
+            store_half(w, panel, pair, 0, _mm256_cvtepu8_epi32(low), _mm256_cvtepu8_epi32(_mm_srli_si128(low, 8)),
+                       target);
+            store_half(w, panel, pair, 1, _mm256_cvtepu8_epi32(high), _mm256_cvtepu8_epi32(_mm_srli_si128(high, 8)),
+                       target);
+        } else { /* signed byte codes, [lane][even, odd] */
+            for (int half = 0; half < 2; half++) {
+                __m128i split = split_pairs(
+                    _mm_loadu_si128((const __m128i *)((const int8_t *)w->packed + at * 32 + 16 * half)));
+                store_half(w, panel, pair, half, _mm256_cvtepi8_epi32(split),
+                           _mm256_cvtepi8_epi32(_mm_srli_si128(split, 8)), target);
+            }
+        }
+    }
+}
+#else
+static void expand_panel(const weights_t *w, int panel, float *expanded) {
+    for (int pair = 0; pair < w->k / 2; pair++)
+        for (int lane = 0; lane < LANES; lane++)
+            expand_pair(w, panel, pair, lane, expanded + (int64_t)pair * EXPANDED_PAIR + lane,
+                        expanded + (int64_t)pair * EXPANDED_PAIR + LANES + lane);
+}
+#endif
+
+/* This thread's buffer for one expanded panel, at least `bytes`. */
+static float *scratch(size_t bytes) {
+    static __thread void *buffer;
+    static __thread size_t capacity;
+    return grown_buffer(&buffer, &capacity, bytes);
+}
+
 static int matmul_rows(const weights_t *w, int rows, const uint16_t *x, int64_t x_stride, void *out,
                        int64_t out_stride, int out_bf16) {
     int panels = panels_of(w->n), pairs = w->k / 2, failed = 0;
     int64_t work = (int64_t)rows * w->n * w->k;
 #pragma omp parallel for schedule(static) if (work > (1 << 18)) reduction(| : failed)
     for (int panel = 0; panel < panels; panel++) {
-        float *expanded = malloc(sizeof(float) * 2 * LANES * pairs); /* [pair][lane][even, odd] */
+        float *expanded = scratch(sizeof(float) * EXPANDED_PAIR * pairs);
         if (!expanded) {
             failed = 1;
             continue;
         }
-        for (int pair = 0; pair < pairs; pair++)
-            for (int lane = 0; lane < LANES; lane++)
-                expand_pair(w, panel, pair, lane, &expanded[(pair * LANES + lane) * 2],
-                            &expanded[(pair * LANES + lane) * 2 + 1]);
+        expand_panel(w, panel, expanded);
         int valid = w->n - panel * LANES < LANES ? w->n - panel * LANES : LANES;
         for (int r = 0; r < rows; r++) {
             float acc[LANES] = {0};
             for (int pair = 0; pair < pairs; pair++) {
                 float x_even = from_bf16(x[r * x_stride + 2 * pair]), x_odd = from_bf16(x[r * x_stride + 2 * pair + 1]);
-                const float *wp = expanded + pair * LANES * 2;
+                const float *even = expanded + (int64_t)pair * EXPANDED_PAIR, *odd = even + LANES;
 #pragma omp simd
                 for (int lane = 0; lane < LANES; lane++) {
-                    acc[lane] = acc[lane] + wp[2 * lane + 1] * x_odd; /* exact products: one rounding each */
-                    acc[lane] = acc[lane] + wp[2 * lane] * x_even;
+                    acc[lane] = acc[lane] + odd[lane] * x_odd; /* exact products: one rounding each */
+                    acc[lane] = acc[lane] + even[lane] * x_even;
                 }
             }
             for (int lane = 0; lane < valid; lane++)
                 store_value(out, r * out_stride + panel * LANES + lane, finish(w, panel * LANES + lane, acc[lane]),
                             out_bf16);
         }
-        free(expanded);
     }
     return failed ? -1 : 0;
 }
