@@ -52,9 +52,9 @@ def int8_activations_for(requested: bool | None, dtype: torch.dtype, device: tor
     the kernel has its integer dot products (AVX-512 VNNI), as llama.cpp computes its 4-bit formats.
     Against bfloat16 activations it decodes SmolLM2 1.2-1.6x faster and prefills 1.1-1.3x faster in
     most runs (AMD EPYC), at llama.cpp's precision: perplexity 21.52 against its 21.50 and bfloat16
-    activations' 21.45 (README: Quantization). Without VNNI its plain C loops decode faster still
-    but batch and prefill slowly (built without AVX-512, SmolLM2's four matrices of a layer: 0.8
-    against 4.9 ms for one row, 12.8 against 6.9 for 16, 104 against 21.5 for 128), so bfloat16
+    activations' 21.45 (README: Quantization). Without VNNI its plain C loops are slower than
+    bfloat16 activations' (built without AVX-512, SmolLM2's four matrices of a layer: 0.82 against
+    0.56 ms for one row, 12.8 against 2.0 for 16, 104 against 12.5 for 128), so bfloat16
     activations stay the default there. A float32 model is the exact reference, and a GPU expands
     4-bit weights to bfloat16: both keep their activations."""
     if requested is not None:
