@@ -239,7 +239,7 @@ def _model_options() -> argparse.ArgumentParser:
                          help="multiply 4-bit weights by activations quantized to 8 bits per block of 32, as "
                               "llama.cpp does: integer dot products, 1.2-3.5x faster 4-bit matrix products than "
                               "bfloat16 activations, which are a little more exact (README: Quantization). "
-                              "Default: on for --dtype bfloat16 on a CPU with AVX-512 VNNI")
+                              "Default: on for --dtype bfloat16 on a CPU with AVX-512 VNNI or AVX2")
     options.add_argument("--max-model-len", type=int, metavar="N",
                          help="context length limit (default: the model's own)")
     options.add_argument("--kv-cache-memory", type=_byte_size, metavar="SIZE",

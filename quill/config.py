@@ -102,7 +102,7 @@ class EngineConfig:
     # 4-bit weights multiply activations quantized to 8 bits per block of 32 inputs, in integer dot
     # products (quill/kernels/int4_q8.c), as llama.cpp's 4-bit formats do: faster than bfloat16
     # activations, and a little less exact (README: Quantization). None: on the CPU for a bfloat16
-    # model where the kernel has AVX-512 VNNI (quill/engine/runner.py int8_activations_for). Other
+    # model where the kernel has AVX-512 VNNI or AVX2 (quill/engine/runner.py int8_activations_for). Other
     # weight formats are not affected.
     int8_activations: bool | None = None
     block_size: int = 16  # tokens per KV-cache block

@@ -264,11 +264,17 @@ def _emulated_int4_q8(x: torch.Tensor, matmul: PackedMatmul) -> torch.Tensor:
     return torch.from_numpy(acc)
 
 
-@pytest.mark.parametrize("build", ["native", "portable", "without-bf16"])
+# int4_q8.c's builds: "avx2" for a CPU without AVX-512 (byte products through vpmaddubsw), "plain"
+# without AVX2 either (plain C), "without-bf16" for VNNI without AVX-512 BF16.
+INT4_Q8_BUILDS = {"avx2": ("-mno-avx512f",), "plain": ("-mno-avx512f", "-mno-avx2"),
+                  "without-bf16": ("-mno-avx512bf16",)}
+
+
+@pytest.mark.parametrize("build", ["native", *INT4_Q8_BUILDS])
 @pytest.mark.parametrize("group", [32, 64])
 def test_int8_activations_kernel_computes_its_documented_chain_bit_for_bit(build, group):
-    """Integer sums and one fixed float chain: the AVX-512 VNNI path and the plain C one give the
-    same bits, and both those of an independent emulation, in float32 and rounded to bfloat16.
+    """Integer sums and one fixed float chain: the AVX-512 VNNI, AVX2 and plain C paths give the
+    same bits, and all those of an independent emulation, in float32 and rounded to bfloat16.
     "without-bf16" builds for a CPU with VNNI but not AVX-512 BF16 (Intel Cascade Lake, Ice Lake),
     which rounds to bfloat16 in integer lanes. The rows include one of zeros, one with an outlier
     and tiny values beside it, and values that round to .5 on the 127 scale."""
@@ -284,13 +290,15 @@ def test_int8_activations_kernel_computes_its_documented_chain_bit_for_bit(build
     x[5, :32] = torch.arange(32) - 15.5  # amax 15.5: codes at k * 127 / 15.5, ties included
     x = x.to(torch.bfloat16)
     if build != "native":
-        matmul._kernel = _portable_build(("-mno-avx512f",) if build == "portable" else ("-mno-avx512bf16",))
+        matmul._kernel = _portable_build(INT4_Q8_BUILDS[build])
     expected = _emulated_int4_q8(x, matmul)
     assert torch.equal(matmul(x.float()), expected)
     assert torch.equal(matmul(x), expected.to(torch.bfloat16))  # bf16 in, bf16 out: rounded to nearest even
+    for rows in (2, 3):  # AVX2's tiles of 2 and 3 rows (21 rows took tiles of 4 and 1)
+        assert torch.equal(matmul(x[3:3 + rows].float()), expected[3:3 + rows])
 
 
-@pytest.mark.parametrize("build", ["native", "portable", "without-bf16"])
+@pytest.mark.parametrize("build", ["native", *INT4_Q8_BUILDS])
 def test_int8_activations_kernel_rounds_bfloat16_outputs_as_pytorch(build):
     """Rows of zeros leave each output exactly its bias, which then goes through the kernel's
     bfloat16 rounding: ties to even, overflow to infinity, infinities kept, in every build. A
@@ -303,7 +311,7 @@ def test_int8_activations_kernel_rounds_bfloat16_outputs_as_pytorch(build):
     matmul = _int4_q8_layer(bias.numel(), 64, bias=True).matmul
     matmul.bias.copy_(bias)
     if build != "native":
-        matmul._kernel = _portable_build(("-mno-avx512f",) if build == "portable" else ("-mno-avx512bf16",))
+        matmul._kernel = _portable_build(INT4_Q8_BUILDS[build])
     out = matmul(torch.zeros(3, 64, dtype=torch.bfloat16))
     expected = bias.to(torch.bfloat16).expand(3, -1).clone()
     if build == "native" and "avx512_bf16" in cpu_info()["flags"]:

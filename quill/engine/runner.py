@@ -49,13 +49,13 @@ def kv_cache_dtype(requested: str, dtype: torch.dtype, device: torch.device) -> 
 def int8_activations_for(requested: bool | None, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether 4-bit layers multiply 8-bit activations (`kernels/int4_q8.c`): `requested` (an
     `EngineConfig` int8_activations), where None means yes on the CPU for a bfloat16 model wherever
-    the kernel has its integer dot products (AVX-512 VNNI), as llama.cpp computes its 4-bit formats.
+    the kernel has vector integer dot products (AVX-512 VNNI or AVX2), as llama.cpp computes its
+    4-bit formats.
     Against bfloat16 activations it decodes SmolLM2 1.2-1.6x faster and prefills 1.1-1.3x faster in
     most runs (AMD EPYC), at llama.cpp's precision: perplexity 21.52 against its 21.50 and bfloat16
-    activations' 21.45 (README: Quantization). Without VNNI its plain C loops are slower than
-    bfloat16 activations' (built without AVX-512, SmolLM2's four matrices of a layer: 0.82 against
-    0.56 ms for one row, 12.8 against 2.0 for 16, 104 against 12.5 for 128), so bfloat16
-    activations stay the default there. A float32 model is the exact reference, and a GPU expands
+    activations' 21.45 (README: Quantization). Without AVX2 its plain C loops are slower than
+    bfloat16 activations' (SmolLM2's four matrices of a layer: 0.82 against 0.56 ms for one row,
+    104 against 12.5 for 128), so bfloat16 activations stay the default there. A float32 model is the exact reference, and a GPU expands
     4-bit weights to bfloat16: both keep their activations."""
     if requested is not None:
         return requested

@@ -56,6 +56,14 @@ static inline void store_value(void *out, int64_t index, float value, int out_bf
         ((float *)out)[index] = value;
 }
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* 8 bfloat16 values widened to float32 (exact). */
+static inline __m256 bf16x8_to_ps(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 /* 16 bfloat16 values widened to float32 (exact). */

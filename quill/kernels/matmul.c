@@ -389,10 +389,6 @@ static inline __m256 bf16_round8(__m256 v) {
     return _mm256_castsi256_ps(_mm256_and_si256(chosen, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
-static inline __m256 bf16x8_to_ps(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
 /* 16 bytes [lane][even, odd] of 8 lanes as their even bytes, then their odd bytes. */
 static inline __m128i split_pairs(__m128i bytes) {
     return _mm_shuffle_epi8(bytes, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));

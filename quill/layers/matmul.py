@@ -134,9 +134,12 @@ def kernel_path(fmt: str = "bf16") -> str:
     """Which path the packed kernel compiled to on this CPU (its `-march=native` build), for the
     bfloat16-activation formats or for int4_q8 (int4_q8.c)."""
     flags = cpu_info()["flags"]
+    avx2 = "AVX2" if {"avx2", "fma"} <= set(flags) else "portable C"
     if fmt == "int4_q8":
-        return "AVX-512 VNNI" if "avx512_vnni" in flags and "avx512bw" in flags else "portable C"
-    return "AVX-512 BF16" if "avx512_bf16" in flags and "avx512bw" in flags else "portable C"
+        return "AVX-512 VNNI" if "avx512_vnni" in flags and "avx512bw" in flags else avx2
+    if "avx512_bf16" in flags and "avx512bw" in flags:
+        return "AVX-512 BF16"
+    return avx2 if "f16c" in flags else "portable C"
 
 
 def describe_paths(model: torch.nn.Module) -> str:
