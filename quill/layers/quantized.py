@@ -4,8 +4,10 @@ On a CPU, decoding is limited by the bytes of weights read per token, so 4-bit w
 through a kernel that expands them to bf16 on the fly are several times faster than float ones.
 The same kernel takes a long prompt's rows too (it expands each block of weights once per call and
 runs every row through it), so one row and many go through the same arithmetic and greedy output
-does not depend on the batch (see `quill.layers.matmul`). Where no kernel can be built, PyTorch's
-int4 and int8 kernels run instead, in fixed row blocks.
+does not depend on the batch (see `quill.layers.matmul`). By default on the CPU, 4-bit layers
+multiply activations quantized to 8 bits instead, in integer dot products (`Int4Linear.
+use_int8_activations`, `kernels/int4_q8.c`), row-invariant the same way. Where no kernel can be
+built, PyTorch's int4 and int8 kernels run instead, in fixed row blocks.
 
 Every reader produces one format, `quill.weights.quantized.QuantizedWeight` (codes with a scale
 and an offset per group of input columns); `quantized_linear` picks the layer that runs it.
