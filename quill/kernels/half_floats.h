@@ -62,6 +62,17 @@ static inline void store_value(void *out, int64_t index, float value, int out_bf
 static inline __m256 bf16x8_to_ps(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
+
+/* 8 floats rounded to bfloat16 and widened back, as from_bf16(to_bf16(x)) (NaN stays NaN). */
+static inline __m256 bf16_round8(__m256 v) {
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    __m256i quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x400000));
+    __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    __m256i chosen = _mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(nan));
+    return _mm256_castsi256_ps(_mm256_and_si256(chosen, _mm256_set1_epi32((int)0xffff0000u)));
+}
 #endif
 
 #if defined(__AVX512F__)

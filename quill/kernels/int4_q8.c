@@ -154,6 +154,13 @@ static void quantize_row(const uint16_t *x, int row, activations_t *a) {
     }
 }
 
+/* One output's end of the chain in the AVX2 and plain C paths (the AVX-512 one does the same in
+   vectors): plus the bias, stored as float32 or rounded to bfloat16. */
+static inline void store_output(const weights_t *w, void *out, int64_t at, int column, float acc, int out_bf16) {
+    if (w->bias) acc = acc + w->bias[column];
+    store_value(out, at + column, acc, out_bf16);
+}
+
 /* The int32 at byte `i` of a row's codes (4 of them, broadcast to every lane by the caller). */
 static inline int32_t four_codes(const int8_t *q, int i) {
     int32_t value;
@@ -300,10 +307,7 @@ static inline __attribute__((always_inline)) void avx2_tile(const int R, const w
         _mm256_storeu_ps(lanes, acc[r][0]);
         _mm256_storeu_ps(lanes + 8, acc[r][1]);
         for (int lane = 0; lane < LANES && panel * LANES + lane < w->n; lane++) {
-            int column = panel * LANES + lane;
-            float value = lanes[lane];
-            if (w->bias) value = value + w->bias[column];
-            store_value(out, (int64_t)(row0 + r) * out_stride + column, value, out_bf16);
+            store_output(w, out, (int64_t)(row0 + r) * out_stride, panel * LANES + lane, lanes[lane], out_bf16);
         }
     }
 }
@@ -348,8 +352,7 @@ static void run_panels(const weights_t *w, int rows, const activations_t *a, voi
                     acc = fmaf((float)isum, from_bf16(w->scales[g]) * a->d[at], acc);
                     acc = fmaf(from_bf16(w->zeros[g]), a->sum_d[at], acc);
                 }
-                if (w->bias) acc = acc + w->bias[column];
-                store_value(out, (int64_t)r * out_stride + column, acc, out_bf16);
+                store_output(w, out, (int64_t)r * out_stride, column, acc, out_bf16);
             }
         }
     }

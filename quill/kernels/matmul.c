@@ -69,6 +69,13 @@
 /* Whether the format has a scale and zero per group of inputs. */
 static inline int grouped(int format) { return format == FMT_INT4 || format == FMT_INT8G || format == FMT_Q8_0; }
 
+/* This thread's buffer of expanded panels (both paths below expand into one), at least `bytes`. */
+static void *scratch(size_t bytes) {
+    static __thread void *buffer;
+    static __thread size_t capacity;
+    return grown_buffer(&buffer, &capacity, bytes);
+}
+
 /* The epilogue of one output: the channel scale (INT8), then the bias. Scalar, for the portable
    path; the vector path's store_lanes does the same operations. */
 static inline float finish(const weights_t *w, int column, float acc) {
@@ -253,13 +260,6 @@ static inline __attribute__((always_inline)) void fused_rows(const int format, c
 #define BUFFER_PANELS 4
 #define TILE_ROWS 6
 
-/* This thread's buffer of expanded panels, at least `bytes`. */
-static __m512bh *scratch(size_t bytes) {
-    static __thread void *buffer;
-    static __thread size_t capacity;
-    return grown_buffer(&buffer, &capacity, bytes);
-}
-
 /* Rows of one group of up to BUFFER_PANELS expanded panels, TILE_ROWS at a time. */
 static inline __attribute__((always_inline)) void buffered_panels(const weights_t *w, int panel, int width,
                                                                  const __m512bh *const *expanded, int rows,
@@ -378,17 +378,6 @@ static inline void expand_pair(const weights_t *w, int panel, int pair, int lane
    add, then round to bfloat16). Built without AVX-512, SmolLM2's four 4-bit matrices of a layer
    took 4.9 ms for one row when every weight went through expand_pair. */
 
-/* 8 floats rounded to bfloat16 and widened back, as from_bf16(to_bf16(x)) (NaN stays NaN). */
-static inline __m256 bf16_round8(__m256 v) {
-    __m256i bits = _mm256_castps_si256(v);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
-    __m256i quiet = _mm256_or_si256(bits, _mm256_set1_epi32(0x400000));
-    __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-    __m256i chosen = _mm256_blendv_epi8(rounded, quiet, _mm256_castps_si256(nan));
-    return _mm256_castsi256_ps(_mm256_and_si256(chosen, _mm256_set1_epi32((int)0xffff0000u)));
-}
-
 /* 16 bytes [lane][even, odd] of 8 lanes as their even bytes, then their odd bytes. */
 static inline __m128i split_pairs(__m128i bytes) {
     return _mm_shuffle_epi8(bytes, _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
@@ -454,13 +443,6 @@ static void expand_panel(const weights_t *w, int panel, float *expanded) {
                         expanded + (int64_t)pair * EXPANDED_PAIR + LANES + lane);
 }
 #endif
-
-/* This thread's buffer for one expanded panel, at least `bytes`. */
-static float *scratch(size_t bytes) {
-    static __thread void *buffer;
-    static __thread size_t capacity;
-    return grown_buffer(&buffer, &capacity, bytes);
-}
 
 static int matmul_rows(const weights_t *w, int rows, const uint16_t *x, int64_t x_stride, void *out,
                        int64_t out_stride, int out_bf16) {
