@@ -54,7 +54,7 @@ from quill.bench.servers import (
     started_server,
 )
 from quill.bench.soak import cut_short_by_reason, server_metrics, stalled_reader
-from quill.bench.workload import RequestSpec, story_request, synthetic_workload
+from quill.bench.workload import story_request, synthetic_workload
 from quill.hardware import host_description
 from quill.table import format_table
 from quill.weights.hub import resolve_model  # pulls a known model on first use
@@ -72,8 +72,7 @@ async def run_load(base_url: str, args: argparse.Namespace, stalled: int = 0) ->
         specs = synthetic_workload(args.clients, args.prompt_words, args.max_tokens)
         # Warm up on a request outside the workload: warming on the first client's own prompt left it
         # in both servers' prompt caches, so that one of the measured requests skipped its prefill.
-        warm_up = story_request(args.clients, args.prompt_words, 4)
-        await send_request(client, target, RequestSpec(max_tokens=4, messages=warm_up.messages))
+        await send_request(client, target, story_request(args.clients, args.prompt_words, max_tokens=4))
         # Stalled readers hold their sockets past the load's end; they are closed once it is done.
         stalls = [asyncio.create_task(stalled_reader(base_url, model, args.timeout, choices=1, logprobs=None))
                   for _ in range(stalled)]
