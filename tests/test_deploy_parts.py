@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine_helpers import tiny_engine, tiny_text_engine
 from quill.cli import build_parser, main
 from quill.cost import CostModel
-from quill.deploy.affinity import AffinityTable, choose, prefix_hashes
+from quill.deploy.affinity import AffinityTable, InFlight, choose, prefix_hashes
 from quill.deploy.settings import ClusterCapacityError, ClusterSettings
 from quill.deploy.stats import combine_stats
 from quill.deploy.wire import DeltaEncoder, OutputAssembler, merge_deltas
@@ -72,21 +72,51 @@ def test_choose_sends_a_known_prefix_to_its_holder_until_it_is_overloaded():
     rng = random.Random(0)
     queue = {"a": 6, "b": 2, "c": 1}
     ranks = choose("prefix", ["a", "b", "c"], queue.get, ["a", "b"], max_imbalance=1, rng=rng)
-    assert ranks[0] == ["b"] and sorted(ranks[1]) == ["a", "b", "c"]  # "a" is 5 above the least loaded
+    assert ranks == [["b"], ["c"], ["a"]]  # "a" is 5 above the least loaded: only "b" is preferred
     ranks = choose("prefix", ["a", "b", "c"], queue.get, ["a"], max_imbalance=5, rng=rng)
-    assert ranks[0] == ["a"]
+    assert ranks == [["a"], ["c"], ["b"]]
     ranks = choose("prefix", ["a", "b", "c"], queue.get, ["a"], max_imbalance=4, rng=rng)
-    assert len(ranks) == 1 and sorted(ranks[0]) == ["a", "b", "c"]  # plain least-loaded
+    assert ranks == [["c"], ["b"], ["a"]]  # plain least-loaded
     assert choose("prefix", ["a", "b"], {}.get, ["a"], max_imbalance=0, rng=rng)[0] == ["a"]  # unknown: empty
 
 
-def test_choose_spreads_ties_and_follows_the_policy():
+def test_choose_orders_by_load_spreads_ties_and_follows_the_policy():
     firsts = {choose("least-loaded", ["a", "b"], {}.get, [], 4, random.Random(seed))[0][0] for seed in range(40)}
     assert firsts == {"a", "b"}  # equally loaded replicas are not always tried in the same order
-    assert len(choose("least-loaded", ["a", "b"], {}.get, ["a"], 4, random.Random(0))) == 1  # ignores holders
+    queue = {"a": 3, "b": 0, "c": 1}
+    assert choose("least-loaded", ["a", "b", "c"], queue.get, ["a"], 4, random.Random(0)) == [["b"], ["c"], ["a"]]
     random_ranks = choose("random", ["a", "b", "c"], {}.get, ["a"], 4, random.Random(0))
     assert len(random_ranks) == 1 and len(random_ranks[0]) == 1
     assert choose("prefix", [], {}.get, [], 4, random.Random(0)) == []
+
+
+def test_a_burst_routed_by_in_flight_counts_is_split_evenly():
+    """Requests arriving together, each ranked before Ray has confirmed any: the router's own
+    reservations spread them one by one (Ray's probed queue lengths would read 0 for all)."""
+    in_flight = InFlight()
+    for index in range(9):
+        replica = choose("least-loaded", ["a", "b", "c"], in_flight.count, [], 4, random.Random(index))[0][0]
+        in_flight.reserve(f"r{index}", replica)
+    assert [in_flight.count(r) for r in "abc"] == [3, 3, 3]
+
+
+def test_in_flight_counts_follow_confirmation_and_end_once():
+    now = [0.0]
+    in_flight = InFlight(hold_s=10.0, clock=lambda: now[0])
+    in_flight.reserve("r1", "a")
+    in_flight.reserve("r1", "b")  # ranked again (Ray retried): counted once, where it was ranked last
+    in_flight.confirm("r1", "c")  # Ray sent it elsewhere (the first choice was full)
+    assert [in_flight.count(r) for r in "abc"] == [0, 0, 1]
+    in_flight.finished("r1")
+    in_flight.finished("r1")
+    in_flight.finished("never-sent")
+    assert [in_flight.count(r) for r in "abc"] == [0, 0, 0]
+    in_flight.reserve("lost", "a")  # cancelled before Ray sent it: never confirmed, never finished
+    in_flight.reserve("sent", "a")
+    in_flight.confirm("sent", "a")
+    now[0] = 11.0
+    in_flight.reserve("new", "b")
+    assert (in_flight.count("a"), in_flight.count("b")) == (1, 1)  # the lost one expired, the sent one stays
 
 
 # ------------------------------------------------------------------------------ stats
