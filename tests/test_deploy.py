@@ -2,6 +2,9 @@
 
 One Ray instance and one deployment (2 replicas of a tiny model with a tokenizer) serve the whole
 module, next to the same model in one process (`quill serve`'s app in a thread) as the reference.
+The deployment is reached two ways, as users reach it: through the ingress deployment behind Ray's
+HTTP proxy (`serve run`, KubeRay) and through the local ingress in this process (what `quill serve
+--replicas` serves).
 The tests run in file order: the last ones delete the deployment (a graceful drain), then run
 `quill serve --replicas` and `serve run examples/ray-serve.yaml` against the same Ray instance.
 Every wait is bounded. Needs the cluster extra (`pip install -e '.[cluster]'`; `make test` has it).
@@ -28,6 +31,7 @@ serve = pytest.importorskip("ray.serve")
 import tiny_models  # noqa: E402
 from quill.bench.servers import free_port  # noqa: E402
 from quill.deploy.application import ENGINE_DEPLOYMENT, build_app  # noqa: E402
+from quill.deploy.ingress import local_ingress  # noqa: E402
 from quill.deploy.settings import ClusterSettings  # noqa: E402
 from quill.llm import LLM  # noqa: E402
 from quill.server import BackgroundServer, ServerConfig, create_app  # noqa: E402
@@ -124,6 +128,20 @@ def url(cluster, chat_model) -> str:
 
 
 @pytest.fixture(scope="module")
+def local_url(url) -> str:
+    """The same deployment's engine replicas served from this process, as `quill serve --replicas` does."""
+    settings = ClusterSettings(model="unused", server=ServerConfig(served_model_name=MODEL), stats_interval_s=0.2)
+    with BackgroundServer(local_ingress(serve.get_deployment_handle(ENGINE_DEPLOYMENT, APP), settings)) as running:
+        yield running.url
+
+
+@pytest.fixture(params=["proxy", "local"])
+def front(request, url) -> str:
+    """Each way in: Ray's proxy and the ingress deployment, or the local ingress."""
+    return url if request.param == "proxy" else request.getfixturevalue("local_url")
+
+
+@pytest.fixture(scope="module")
 def reference(chat_model):
     """The same model served by one process: what the replicas must answer like."""
     app = create_app(LLM(chat_model, dtype="float32"), ServerConfig(served_model_name=MODEL, response_cache=False))
@@ -180,14 +198,14 @@ def answers(base: str) -> dict:
     }
 
 
-def test_replicas_answer_the_openai_client_like_one_process(url, reference):
-    replicated, alone = answers(url), answers(reference)
+def test_replicas_answer_the_openai_client_like_one_process(front, reference):
+    replicated, alone = answers(front), answers(reference)
     assert replicated["chat"][2] == 24 and replicated["chat"][0]
     assert replicated["stream"] == replicated["chat"]  # the stream's deltas add up to the answer
     assert replicated == alone
 
 
-def test_endpoints_and_errors_match_one_process(url, reference):
+def test_endpoints_and_errors_match_one_process(front, reference):
     def responses(base: str) -> list:
         with httpx.Client(base_url=base, timeout=30, headers=NO_STORE) as http:
             calls = [
@@ -203,7 +221,7 @@ def test_endpoints_and_errors_match_one_process(url, reference):
             ]
         return [(r.status_code, _without_times(r.json())) for r in calls]
 
-    replicated = responses(url)
+    replicated = responses(front)
     assert [status for status, _ in replicated] == [200, 200, 404, 200, 200, 200, 200, 400, 400, 404, 400, 400]
     assert replicated == responses(reference)
     assert replicated[7][1]["error"]["code"] == "context_length_exceeded"
@@ -224,12 +242,12 @@ def test_response_cache_answers_repeats_in_the_ingress(url):
     assert again.json()["choices"] == first.json()["choices"]
 
 
-def test_metrics_show_each_replica_and_the_ingress(url):
+def test_metrics_show_each_replica_and_the_ingress(front):
     named = {a["name"].rsplit("#", 1)[1] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith(f"SERVE_REPLICA::{APP}#{ENGINE_DEPLOYMENT}#")}
     assert len(named) == 2
-    wait_for(lambda: set(metric(url, "quill:num_kv_blocks")) == named, 10, "a series for each replica")
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    wait_for(lambda: set(metric(front, "quill:num_kv_blocks")) == named, 10, "a series for each replica")
+    text = httpx.get(f"{front}/metrics", timeout=10).text
     assert 'quill:http_requests_total{endpoint="/v1/completions",status="200"}' in text  # the ingress's own
     assert "quill:time_to_first_token_seconds_bucket" in text
 
@@ -256,6 +274,23 @@ def test_a_conversation_stays_on_one_replica(url):
     growth = {replica: after[replica] - before.get(replica, 0) for replica in after}
     assert sorted(growth.values()) == [0, prompt_tokens]  # every turn looked up on the same replica
     assert all(tokens > 0 for tokens in cached[1:])  # and found the earlier turns there
+
+
+def test_a_burst_of_requests_is_split_evenly(front):
+    """Eight requests sent at once, prompts of the same length too short to share a KV block: each
+    replica gets four (each replica's prefix-cache lookups grow by four prompts' tokens)."""
+    prompt_tokens = 4
+    before = settled(front, "quill:prefix_cache_queries_total")
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=front, timeout=60, headers=NO_STORE) as http:
+            bodies = [{"model": MODEL, "prompt": [5, 6, 7, 10 + i], "max_tokens": 100, "ignore_eos": True}
+                      for i in range(8)]
+            return await asyncio.gather(*(http.post("/v1/completions", json=body) for body in bodies))
+
+    assert [r.status_code for r in asyncio.run(burst())] == [200] * 8
+    after = settled(front, "quill:prefix_cache_queries_total")
+    assert sorted(after[r] - before.get(r, 0) for r in after) == [4 * prompt_tokens] * 2
 
 
 # ------------------------------------------------------------------------------ failures
@@ -342,8 +377,10 @@ def test_deleting_the_deployment_drains_requests_in_flight(url):
 
 
 def test_quill_serve_replicas_joins_a_cluster_and_stops_on_sigterm(cluster, chat_model):
-    base, address = cluster
-    port = int(base.rsplit(":", 1)[1])
+    """It serves HTTP itself, on its own port (the cluster's proxy keeps the other)."""
+    _, address = cluster
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "quill.cli", "serve", str(chat_model), "--dtype", "float32", "--replicas", "2",
                "--ray-address", address, "--port", str(port), "--served-model-name", MODEL]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -1,8 +1,9 @@
-"""The Ray Serve application: the engine deployment (`EngineReplica`, N replicas or autoscaled,
-each with its threads' worth of CPUs, routed by `PrefixAffinityRouter`, sharing a `StatsBoard`)
-bound into the ingress deployment (`Ingress`, the HTTP front). `build_app` makes it from
-`ClusterSettings`; `app` is the same for Ray Serve's config files (`import_path: quill.deploy:app`,
-the settings as `args`)."""
+"""The Ray Serve applications: the engine deployment (`EngineReplica`, N replicas or autoscaled,
+each with its threads' worth of CPUs, routed by `PrefixAffinityRouter`, sharing a `StatsBoard`),
+`engine_app`, which `quill serve --replicas` deploys alone (its own process is the HTTP front, see
+launch.py); and that deployment bound into the ingress deployment (`Ingress`, the HTTP front
+behind Ray's proxy), `build_app`. Both are made from `ClusterSettings`; `app` is `build_app` for Ray
+Serve's config files (`import_path: quill.deploy:app`, the settings as `args`)."""
 from __future__ import annotations
 
 from typing import Any
@@ -23,7 +24,8 @@ ENGINE_DEPLOYMENT = "QuillEngine"
 INGRESS_DEPLOYMENT = "QuillIngress"
 
 
-def build_app(settings: ClusterSettings) -> Application:
+def engine_app(settings: ClusterSettings) -> Application:
+    """The engine replicas alone, answering `Submission`s through a deployment handle."""
     threads = settings.threads_per_replica
     routing = settings.routing
     engine = serve.deployment(EngineReplica).options(
@@ -50,6 +52,11 @@ def build_app(settings: ClusterSettings) -> Application:
             init_kwargs={"max_age_s": max(3.0, 6 * settings.stats_interval_s)},
         )],
     )
+    return engine.bind(settings)
+
+
+def build_app(settings: ClusterSettings) -> Application:
+    """The engine replicas behind the ingress deployment, which Ray's HTTP proxy serves."""
     ingress = serve.deployment(Ingress).options(
         name=INGRESS_DEPLOYMENT, num_replicas=settings.ingress_replicas,
         # The server's own admission (--max-queue, 429) bounds the work; Ray should not queue in front of it.
@@ -58,7 +65,7 @@ def build_app(settings: ClusterSettings) -> Application:
         graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
         logging_config=_LOGGING,
     )
-    return ingress.bind(engine.bind(settings), settings)
+    return ingress.bind(engine_app(settings), settings)
 
 
 def app(args: dict[str, Any]) -> Application:

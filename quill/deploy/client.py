@@ -66,11 +66,15 @@ class ReplicaClient:
     async def connect(cls, handle: DeploymentHandle, settings: ClusterSettings, timeout: float = 120.0) -> ReplicaClient:
         """Ask a replica what it serves, wait until the replicas' stats arrive, then keep them fresh."""
         client = cls(handle, await handle.describe.remote(), settings)
-        deadline = time.monotonic() + timeout
-        while not await client.refresh() and time.monotonic() < deadline:
-            await asyncio.sleep(settings.stats_interval_s)
-        client._refresher = asyncio.ensure_future(client._refresh_forever())
+        await client.start(timeout)
         return client
+
+    async def start(self, timeout: float = 120.0) -> None:
+        """Wait until the replicas' stats arrive, then keep them fresh from the running event loop."""
+        deadline = time.monotonic() + timeout
+        while not await self.refresh() and time.monotonic() < deadline:
+            await asyncio.sleep(self._settings.stats_interval_s)
+        self._refresher = asyncio.ensure_future(self._refresh_forever())
 
     # ------------------------------------------------------------------ the engine interface
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,

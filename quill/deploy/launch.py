@@ -1,9 +1,10 @@
-"""`quill serve MODEL --replicas N`: start a local Ray instance (or join a cluster), start Ray
-Serve's HTTP proxy on the usual host and port, deploy the application and serve until SIGINT or
-SIGTERM. Then the application is deleted, which Ray Serve does gracefully: the ingress stops
-admitting and gives requests in flight the server's shutdown grace, the replicas finish theirs
-within their graceful timeout, and only then are the processes stopped. A local Ray instance
-started here is stopped with it; a cluster joined with --ray-address keeps running.
+"""`quill serve MODEL --replicas N`: start a local Ray instance (or join a cluster), deploy the
+engine replicas on Ray Serve, and serve HTTP from this process (ingress.py's `local_ingress`, on
+the usual host and port; no Ray HTTP proxy is started) until SIGINT or SIGTERM. Then the server
+drains as `quill serve` does (it stops admitting and gives requests in flight the shutdown grace),
+and the application is deleted, which lets the replicas finish anything left within their
+graceful timeout. A local Ray instance started here is stopped with it; a cluster joined with
+--ray-address keeps running.
 
 With a local instance the model is found (or pulled) here first: a typo fails at once rather than
 after Ray has retried every replica, and the replicas load the one local file instead of each
@@ -12,14 +13,17 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 
 import ray
 from ray import serve
 
-from quill.deploy.application import ENGINE_DEPLOYMENT, build_app
+from quill.deploy.application import ENGINE_DEPLOYMENT, engine_app
+from quill.deploy.ingress import local_ingress
 from quill.deploy.settings import ClusterSettings
 from quill.errors import QuillError
+from quill.server.runner import serve as serve_http
 from quill.weights.hub import resolve_model
 
 log = logging.getLogger("quill.deploy")
@@ -35,24 +39,27 @@ def serve_cluster(settings: ClusterSettings, *, host: str, port: int, ray_addres
     local = ray_address is None
     if local:
         settings = settings.model_copy(update={"model": str(resolve_model(settings.model))})
+    _check_port_free(host, port)  # before minutes of starting replicas, not after
     ray.init(address=ray_address, include_dashboard=False if local else None, logging_level=logging.WARNING)
     try:
         settings.check_fits(ray.cluster_resources())
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(proxy_location="Disabled")  # this process serves HTTP
     except BaseException:
         ray.shutdown()
         raise
     stop = _stop_on_signals()  # after ray.init, which installs a SIGTERM handler that exits at once
     try:
         _run(settings)
+        if stop.is_set():
+            return
+        app = local_ingress(serve.get_deployment_handle(ENGINE_DEPLOYMENT, APP_NAME), settings)
         shown = f"[{host}]" if ":" in host else host
         log.info("serving %s from %s replicas on http://%s:%d/v1 (Ray Serve)", settings.model,
                  f"{settings.autoscaling.min_replicas}-{settings.autoscaling.max_replicas}" if settings.autoscaling
                  else settings.replicas, shown, port)
-        while not stop.wait(1.0):
-            pass
+        serve_http(app, host, port)  # until SIGINT or SIGTERM, then the server drains
     finally:
-        log.info("shutting down: draining requests in flight")
+        log.info("shutting down: stopping the replicas")
         serve.delete(APP_NAME)  # graceful: see the module's docstring
         if local:
             serve.shutdown()
@@ -62,7 +69,7 @@ def serve_cluster(settings: ClusterSettings, *, host: str, port: int, ray_addres
 def _run(settings: ClusterSettings) -> None:
     """Deploy the application; return once every replica is up."""
     try:
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        serve.run(engine_app(settings), name=APP_NAME, route_prefix=None)
     except RuntimeError as exc:  # Ray Serve gave up on the deployment: say why, without Ray's traceback
         status = serve.status().applications.get(APP_NAME)
         engine = status.deployments.get(ENGINE_DEPLOYMENT) if status is not None else None
@@ -70,9 +77,20 @@ def _run(settings: ClusterSettings) -> None:
         raise DeploymentStartError(f"the replicas did not start: {reason.strip()}") from None
 
 
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise DeploymentStartError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+
+
 def _stop_on_signals() -> threading.Event:
-    """SIGINT or SIGTERM sets the event (a deployment still starting finishes first, then stops);
-    a second one interrupts at once, and the application is deleted all the same."""
+    """While the replicas start, SIGINT or SIGTERM sets the event (the deployment finishes starting,
+    then stops); a second one interrupts at once, and the application is deleted all the same.
+    Once the server runs, it handles the signals itself (uvicorn's, then these again)."""
     stop = threading.Event()
 
     def handler(signum, frame) -> None:
