@@ -52,8 +52,8 @@ class EngineReplica:
 
     async def generate(self, submission: Submission) -> AsyncIterator[list[OutputDelta]]:
         """The request's outputs, `stream_interval` at a time (the first and the last at once),
-        merged per completion: each item crosses two Ray hops (here to the ingress, its SSE chunk on
-        to the HTTP proxy), which cost more CPU than the engine spends on a token of a small model."""
+        merged per completion: each item crosses a Ray hop to the ingress (and behind Ray's HTTP proxy
+        a second, its SSE chunk), about as much CPU as the engine spends on a token of a small model."""
         encoder = DeltaEncoder()
         pending: list[OutputDelta] = []
         first = True

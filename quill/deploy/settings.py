@@ -71,7 +71,7 @@ class ClusterSettings(BaseModel):
     ingress_replicas: int = Field(1, ge=1)
     stats_interval_s: float = Field(0.5, gt=0)  # how often each replica publishes its engine stats
     # Engine outputs per item a replica streams back (merged; the first and the last go at once).
-    # Each item costs two Ray hops; above 1 the client gets tokens in groups of this many.
+    # Each item costs a Ray hop (two behind Ray's proxy); above 1 the client gets tokens in groups of this many.
     stream_interval: int = Field(1, ge=1)
     retries: int = Field(1, ge=0)  # resubmissions of a request whose replica died before its first token
     # With no replica running for this long, a request waiting for its first token fails (503).
