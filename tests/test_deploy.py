@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -405,6 +406,19 @@ def test_quill_serve_replicas_refuses_a_missing_model_before_starting_ray():
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "error: no model called '/nonexistent/model.gguf'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_quill_serve_replicas_refuses_a_taken_port_before_starting_ray(chat_model):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        command = [sys.executable, "-m", "quill.cli", "serve", str(chat_model), "--replicas", "1",
+                   "--port", str(taken.getsockname()[1])]
+        started = time.monotonic()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "error: cannot serve on 127.0.0.1:" in done.stderr and "Traceback" not in done.stderr
+    assert time.monotonic() - started < 30  # no replica was started first
 
 
 def test_replicas_that_cannot_load_the_model_fail_start_up_with_its_error(cluster):
