@@ -279,7 +279,10 @@ def test_a_conversation_stays_on_one_replica(url):
 
 def test_a_burst_of_requests_is_split_evenly(front):
     """Eight requests sent at once, prompts of the same length too short to share a KV block: each
-    replica gets four (each replica's prefix-cache lookups grow by four prompts' tokens)."""
+    replica gets at least three (each replica's prefix-cache lookups grow by that many prompts'
+    tokens). Not always four: Ray Serve may give the replica ranked for one waiting request to
+    another, so a burst can split 3:5 (the exact counting is tested in test_deploy_parts.py); what
+    the router prevents is a burst piling onto one replica."""
     prompt_tokens = 4
     before = settled(front, "quill:prefix_cache_queries_total")
 
@@ -291,7 +294,8 @@ def test_a_burst_of_requests_is_split_evenly(front):
 
     assert [r.status_code for r in asyncio.run(burst())] == [200] * 8
     after = settled(front, "quill:prefix_cache_queries_total")
-    assert sorted(after[r] - before.get(r, 0) for r in after) == [4 * prompt_tokens] * 2
+    growth = sorted(after[r] - before.get(r, 0) for r in after)
+    assert len(growth) == 2 and sum(growth) == 8 * prompt_tokens and growth[0] >= 3 * prompt_tokens, growth
 
 
 # ------------------------------------------------------------------------------ failures
