@@ -55,8 +55,8 @@ def int8_activations_for(requested: bool | None, dtype: torch.dtype, device: tor
     most runs (AMD EPYC), at llama.cpp's precision: perplexity 21.52 against its 21.50 and bfloat16
     activations' 21.45 (README: Quantization). Without AVX2 its plain C loops are slower than
     bfloat16 activations' (SmolLM2's four matrices of a layer: 0.82 against 0.56 ms for one row,
-    104 against 12.5 for 128), so bfloat16 activations stay the default there. A float32 model is the exact reference, and a GPU expands
-    4-bit weights to bfloat16: both keep their activations."""
+    104 against 12.5 for 128), so bfloat16 activations stay the default there. A float32 model is
+    the exact reference, and a GPU expands 4-bit weights to bfloat16: both keep their activations."""
     if requested is not None:
         return requested
     return device.type == "cpu" and dtype == torch.bfloat16 and kernel_path("int4_q8") != "portable C"
