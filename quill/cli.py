@@ -768,7 +768,7 @@ def _add_prune_distill_commands(commands) -> None:
         "prune", help="remove the least important channels, heads, layers or output tokens of a model",
         description="Structured pruning ranked by activations on a calibration text (default: the dev split of "
         "Quill's corpus): MLP channels, query heads (the same number from each grouped-query group), whole layers "
-        "(those that change their input least), and the LM head's vocabulary (the tokens the text uses most, and "
+        "(those whose absence costs the least loss), and the LM head's vocabulary (the tokens the text uses most, and "
         "the tokens generation needs; generation is then restricted to them, and only Quill loads the result). "
         "--sparsity and --two-four zero weights instead: quality baselines, no faster on a CPU. Writes a Hugging "
         "Face directory, or a float32 GGUF file when OUT ends in .gguf; both carry the tokenizer. Distil "
@@ -779,6 +779,11 @@ def _add_prune_distill_commands(commands) -> None:
     prune.add_argument("--mlp-width", type=int, metavar="N", help="or the MLP width itself")
     prune.add_argument("--heads-keep", type=float, metavar="F", help="fraction of query heads kept per GQA group")
     prune.add_argument("--drop-layers", type=int, default=0, metavar="N", help="layers removed (default: 0)")
+    prune.add_argument("--layer-ranking", choices=["loss", "change"], default="loss",
+                       help="which layers --drop-layers removes: loss = one at a time, the one whose absence raises "
+                       "the next-token loss on the first 2,048 calibration tokens least (about drop x layers "
+                       "passes: ~5 minutes for 10 of SmolLM2's 30); change = those whose output is most like "
+                       "their input (one pass, a worse choice) (default: loss)")
     prune.add_argument("--trim-vocab", type=int, metavar="N", help="output tokens the LM head keeps")
     prune.add_argument("--multiple", type=int, default=32, metavar="N",
                        help="widths are multiples of N: 32 for Q8_0/Q4_0/Q4_1/int4, 256 for k-quants (default: 32)")
@@ -836,7 +841,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from quill.optimize.prune import PruneOptions, prune_checkpoint
 
     options = PruneOptions(mlp_keep=args.mlp_keep, mlp_width=args.mlp_width, heads_keep=args.heads_keep,
-                           drop_layers=args.drop_layers, trim_vocab=args.trim_vocab, multiple=args.multiple,
+                           drop_layers=args.drop_layers, layer_ranking=args.layer_ranking, trim_vocab=args.trim_vocab,
+                           multiple=args.multiple,
                            sparsity=args.sparsity, sparsity_method=args.sparsity_method, two_four=args.two_four,
                            calibration_tokens=args.calibration_tokens)
     summary = prune_checkpoint(args.model, args.output, options, calibration=args.calibration, progress=not args.quiet)

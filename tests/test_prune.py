@@ -56,7 +56,7 @@ def test_pruning_removes_the_lowest_importance_structures(tiny_model_dir, arch):
     path = tiny_model_dir(arch)
     checkpoint = load_checkpoint(path)
     c = checkpoint.config
-    options = PruneOptions(mlp_width=64, heads_keep=0.5, drop_layers=1, multiple=32)
+    options = PruneOptions(mlp_width=64, heads_keep=0.5, drop_layers=1, layer_ranking="change", multiple=32)
     _, _, plan, _ = prune(checkpoint, options, CALIBRATION)
     mlp, heads, blocks = reference_importances(path, CALIBRATION)
 
@@ -68,6 +68,40 @@ def test_pruning_removes_the_lowest_importance_structures(tiny_model_dir, arch):
         expected = {g * group + h for g in range(c.num_kv_heads)
                     for h in lowest(heads[layer].view(c.num_kv_heads, group)[g], group - group // 2)}
         assert removed == expected
+
+
+def reference_layer_drops(path, token_ids, count: int) -> list[int]:
+    """Greedy depth pruning measured on transformers' model: `count` times, the layer whose removal
+    leaves the lowest next-token loss on `token_ids`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    every_layer, ids = list(model.model.layers), torch.tensor([token_ids])
+    layer_types = getattr(model.config, "layer_types", None)
+
+    def loss(kept):
+        model.model.layers = torch.nn.ModuleList(every_layer[i] for i in kept)
+        if layer_types:  # transformers picks each layer's mask by its position in this list
+            model.config.layer_types = [layer_types[i] for i in kept]
+        with torch.no_grad():
+            return model(ids, labels=ids, use_cache=False).loss.item()
+
+    kept, removed = list(range(len(every_layer))), []
+    for _ in range(count):
+        removed.append(min((loss([i for i in kept if i != layer]), layer) for layer in kept)[1])
+        kept.remove(removed[-1])
+    return removed
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_layers_dropped_by_loss_are_the_greedy_cheapest(tiny_model_dir, arch):
+    path = tiny_model_dir(arch)
+    checkpoint = load_checkpoint(path)
+    options = PruneOptions(drop_layers=2, ranking_dtype="float32")
+    config, _, plan, _ = prune(checkpoint, options, CALIBRATION)
+    dropped = reference_layer_drops(path, CALIBRATION, 2)
+    assert plan.layers == [i for i in range(checkpoint.config.num_layers) if i not in dropped]
+    assert config.num_layers == checkpoint.config.num_layers - 2
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
@@ -172,6 +206,7 @@ def test_two_four_keeps_two_of_every_four(tiny_model_dir):
     (PruneOptions(mlp_width=100), "multiple of 32"),
     (PruneOptions(mlp_width=64, mlp_keep=0.5), "not both"),
     (PruneOptions(trim_vocab=0), "--trim-vocab"),
+    (PruneOptions(drop_layers=1, layer_ranking="random"), "--layer-ranking must be one of"),
     (PruneOptions(sparsity=1.0), "--sparsity"),
     (PruneOptions(heads_keep=0.25, multiple=64), "heads"),
 ])

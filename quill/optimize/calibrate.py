@@ -11,6 +11,12 @@ Measures, per decoder layer (the sums the rankings are made of, as in NVIDIA's M
 - the block: mean cosine similarity of the residual stream before and after it (ShortGPT's block
   importance is 1 - that: a block that hardly turns its input matters little);
 - per input column of each projection, the sum of squares of its inputs (Wanda's ||X_j||).
+
+Whole layers can instead be ranked by what removing them costs (`layers_to_drop_by_loss`): the
+next-token loss on the calibration text with each candidate skipped, greedily, one layer at a
+time. On SmolLM2-135M, dropping 10 of 30 layers so chose layers that left held-out perplexity
+78 (teacher 22.5, first 8,192 held-out tokens in 512-token windows) where the 10 least-changing
+blocks left 98 and the best contiguous run of 10 (Gromov et al.'s angular distance) 135.
 """
 from __future__ import annotations
 
@@ -27,6 +33,9 @@ from quill.tokenizer import Tokenizer
 
 DEFAULT_CALIBRATION_TOKENS = 4096
 CALIBRATION_WINDOW = 256
+# Tokens each candidate of the loss ranking is scored on: it runs the model about
+# drop x layers times (255 passes to drop 10 of SmolLM2's 30 layers).
+LOSS_RANKING_TOKENS = 2048
 
 
 @dataclass
@@ -115,6 +124,45 @@ def measure(model: nn.Module, config: ModelConfig, token_ids: list[int], *, prog
     result.block_cosine = [sums["cos", i] for i in range(config.num_layers)]
     result.input_squares = {key[1]: value for key, value in sums.items() if key[0] == "sq"}
     return result
+
+
+def layers_to_drop_by_loss(model: nn.Module, config: ModelConfig, token_ids: list[int], count: int, *,
+                           progress: bool = False) -> list[int]:
+    """Greedy depth pruning: `count` times, remove the layer whose absence raises the mean
+    next-token loss on `token_ids` least, scoring again after each removal (a layer's worth
+    changes as its neighbours go). Returns the removed layers in the order removed. `model` (a
+    Quill network) runs with the candidate's layers alone and is restored before returning."""
+    spans = [(start, min(start + CALIBRATION_WINDOW, len(token_ids))) for start in range(0, len(token_ids), CALIBRATION_WINDOW)]
+    spans = [(start, end) for start, end in spans if end - start > 1]
+    runner = scoring_runner(model, config, min(CALIBRATION_WINDOW, len(token_ids)))
+    every_layer, fused = model.layers, getattr(model, "fused_layers", None)
+    model.fused_layers = None  # the fused kernels run every layer; skipping needs the modules one by one
+
+    def loss(kept: list[int]) -> float:
+        model.layers = nn.ModuleList(every_layer[i] for i in kept)
+        total = 0.0
+        for start, end in spans:
+            logits = runner.prompt_logits(token_ids[start:end])[:-1]
+            total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(token_ids[start + 1:end]),
+                                                             reduction="sum"))
+        return total
+
+    kept, removed = list(range(config.num_layers)), []
+    candidates = sum(config.num_layers - k for k in range(count))
+    bar = tqdm(total=candidates, unit="pass", desc="ranking layers", disable=not progress, leave=False)
+    try:
+        with torch.no_grad():
+            for _ in range(count):
+                scores = []
+                for layer in kept:
+                    scores.append((loss([i for i in kept if i != layer]), layer))  # ties: the lower layer
+                    bar.update()
+                removed.append(min(scores)[1])
+                kept.remove(removed[-1])
+    finally:
+        model.layers, model.fused_layers = every_layer, fused
+        bar.close()
+    return removed
 
 
 def calibration_tokens(tokenizer: Tokenizer, path: str | Path | None, max_tokens: int | None) -> list[int]:

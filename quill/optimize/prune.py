@@ -7,7 +7,10 @@ What goes, per decoder layer, ranked by the statistics of `calibrate.py` (as in 
   of `multiple` (32: the block of every GGML type; 256 for k-quants) so `quill quantize` works;
 - query heads (`heads_keep`): the lowest mean output norm, the same number from every grouped-query
   group, so each group keeps its key/value head and the layout stays GQA;
-- whole layers (`drop_layers`): those whose output is most like their input (1 - cosine);
+- whole layers (`drop_layers`): by default those whose absence costs the least next-token loss
+  on the calibration text, chosen one at a time (`calibrate.layers_to_drop_by_loss`); with
+  `layer_ranking="change"`, those whose output is most like their input (1 - cosine: one pass,
+  but a worse choice, see calibrate.py);
 - the output vocabulary (`trim_vocab`): the LM head keeps the rows of the tokens the calibration
   text uses most (ties: the lower id, which in a BPE vocabulary is the earlier, commoner merge)
   and the tokens generation needs (BOS, stop tokens, the chat template's); the input embedding
@@ -34,7 +37,8 @@ from quill.config import ModelConfig
 from quill.errors import QuillError
 from quill.models.loader import build_model, load_checkpoint
 from quill.models.registry import FAMILIES
-from quill.optimize.calibrate import DEFAULT_CALIBRATION_TOKENS, Activations, calibration_tokens, measure
+from quill.optimize.calibrate import (DEFAULT_CALIBRATION_TOKENS, LOSS_RANKING_TOKENS, Activations, calibration_tokens,
+                                      layers_to_drop_by_loss, measure)
 from quill.optimize.gguf_tokenizer import checkpoint_tokenizer
 from quill.optimize.hf_export import save_hf_directory
 from quill.tokenizer import Tokenizer, load_tokenizer
@@ -43,6 +47,7 @@ from quill.weights.gguf_export import write_gguf
 from quill.weights.hub import resolve_model
 
 SPARSITY_METHODS = ("magnitude", "wanda")
+LAYER_RANKINGS = ("loss", "change")
 _LINEARS = {  # HF projection -> the Quill module whose input it reads (where Wanda's ||X_j|| is measured)
     "self_attn.q_proj": "self_attn.qkv_proj", "self_attn.k_proj": "self_attn.qkv_proj",
     "self_attn.v_proj": "self_attn.qkv_proj", "self_attn.o_proj": "self_attn.o_proj",
@@ -64,6 +69,8 @@ class PruneOptions:
     mlp_width: int | None = None  # or the new intermediate size itself
     heads_keep: float | None = None  # fraction of query heads kept in each GQA group
     drop_layers: int = 0
+    layer_ranking: str = "loss"  # how layers to drop are chosen: LAYER_RANKINGS
+    ranking_dtype: str = "bfloat16"  # the loss ranking's arithmetic (its passes dominate the time)
     trim_vocab: int | None = None  # rows the LM head keeps
     multiple: int = 32  # widths are multiples of this
     sparsity: float | None = None  # unstructured baseline: fraction of each row zeroed
@@ -75,7 +82,8 @@ class PruneOptions:
     def needs_activations(self) -> bool:
         """Whether anything is ranked by activations (the vocabulary is ranked by token counts)."""
         wanda = (self.sparsity or self.two_four) and self.sparsity_method == "wanda"
-        return bool(self.mlp_keep or self.mlp_width or self.heads_keep or self.drop_layers or wanda)
+        by_change = self.drop_layers and self.layer_ranking == "change"
+        return bool(self.mlp_keep or self.mlp_width or self.heads_keep or by_change or wanda)
 
 
 @dataclass
@@ -116,6 +124,8 @@ def check_options(options: PruneOptions, config: ModelConfig) -> None:
     if not 0 <= options.drop_layers < config.num_layers:
         raise PruneError(f"--drop-layers must be in [0, {config.num_layers - 1}] for a model of "
                          f"{config.num_layers} layers, got {options.drop_layers}")
+    if options.layer_ranking not in LAYER_RANKINGS:
+        raise PruneError(f"--layer-ranking must be one of {', '.join(LAYER_RANKINGS)}, got {options.layer_ranking!r}")
     if options.trim_vocab is not None and not 0 < options.trim_vocab <= config.vocab_size:
         raise PruneError(f"--trim-vocab must be in (0, {config.vocab_size}], got {options.trim_vocab}")
     if options.sparsity is not None and not 0 <= options.sparsity < 1:
@@ -159,15 +169,20 @@ def _top(scores: torch.Tensor, k: int) -> list[int]:
 
 
 def plan_pruning(config: ModelConfig, activations: Activations | None, token_ids: list[int], options: PruneOptions,
-                 special_ids: frozenset[int] = frozenset()) -> PrunePlan:
-    """Which layers, channels, heads and output tokens stay (see the module docstring); without
-    `activations`, every layer, channel and head."""
+                 special_ids: frozenset[int] = frozenset(), dropped: list[int] | None = None) -> PrunePlan:
+    """Which layers, channels, heads and output tokens stay (see the module docstring): the layers
+    not in `dropped` if given, else those the activations rank highest; without `activations`,
+    every channel and head."""
     plan = PrunePlan(list(range(config.num_layers)))
     if options.trim_vocab is not None and options.trim_vocab < config.vocab_size:
         plan.vocab = trimmed_vocabulary(token_ids, config.vocab_size, options.trim_vocab, special_ids)
+    if dropped is not None:
+        plan.layers = [i for i in range(config.num_layers) if i not in dropped]
+    elif activations is not None:
+        plan.layers = _top(activations.layer_importance(), config.num_layers - options.drop_layers)
     if activations is None:
         return plan
-    plan.layers = layers = _top(activations.layer_importance(), config.num_layers - options.drop_layers)
+    layers = plan.layers
     width, per_group = mlp_width(options, config), heads_per_group(options, config)
     group = config.num_heads // config.num_kv_heads
     for layer in layers:
@@ -276,11 +291,16 @@ def prune(checkpoint: Checkpoint, options: PruneOptions, token_ids: list[int],
     config and tensors, the plan, and how many weights the baselines zeroed."""
     config = checkpoint.config
     check_options(options, config)
-    activations = None
+    calibration = token_ids[:options.calibration_tokens]
+    activations = dropped = None
     if options.needs_activations:
-        activations = measure(build_model(config, checkpoint.tensors, torch.float32), config,
-                              token_ids[:options.calibration_tokens], progress=progress)
-    plan = plan_pruning(config, activations, token_ids, options, special_ids)
+        activations = measure(build_model(config, checkpoint.tensors, torch.float32), config, calibration,
+                              progress=progress)
+    if options.drop_layers and options.layer_ranking == "loss":
+        model = build_model(config, checkpoint.tensors, getattr(torch, options.ranking_dtype))
+        dropped = layers_to_drop_by_loss(model, config, calibration[:LOSS_RANKING_TOKENS], options.drop_layers,
+                                         progress=progress)
+    plan = plan_pruning(config, activations, token_ids, options, special_ids, dropped)
     tensors, zeroed = sparsify(checkpoint.tensors, config, activations, options)
     new_config, tensors = apply_plan(config, tensors, plan)
     return new_config, tensors, plan, zeroed
