@@ -1,14 +1,17 @@
 """Training text for `quill distill`: the docstrings of Python's standard library, on any machine
-with Python, plus the shipped corpus's dev split.
+with Python, plus the shipped corpus's dev split, and optionally those of installed packages.
 
     python benchmarks/make_docstring_corpus.py -o /tmp/distill.txt
+    python benchmarks/make_docstring_corpus.py -o /tmp/distill.txt --packages numpy networkx matplotlib
     quill distill --teacher smollm2 --student STUDENT -o OUT --data /tmp/distill.txt ...
 
 The dev split alone is 88K tokens, so a longer run repeats it and the student memorises it (its
 loss drops at each epoch's start). The docstrings (about 300K SmolLM2 tokens: every module, class
 and function docstring of at least 12 words, test packages and a few tool packages left out) are
 English prose about Python, as the held-out split is, but different documents: the held-out split
-(the Tutorial, FAQ and HOWTOs) stays unseen.
+(the Tutorial, FAQ and HOWTOs) stays unseen. `--packages` adds the docstrings of packages
+installed beside this interpreter (numpy, networkx and matplotlib in Quill's test environment add
+about 1M tokens), for a run long enough to repeat the rest.
 """
 from __future__ import annotations
 
@@ -47,12 +50,20 @@ def docstrings(root: Path) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", type=Path, required=True, help="the text file to write")
+    parser.add_argument("--packages", nargs="*", default=[], metavar="NAME",
+                        help="installed packages whose docstrings are added too")
     args = parser.parse_args()
     root = Path(sysconfig.get_paths()["stdlib"])
     texts = docstrings(root)
+    for name in args.packages:
+        package = Path(sysconfig.get_paths()["purelib"]) / name
+        if not package.is_dir():
+            parser.error(f"{name} is not installed in {package.parent}")
+        texts += docstrings(package)
     dev = corpus_path("dev").read_text(encoding="utf-8")
     args.output.write_text(dev + "\n\n" + "\n\n".join(texts), encoding="utf-8")
-    print(f"wrote {args.output}: the dev split and {len(texts)} docstrings from {root}")
+    print(f"wrote {args.output}: the dev split and {len(texts)} docstrings from {root}"
+          + (f" and {', '.join(args.packages)}" if args.packages else ""))
     return 0
 
 
