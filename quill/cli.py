@@ -782,8 +782,8 @@ def _add_prune_distill_commands(commands) -> None:
     prune.add_argument("--layer-ranking", choices=["loss", "change"], default="loss",
                        help="which layers --drop-layers removes: loss = one at a time, the one whose absence raises "
                        "the next-token loss on the first 2,048 calibration tokens least (about drop x layers "
-                       "passes: ~5 minutes for 10 of SmolLM2's 30); change = those whose output is most like "
-                       "their input (one pass, a worse choice) (default: loss)")
+                       "passes over them: 255 for 10 of SmolLM2's 30, minutes on a CPU); change = those whose "
+                       "output is most like their input (one pass, a worse choice) (default: loss)")
     prune.add_argument("--trim-vocab", type=int, metavar="N", help="output tokens the LM head keeps")
     prune.add_argument("--multiple", type=int, default=32, metavar="N",
                        help="widths are multiples of N: 32 for Q8_0/Q4_0/Q4_1/int4, 256 for k-quants (default: 32)")
