@@ -33,8 +33,8 @@ from quill.tokenizer import Tokenizer
 
 DEFAULT_CALIBRATION_TOKENS = 4096
 CALIBRATION_WINDOW = 256
-# Tokens each candidate of the loss ranking is scored on: it runs the model about
-# drop x layers times (255 passes to drop 10 of SmolLM2's 30 layers).
+# Tokens each candidate of the loss ranking is scored on: each layer dropped costs about
+# layers / 2 passes of the model over them (see layers_to_drop_by_loss).
 LOSS_RANKING_TOKENS = 2048
 
 
@@ -126,38 +126,68 @@ def measure(model: nn.Module, config: ModelConfig, token_ids: list[int], *, prog
     return result
 
 
+class _Replay(nn.Module):
+    """First in a candidate's layer list: hands on the residual stream recorded where its layers
+    begin (back in the model's dtype: exactly the values the layers before would compute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta) -> torch.Tensor:
+        return self.stream.to(x.dtype)
+
+
 def layers_to_drop_by_loss(model: nn.Module, config: ModelConfig, token_ids: list[int], count: int, *,
                            progress: bool = False) -> list[int]:
     """Greedy depth pruning: `count` times, remove the layer whose absence raises the mean
     next-token loss on `token_ids` least, scoring again after each removal (a layer's worth
     changes as its neighbours go). Returns the removed layers in the order removed. `model` (a
-    Quill network) runs with the candidate's layers alone and is restored before returning."""
+    Quill network) runs with a candidate's layers alone and is restored before returning.
+
+    The layers before a candidate compute what they computed with it, so each round records the
+    stream entering every kept layer once, and a candidate's pass runs only the layers after it
+    (`_Replay` stands for the rest): about half the layer passes of running each candidate whole."""
     spans = [(start, min(start + CALIBRATION_WINDOW, len(token_ids))) for start in range(0, len(token_ids), CALIBRATION_WINDOW)]
     spans = [(start, end) for start, end in spans if end - start > 1]
     runner = scoring_runner(model, config, min(CALIBRATION_WINDOW, len(token_ids)))
     every_layer, fused = model.layers, getattr(model, "fused_layers", None)
     model.fused_layers = None  # the fused kernels run every layer; skipping needs the modules one by one
+    replay = _Replay()
 
-    def loss(kept: list[int]) -> float:
-        model.layers = nn.ModuleList(every_layer[i] for i in kept)
+    def loss(layers: list[nn.Module], streams: list[torch.Tensor] | None = None) -> float:
+        model.layers = nn.ModuleList(layers if streams is None else [replay, *layers])
         total = 0.0
-        for start, end in spans:
+        for window, (start, end) in enumerate(spans):
+            replay.stream = None if streams is None else streams[window]
             logits = runner.prompt_logits(token_ids[start:end])[:-1]
             total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(token_ids[start + 1:end]),
                                                              reduction="sum"))
         return total
 
+    def record(kept: list[int]) -> list[list[torch.Tensor]]:
+        """[kept layer][window]: the stream entering each kept layer, from one pass."""
+        streams: list[list[torch.Tensor]] = [[] for _ in kept]
+        for position, i in enumerate(kept):
+            every_layer[i].input_layernorm = _Recorder(every_layer[i].input_layernorm, streams[position].append)
+        try:
+            loss([every_layer[i] for i in kept])
+        finally:
+            for i in kept:
+                every_layer[i].input_layernorm = every_layer[i].input_layernorm.inner
+        return streams
+
     kept, removed = list(range(config.num_layers)), []
     candidates = sum(config.num_layers - k for k in range(count))
-    bar = tqdm(total=candidates, unit="pass", desc="ranking layers", disable=not progress, leave=False)
+    bar = tqdm(total=candidates, unit="candidate", desc="ranking layers", disable=not progress, leave=False)
     try:
         with torch.no_grad():
             for _ in range(count):
-                scores = []
-                for layer in kept:
-                    scores.append((loss([i for i in kept if i != layer]), layer))  # ties: the lower layer
+                streams, scores = record(kept), []
+                for position, layer in enumerate(kept):
+                    scores.append((loss([every_layer[i] for i in kept[position + 1:]], streams[position]), layer))
                     bar.update()
-                removed.append(min(scores)[1])
+                removed.append(min(scores)[1])  # ties: the lower layer
                 kept.remove(removed[-1])
     finally:
         model.layers, model.fused_layers = every_layer, fused
