@@ -1,9 +1,11 @@
 """Pruning and distillation in one table: the teacher, its pruned copy and the pruned copy after
 distillation, each as a float model and quantized.
 
-    python -m quill.cli prune smollm2 -o /tmp/quill-compression/pruned --mlp-keep 0.67 --heads-keep 0.67 --drop-layers 2
+    python -m quill.cli prune smollm2 -o /tmp/quill-compression/pruned --drop-layers 7 --mlp-keep 0.85
+    python benchmarks/make_docstring_corpus.py -o /tmp/quill-compression/distill.txt --packages numpy networkx matplotlib
     python -m quill.cli distill --teacher smollm2 --student /tmp/quill-compression/pruned \\
-        -o /tmp/quill-compression/distilled --lr 3e-4 --max-tokens 160000 --max-minutes 55
+        -o /tmp/quill-compression/distilled --data /tmp/quill-compression/distill.txt \\
+        --ce-weight 0.5 --lr 3e-4 --max-tokens 1000000 --max-minutes 46
     python benchmarks/compression.py --pruned /tmp/quill-compression/pruned --distilled /tmp/quill-compression/distilled
 
 Rows: the teacher's float model (its packaged GGUF dequantized and written as F16, as

@@ -275,7 +275,15 @@ def plot_losses(losses: list[float], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.plot(range(1, len(losses) + 1), losses)
+    steps = range(1, len(losses) + 1)
+    # Each step's loss is one batch's: over varied text it swings more than it trends, so a
+    # moving average over a fiftieth of the run is drawn over it.
+    width = max(1, len(losses) // 50)
+    smooth = [sum(losses[max(0, i + 1 - width):i + 1]) / min(width, i + 1) for i in range(len(losses))]
+    axes.plot(steps, losses, alpha=0.3 if width > 1 else 1.0, label="per step")
+    if width > 1:
+        axes.plot(steps, smooth, label=f"mean of {width} steps")
+        axes.legend()
     axes.set_xlabel("step")
     axes.set_ylabel("distillation loss")
     axes.set_yscale("log")
