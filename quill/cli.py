@@ -781,9 +781,10 @@ def _add_prune_distill_commands(commands) -> None:
     prune.add_argument("--drop-layers", type=int, default=0, metavar="N", help="layers removed (default: 0)")
     prune.add_argument("--layer-ranking", choices=["loss", "change"], default="loss",
                        help="which layers --drop-layers removes: loss = one at a time, the one whose absence raises "
-                       "the next-token loss on the first 2,048 calibration tokens least (about drop x layers "
-                       "passes over them: 255 for 10 of SmolLM2's 30, minutes on a CPU); change = those whose "
-                       "output is most like their input (one pass, a worse choice) (default: loss)")
+                       "the next-token loss on the first 2,048 calibration tokens least (drop x layers candidates, "
+                       "each run from the layer after it: 255 for 10 of SmolLM2's 30, minutes on a CPU); "
+                       "change = those whose output is most like their input (one pass, a worse choice) "
+                       "(default: loss)")
     prune.add_argument("--trim-vocab", type=int, metavar="N", help="output tokens the LM head keeps")
     prune.add_argument("--multiple", type=int, default=32, metavar="N",
                        help="widths are multiples of N: 32 for Q8_0/Q4_0/Q4_1/int4, 256 for k-quants (default: 32)")

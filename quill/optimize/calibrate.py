@@ -75,6 +75,12 @@ def _add(store: dict, key, value: torch.Tensor) -> None:
     store[key] = store[key] + value if key in store else value
 
 
+def _windows(num_tokens: int) -> list[tuple[int, int]]:
+    """(start, end) of the windows the text runs in, side by side: each token counted once, with
+    up to a window of context."""
+    return [(start, min(start + CALIBRATION_WINDOW, num_tokens)) for start in range(0, num_tokens, CALIBRATION_WINDOW)]
+
+
 def measure(model: nn.Module, config: ModelConfig, token_ids: list[int], *, progress: bool = False) -> Activations:
     """Run `token_ids` through `model` (a Quill network, float weights) in windows and return the
     statistics above. The recorders are removed again before returning."""
@@ -104,8 +110,7 @@ def measure(model: nn.Module, config: ModelConfig, token_ids: list[int], *, prog
                                                 squares(f"layers.{i}.mlp.down_proj")(x)))
     wrap(model, "norm", lambda x: residuals.__setitem__(config.num_layers, x))
 
-    # Windows side by side: each token counted once, with up to a window of context.
-    spans = [(start, min(start + CALIBRATION_WINDOW, len(token_ids))) for start in range(0, len(token_ids), CALIBRATION_WINDOW)]
+    spans = _windows(len(token_ids))
     runner = scoring_runner(model, config, min(CALIBRATION_WINDOW, len(token_ids)))
     result = Activations()
     try:
@@ -148,8 +153,7 @@ def layers_to_drop_by_loss(model: nn.Module, config: ModelConfig, token_ids: lis
     The layers before a candidate compute what they computed with it, so each round records the
     stream entering every kept layer once, and a candidate's pass runs only the layers after it
     (`_Replay` stands for the rest): about half the layer passes of running each candidate whole."""
-    spans = [(start, min(start + CALIBRATION_WINDOW, len(token_ids))) for start in range(0, len(token_ids), CALIBRATION_WINDOW)]
-    spans = [(start, end) for start, end in spans if end - start > 1]
+    spans = [(start, end) for start, end in _windows(len(token_ids)) if end - start > 1]  # a loss needs two tokens
     runner = scoring_runner(model, config, min(CALIBRATION_WINDOW, len(token_ids)))
     every_layer, fused = model.layers, getattr(model, "fused_layers", None)
     model.fused_layers = None  # the fused kernels run every layer; skipping needs the modules one by one
