@@ -782,7 +782,8 @@ def _add_prune_distill_commands(commands) -> None:
     prune.add_argument("--layer-ranking", choices=["loss", "change"], default="loss",
                        help="which layers --drop-layers removes: loss = one at a time, the one whose absence raises "
                        "the next-token loss on the first 2,048 calibration tokens least (drop x layers candidates, "
-                       "each run from the layer after it: 255 for 10 of SmolLM2's 30, minutes on a CPU); "
+                       "each run from the layer after it: the whole prune of 7 of SmolLM2's 30 took 2.4 minutes on "
+                       "2 cores); "
                        "change = those whose output is most like their input (one pass, a worse choice) "
                        "(default: loss)")
     prune.add_argument("--trim-vocab", type=int, metavar="N", help="output tokens the LM head keeps")
