@@ -207,6 +207,7 @@ def test_two_four_keeps_two_of_every_four(tiny_model_dir):
     (PruneOptions(mlp_width=64, mlp_keep=0.5), "not both"),
     (PruneOptions(trim_vocab=0), "--trim-vocab"),
     (PruneOptions(drop_layers=1, layer_ranking="random"), "--layer-ranking must be one of"),
+    (PruneOptions(drop_layers=1, ranking_dtype="int8"), "ranking_dtype must be"),
     (PruneOptions(sparsity=1.0), "--sparsity"),
     (PruneOptions(heads_keep=0.25, multiple=64), "heads"),
 ])

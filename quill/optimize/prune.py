@@ -126,6 +126,8 @@ def check_options(options: PruneOptions, config: ModelConfig) -> None:
                          f"{config.num_layers} layers, got {options.drop_layers}")
     if options.layer_ranking not in LAYER_RANKINGS:
         raise PruneError(f"--layer-ranking must be one of {', '.join(LAYER_RANKINGS)}, got {options.layer_ranking!r}")
+    if options.ranking_dtype not in ("bfloat16", "float32"):
+        raise PruneError(f"ranking_dtype must be bfloat16 or float32, got {options.ranking_dtype!r}")
     if options.trim_vocab is not None and not 0 < options.trim_vocab <= config.vocab_size:
         raise PruneError(f"--trim-vocab must be in (0, {config.vocab_size}], got {options.trim_vocab}")
     if options.sparsity is not None and not 0 <= options.sparsity < 1:
