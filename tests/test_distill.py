@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from engine_helpers import all_position_logits, load_model, run_requests, tiny_engine
 
 from quill.models.loader import load_checkpoint
-from quill.optimize.distill import DistillError, DistillOptions, distill, distillation_loss
+from quill.optimize.distill import DistillError, DistillOptions, distill
+from quill.optimize.distill_loss import distillation_loss
 from quill.optimize.distill_data import read_texts, sequences
 from quill.optimize.hf_export import save_hf_directory
 from quill.optimize.prune import PruneOptions, prune
@@ -83,6 +84,35 @@ def test_loss_is_the_kl_when_the_teacher_keeps_every_token():
     tokens = torch.randint(0, 11, (2, 5))
     mixed = distillation_loss(student, teacher, ids, tokens, 1.0, ce_weight=1.0)
     torch.testing.assert_close(mixed, F.cross_entropy(student[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()))
+
+
+def _plain_distillation_loss(student, teacher, ids, tokens, temperature, ce_weight):
+    """The loss as autograd would have it, written independently of distill_loss.py."""
+    log_q = F.log_softmax(student.float() / temperature, -1).gather(-1, ids)
+    log_p = F.log_softmax(teacher / temperature, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature ** 2
+    ce = F.cross_entropy(student[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    return (1 - ce_weight) * kl + ce_weight * ce
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hand_written_loss_gradient_matches_autograd(dtype):
+    vocab, k = 600, 7  # more than one chunk of rows: 3 x 100 positions
+    teacher = torch.randn(3, 100, k)
+    ids = torch.stack([torch.randperm(vocab)[:k] for _ in range(300)]).view(3, 100, k)
+    tokens = torch.randint(0, vocab, (3, 100))
+    for temperature in (1.0, 2.0):
+        for ce_weight in (0.0, 0.5):
+            logits = (torch.randn(3, 100, vocab) * 3).to(dtype)
+            ours, plain = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+            loss = distillation_loss(ours, teacher, ids, tokens, temperature, ce_weight)
+            expected = _plain_distillation_loss(plain, teacher, ids, tokens, temperature, ce_weight)
+            loss.backward()
+            expected.backward()
+            torch.testing.assert_close(loss, expected)
+            assert ours.grad.dtype == dtype
+            tolerance = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-5}
+            torch.testing.assert_close(ours.grad.float(), plain.grad.float(), **tolerance)
 
 
 def test_a_distilled_student_serves_as_draft_model(tiny_model_dir, student, tmp_path):

@@ -1,10 +1,8 @@
 """Knowledge distillation (`quill distill`): train a student to match a teacher's next-token
 distribution, usually a pruned copy of the teacher (`prune.py`) recovering what pruning cost.
 
-Loss: the KL divergence from the teacher's distribution at temperature T, over its top k tokens
-(renormalised; cached once by `distill_data.py`), to the student's, times T^2 (Hinton et al.: keeps
-gradient sizes comparable across temperatures), optionally mixed with the ordinary next-token
-cross-entropy (`ce_weight`).
+Loss: the KL divergence from the teacher's top-k distribution (cached once by `distill_data.py`)
+to the student's, optionally mixed with the next-token cross-entropy (`distill_loss.py`).
 
 Training needs gradients, which Quill's inference modules do not give (custom C matmuls, a paged
 KV cache, no autograd). The student therefore trains as transformers' module for its config.json
@@ -27,12 +25,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from quill.config import ModelConfig
 from quill.errors import QuillError
+from quill.optimize.distill_loss import distillation_loss
 from quill.optimize.distill_options import DistillError, DistillOptions
 from quill.models.loader import load_checkpoint
 from quill.optimize.distill_data import (TeacherTargets, generate_texts, read_texts, sequences, teacher_targets,
@@ -53,19 +51,6 @@ class DistillSummary:
     tokens: int
     losses: list[float] = field(default_factory=list)
     stopped_early: bool = False
-
-
-def distillation_loss(student_logits: torch.Tensor, targets_logits: torch.Tensor, target_ids: torch.Tensor,
-                      tokens: torch.Tensor, temperature: float, ce_weight: float = 0.0) -> torch.Tensor:
-    """Mean over positions of T^2 * KL(teacher top-k at T || student at T), mixed with `ce_weight`
-    of the next-token cross-entropy. Logits [batch, seq, vocab]; teacher [batch, seq, k]."""
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, target_ids)
-    log_p = F.log_softmax(targets_logits.float() / temperature, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature ** 2
-    if not ce_weight:
-        return kl
-    ce = F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-    return (1 - ce_weight) * kl + ce_weight * ce
 
 
 def total_steps(options: DistillOptions, num_sequences: int) -> int:
@@ -107,7 +92,9 @@ def train(model: torch.nn.Module, targets: TeacherTargets, options: DistillOptio
     model.to(device)
     num_sequences = len(targets.tokens)
     steps = total_steps(options, num_sequences)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    # The fused AdamW updates each tensor in one pass: 0.04 s a step for SmolLM2's pruned student
+    # against 0.18 s for the default (AMD EPYC, 2 cores).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay, fused=True)
     state = {"step": 0, "losses": [], "tokens": 0}
     if resume:
         state = _load_checkpoint(checkpoint_dir, model, optimizer, options)
@@ -205,7 +192,7 @@ def check_same_tokenizer(teacher: Path, student: Path, teacher_config: ModelConf
         raise DistillError(f"teacher {teacher} and student {student} use different tokenizers")
 
 
-def _training_student(student: Path, work: Path):
+def _training_student(student: Path, work: Path, device: torch.device):
     """transformers' module for the student, and its config (a GGUF or quantized student goes
     through a float Hugging Face directory under `work` first)."""
     try:
@@ -217,7 +204,10 @@ def _training_student(student: Path, work: Path):
         raise DistillError("the student's output vocabulary is trimmed; distil first, then --trim-vocab")
     if checkpoint.format != "safetensors":
         student = save_hf_directory(work / "student-init", checkpoint.config, checkpoint.tensors, student)
-    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+    # On a CPU, eager attention trains faster than PyTorch's flash kernel at these lengths: 1.64 s
+    # against 1.84 s forward and backward, 4 x 256 tokens of the pruned SmolLM2 (AMD EPYC, 2 cores).
+    attention = "eager" if device.type == "cpu" else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32, attn_implementation=attention)
     return model, checkpoint.config, student
 
 
@@ -233,7 +223,7 @@ def distill(teacher: str | Path, student: str | Path, output: str | Path, option
     options.check()
     teacher_path, student_path, output = resolve_model(teacher), resolve_model(student), Path(output)
     teacher_config = load_checkpoint(teacher_path, keep_quantized=True).config
-    model, student_config, student_path = _training_student(student_path, output)
+    model, student_config, student_path = _training_student(student_path, output, _training_device(options.device))
     check_same_tokenizer(teacher_path, student_path, teacher_config, student_config)
     if token_sequences is None:
         token_sequences = _training_sequences(teacher_path, options, data, generate)
