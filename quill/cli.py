@@ -14,7 +14,7 @@ from typing import Iterator, TextIO
 
 from quill import __version__
 from quill.bench.options import DESCRIPTION as BENCH_DESCRIPTION, EPILOG as BENCH_EPILOG, add_bench_arguments
-from quill.config import KV_CACHE_DTYPES
+from quill.config import KV_CACHE_DTYPES, EngineConfig
 from quill.cost import DEFAULT_HOURLY_COST, comparison_lines, load_price_file, usage_table
 from quill.errors import ChatTemplateError, InvalidRequestError, QuillError
 from quill.outputs import RequestOutput
@@ -246,6 +246,13 @@ def _model_options() -> argparse.ArgumentParser:
                          help="memory for the paged KV cache, e.g. 512MiB or 2GiB; never exceeded: a context window "
                               "longer than it holds is shortened, with a warning (default: 1GiB, or less when 64 "
                               "full-length sequences need less)")
+    options.add_argument("--max-num-seqs", type=_positive_int, default=EngineConfig.max_num_seqs, metavar="N",
+                         help="the most sequences decoding together in one step (default: %(default)s)")
+    options.add_argument("--max-num-batched-tokens", type=_positive_int, default=EngineConfig.max_num_batched_tokens,
+                         metavar="N",
+                         help="tokens per engine step, decodes first, then prompt chunks: larger steps make "
+                              "prompts wait less behind each other, smaller ones interrupt decoding less "
+                              "(default: %(default)s)")
     options.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                          help="what the KV cache stores keys and values in (default: auto, float16 on a CPU for a "
                               "bfloat16 model, which halves the bytes decoding reads per token; otherwise --dtype)")
@@ -503,6 +510,7 @@ def _llm_options(args: argparse.Namespace) -> dict:
     """The model options (`LLM` keyword arguments), here and in each replica of `serve --replicas`."""
     return dict(dtype=args.dtype, device=args.device, dequantize=args.dequantize, max_model_len=args.max_model_len,
                 kv_cache_memory=args.kv_cache_memory, kv_cache_dtype=args.kv_cache_dtype,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 int8_activations=args.int8_activations, speculative=args.speculative,
                 num_speculative_tokens=args.num_speculative_tokens,
                 decode_graphs="off" if args.enforce_eager else "auto",

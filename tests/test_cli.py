@@ -224,3 +224,21 @@ def test_bad_kv_cache_memory_is_rejected(text):
 
     with pytest.raises(argparse.ArgumentTypeError):
         _byte_size(text)
+
+
+def test_batching_limits_reach_the_engine_config():
+    args = cli.build_parser().parse_args(["serve", "smollm2", "--max-num-seqs", "8", "--max-num-batched-tokens", "2048"])
+    options = cli._llm_options(args)
+    assert (options["max_num_seqs"], options["max_num_batched_tokens"]) == (8, 2048)
+    defaults = cli._llm_options(cli.build_parser().parse_args(["serve", "smollm2"]))
+    from quill.config import EngineConfig
+    assert (defaults["max_num_seqs"], defaults["max_num_batched_tokens"]) == (EngineConfig.max_num_seqs,
+                                                                              EngineConfig.max_num_batched_tokens)
+
+
+@pytest.mark.parametrize("flag", ["--max-num-seqs", "--max-num-batched-tokens"])
+def test_batching_limits_must_be_positive(flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.build_parser().parse_args(["serve", "smollm2", flag, "0"])
+    assert info.value.code == 2
+    assert flag in capsys.readouterr().err
