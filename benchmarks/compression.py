@@ -5,7 +5,7 @@ distillation, each as a float model and quantized.
     python benchmarks/make_docstring_corpus.py -o /tmp/quill-compression/distill.txt --packages numpy networkx matplotlib
     python -m quill.cli distill --teacher smollm2 --student /tmp/quill-compression/pruned \\
         -o /tmp/quill-compression/distilled --data /tmp/quill-compression/distill.txt \\
-        --ce-weight 0.5 --lr 3e-4 --max-tokens 1000000 --max-minutes 46
+        --ce-weight 0.5 --lr 3e-4 --max-tokens 1500000 --max-minutes 44
     python benchmarks/compression.py --pruned /tmp/quill-compression/pruned --distilled /tmp/quill-compression/distilled
 
 Rows: the teacher's float model (its packaged GGUF dequantized and written as F16, as

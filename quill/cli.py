@@ -828,7 +828,9 @@ def _add_prune_distill_commands(commands) -> None:
                              ("weight-decay", float, "AdamW weight decay"), ("batch-size", int, "sequences per batch"),
                              ("grad-accum", int, "batches per step"), ("seq-len", int, "tokens per sequence"),
                              ("epochs", int, "passes over the data"), ("max-tokens", int, "training tokens (overrides --epochs)"),
-                             ("max-minutes", float, "stop and save after this long"), ("seed", int, "random seed"),
+                             ("max-minutes", float, "stop training and save after this long (the teacher's pass "
+                              "before it is not counted; the schedule does not shrink: size --max-tokens to fit)"),
+                             ("seed", int, "random seed"),
                              ("checkpoint-every", int, "steps between checkpoints")):
         value = defaults[flag.replace("-", "_")]
         distill.add_argument(f"--{flag}", type=kind, default=value, metavar="X", help=f"{text} (default: {value})")

@@ -23,7 +23,7 @@ class DistillOptions:
     seq_len: int = 256
     epochs: int = 1
     max_tokens: int | None = None  # training tokens; overrides epochs (data repeats if needed)
-    max_minutes: float | None = None  # stop (and save) after this long; the schedule does not shrink
+    max_minutes: float | None = None  # stop training (and save) after this long; the schedule does not shrink
     seed: int = 0
     bf16: bool = True  # bfloat16 autocast for the forward pass (master weights stay float32)
     checkpoint_every: int = 50
