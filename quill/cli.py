@@ -250,8 +250,9 @@ def _model_options() -> argparse.ArgumentParser:
                          help="the most sequences decoding together in one step (default: %(default)s)")
     options.add_argument("--max-num-batched-tokens", type=_positive_int, default=EngineConfig.max_num_batched_tokens,
                          metavar="N",
-                         help="tokens per engine step, decodes first, then prompt chunks: larger steps make "
-                              "prompts wait less behind each other, smaller ones interrupt decoding less "
+                         help="tokens per engine step: running decodes first, then prompt chunks in the room "
+                              "left; a step that carries a chunk delays every stream's next token by the chunk's "
+                              "time, and on a CPU larger steps do not finish prompts sooner (README: Limits) "
                               "(default: %(default)s)")
     options.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                          help="what the KV cache stores keys and values in (default: auto, float16 on a CPU for a "

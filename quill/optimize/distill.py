@@ -93,7 +93,7 @@ def train(model: torch.nn.Module, targets: TeacherTargets, options: DistillOptio
     num_sequences = len(targets.tokens)
     steps = total_steps(options, num_sequences)
     # The fused AdamW updates each tensor in one pass: 0.04 s a step for SmolLM2's pruned student
-    # against 0.18 s for the default (AMD EPYC, 2 cores).
+    # against 0.18 s for the default (AMD EPYC family 26, 2 cores).
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay, fused=True)
     state = {"step": 0, "losses": [], "tokens": 0}
     if resume:
@@ -205,7 +205,7 @@ def _training_student(student: Path, work: Path, device: torch.device):
     if checkpoint.format != "safetensors":
         student = save_hf_directory(work / "student-init", checkpoint.config, checkpoint.tensors, student)
     # On a CPU, eager attention trains faster than PyTorch's flash kernel at these lengths: 1.64 s
-    # against 1.84 s forward and backward, 4 x 256 tokens of the pruned SmolLM2 (AMD EPYC, 2 cores).
+    # against 1.84 s forward and backward, 4 x 256 tokens of the pruned SmolLM2 (AMD EPYC family 26, 2 cores).
     attention = "eager" if device.type == "cpu" else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32, attn_implementation=attention)
     return model, checkpoint.config, student

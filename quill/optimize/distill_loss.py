@@ -11,7 +11,7 @@ gradient is softmax(z / T) * sum(weights) - weights at their ids, all over T. Au
 of the same loss makes float copies of the [batch, seq, vocab] logits for the division, two
 log-softmaxes and their backward passes, and zero-fills two more for the gathers' backward: on
 SmolLM2's 49,152-token vocabulary that was 0.27 s of a 2.24 s step forward and about as much
-backward (4 x 256 tokens, AMD EPYC, 2 cores). Rows go a chunk at a time so that the float
+backward (4 x 256 tokens, AMD EPYC family 26, 2 cores). Rows go a chunk at a time so that the float
 temporaries stay a few tens of MB.
 """
 from __future__ import annotations
