@@ -82,13 +82,12 @@ def learning_rate(options: DistillOptions, step: int, steps: int) -> float:
     return options.lr * (_MIN_LR_RATIO + (1 - _MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model: torch.nn.Module, targets: TeacherTargets, options: DistillOptions, checkpoint_dir: Path, *,
-          resume: bool = False, should_stop: Callable[[int], bool] | None = None,
+def train(model: torch.nn.Module, targets: TeacherTargets, options: DistillOptions, checkpoint_dir: Path,
+          device: torch.device, *, resume: bool = False, should_stop: Callable[[int], bool] | None = None,
           progress: bool = True) -> DistillSummary:
-    """Distil into `model` (a transformers causal LM, float32) in place; see the module docstring.
+    """Distil into `model` (a transformers causal LM, float32) in place, on `device`; see the module docstring.
     `should_stop(step)` is asked after every step (the minutes budget is one)."""
     torch.manual_seed(options.seed)
-    device = _training_device(options.device)
     model.to(device)
     num_sequences = len(targets.tokens)
     steps = total_steps(options, num_sequences)
@@ -223,7 +222,8 @@ def distill(teacher: str | Path, student: str | Path, output: str | Path, option
     options.check()
     teacher_path, student_path, output = resolve_model(teacher), resolve_model(student), Path(output)
     teacher_config = load_checkpoint(teacher_path, keep_quantized=True).config
-    model, student_config, student_path = _training_student(student_path, output, _training_device(options.device))
+    device = _training_device(options.device)
+    model, student_config, student_path = _training_student(student_path, output, device)
     check_same_tokenizer(teacher_path, student_path, teacher_config, student_config)
     if token_sequences is None:
         token_sequences = _training_sequences(teacher_path, options, data, generate)
@@ -236,7 +236,8 @@ def distill(teacher: str | Path, student: str | Path, output: str | Path, option
         stop = budget if should_stop is None else (lambda step: budget(step) or should_stop(step))
     else:
         stop = should_stop
-    summary = train(model, targets, options, output / "checkpoint", resume=resume, should_stop=stop, progress=progress)
+    summary = train(model, targets, options, output / "checkpoint", device, resume=resume, should_stop=stop,
+                    progress=progress)
     tensors = {name: p.detach().cpu() for name, p in model.state_dict().items()}
     save_hf_directory(output, student_config, tensors, student_path)
     summary.output = output
