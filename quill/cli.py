@@ -835,6 +835,10 @@ def _add_prune_distill_commands(commands) -> None:
                              ("checkpoint-every", int, "steps between checkpoints")):
         value = defaults[flag.replace("-", "_")]
         distill.add_argument(f"--{flag}", type=kind, default=value, metavar="X", help=f"{text} (default: {value})")
+    distill.add_argument("--teacher-cache", metavar="FILE",
+                         help="where the teacher's top-k logits are kept (default: OUT/checkpoint/teacher-topk."
+                         "safetensors); students distilled from one teacher on the same text can share it, so the "
+                         "teacher runs once; other text or another teacher recomputes and replaces it")
     distill.add_argument("--no-bf16", action="store_true", help="compute the forward pass in float32")
     distill.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA when present)")
     distill.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
@@ -877,7 +881,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     names = _distill_defaults().keys() - {"bf16", "warmup", "teacher_dtype"}  # device: its own flag above
     options = DistillOptions(bf16=not args.no_bf16, **{name: getattr(args, name) for name in names})
     summary = distill(args.teacher, args.student, args.output, options, data=args.data, generate=args.generate,
-                      resume=args.resume, progress=not args.quiet)
+                      cache=args.teacher_cache, resume=args.resume, progress=not args.quiet)
     state = "stopped early (--max-minutes)" if summary.stopped_early else "done"
     print(f"wrote {summary.output}: {summary.steps}/{summary.total_steps} steps, {summary.tokens:,} tokens, {state}")
     if summary.losses:

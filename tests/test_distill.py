@@ -179,6 +179,45 @@ def test_distill_command_trains_on_a_text_file(tiny_model_with_tokenizer, tmp_pa
     assert load_checkpoint(out).config == load_checkpoint(teacher).config
 
 
+def test_students_sharing_a_teacher_cache_run_the_teacher_once(tiny_model_with_tokenizer, tmp_path, monkeypatch):
+    from quill.cli import main
+    from quill.optimize import distill_data
+
+    teacher = tiny_model_with_tokenizer("llama", "bpe")
+    data, other = tmp_path / "data.txt", tmp_path / "other.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    other.write_text("A small river runs past the old mill and into the sea. " * 60)
+    cache = tmp_path / "teacher.safetensors"
+
+    def command(out, text):
+        return ["distill", "--teacher", str(teacher), "--student", str(teacher), "-o", str(tmp_path / out),
+                "--data", str(text), "--teacher-cache", str(cache), "--seq-len", "32", "--batch-size", "2",
+                "--max-tokens", "128", "--top-k", "8", "-q"]
+
+    assert main(command("first", data)) == 0
+    written = cache.read_bytes()
+    assert not (tmp_path / "first" / "checkpoint" / "teacher-topk.safetensors").exists()
+    teacher_runs = []
+    real_load = distill_data.load_model
+    monkeypatch.setattr(distill_data, "load_model", lambda *a, **k: teacher_runs.append(a) or real_load(*a, **k))
+    assert main(command("second", data)) == 0
+    assert teacher_runs == [] and cache.read_bytes() == written
+    assert main(command("third", other)) == 0  # other text: the teacher runs and the file is replaced
+    assert len(teacher_runs) == 1 and cache.read_bytes() != written
+
+
+def test_a_teacher_cache_path_holding_another_file_is_not_overwritten(tiny_model_dir, student, tmp_path):
+    from safetensors.torch import save_file
+
+    precious = tmp_path / "model.safetensors"
+    save_file({"weight": torch.ones(3)}, str(precious))
+    before = precious.read_bytes()
+    with pytest.raises(Exception, match="not a cache of teacher logits"):
+        distill(tiny_model_dir("llama"), student, tmp_path / "out", FAST, token_sequences=BATCH, cache=precious,
+                progress=False)
+    assert precious.read_bytes() == before
+
+
 def test_generate_trains_on_the_teachers_own_continuations_of_data_prompts(tiny_model_with_tokenizer, tmp_path):
     from quill.optimize.distill import _training_sequences
     from quill.tokenizer import load_tokenizer

@@ -215,8 +215,8 @@ def distill(teacher: str | Path, student: str | Path, output: str | Path, option
             cache: str | Path | None = None, resume: bool = False, progress: bool = True,
             should_stop: Callable[[int], bool] | None = None) -> DistillSummary:
     """`quill distill`: train `student` on `teacher`'s distributions and save it as a Hugging Face
-    directory `output` (checkpoints and the teacher's cached logits in output/checkpoint, the loss
-    curve in output/loss.png).
+    directory `output` (checkpoints and the teacher's cached logits in output/checkpoint unless
+    `cache` names another file, the loss curve in output/loss.png).
     Data: `token_sequences` [n, seq_len] if given, else `data` (see `distill_data.read_texts`),
     else the shipped dev split; with `generate`, that many teacher continuations of its prompts."""
     options.check()

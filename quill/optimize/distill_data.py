@@ -7,7 +7,9 @@ text is tokenized as one stream and cut into sequences of `seq_len` tokens.
 
 The teacher runs once: its logits at every position of every sequence, as Quill computes them
 (`ModelRunner.prompt_logits`), are cut to the top k and written to a safetensors file keyed on
-the teacher and the tokens, so a resumed or repeated run reads them back instead.
+the teacher and the tokens, so a resumed or repeated run reads them back instead. Several
+students distilled on the same text can share one such file (`quill distill --teacher-cache`):
+a run on other text, or from another teacher, computes afresh and replaces it.
 """
 from __future__ import annotations
 
@@ -122,7 +124,11 @@ def _read_cache(cache: Path, key: str) -> TeacherTargets | None:
         return None
     try:
         with safe_open(str(cache), framework="pt") as f:
-            if (f.metadata() or {}).get("key") != key:
+            written_for = (f.metadata() or {}).get("key")
+            if written_for is None or set(f.keys()) != {"tokens", "top_logits", "top_ids"}:
+                # Some other file: replacing it with the teacher's logits would lose it.
+                raise InvalidRequestError(f"{cache} is not a cache of teacher logits; refusing to overwrite it")
+            if written_for != key:
                 return None  # written for other data or another teacher: compute afresh
             return TeacherTargets(f.get_tensor("tokens"), f.get_tensor("top_logits"), f.get_tensor("top_ids").long())
     except (OSError, SafetensorError):
