@@ -206,11 +206,15 @@ def test_students_sharing_a_teacher_cache_run_the_teacher_once(tiny_model_with_t
     assert len(teacher_runs) == 1 and cache.read_bytes() != written
 
 
-def test_a_teacher_cache_path_holding_another_file_is_not_overwritten(tiny_model_dir, student, tmp_path):
+@pytest.mark.parametrize("kind", ["safetensors", "other"])
+def test_a_teacher_cache_path_holding_another_file_is_not_overwritten(tiny_model_dir, student, tmp_path, kind):
     from safetensors.torch import save_file
 
-    precious = tmp_path / "model.safetensors"
-    save_file({"weight": torch.ones(3)}, str(precious))
+    precious = tmp_path / "model.bin"
+    if kind == "safetensors":
+        save_file({"weight": torch.ones(3)}, str(precious))
+    else:
+        precious.write_bytes(b"GGUF" + bytes(range(64)))
     before = precious.read_bytes()
     with pytest.raises(Exception, match="not a cache of teacher logits"):
         distill(tiny_model_dir("llama"), student, tmp_path / "out", FAST, token_sequences=BATCH, cache=precious,

@@ -108,8 +108,10 @@ def teacher_targets(teacher: str | Path, tokens: torch.Tensor, k: int, cache: Pa
         ids.append(top.indices)
     targets = TeacherTargets(tokens, torch.stack(values), torch.stack(ids))
     cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(cache.name + ".partial")  # renamed when whole: an interrupted write leaves no cache
     save_file({"tokens": tokens.contiguous(), "top_logits": targets.top_logits.contiguous(),
-               "top_ids": targets.top_ids.to(torch.int32).contiguous()}, str(cache), metadata={"key": key})
+               "top_ids": targets.top_ids.to(torch.int32).contiguous()}, str(partial), metadata={"key": key})
+    partial.replace(cache)
     return targets
 
 
@@ -122,14 +124,15 @@ def _cache_key(teacher: str | Path, tokens: torch.Tensor, k: int, dtype: str) ->
 def _read_cache(cache: Path, key: str) -> TeacherTargets | None:
     if not cache.is_file():
         return None
+    # Anything else at that path (a model, a GGUF file) is the user's: replacing it would lose it.
+    refusal = f"{cache} is not a cache of teacher logits; refusing to overwrite it (remove it or name another file)"
     try:
         with safe_open(str(cache), framework="pt") as f:
             written_for = (f.metadata() or {}).get("key")
             if written_for is None or set(f.keys()) != {"tokens", "top_logits", "top_ids"}:
-                # Some other file: replacing it with the teacher's logits would lose it.
-                raise InvalidRequestError(f"{cache} is not a cache of teacher logits; refusing to overwrite it")
+                raise InvalidRequestError(refusal)
             if written_for != key:
                 return None  # written for other data or another teacher: compute afresh
             return TeacherTargets(f.get_tensor("tokens"), f.get_tensor("top_logits"), f.get_tensor("top_ids").long())
-    except (OSError, SafetensorError):
-        return None
+    except (OSError, SafetensorError) as exc:
+        raise InvalidRequestError(f"{refusal}: {exc}") from exc
