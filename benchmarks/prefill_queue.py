@@ -37,19 +37,14 @@ def run(model: str, budget: int, num_prompts: int, max_tokens: int) -> dict:
         started = time.perf_counter()
         for prompt in prompts:
             engine.add_request(prompt, params)
-        first: dict[str, float] = {}
-        steps = 0
+        finished, steps = [], 0
         while engine.has_unfinished():
-            outputs = engine.step()
+            finished += [output for output in engine.step() if output.finished]
             steps += 1
-            now = time.perf_counter() - started
-            for output in outputs:
-                if output.token_ids:
-                    first.setdefault(output.request_id, now)
         wall = time.perf_counter() - started
     finally:
         llm.close()
-    ttfts = sorted(first.values())
+    ttfts = sorted(output.metrics.ttft for output in finished)  # the engine's own timestamps, from arrival
     return {"budget": budget, "ttft_p50": statistics.median(ttfts), "ttft_max": ttfts[-1],
             "output_tokens_per_second": num_prompts * max_tokens / wall, "steps": steps, "ttfts": ttfts}
 
