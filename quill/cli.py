@@ -776,7 +776,7 @@ def _add_prune_distill_commands(commands) -> None:
     prune = commands.add_parser(
         "prune", help="remove the least important channels, heads, layers or output tokens of a model",
         description="Structured pruning ranked by activations on a calibration text (default: the dev split of "
-        "Quill's corpus): MLP channels, query heads (the same number from each grouped-query group), whole layers "
+        "Quill's corpus): MLP channels, channels of the residual stream (the hidden size), query heads (the same number from each grouped-query group), whole layers "
         "(those whose absence costs the least loss), and the LM head's vocabulary (the tokens the text uses most, and "
         "the tokens generation needs; generation is then restricted to them, and only Quill loads the result). "
         "--sparsity and --two-four zero weights instead: quality baselines, no faster on a CPU. Writes a Hugging "
@@ -787,6 +787,10 @@ def _add_prune_distill_commands(commands) -> None:
     prune.add_argument("--mlp-keep", type=float, metavar="F", help="fraction of MLP channels kept per layer")
     prune.add_argument("--mlp-width", type=int, metavar="N", help="or the MLP width itself")
     prune.add_argument("--heads-keep", type=float, metavar="F", help="fraction of query heads kept per GQA group")
+    prune.add_argument("--hidden-keep", type=float, metavar="F",
+                       help="fraction of the residual stream's channels kept (the hidden size: embedding, norms and "
+                       "every projection narrow together; not Gemma 3)")
+    prune.add_argument("--hidden-width", type=int, metavar="N", help="or the hidden size itself")
     prune.add_argument("--drop-layers", type=int, default=0, metavar="N", help="layers removed (default: 0)")
     prune.add_argument("--layer-ranking", choices=["loss", "change"], default="loss",
                        help="which layers --drop-layers removes: loss = one at a time, the one whose absence raises "
@@ -858,6 +862,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from quill.optimize.prune import PruneOptions, prune_checkpoint
 
     options = PruneOptions(mlp_keep=args.mlp_keep, mlp_width=args.mlp_width, heads_keep=args.heads_keep,
+                           hidden_keep=args.hidden_keep, hidden_width=args.hidden_width,
                            drop_layers=args.drop_layers, layer_ranking=args.layer_ranking, trim_vocab=args.trim_vocab,
                            multiple=args.multiple,
                            sparsity=args.sparsity, sparsity_method=args.sparsity_method, two_four=args.two_four,
@@ -867,7 +872,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     print(f"wrote {summary.output}")
     print(f"  parameters: {summary.params_before:,} -> {summary.params_after:,} "
           f"({summary.params_after / summary.params_before:.1%})")
-    print(f"  layers {c.num_layers}, query heads {c.num_heads} (kv {c.num_kv_heads}), MLP width {c.intermediate_size}"
+    print(f"  layers {c.num_layers}, hidden size {c.hidden_size}, query heads {c.num_heads} (kv {c.num_kv_heads}), "
+          f"MLP width {c.intermediate_size}"
           + (f", output vocabulary {len(c.output_token_ids):,} of {c.vocab_size:,}" if c.output_token_ids else ""))
     if summary.zeroed:
         print(f"  {summary.zeroed:,} weights zeroed (a quality baseline: no faster without sparse kernels)")

@@ -70,6 +70,56 @@ def test_pruning_removes_the_lowest_importance_structures(tiny_model_dir, arch):
         assert removed == expected
 
 
+def reference_hidden_importance(path, token_ids) -> torch.Tensor:
+    """Per residual-stream channel: the L2 norm over the tokens of what the attention and the MLP
+    read (the q and gate projections' inputs, after each norm), summed over the layers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    norms, hooks = [], []
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.mlp.gate_proj):
+            hooks.append(proj.register_forward_pre_hook(lambda m, args: norms.append(args[0][0].norm(dim=0))))
+    with torch.no_grad():
+        model(torch.tensor([token_ids]))
+    for hook in hooks:
+        hook.remove()
+    return torch.stack(norms).sum(0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_hidden_channels_removed_are_those_the_layers_read_least(tiny_model_dir, arch):
+    path = tiny_model_dir(arch)
+    checkpoint = load_checkpoint(path)
+    hidden = checkpoint.config.hidden_size
+    _, _, plan, _ = prune(checkpoint, PruneOptions(hidden_width=32), CALIBRATION)
+    importance = reference_hidden_importance(path, CALIBRATION)
+    assert set(range(hidden)) - set(plan.hidden) == lowest(importance, hidden - 32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_a_narrower_hidden_size_round_trips_through_quill_and_transformers(tiny_model_dir, tmp_path, arch):
+    """Every tensor with a hidden-size axis loses the same channels: transformers and Quill (HF and
+    GGUF) compute the same logits from the result, tied head (qwen2) or not (llama), with q/k norms
+    (qwen3) and biases (qwen2), and with the other cuts at once."""
+    from transformers import AutoModelForCausalLM
+
+    checkpoint = load_checkpoint(tiny_model_dir(arch))
+    options = PruneOptions(hidden_width=32, heads_keep=0.5, mlp_width=64, drop_layers=1, layer_ranking="change")
+    config, tensors, plan, _ = prune(checkpoint, options, CALIBRATION)
+    assert config.hidden_size == 32 and len(plan.hidden) == 32
+    assert tensors["model.embed_tokens.weight"].shape == (config.vocab_size, 32)
+    out = save_hf_directory(tmp_path / "narrow", config, tensors, checkpoint.path)
+    write_gguf(tmp_path / "narrow.gguf", FAMILIES.named(config.architecture), config, tensors)
+
+    ids = CALIBRATION[:24]
+    ours = all_position_logits(*load_model(out), ids)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(all_position_logits(*load_model(tmp_path / "narrow.gguf"), ids), ours,
+                               atol=1e-5, rtol=1e-5)
+
+
 def reference_layer_drops(path, token_ids, count: int) -> list[int]:
     """Greedy depth pruning measured on transformers' model: `count` times, the layer whose removal
     leaves the lowest next-token loss on `token_ids`."""
@@ -130,7 +180,8 @@ def test_pruned_model_round_trips_through_quill_and_transformers(tiny_model_dir,
 
 def test_nothing_pruned_leaves_the_logits_bit_identical(tiny_model_dir, tmp_path):
     checkpoint = load_checkpoint(tiny_model_dir("llama"))
-    config, tensors, _, _ = prune(checkpoint, PruneOptions(mlp_keep=1.0, heads_keep=1.0, drop_layers=0), CALIBRATION)
+    options = PruneOptions(mlp_keep=1.0, heads_keep=1.0, hidden_keep=1.0, drop_layers=0)
+    config, tensors, _, _ = prune(checkpoint, options, CALIBRATION)
     out = save_hf_directory(tmp_path / "same", config, tensors, checkpoint.path)
     ids = CALIBRATION[:32]
     assert torch.equal(all_position_logits(*load_model(out), ids), all_position_logits(*load_model(checkpoint.path), ids))
@@ -210,6 +261,11 @@ def test_two_four_keeps_two_of_every_four(tiny_model_dir):
     (PruneOptions(drop_layers=1, ranking_dtype="int8"), "ranking_dtype must be"),
     (PruneOptions(sparsity=1.0), "--sparsity"),
     (PruneOptions(heads_keep=0.25, multiple=64), "heads"),
+    (PruneOptions(hidden_keep=0), "--hidden-keep must be a fraction"),
+    (PruneOptions(hidden_width=48), "--hidden-width must be a multiple of 32"),
+    (PruneOptions(hidden_width=96), r"--hidden-width must be a multiple of 32 in \(0, 64\]"),
+    (PruneOptions(hidden_width=32, hidden_keep=0.5), "not both"),
+    (PruneOptions(hidden_width=42, multiple=2), "not a multiple of the 4 query heads"),
 ])
 def test_bad_options_are_refused_clearly(tiny_model_dir, options, message):
     config = load_checkpoint(tiny_model_dir("llama")).config
@@ -221,6 +277,11 @@ def test_width_pruning_refuses_fused_checkpoints(tiny_model_dir):
     with pytest.raises(PruneError, match="not phi3"):
         check_options(PruneOptions(mlp_keep=0.5), load_checkpoint(tiny_model_dir("phi3")).config)
     check_options(PruneOptions(drop_layers=1), load_checkpoint(tiny_model_dir("phi3")).config)  # depth works for any
+
+
+def test_hidden_pruning_refuses_a_model_that_scales_its_embedding_by_it(tiny_model_dir):
+    with pytest.raises(PruneError, match="square root of the hidden size"):
+        check_options(PruneOptions(hidden_width=32), load_checkpoint(tiny_model_dir("gemma3")).config)
 
 
 def test_build_model_of_a_pruned_config_runs(tiny_model_dir):

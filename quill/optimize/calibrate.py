@@ -10,7 +10,8 @@ Measures, per decoder layer (the sums the rankings are made of, as in NVIDIA's M
 - attention heads: mean L2 norm of each query head's output (the output projection's input);
 - the block: mean cosine similarity of the residual stream before and after it (ShortGPT's block
   importance is 1 - that: a block that hardly turns its input matters little);
-- per input column of each projection, the sum of squares of its inputs (Wanda's ||X_j||).
+- per input column of each projection, the sum of squares of its inputs (Wanda's ||X_j||), which
+  also ranks the residual stream's channels (`hidden_importance`).
 
 Whole layers can instead be ranked by what removing them costs (`layers_to_drop_by_loss`): the
 next-token loss on the calibration text with each candidate skipped, greedily, one layer at a
@@ -53,6 +54,13 @@ class Activations:
 
     def head_importance(self, layer: int) -> torch.Tensor:
         return self.heads[layer] / self.tokens
+
+    def hidden_importance(self, layers: list[int]) -> torch.Tensor:
+        """[hidden] per residual-stream channel, the L2 norm over the text of the normalized stream
+        entering each of `layers`' attention and MLP, summed over them (the projections' inputs:
+        after the norm's weight, so a channel the norms scale down counts for less)."""
+        return sum(self.input_squares[f"layers.{i}.{module}"].sqrt()
+                   for i in layers for module in ("self_attn.qkv_proj", "mlp.gate_up_proj"))
 
     def layer_importance(self) -> torch.Tensor:
         """[layers] 1 - mean cosine similarity of each block's input and output."""

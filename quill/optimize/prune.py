@@ -7,6 +7,11 @@ What goes, per decoder layer, ranked by the statistics of `calibrate.py` (as in 
   of `multiple` (32: the block of every GGML type; 256 for k-quants) so `quill quantize` works;
 - query heads (`heads_keep`): the lowest mean output norm, the same number from every grouped-query
   group, so each group keeps its key/value head and the layout stays GQA;
+- channels of the residual stream, the model's hidden size (`hidden_keep` or `hidden_width`): the
+  lowest importance summed over the kept layers' normalized inputs (each channel's L2 norm over the
+  text, entering the attention and the MLP), as Minitron ranks embedding channels. The embedding,
+  every norm and every projection lose the same channels; the RMS norms then average over fewer
+  channels, which distillation absorbs. Not for Gemma 3, whose embedding scale is sqrt(hidden size);
 - whole layers (`drop_layers`): by default those whose absence costs the least next-token loss
   on the calibration text, chosen one at a time (`calibrate.layers_to_drop_by_loss`); with
   `layer_ranking="change"`, those whose output is most like their input (1 - cosine: one pass,
@@ -57,6 +62,16 @@ _LINEARS = {  # HF projection -> the Quill module whose input it reads (where Wa
 
 # Families whose checkpoints keep q/k/v and gate/up apart (Phi-3 fuses them; Qwen3-MoE has experts).
 _WIDTH_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma3"})
+# Families that multiply the embedding by sqrt(hidden_size): a narrower stream would change that scale.
+_SCALED_EMBEDDING_FAMILIES = frozenset({"gemma3"})
+# Hugging Face tensors with a hidden-size axis, by name suffix, and which axis it is: the projections
+# reading the stream (columns), those writing it (rows), and the norms over it. Any other tensor of a
+# layer has no such axis (q/k norms are over a head's width).
+_HIDDEN_AXES = {"self_attn.q_proj.weight": 1, "self_attn.k_proj.weight": 1, "self_attn.v_proj.weight": 1,
+                "mlp.gate_proj.weight": 1, "mlp.up_proj.weight": 1,
+                "self_attn.o_proj.weight": 0, "self_attn.o_proj.bias": 0, "mlp.down_proj.weight": 0,
+                "mlp.down_proj.bias": 0, "input_layernorm.weight": 0, "post_attention_layernorm.weight": 0,
+                "model.embed_tokens.weight": 1, "lm_head.weight": 1, "model.norm.weight": 0}
 
 
 class PruneError(QuillError):
@@ -68,6 +83,8 @@ class PruneOptions:
     mlp_keep: float | None = None  # fraction of MLP channels kept
     mlp_width: int | None = None  # or the new intermediate size itself
     heads_keep: float | None = None  # fraction of query heads kept in each GQA group
+    hidden_keep: float | None = None  # fraction of residual-stream channels kept
+    hidden_width: int | None = None  # or the new hidden size itself
     drop_layers: int = 0
     layer_ranking: str = "loss"  # how layers to drop are chosen: LAYER_RANKINGS
     ranking_dtype: str = "bfloat16"  # the loss ranking's arithmetic (its passes dominate the time)
@@ -83,7 +100,11 @@ class PruneOptions:
         """Whether anything is ranked by activations (the vocabulary is ranked by token counts)."""
         wanda = (self.sparsity or self.two_four) and self.sparsity_method == "wanda"
         by_change = self.drop_layers and self.layer_ranking == "change"
-        return bool(self.mlp_keep or self.mlp_width or self.heads_keep or by_change or wanda)
+        return bool(self.mlp_keep or self.mlp_width or self.heads_keep or self.prunes_hidden or by_change or wanda)
+
+    @property
+    def prunes_hidden(self) -> bool:
+        return bool(self.hidden_keep or self.hidden_width)
 
 
 @dataclass
@@ -93,6 +114,7 @@ class PrunePlan:
     layers: list[int]
     mlp: dict[int, list[int]] = field(default_factory=dict)  # layer -> kept channels
     heads: dict[int, list[int]] = field(default_factory=dict)  # layer -> kept query heads
+    hidden: list[int] | None = None  # kept residual-stream channels
     vocab: list[int] | None = None  # kept output token ids
 
 
@@ -109,18 +131,19 @@ class PruneSummary:
 
 def check_options(options: PruneOptions, config: ModelConfig) -> None:
     """Every option against the model, before anything slow; PruneError names the option."""
-    for name in ("mlp_keep", "heads_keep"):
+    for name in ("mlp_keep", "heads_keep", "hidden_keep"):
         value = getattr(options, name)
         if value is not None and not 0 < value <= 1:
             raise PruneError(f"--{name.replace('_', '-')} must be a fraction in (0, 1], got {value}")
-    if options.mlp_keep is not None and options.mlp_width is not None:
-        raise PruneError("give --mlp-keep or --mlp-width, not both")
     if options.multiple <= 0:
         raise PruneError(f"--multiple must be positive, got {options.multiple}")
-    if options.mlp_width is not None and not (0 < options.mlp_width <= config.intermediate_size
-                                              and options.mlp_width % options.multiple == 0):
-        raise PruneError(f"--mlp-width must be a multiple of {options.multiple} in (0, {config.intermediate_size}] "
-                         f"(quantized formats store rows in blocks of {options.multiple}), got {options.mlp_width}")
+    for name, full in (("mlp", config.intermediate_size), ("hidden", config.hidden_size)):
+        keep, width = getattr(options, f"{name}_keep"), getattr(options, f"{name}_width")
+        if keep is not None and width is not None:
+            raise PruneError(f"give --{name}-keep or --{name}-width, not both")
+        if width is not None and not (0 < width <= full and width % options.multiple == 0):
+            raise PruneError(f"--{name}-width must be a multiple of {options.multiple} in (0, {full}] "
+                             f"(quantized formats store rows in blocks of {options.multiple}), got {width}")
     if not 0 <= options.drop_layers < config.num_layers:
         raise PruneError(f"--drop-layers must be in [0, {config.num_layers - 1}] for a model of "
                          f"{config.num_layers} layers, got {options.drop_layers}")
@@ -139,9 +162,19 @@ def check_options(options: PruneOptions, config: ModelConfig) -> None:
     if options.calibration_tokens < 1:
         raise PruneError(f"--calibration-tokens must be positive, got {options.calibration_tokens}")
     if config.num_experts or config.architecture not in _WIDTH_FAMILIES:
-        if options.mlp_keep or options.mlp_width or options.heads_keep or options.sparsity or options.two_four:
+        if (options.mlp_keep or options.mlp_width or options.heads_keep or options.prunes_hidden or options.sparsity
+                or options.two_four):
             raise PruneError(f"width pruning and sparsity support {', '.join(sorted(_WIDTH_FAMILIES))} "
                              f"(separate q/k/v and gate/up projections, no experts), not {config.architecture}")
+    if options.prunes_hidden and config.architecture in _SCALED_EMBEDDING_FAMILIES:
+        raise PruneError(f"--hidden-keep/--hidden-width cannot prune {config.architecture}: it scales its embedding "
+                         "by the square root of the hidden size, which pruning would change")
+    if options.prunes_hidden:
+        heads = heads_per_group(options, config) * config.num_kv_heads
+        if hidden_width(options, config) % heads:
+            raise PruneError(f"--hidden-{'width' if options.hidden_width else 'keep'} leaves a hidden size of "
+                             f"{hidden_width(options, config)}, not a multiple of the {heads} query heads that "
+                             "transformers requires (fewer heads with --heads-keep can make it one)")
     if options.heads_keep is not None:
         width = heads_per_group(options, config) * config.num_kv_heads * config.head_dim
         if width % options.multiple:
@@ -150,13 +183,22 @@ def check_options(options: PruneOptions, config: ModelConfig) -> None:
 
 
 def mlp_width(options: PruneOptions, config: ModelConfig) -> int:
-    """The intermediate size after pruning: `mlp_width`, or `mlp_keep` of it rounded to the nearest
-    multiple (at least one)."""
-    if options.mlp_width is not None:
-        return options.mlp_width
-    if options.mlp_keep is None or options.mlp_keep == 1:
-        return config.intermediate_size
-    return max(options.multiple, round(options.mlp_keep * config.intermediate_size / options.multiple) * options.multiple)
+    """The intermediate size after pruning."""
+    return _kept_width(options.mlp_keep, options.mlp_width, config.intermediate_size, options.multiple)
+
+
+def hidden_width(options: PruneOptions, config: ModelConfig) -> int:
+    """The hidden size after pruning."""
+    return _kept_width(options.hidden_keep, options.hidden_width, config.hidden_size, options.multiple)
+
+
+def _kept_width(keep: float | None, width: int | None, full: int, multiple: int) -> int:
+    """`width`, or `keep` of `full` rounded to the nearest multiple (at least one)."""
+    if width is not None:
+        return width
+    if keep is None or keep == 1:
+        return full
+    return max(multiple, round(keep * full / multiple) * multiple)
 
 
 def heads_per_group(options: PruneOptions, config: ModelConfig) -> int:
@@ -185,6 +227,8 @@ def plan_pruning(config: ModelConfig, activations: Activations | None, token_ids
     if activations is None:
         return plan
     layers = plan.layers
+    if hidden_width(options, config) != config.hidden_size:
+        plan.hidden = _top(activations.hidden_importance(layers), hidden_width(options, config))
     width, per_group = mlp_width(options, config), heads_per_group(options, config)
     group = config.num_heads // config.num_kv_heads
     for layer in layers:
@@ -235,7 +279,20 @@ def apply_plan(config: ModelConfig, tensors: dict[str, torch.Tensor], plan: Prun
         head = out.get("lm_head.weight") if not config.tie_word_embeddings else None
         out["lm_head.weight"] = (out["model.embed_tokens.weight"] if head is None else head)[torch.tensor(plan.vocab)]
         changes |= {"tie_word_embeddings": False, "output_token_ids": tuple(plan.vocab)}
+    if plan.hidden is not None:
+        out = _keep_hidden_channels(out, torch.tensor(plan.hidden))
+        changes["hidden_size"] = len(plan.hidden)
     return replace(config, **changes), out
+
+
+def _keep_hidden_channels(tensors: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`tensors` with only the `keep` channels along every hidden-size axis (`_HIDDEN_AXES`)."""
+    out = {}
+    for name, tensor in tensors.items():
+        suffix = name.split(".", 3)[3] if name.startswith("model.layers.") else name
+        axis = _HIDDEN_AXES.get(suffix)
+        out[name] = tensor if axis is None else tensor.index_select(axis, keep)
+    return out
 
 
 def sparsify(tensors: dict[str, torch.Tensor], config: ModelConfig, activations: Activations | None,
