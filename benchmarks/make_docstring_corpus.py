@@ -52,6 +52,9 @@ def main() -> int:
     parser.add_argument("-o", "--output", type=Path, required=True, help="the text file to write")
     parser.add_argument("--packages", nargs="*", default=[], metavar="NAME",
                         help="installed packages whose docstrings are added too")
+    parser.add_argument("--dev-repeats", type=int, default=1, metavar="N",
+                        help="copies of the dev split at the start (default: %(default)s): more of the text "
+                        "that is most like what the student will be scored on")
     args = parser.parse_args()
     root = Path(sysconfig.get_paths()["stdlib"])
     texts = docstrings(root)
@@ -61,8 +64,11 @@ def main() -> int:
             parser.error(f"{name} is not installed in {package.parent}")
         texts += docstrings(package)
     dev = corpus_path("dev").read_text(encoding="utf-8")
-    args.output.write_text(dev + "\n\n" + "\n\n".join(texts), encoding="utf-8")
-    print(f"wrote {args.output}: the dev split and {len(texts)} docstrings from {root}"
+    if args.dev_repeats < 1:
+        parser.error(f"--dev-repeats must be at least 1, got {args.dev_repeats}")
+    args.output.write_text("\n\n".join([dev] * args.dev_repeats + texts), encoding="utf-8")
+    print(f"wrote {args.output}: the dev split{f' {args.dev_repeats} times' if args.dev_repeats > 1 else ''} "
+          f"and {len(texts)} docstrings from {root}"
           + (f" and {', '.join(args.packages)}" if args.packages else ""))
     return 0
 

@@ -776,8 +776,9 @@ def _add_prune_distill_commands(commands) -> None:
     prune = commands.add_parser(
         "prune", help="remove the least important channels, heads, layers or output tokens of a model",
         description="Structured pruning ranked by activations on a calibration text (default: the dev split of "
-        "Quill's corpus): MLP channels, channels of the residual stream (the hidden size), query heads (the same number from each grouped-query group), whole layers "
-        "(those whose absence costs the least loss), and the LM head's vocabulary (the tokens the text uses most, and "
+        "Quill's corpus): MLP channels, channels of the residual stream (the hidden size), query heads (the same "
+        "number from each grouped-query group), whole layers (those whose absence costs the least loss), and the LM "
+        "head's vocabulary (the tokens the text uses most, and "
         "the tokens generation needs; generation is then restricted to them, and only Quill loads the result). "
         "--sparsity and --two-four zero weights instead: quality baselines, no faster on a CPU. Writes a Hugging "
         "Face directory, or a float32 GGUF file when OUT ends in .gguf; both carry the tokenizer. Distil "

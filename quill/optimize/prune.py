@@ -166,10 +166,10 @@ def check_options(options: PruneOptions, config: ModelConfig) -> None:
                 or options.two_four):
             raise PruneError(f"width pruning and sparsity support {', '.join(sorted(_WIDTH_FAMILIES))} "
                              f"(separate q/k/v and gate/up projections, no experts), not {config.architecture}")
-    if options.prunes_hidden and config.architecture in _SCALED_EMBEDDING_FAMILIES:
-        raise PruneError(f"--hidden-keep/--hidden-width cannot prune {config.architecture}: it scales its embedding "
-                         "by the square root of the hidden size, which pruning would change")
     if options.prunes_hidden:
+        if config.architecture in _SCALED_EMBEDDING_FAMILIES:
+            raise PruneError(f"--hidden-keep/--hidden-width cannot prune {config.architecture}: it scales its "
+                             "embedding by the square root of the hidden size, which pruning would change")
         heads = heads_per_group(options, config) * config.num_kv_heads
         if hidden_width(options, config) % heads:
             raise PruneError(f"--hidden-{'width' if options.hidden_width else 'keep'} leaves a hidden size of "
