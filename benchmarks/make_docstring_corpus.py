@@ -56,6 +56,8 @@ def main() -> int:
                         help="copies of the dev split at the start (default: %(default)s): more of the text "
                         "that is most like what the student will be scored on")
     args = parser.parse_args()
+    if args.dev_repeats < 1:
+        parser.error(f"--dev-repeats must be at least 1, got {args.dev_repeats}")
     root = Path(sysconfig.get_paths()["stdlib"])
     texts = docstrings(root)
     for name in args.packages:
@@ -64,8 +66,6 @@ def main() -> int:
             parser.error(f"{name} is not installed in {package.parent}")
         texts += docstrings(package)
     dev = corpus_path("dev").read_text(encoding="utf-8")
-    if args.dev_repeats < 1:
-        parser.error(f"--dev-repeats must be at least 1, got {args.dev_repeats}")
     args.output.write_text("\n\n".join([dev] * args.dev_repeats + texts), encoding="utf-8")
     print(f"wrote {args.output}: the dev split{f' {args.dev_repeats} times' if args.dev_repeats > 1 else ''} "
           f"and {len(texts)} docstrings from {root}"

@@ -170,10 +170,10 @@ def check_options(options: PruneOptions, config: ModelConfig) -> None:
         if config.architecture in _SCALED_EMBEDDING_FAMILIES:
             raise PruneError(f"--hidden-keep/--hidden-width cannot prune {config.architecture}: it scales its "
                              "embedding by the square root of the hidden size, which pruning would change")
-        heads = heads_per_group(options, config) * config.num_kv_heads
-        if hidden_width(options, config) % heads:
+        heads, width = heads_per_group(options, config) * config.num_kv_heads, hidden_width(options, config)
+        if width % heads:
             raise PruneError(f"--hidden-{'width' if options.hidden_width else 'keep'} leaves a hidden size of "
-                             f"{hidden_width(options, config)}, not a multiple of the {heads} query heads that "
+                             f"{width}, not a multiple of the {heads} query heads that "
                              "transformers requires (fewer heads with --heads-keep can make it one)")
     if options.heads_keep is not None:
         width = heads_per_group(options, config) * config.num_kv_heads * config.head_dim
@@ -227,8 +227,8 @@ def plan_pruning(config: ModelConfig, activations: Activations | None, token_ids
     if activations is None:
         return plan
     layers = plan.layers
-    if hidden_width(options, config) != config.hidden_size:
-        plan.hidden = _top(activations.hidden_importance(layers), hidden_width(options, config))
+    if (hidden := hidden_width(options, config)) != config.hidden_size:
+        plan.hidden = _top(activations.hidden_importance(layers), hidden)
     width, per_group = mlp_width(options, config), heads_per_group(options, config)
     group = config.num_heads // config.num_kv_heads
     for layer in layers:
