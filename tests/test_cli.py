@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from quill import cli
+from quill.cli import common
 from quill.errors import ModelLoadError
 from quill.outputs import RequestMetrics, RequestOutput
 from quill.sampling_params import SamplingParams
@@ -50,7 +51,7 @@ class FakeLLM:
 @pytest.fixture
 def fake_llm(monkeypatch) -> FakeLLM:
     llm = FakeLLM()
-    monkeypatch.setattr(cli, "_load_llm", lambda args: llm)
+    monkeypatch.setattr(common, "load_llm", lambda args: llm)
     return llm
 
 
@@ -128,7 +129,7 @@ def test_run_streams_deltas_in_order(fake_llm, capsys, monkeypatch):
 
 def test_run_without_template_completes_plain_text(monkeypatch, capsys):
     llm = FakeLLM(chat_template=None)
-    monkeypatch.setattr(cli, "_load_llm", lambda args: llm)
+    monkeypatch.setattr(common, "load_llm", lambda args: llm)
     assert cli.main(["run", "gemma3", "The capital of France is"]) == 0
     assert llm.calls[0][:2] == ("stream", "The capital of France is")
     assert capsys.readouterr().out == "Hello, world\n"
@@ -147,14 +148,14 @@ def test_run_no_chat_and_system(fake_llm):
     (["run", "gemma3", "hi", "--system", "x"], "--system needs chat mode"),
 ])
 def test_chat_without_template_is_a_clear_error(argv, message, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_load_llm", lambda args: FakeLLM(chat_template=None))
+    monkeypatch.setattr(common, "load_llm", lambda args: FakeLLM(chat_template=None))
     assert cli.main(argv) == 2
     assert f"{message}" in capsys.readouterr().err
 
 
 def test_chat_template_file_enables_chat(monkeypatch, tmp_path):
     llm = FakeLLM(chat_template=None)
-    monkeypatch.setattr(cli, "_load_llm", lambda args: llm)
+    monkeypatch.setattr(common, "load_llm", lambda args: llm)
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     monkeypatch.setattr("builtins.input", lambda prompt: "/exit")
@@ -167,7 +168,7 @@ def test_quill_errors_print_message_and_exit_2(monkeypatch, capsys):
     def fail(args):
         raise ModelLoadError("no model called 'x'")
 
-    monkeypatch.setattr(cli, "_load_llm", fail)
+    monkeypatch.setattr(common, "load_llm", fail)
     assert cli.main(["run", "x", "hi"]) == 2
     err = capsys.readouterr().err
     assert err == "error: no model called 'x'\n"
@@ -211,26 +212,22 @@ def test_chat_ends_on_eof(fake_llm, monkeypatch):
 @pytest.mark.parametrize("text, size", [("512MiB", 512 * 2**20), ("2GiB", 2 * 2**30), ("1.5GB", 1_500_000_000),
                                         ("4096", 4096)])
 def test_kv_cache_memory_sizes(text, size):
-    from quill.cli import _byte_size
-
-    assert _byte_size(text) == size
+    assert common.byte_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["lots", "12XB", "-1GiB", "0"])
 def test_bad_kv_cache_memory_is_rejected(text):
     import argparse
 
-    from quill.cli import _byte_size
-
     with pytest.raises(argparse.ArgumentTypeError):
-        _byte_size(text)
+        common.byte_size(text)
 
 
 def test_batching_limits_reach_the_engine_config():
     args = cli.build_parser().parse_args(["serve", "smollm2", "--max-num-seqs", "8", "--max-num-batched-tokens", "2048"])
-    options = cli._llm_options(args)
+    options = common.llm_options(args)
     assert (options["max_num_seqs"], options["max_num_batched_tokens"]) == (8, 2048)
-    defaults = cli._llm_options(cli.build_parser().parse_args(["serve", "smollm2"]))
+    defaults = common.llm_options(cli.build_parser().parse_args(["serve", "smollm2"]))
     from quill.config import EngineConfig
     assert (defaults["max_num_seqs"], defaults["max_num_batched_tokens"]) == (EngineConfig.max_num_seqs,
                                                                               EngineConfig.max_num_batched_tokens)

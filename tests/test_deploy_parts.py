@@ -231,12 +231,12 @@ def test_replica_options_without_replicas_are_refused(capsys):
 
 
 def test_replica_options_become_cluster_settings():
-    from quill.cli import _cluster_settings
+    from quill.cli.serve import cluster_settings
     from quill.server import ServerConfig
 
     args = build_parser().parse_args(["serve", "m", "--max-replicas", "4", "--min-replicas", "2",
                                       "--threads-per-replica", "2", "--routing", "least-loaded", "--dtype", "float32"])
-    settings = _cluster_settings(args, ServerConfig(max_queue=7))
+    settings = cluster_settings(args, ServerConfig(max_queue=7))
     assert settings.autoscaling.min_replicas == 2 and settings.autoscaling.max_replicas == 4
     assert settings.threads_per_replica == 2 and settings.routing.policy == "least-loaded"
     assert settings.engine["dtype"] == "float32" and settings.server.max_queue == 7
@@ -247,12 +247,13 @@ def test_the_single_process_server_does_not_import_ray(tiny_model_with_tokenizer
     optional extra): a fresh interpreter builds the server app and checks sys.modules."""
     script = (
         "import sys\n"
-        "from quill.cli import _replicated, build_parser\n"
+        "from quill.cli import build_parser\n"
+        "from quill.cli.serve import replicated\n"
         "from quill.server import ServerConfig, create_app\n"
         "from quill.llm import LLM\n"
         "import quill.deploy, quill.deploy.settings, quill.deploy.affinity\n"
         f"args = build_parser().parse_args(['serve', {str(tiny_model_with_tokenizer('llama', 'spm'))!r}])\n"
-        "assert not _replicated(args)\n"
+        "assert not replicated(args)\n"
         "create_app(LLM(args.model, dtype='float32'), ServerConfig())\n"
         "loaded = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
         "assert not loaded, loaded\n"

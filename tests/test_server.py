@@ -130,6 +130,7 @@ def test_token_bytes_for_logprobs():
 
 def test_serve_command_options():
     from quill import cli
+    from quill.cli import common
 
     args = cli.build_parser().parse_args(["serve", "smollm2"])
     assert (args.host, args.port, args.max_queue, args.max_body_bytes) == ("127.0.0.1", 8000, 256, 4 << 20)
@@ -142,10 +143,10 @@ def test_serve_command_options():
     assert (args.kv_cache_memory, args.kv_cache_dtype) == (64 << 20, "float32")
     assert (args.served_model_name, args.log_prompts, args.shutdown_grace) == ("x", True, 2.0)
     assert args.response_cache is None and not args.no_response_cache and args.response_cache_ttl is None
-    assert cli._llm_options(args)["int8_activations"] is None  # the engine's default: on for bf16 on the CPU
+    assert common.llm_options(args)["int8_activations"] is None  # the engine's default: on for bf16 on the CPU
     for flag, value in [("--int8-activations", True), ("--no-int8-activations", False)]:
         args = cli.build_parser().parse_args(["serve", "m", flag])
-        assert cli._llm_options(args)["int8_activations"] is value
+        assert common.llm_options(args)["int8_activations"] is value
     defaults = ServerConfig()
     args = cli.build_parser().parse_args(["serve", "m"])
     assert (args.default_max_tokens, args.stream_idle_timeout, args.stream_buffer, args.request_timeout) == (

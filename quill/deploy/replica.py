@@ -36,7 +36,7 @@ class EngineReplica:
     async def __init__(self, settings: ClusterSettings) -> None:
         self.name = serve.get_replica_context().replica_id.unique_id
         self.stream_interval = settings.stream_interval
-        # As in `quill serve` (quill/cli.py): load single-threaded so that the engine thread's
+        # As in `quill serve` (quill/cli/serve.py): load single-threaded so that the engine thread's
         # OpenMP pool is the only one, then give the engine thread this replica's share of cores
         # (Ray also set OMP_NUM_THREADS for the process, see application.py).
         torch.set_num_threads(1)
