@@ -89,7 +89,7 @@ class LLM:
              chat_template: str | None = None, tools: list[dict] | None = None) -> RequestOutput:
         """Answer one conversation (a list of {"role", "content"} messages; assistant `tool_calls`
         and `role: "tool"` results included). `tools` (OpenAI function tools) are shown to the
-        model through its chat template; parse its answer with `quill.structured.tools`, and
+        model through its chat template; parse its answer with `quill.structured.tool_calls.parse_tool_calls`, and
         constrain it with `tool_choice_grammar` as `params.grammar`."""
         prompt = self._chat_prompt(messages, chat_template, tools)
         return self._run_to_completion([self.engine.add_request(prompt, params)])[0]

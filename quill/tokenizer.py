@@ -259,8 +259,8 @@ class Tokenizer:
         """Render a conversation to the prompt text the model was trained on. `tools` (OpenAI
         function tools), assistant `tool_calls` and `role: "tool"` messages reach the template as
         templates expect them; a template without tool support gets the documented fallback
-        instead (see `quill.structured.tools.messages_for_template`)."""
-        from quill.structured.tools import messages_for_template
+        instead (see `quill.structured.tool_messages.messages_for_template`)."""
+        from quill.structured.tool_messages import messages_for_template
 
         source = chat_template if chat_template is not None else self.chat_template
         if source is None:

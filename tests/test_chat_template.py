@@ -143,7 +143,7 @@ def test_malformed_messages(tiny, messages):
 def test_tool_call_message_without_content_is_accepted(tiny):
     call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     messages = [{"role": "assistant", "content": None, "tool_calls": [call]}]
-    # A template with tool support sees no content (templates without get quill.structured.tools' fallback).
+    # A template with tool support sees no content (templates without get quill.structured.tool_messages' fallback).
     template = "{% if tools %}{% endif %}{% for m in messages %}{{ m.content is defined }}{% endfor %}"
     assert tiny.apply_chat_template(messages, chat_template=template) == "False"
 

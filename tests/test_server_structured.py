@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from engine_helpers import tiny_text_engine
 from quill.server import BackgroundServer, ServerConfig, create_app
-from quill.structured.tools import join_deltas
+from quill.structured.tool_calls import join_deltas
 from structured_schemas import TOOL_PARAMETER_SCHEMAS, property_test_schemas, validate
 
 # Shows the tool names only, so that prompts fit the tiny model's 256-token window; mentioning

@@ -15,7 +15,8 @@ import torch
 
 from quill import LLM, SamplingParams
 from quill.structured import TokenMasks
-from quill.structured.tools import parse_tool_calls, tool_choice_grammar
+from quill.structured.tool_calls import parse_tool_calls
+from quill.structured.tools import tool_choice_grammar
 from structured_schemas import property_test_schemas, validate
 
 pytestmark = pytest.mark.real_model

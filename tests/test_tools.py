@@ -13,8 +13,9 @@ from engine_helpers import tiny_text_engine
 from quill.errors import ChatTemplateError, StructuredOutputError
 from quill.sampling_params import SamplingParams
 from quill.structured.compiler import GrammarCompiler
-from quill.structured.tools import (ToolCall, ToolCallParser, check_tools, detect_tool_format, join_deltas,
-                                    messages_for_template, parse_tool_calls, tool_choice_grammar)
+from quill.structured.tool_calls import ToolCall, ToolCallParser, join_deltas, parse_tool_calls
+from quill.structured.tool_messages import messages_for_template
+from quill.structured.tools import check_tools, detect_tool_format, tool_choice_grammar
 from quill.tokenizer import Tokenizer
 from tokenizer_helpers import tiny_sentencepiece_metadata, tiny_text_ids
 

@@ -34,7 +34,7 @@ class Prompts:
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                           tools: list[dict] | None = None) -> list[int]:
-        """`tools` reach the template (or the fallback tool prompt, see quill/structured/tools.py)."""
+        """`tools` reach the template (or the fallback tool prompt, see quill/structured/tool_messages.py)."""
         self.require_tokenizer()
         size = sum(len(m.get("content") or "") for m in messages)
         return await _tokenize(size, self.tokenizer.encode_chat, messages, add_generation_prompt, self.chat_template,

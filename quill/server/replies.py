@@ -18,7 +18,7 @@ from quill.server.errors import APIError
 from quill.server.logprobs import TokenText, chat_logprobs, completion_logprobs
 from quill.server.runs import Choice, Run, Update
 from quill.server.structured import NO_TOOLS, ToolPlan
-from quill.structured.tools import ToolCallParser
+from quill.structured.tool_calls import ToolCallParser
 
 SYSTEM_FINGERPRINT = f"quill-{__version__}"
 DONE = "data: [DONE]\n\n"

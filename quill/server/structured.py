@@ -10,7 +10,7 @@ the Responses API):
   the chat template is given, the grammar that `tool_choice` requires ("required" and a named
   function force a valid call, "auto" lets the model choose text or calls and makes a started call
   a valid one, "none" shows no tools and constrains nothing), and the call format the answer is
-  parsed in (`quill/structured/tools.py`: the template's own, else the Hermes-style fallback).
+  parsed in (`quill/structured/tools.py`, parsed by `tool_calls.py`: the template's own, else the Hermes-style fallback).
 - `plan_chat(...)`: both for one chat-like request (tools, tool_choice, parallel_tool_calls,
   response_format, structured_outputs, chat template): the `ToolPlan` and the constraint fields,
   with the rule that joins them (one grammar per request: tools that may be called exclude an
@@ -26,8 +26,9 @@ from typing import Any
 from quill.errors import StructuredOutputError
 from quill.server.protocol import ChatTool, NamedToolChoice, ResponseFormat, StructuredOutputs
 from quill.structured.constraints import constraint_from_fields
-from quill.structured.tools import (ParsedMessage, ToolCallParser, check_tools, detect_tool_format,
-                                    parse_tool_calls, template_supports_tools, tool_choice_grammar)
+from quill.structured.tool_calls import ParsedMessage, ToolCallParser, parse_tool_calls
+from quill.structured.tool_messages import template_supports_tools
+from quill.structured.tools import check_tools, detect_tool_format, tool_choice_grammar
 
 
 def output_constraint(response_format: ResponseFormat | None,

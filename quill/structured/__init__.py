@@ -7,8 +7,9 @@
 - `masks.py`: a step's masks over the logits rows; `stats.py`: counters for metrics;
 - `decoding.py`: what the engine talks to (masks filled on a worker during the forward pass, greedy
   picks vetted after it);
-- `tools.py`: tool calling: grammars for `tool_choice`, native-format parsers, streaming deltas,
-  the fallback prompt for chat templates without tools.
+- tool calling: `tools.py`, the call formats and the grammars for `tool_choice`; `tool_calls.py`,
+  calls parsed out of the output (streaming deltas too); `tool_messages.py`, a conversation with
+  tools as a chat template receives it (the fallback prompt for templates without tools).
 """
 from quill.structured.constraints import Constraint, constraint_from_fields
 from quill.structured.decoding import MaskJob, StructuredDecoding
