@@ -212,6 +212,24 @@ def test_a_call_cut_off_keeps_what_was_written():
     assert message.tool_calls == [ToolCall("call_0", "add", '{"a": 1, "b"')] and message.content is None
 
 
+@pytest.mark.parametrize("tool_format, text, content, calls", [
+    ("hermes", "<tool_call>", None, 0),
+    ("hermes", 'Sure.\n<tool_call>\n{"name": "get_', "Sure.", 0),
+    ("hermes", HERMES_CALL + '\n<tool_call>\n{"name": "ad', None, 1),
+    ("mistral", "Checking. [TOOL_CALLS]", "Checking.", 0),
+    ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}, {"na', None, 1),
+    ("llama3_json", '{"name": "get_w', None, 0),
+])
+def test_a_call_cut_off_before_its_name_is_dropped(tool_format, text, content, calls):
+    """Output cut (max_tokens, a stop string) inside a call's opening leaves no markup in the
+    content, streamed or not: it was the start of a call, and a call without a name is none."""
+    message = parse_tool_calls(text, tool_format, _ids)
+    assert message.content == content and len(message.tool_calls) == calls
+    parser = ToolCallParser(tool_format, _ids)
+    deltas = [delta for char in text for delta in parser.feed(char)] + parser.finish()
+    assert join_deltas(deltas) == message
+
+
 # -------------------------------------------------------------------- generation round trip
 SMALL_ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},

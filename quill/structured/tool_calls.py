@@ -220,7 +220,9 @@ class ToolCallParser:
     the text; `llama3_json` calls are the whole output (a first `{`), `;`-separated; `mistral`
     calls are a JSON array after `[TOOL_CALLS]`. Text that only looks like the start of an opener
     is held back until it is decided; an opener not followed by a call object is content. A call
-    cut off by the end of the output keeps what was written (the finish reason tells)."""
+    cut off by the end of the output keeps what was written (the finish reason tells); one cut off
+    before its name is complete is dropped, opener and all: what followed the opener was still the
+    start of a call object, so it was no text for the user, and without a name it is no call."""
 
     def __init__(self, tool_format: str = "hermes", call_id: Callable[[int], str] = new_call_id) -> None:
         if tool_format not in FORMATS:
@@ -249,12 +251,8 @@ class ToolCallParser:
     def finish(self) -> list[dict[str, Any]]:
         """Deltas for what was held back at the end of the output."""
         deltas: list[dict[str, Any]] = []
-        if self._call is not None and not self._call.started:
-            self._content(deltas, self._opener + self._call.text)
-        self._call = None
-        if self._state == "array_open":
-            self._content(deltas, self._opener + self._buffer)
-        elif self._state != "after_call":  # after a call, only whitespace or part of a closer is left
+        self._call = None  # a call cut off before its name is dropped (see the class docstring)
+        if self._state not in ("array_open", "after_call"):  # after a call, only whitespace or part of a closer
             self._content(deltas, self._buffer)
         self._buffer = ""
         if self._held_space and not self._num_calls:  # plain text keeps its last whitespace
