@@ -324,7 +324,9 @@ def test_what_cannot_be_honoured_is_refused_by_name(served, fields, param):
     app, _, http = served
     body = {"model": "tiny", "input": "Hello", "max_output_tokens": 4, **fields}
     status = 404 if param == "model" else 400
-    assert_error(http.post("/v1/responses", json=body), status, param)
+    error = assert_error(http.post("/v1/responses", json=body), status, param)
+    if param in ("max_output_tokens", "top_logprobs", "n"):  # a message in the client's words, not the engine's
+        assert param in error["message"], error
     assert http.post("/v1/responses", json={"model": "tiny", "input": "Hi", "max_output_tokens": 2}).status_code == 200
     wait_idle(app)
 

@@ -67,9 +67,8 @@ def _out_of_bounds(name: str) -> list:
     return values
 
 
-# Temperatures above 2 break the API's own bound first (test_api_rules_name_their_field).
-SAMPLING_CASES = [(name, value) for name in BOUNDS for value in _out_of_bounds(name)
-                  if not (name == "temperature" and value > 2)]
+# Temperatures outside [0, 2] break the API's own bounds first (test_api_rules_name_their_field).
+SAMPLING_CASES = [(name, value) for name in BOUNDS for value in _out_of_bounds(name) if name != "temperature"]
 
 
 @pytest.mark.parametrize("name, value", SAMPLING_CASES, ids=[f"{n}={v}" for n, v in SAMPLING_CASES])
@@ -83,7 +82,7 @@ def test_sampling_rules_are_sampling_params_own_in_both_endpoints(served, name, 
         if name == "min_tokens":  # min_tokens is clamped to a max_tokens the client did not choose
             body["max_tokens"] = 4
         error = assert_error(post(client, body), 400, field, "invalid_value")
-        assert error["message"] == expected.message, (body, error)
+        assert error["message"] == expected.message.replace(name, field, 1), (body, error)  # in the client's words
 
 
 @pytest.mark.parametrize("fields, param, code, owner", [
@@ -93,6 +92,7 @@ def test_sampling_rules_are_sampling_params_own_in_both_endpoints(served, name, 
     ({"logit_bias": {str(VOCAB): 1}}, "logit_bias", None, "EngineLimits"),
     ({"stop": [""]}, "stop", "invalid_value", "SamplingParams"),
     ({"stop_token_ids": [-1]}, "stop_token_ids", "invalid_value", "SamplingParams"),
+    ({"stop_token_ids": [3, VOCAB]}, "stop_token_ids", None, "EngineLimits"),
     ({"min_tokens": 9, "max_tokens": 4}, "min_tokens", "invalid_value", "SamplingParams"),
     ({"max_tokens": WINDOW}, "prompt", "context_length_exceeded", "EngineLimits"),
     ({"prompt": [1] * WINDOW}, "prompt", "context_length_exceeded", "EngineLimits"),
@@ -108,7 +108,8 @@ def test_model_and_sampling_rules_name_their_field(served, fields, param, code, 
     if owner == "SamplingParams":
         direct = pytest.raises(InvalidRequestError, SamplingParams, **{k: v for k, v in fields.items()}).value
     else:
-        params = SamplingParams(max_tokens=fields.get("max_tokens", 4), logit_bias=fields.get("logit_bias"))
+        params = SamplingParams(max_tokens=fields.get("max_tokens", 4), logit_bias=fields.get("logit_bias"),
+                                stop_token_ids=fields.get("stop_token_ids"))
         with pytest.raises(InvalidRequestError) as info:
             limits.check_context(len(body["prompt"]), params.max_tokens, "prompt")
             limits.check_request(body["prompt"], params)
@@ -133,6 +134,14 @@ def test_chat_errors_use_the_chat_field_names(served):
     (completion(stream_options={"include_usage": True}), 400, "stream_options", None),
     (chat(stream_options={"include_usage": True}), 400, "stream_options", None),
     (completion(temperature=2.5), 400, "temperature", "invalid_value"),
+    (chat(temperature=-0.5), 400, "temperature", "invalid_value"),
+    # fields of the API that would change the answer but cannot be honoured: refused by name
+    (chat(audio={"voice": "alloy", "format": "wav"}), 400, "audio", "unsupported_parameter"),
+    (chat(modalities=["text", "audio"]), 400, "modalities", "unsupported_parameter"),
+    (chat(web_search_options={}), 400, "web_search_options", "unsupported_parameter"),
+    (chat(reasoning_effort="low"), 400, "reasoning_effort", "unsupported_parameter"),
+    (completion(best_of=3), 400, "best_of", "unsupported_parameter"),
+    (completion(suffix="}"), 400, "suffix", "unsupported_parameter"),
     (completion(n="two"), 400, "n", "invalid_value"),
     (completion(prompt=[]), 400, "prompt", "invalid_value"),
     (chat(messages=[]), 400, "messages", "invalid_value"),
@@ -141,6 +150,14 @@ def test_chat_errors_use_the_chat_field_names(served):
 def test_api_rules_name_their_field(served, body, status, param, code):
     _, client = served
     assert_error(post(client, body), status, param, code)
+
+
+def test_refused_fields_at_their_off_values_are_accepted(served):
+    """What clients send by default (OpenAI's defaults spelled out) is no reason to refuse."""
+    _, client = served
+    for body in (chat(modalities=["text"], audio=None, reasoning_effort=None), completion(best_of=1, suffix=""),
+                 completion(best_of=2, n=2)):
+        assert post(client, body).status_code == 200, body
 
 
 def test_tokenize_and_detokenize_rules(served):
@@ -161,7 +178,9 @@ def test_every_request_field_is_honoured_or_handled_by_the_server():
                          # structured.py: the constraint and the tools (completions refuse tools)
                          "response_format", "structured_outputs", "tools", "tool_choice", "parallel_tool_calls",
                          "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                         "functions", "function_call"}  # the deprecated names of tools and tool_choice: refused
+                         "functions", "function_call",  # the deprecated names of tools and tool_choice: refused
+                         "best_of"}  # refused unless it equals n
+    handled_by_server |= set(ChatCompletionRequest.REFUSED) | set(CompletionRequest.REFUSED)
     for model in (ChatCompletionRequest, CompletionRequest):
         unknown = set(model.model_fields) - SAMPLING_FIELDS - handled_by_server
         assert not unknown, (model.__name__, unknown)

@@ -64,6 +64,7 @@ def _accepts(compiler, tokenizer, grammar: str, text: str) -> bool:
     ([WEATHER, {"type": "function", "function": {"name": "u", "parameters": {"type": "array", "uniqueItems": True}}}],
      "tools[1].function.parameters"),
     ([{"type": "function", "function": {"name": "u", "parameters": {"type": "objekt"}}}], "tools[0].function.parameters"),
+    ([{"type": "function", "function": {"name": "u", "parameters": {"type": "string"}}}], "tools[0].function.parameters"),
 ])
 def test_bad_tools_name_the_field(tools, param):
     with pytest.raises(StructuredOutputError) as caught:

@@ -58,4 +58,5 @@ class EngineLimits:
             raise InvalidRequestError("The prompt is empty.", param="prompt")
         self.check_token_ids(prompt_ids, "prompt")
         self.check_token_ids(params.logit_bias, "logit_bias")
+        self.check_token_ids(params.stop_token_ids, "stop_token_ids")
         self.check_context(len(prompt_ids))

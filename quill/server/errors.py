@@ -71,7 +71,10 @@ def api_error(exc: BaseException, field_names: Mapping[str, str] | None = None) 
         return exc
     if isinstance(exc, InvalidRequestError):
         param = (field_names or {}).get(exc.param, exc.param)
-        return APIError(400, exc.message, param=param, code=exc.code)
+        message = exc.message
+        if param != exc.param and message.startswith(f"{exc.param} "):  # "max_tokens must be" in the client's name
+            message = param + message[len(exc.param):]
+        return APIError(400, message, param=param, code=exc.code)
     if isinstance(exc, EngineShutdownError):
         return APIError(503, exc.message, type="server_error")
     if isinstance(exc, QuillError):  # the engine failed a step, a file went bad: ours, not the client's
@@ -115,7 +118,8 @@ _TYPE_TAGS = re.compile(r"^(str|int|float|bool|list|dict|none|function-\w+|union
 
 def validation_error(errors: Sequence[dict]) -> APIError:
     """The first pydantic error as an OpenAI 400: 'Invalid 'max_tokens': ...' with param set. A rule
-    of the protocol models that raised a typed error (`InvalidRequestError`) keeps its own."""
+    of the protocol models that raised a typed error (`InvalidRequestError`) keeps its own; a nested
+    model's rule names its field relative to itself ('.tool_call_id': messages[1].tool_call_id)."""
     if not errors:
         return APIError(400, "Invalid request body.")
     # A rule that raised its own error says more than the other shapes of a union failing (a list
@@ -127,6 +131,8 @@ def validation_error(errors: Sequence[dict]) -> APIError:
     if isinstance(raised, QuillError):
         if raised.param is None:  # raised by a field's own rule: the field is where pydantic found it
             raised.param = _param(loc)
+        elif raised.param.startswith("."):
+            raised.param = (_param(loc) or "") + raised.param
         return api_error(raised)
     if kind == "json_invalid":
         detail = (error.get("ctx") or {}).get("error", "JSON decode error")

@@ -7,14 +7,16 @@ are `SamplingParams`': a field named like a `SamplingParams` field is handed to 
 (`quill/server/sampling.py`), and the schema publishes its `BOUNDS`. Each request model also says
 what the endpoint calls the engine's fields (`field_names`), so an error keeps the client's names.
 Types are strict (`true` is not an integer, `"yes"` is not a boolean) and every string must be
-valid Unicode (no lone surrogates). Unknown fields are ignored, as OpenAI does; known ones Quill
-cannot honour (non-text content, the deprecated `functions`/`function_call`) are refused by name. The response models
+valid Unicode (no lone surrogates). Fields of the API that Quill cannot honour (non-text content,
+audio, web search, `best_of`, `suffix`, the deprecated `functions`/`function_call`, ...) are refused
+by name (each model's `REFUSED`). Fields nobody defined are ignored, as vLLM does (OpenAI refuses
+them): clients written for other servers send extensions of their own. The response models
 document the API (they feed `/openapi.json`); the routes build plain dicts of the same shape, which
 is cheaper than validating every streamed chunk.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -97,7 +99,7 @@ class SamplingFields(_Request):
                                      description="defaults to the server's default_max_tokens (see /v1/models), "
                                                  "at most the rest of the context window")
     # OpenAI's API stops at 2 (SamplingParams allows up to 100 for the Python API).
-    temperature: float | None = bounded("temperature", default=None, le=2.0)
+    temperature: float | None = bounded("temperature", default=None, ge=0.0, le=2.0)
     top_p: float | None = bounded("top_p", default=None)
     n: int = bounded("n", default=1)
     stop: Text | list[Text] | None = None
@@ -129,6 +131,19 @@ class SamplingFields(_Request):
     guided_regex: Text | None = None
     guided_choice: list[Text] | None = None
     guided_grammar: Text | None = None
+
+    # Fields of the API this endpoint cannot honour, each declared `Any` in its model so that it
+    # is seen: set to anything but an off value (None, false, 0, "", []), a 400 naming it. An empty
+    # object is no off value: `web_search_options: {}` turns web search on, with its defaults.
+    REFUSED: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="after")
+    def _refuse_what_quill_cannot_honour(self):
+        for name, what in self.REFUSED.items():
+            if getattr(self, name) not in (None, False, 0, "", []):
+                raise InvalidRequestError(f"'{name}': {what} is not supported by this server.", param=name,
+                                          code="unsupported_parameter")
+        return self
 
     @model_validator(mode="after")
     def _guided_fields_are_structured_outputs(self):
@@ -204,12 +219,12 @@ class ChatMessage(_Request):
         return content
 
     @model_validator(mode="after")
-    def _tool_fields_in_their_roles(self):
+    def _tool_fields_in_their_roles(self):  # params relative to the message (see errors.validation_error)
         if self.tool_calls is not None and self.role != "assistant":
-            raise InvalidRequestError("only assistant messages have 'tool_calls'", param="messages.tool_calls")
+            raise InvalidRequestError("only assistant messages have 'tool_calls'", param=".tool_calls")
         if self.role == "tool" and not self.tool_call_id:
             raise InvalidRequestError("a tool message needs the 'tool_call_id' of the call it answers",
-                                      param="messages.tool_call_id")
+                                      param=".tool_call_id")
         return self
 
 
@@ -245,6 +260,17 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: list[dict] | None = None  # the deprecated names of tools and tool_choice: refused
     function_call: Text | dict | None = None
+    audio: Any = None
+    modalities: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    REFUSED = {"audio": "audio output", "modalities": "output other than text", "web_search_options": "web search",
+               "reasoning_effort": "reasoning effort (the models served here have no such setting)"}
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _text_is_no_other_modality(cls, value):
+        return None if value == ["text"] else value  # OpenAI's default, spelled out
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -289,9 +315,19 @@ class CompletionRequest(SamplingFields):
     prompt: PromptInput
     logprobs: int | None = bounded("logprobs", default=None)
     echo: bool | None = False
+    best_of: int | None = None
+    suffix: Any = None
+    REFUSED = {"suffix": "inserting text before a suffix"}
     # Declared to be refused: a text completion has no tools (chat has).
     tools: Any = None
     tool_choice: Any = None
+
+    @model_validator(mode="after")
+    def _best_of_is_n(self):
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("'best_of' is not supported by this server: ask for n completions with "
+                                      "logprobs and rank them yourself.", param="best_of", code="unsupported_parameter")
+        return self
 
     @model_validator(mode="after")
     def _no_tools(self):
@@ -324,12 +360,6 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
-# What POST /v1/responses cannot honour: set to anything but its off value, a 400 naming it.
-RESPONSES_REFUSED = {
-    "background": "background mode", "conversation": "conversations (use previous_response_id)",
-    "prompt": "stored prompt templates", "reasoning": "reasoning options", "include": "extra output data (include)",
-    "context_management": "context management", "top_logprobs": "logprobs", "moderation": "moderation",
-}
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 
 
@@ -365,13 +395,14 @@ class ResponsesRequest(SamplingFields):
     context_management: Any = None
     top_logprobs: Any = None
     moderation: Any = None
+    REFUSED = {
+        "background": "background mode", "conversation": "conversations (use previous_response_id)",
+        "prompt": "stored prompt templates", "reasoning": "reasoning options", "include": "extra output data (include)",
+        "context_management": "context management", "top_logprobs": "logprobs", "moderation": "moderation",
+    }
 
     @model_validator(mode="after")
-    def _refuse_what_quill_cannot_honour(self):
-        for name, what in RESPONSES_REFUSED.items():
-            if getattr(self, name) not in (None, False, 0, [], {}):
-                raise InvalidRequestError(f"'{name}': {what} is not supported by this server.", param=name,
-                                          code="unsupported_parameter")
+    def _one_output_without_truncation(self):
         if self.truncation == "auto":
             raise InvalidRequestError("'truncation': only \"disabled\" is supported (a prompt too long for the "
                                       "context window is an error).", param="truncation", code="unsupported_value")

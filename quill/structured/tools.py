@@ -66,6 +66,10 @@ def check_tools(tools: Any) -> list[Tool]:
         parameters = function.get("parameters")
         if parameters is None:
             parameters = {"type": "object", "properties": {}}
+        if isinstance(parameters, Mapping) and parameters.get("type", "object") != "object":
+            # a call's arguments are a JSON object (as OpenAI requires of the schema)
+            raise StructuredOutputError(f"{where}.function.parameters must be a JSON Schema of type \"object\", got "
+                                        f"type {parameters['type']!r}", param=f"{where}.function.parameters")
         json_schema_constraint(parameters, param=f"{where}.function.parameters")
         description = function.get("description") or ""
         checked.append(Tool(name, description if isinstance(description, str) else str(description), dict(parameters)))
