@@ -60,6 +60,8 @@ class RequestOutput:
     index: int = 0  # which of the prompt's n completions this is
     logprobs: list | None = None  # TokenLogprob per output token, when requested
     error: Exception | None = None  # finish_reason "error": why this completion failed alone
+    # When requested: None for the first prompt token, then a TokenLogprob per prompt token.
+    prompt_logprobs: list | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -65,7 +65,7 @@ def _number(value: float) -> str:
 
 # Numeric fields and their ranges; None is allowed where the field's default is None.
 BOUNDS: dict[str, Bounds] = {
-    "max_tokens": Bounds(1, integer=True),
+    "max_tokens": Bounds(0, integer=True),  # 0: the prompt alone (to score it: prompt_logprobs)
     "temperature": Bounds(0.0, 100.0),
     "top_k": Bounds(-1, integer=True),  # 0 and -1: disabled
     "top_p": Bounds(0.0, 1.0, low_open=True),
@@ -100,6 +100,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id (an int, or one as a string) -> bias
     logprobs: int | None = None  # None: off; k >= 0: the chosen token's logprob and the top k
+    # The same for every prompt token after the first (what the model thought of the prompt:
+    # scoring, `echo` with `logprobs` on /v1/completions). Every prompt token is then computed:
+    # none is read from the prefix cache.
+    prompt_logprobs: int | None = None
     speculative: bool = True  # allow speculative decoding when the engine has it on (no effect on output)
     # Structured output (at most one; see quill/structured/constraints.py). The output is
     # constrained token by token, and ends (finish_reason "stop") once the grammar is complete.
@@ -129,6 +133,8 @@ class SamplingParams:
                 continue
             if not bounds.holds(value):
                 raise _invalid(name, bounds.describe(), value)
+        if self.prompt_logprobs is not None and not BOUNDS["logprobs"].holds(self.prompt_logprobs):
+            raise _invalid("prompt_logprobs", BOUNDS["logprobs"].describe(), self.prompt_logprobs)
         if self.min_tokens > self.max_tokens:
             raise _invalid("min_tokens", "an integer in [0, max_tokens]", self.min_tokens)
         if len(self.stop) > MAX_STOP_STRINGS or any(

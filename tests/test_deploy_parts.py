@@ -151,7 +151,8 @@ def test_deltas_rebuild_every_engine_output(tiny_model_dir):
     """Replica side: outputs -> deltas (pickled, as Ray sends them); ingress side: deltas -> outputs
     with the same text, tokens and logprobs as the engine's, for several completions at once."""
     engine = tiny_text_engine(tiny_model_dir("llama"))
-    params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=12, logprobs=2, ignore_eos=True)
+    params = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=12, logprobs=2, prompt_logprobs=1,
+                            ignore_eos=True)
     request_id = engine.add_request("Hello world", params)
     prompt_ids = engine.tokenizer.encode("Hello world")
     encoder, assembler = DeltaEncoder(), OutputAssembler(request_id, prompt_ids)
@@ -162,6 +163,7 @@ def test_deltas_rebuild_every_engine_output(tiny_model_dir):
             assert (rebuilt.index, rebuilt.text, rebuilt.delta) == (output.index, output.text, output.delta)
             assert rebuilt.token_ids == list(output.token_ids) and rebuilt.new_token_ids == output.new_token_ids
             assert rebuilt.logprobs == output.logprobs[:len(output.token_ids)]
+            assert rebuilt.prompt_logprobs == output.prompt_logprobs and len(rebuilt.prompt_logprobs) == len(prompt_ids)
             assert (rebuilt.finished, rebuilt.finish_reason) == (output.finished, output.finish_reason)
             assert rebuilt.prompt_token_ids == prompt_ids
             finished += rebuilt.finished
@@ -172,7 +174,7 @@ def test_merged_deltas_rebuild_the_same_final_outputs(tiny_model_dir):
     """A replica with stream_interval k sends k outputs at a time, merged per completion: the
     ingress ends with the same text, tokens, logprobs and finish for every completion."""
     engine = tiny_text_engine(tiny_model_dir("llama"))
-    params = SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=11, logprobs=2, ignore_eos=True)
+    params = SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=11, logprobs=2, prompt_logprobs=0, ignore_eos=True)
     request_id = engine.add_request("Hello world", params)
     encoder, assembler = DeltaEncoder(), OutputAssembler(request_id, engine.tokenizer.encode("Hello world"))
     final, rebuilt, pending = {}, {}, []
@@ -190,6 +192,7 @@ def test_merged_deltas_rebuild_the_same_final_outputs(tiny_model_dir):
     for index, output in final.items():
         got = rebuilt[index]
         assert (got.text, got.token_ids, got.logprobs) == (output.text, list(output.token_ids), output.logprobs)
+        assert got.prompt_logprobs == output.prompt_logprobs is not None
         assert (got.finished, got.finish_reason) == (True, "length")
 
 

@@ -408,7 +408,7 @@ def test_tiny_request_log(tiny):
     logger.addHandler(captured)
     try:
         client.post("/v1/completions", json=_tiny_completion(user="u1"))
-        client.post("/v1/completions", json=_tiny_completion(max_tokens=0))
+        client.post("/v1/completions", json=_tiny_completion(max_tokens=-1))
         with configured(app, log_prompts=True):
             client.post("/v1/completions", json=_tiny_completion())
             # The line is written once the response has been sent, so it can trail the client.
@@ -525,6 +525,34 @@ def test_n_choices_stop_seed_and_logprobs(client):
     for entry in entries:
         assert bytes(entry.bytes).decode() == entry.token and len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+
+
+@pytest.mark.real_model
+def test_an_echoed_prompt_is_scored_as_its_generation_reported(client, llm):
+    """What lm-eval-harness asks to score a text (echo, logprobs, max_tokens 0): every prompt token
+    with its logprob, the first null; scoring a greedy answer gives the logprobs generating it
+    reported, exactly, streamed or not."""
+    prompt = "Here is a list of fruits: apple, banana,"
+    answer = client.completions.create(model="smollm2", prompt=prompt, max_tokens=8, temperature=0, logprobs=2,
+                                       extra_body={"ignore_eos": True}).choices[0]
+    scored = client.completions.create(model="smollm2", prompt=prompt + answer.text, max_tokens=0, echo=True,
+                                       logprobs=2)
+    choice = scored.choices[0]
+    assert choice.text == prompt + answer.text and choice.finish_reason == "length"
+    assert (scored.usage.prompt_tokens, scored.usage.completion_tokens) == (len(llm.tokenizer.encode(prompt + answer.text)), 0)
+    logprobs = choice.logprobs
+    assert len(logprobs.tokens) == scored.usage.prompt_tokens and "".join(logprobs.tokens) == choice.text
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(len(logprobs.tokens))]
+    tail = len(answer.logprobs.tokens)  # the answer's tokens, as the prompt's last (it re-tokenizes alike here)
+    assert logprobs.tokens[-tail:] == answer.logprobs.tokens
+    assert logprobs.token_logprobs[-tail:] == answer.logprobs.token_logprobs
+    assert logprobs.top_logprobs[-tail:] == answer.logprobs.top_logprobs
+    streamed = client.completions.create(model="smollm2", prompt=prompt + answer.text, max_tokens=0, echo=True,
+                                         logprobs=2, stream=True)
+    chunks = [c.choices[0] for c in streamed if c.choices]
+    assert "".join(c.text for c in chunks) == choice.text
+    assert [t for c in chunks if c.logprobs for t in c.logprobs.token_logprobs] == logprobs.token_logprobs
 
 
 @pytest.mark.real_model

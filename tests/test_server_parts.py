@@ -76,9 +76,11 @@ def test_sampling_rules_are_sampling_params_own_in_both_endpoints(served, name, 
     """Each range is SamplingParams': the HTTP error carries its message, under the endpoint's name."""
     _, client = served
     expected = pytest.raises(InvalidRequestError, SamplingParams, **{name: value}).value
-    for body, field in ((completion(**{name: value}), name),
-                        (chat(**({"logprobs": True, "top_logprobs": value} if name == "logprobs" else {name: value})),
-                         CHAT_NAMES.get(name, name))):
+    bodies = [(completion(**{name: value}), name)]
+    if name != "max_tokens":  # a chat's own bound (at least 1) comes first: test_api_rules_name_their_field
+        bodies.append((chat(**({"logprobs": True, "top_logprobs": value} if name == "logprobs" else {name: value})),
+                       CHAT_NAMES.get(name, name)))
+    for body, field in bodies:
         if name == "min_tokens":  # min_tokens is clamped to a max_tokens the client did not choose
             body["max_tokens"] = 4
         error = assert_error(post(client, body), 400, field, "invalid_value")
@@ -142,6 +144,9 @@ def test_chat_errors_use_the_chat_field_names(served):
     (chat(reasoning_effort="low"), 400, "reasoning_effort", "unsupported_parameter"),
     (completion(best_of=3), 400, "best_of", "unsupported_parameter"),
     (completion(suffix="}"), 400, "suffix", "unsupported_parameter"),
+    (completion(prompt_logprobs=1), 400, "prompt_logprobs", "unsupported_parameter"),  # vLLM's: echo scores
+    (chat(prompt_logprobs=1), 400, "prompt_logprobs", "unsupported_parameter"),
+    (chat(max_tokens=0), 400, "max_tokens", "invalid_value"),  # a text completion's prompt alone, not a chat's
     (completion(n="two"), 400, "n", "invalid_value"),
     (completion(prompt=[]), 400, "prompt", "invalid_value"),
     (chat(messages=[]), 400, "messages", "invalid_value"),
@@ -158,6 +163,13 @@ def test_refused_fields_at_their_off_values_are_accepted(served):
     for body in (chat(modalities=["text"], audio=None, reasoning_effort=None), completion(best_of=1, suffix=""),
                  completion(best_of=2, n=2)):
         assert post(client, body).status_code == 200, body
+
+
+def test_max_tokens_0_computes_the_prompt_alone(served):
+    _, client = served
+    body = post(client, completion(max_tokens=0, logprobs=1)).json()
+    assert [(c["text"], c["finish_reason"], c["logprobs"]["tokens"]) for c in body["choices"]] == [("", "length", [])]
+    assert body["usage"]["completion_tokens"] == 0
 
 
 def test_tokenize_and_detokenize_rules(served):
@@ -190,12 +202,15 @@ def test_every_request_field_is_honoured_or_handled_by_the_server():
 def test_schema_publishes_sampling_params_bounds():
     schema = CompletionRequest.model_json_schema()["properties"]
     for name, bounds in BOUNDS.items():
+        if name == "temperature":
+            continue
         published = schema[name]
         if bounds.low is not None:
             assert published.get("exclusiveMinimum" if bounds.low_open else "minimum") == bounds.low, name
-        if bounds.high is not None and name != "temperature":
+        if bounds.high is not None:
             assert published["maximum"] == bounds.high, name
-    assert schema["temperature"]["anyOf"][0]["maximum"] == 2.0  # the API's own bound
+    temperature = schema["temperature"]["anyOf"][0]
+    assert (temperature["minimum"], temperature["maximum"]) == (0.0, 2.0)  # the API's own bounds
 
 
 def test_engine_refuses_with_the_same_rules(tiny_model_dir):

@@ -117,10 +117,10 @@ def test_verification_logits_are_bit_identical_to_decoding(tiny_model_dir, arch,
     for token in [None] + drafts:
         if token is not None:
             decoding.token_ids.append(token)
-        one_by_one.append(runner.execute([decoding], [1])[1][0])
+        one_by_one.append(runner.execute([decoding], [1]).logits[0])
         decoding.num_computed_tokens += 1
     verifying.draft_token_ids = drafts
-    _, together = runner.execute([verifying], [1 + len(drafts)])
+    together = runner.execute([verifying], [1 + len(drafts)]).logits
     assert torch.equal(together, torch.stack(one_by_one))
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tiny_models
-from engine_helpers import run_requests
+from engine_helpers import run_outputs, run_requests
 from quill import LLM, cli
 from quill.config import EngineConfig
 from quill.distributed import start_tensor_parallel
@@ -44,7 +44,8 @@ def test_a_step_travels_to_the_other_ranks_unchanged():
     batch = StepBatch(token_ids=[5, 6, 7, 8], positions=[0, 1, 2, 9], slot_mapping=[16, 17, 18, 41],
                       single_rows=[3], single_context_lens=[10], single_tables=[[2, 7]],
                       prompts=[PromptPlan(0, 2, 2, None), PromptPlan(2, 1, 5, [32, 33, 34, 35, 36])],
-                      sample_rows=[1, 2, 3])
+                      sample_rows=[1, 2, 3], prompt_logprob_rows=[0, 1], prompt_logprob_targets=[6, 7],
+                      prompt_logprob_top=[2, 2])
     assert decode(encode(batch)) == batch
     assert decode(encode(StepBatch())) == StepBatch()
 
@@ -185,6 +186,14 @@ def _assert_same_model(whole: Engine, split: Engine, tolerance: float = 1e-5) ->
     expected, got = whole.runner.prompt_logits(ids), split.runner.prompt_logits(ids)
     torch.testing.assert_close(got, expected, rtol=0, atol=tolerance * expected.abs().max().item())
     assert torch.equal(got.argmax(dim=-1), expected.argmax(dim=-1))
+    # Prompt logprobs, the prompt in chunks: the other ranks join every piece of the scoring (the
+    # split head's collectives), and the records are the whole model's (the most likely token the
+    # same, as the argmax above; the runners-up may swap within the tolerance).
+    scoring = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2)
+    mine, theirs = (run_outputs(engine, [ids], scoring)[0].prompt_logprobs[1:] for engine in (split, whole))
+    assert [(r.token_id, r.top[0][0]) for r in mine] == [(r.token_id, r.top[0][0]) for r in theirs]
+    torch.testing.assert_close(torch.tensor([r.logprob for r in mine]), torch.tensor([r.logprob for r in theirs]),
+                               rtol=0, atol=tolerance * expected.abs().max().item() * 2)
     # Greedy tokens through every path: prompts chunked, requests joining running batches, decoding;
     # and, as in one process, a request's tokens do not depend on the batch around it.
     together = run_requests(split, PROMPTS, GREEDY, arrive_every=2)

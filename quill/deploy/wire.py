@@ -43,6 +43,7 @@ class OutputDelta:
     finished: bool
     finish_reason: str | None
     metrics: RequestMetrics
+    prompt_logprobs: list | None = None  # with a completion's first delta only (complete by then)
 
 
 class DeltaEncoder:
@@ -50,6 +51,7 @@ class DeltaEncoder:
 
     def __init__(self) -> None:
         self._logprobs_sent: dict[int, int] = {}  # completion index -> logprob records sent
+        self._started: set[int] = set()  # completions whose first delta went out
 
     def encode(self, output: RequestOutput) -> OutputDelta:
         new_logprobs = None
@@ -59,8 +61,12 @@ class DeltaEncoder:
             end = start + len(output.new_token_ids)
             new_logprobs = output.logprobs[start:end]
             self._logprobs_sent[output.index] = end
+        prompt_logprobs = None
+        if output.index not in self._started:
+            self._started.add(output.index)
+            prompt_logprobs = output.prompt_logprobs
         return OutputDelta(output.index, list(output.new_token_ids), output.delta, new_logprobs, output.finished,
-                           output.finish_reason, output.metrics)
+                           output.finish_reason, output.metrics, prompt_logprobs)
 
 
 def merge_deltas(deltas: list[OutputDelta]) -> list[OutputDelta]:
@@ -72,7 +78,7 @@ def merge_deltas(deltas: list[OutputDelta]) -> list[OutputDelta]:
         if held is None:
             merged[delta.index] = OutputDelta(delta.index, list(delta.new_token_ids), delta.delta,
                                               None if delta.new_logprobs is None else list(delta.new_logprobs),
-                                              delta.finished, delta.finish_reason, delta.metrics)
+                                              delta.finished, delta.finish_reason, delta.metrics, delta.prompt_logprobs)
             continue
         held.new_token_ids += delta.new_token_ids
         held.delta += delta.delta
@@ -87,6 +93,7 @@ class _Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list | None = None
+    prompt_logprobs: list | None = None
 
 
 class OutputAssembler:
@@ -105,8 +112,11 @@ class OutputAssembler:
             if completion.logprobs is None:
                 completion.logprobs = []
             completion.logprobs.extend(delta.new_logprobs)
+        if delta.prompt_logprobs is not None:
+            completion.prompt_logprobs = delta.prompt_logprobs
         return RequestOutput(
             request_id=self.request_id, prompt_token_ids=self.prompt_ids, token_ids=completion.token_ids,
             text=completion.text, delta=delta.delta, finished=delta.finished, finish_reason=delta.finish_reason,
             metrics=delta.metrics, new_token_ids=delta.new_token_ids, index=delta.index, logprobs=completion.logprobs,
+            prompt_logprobs=completion.prompt_logprobs,
         )

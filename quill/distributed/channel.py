@@ -28,7 +28,8 @@ CACHE_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def encode(batch: StepBatch) -> list[int]:
     out: list[int] = []
     for values in (batch.token_ids, batch.positions, batch.slot_mapping, batch.single_rows,
-                   batch.single_context_lens, batch.sample_rows):
+                   batch.single_context_lens, batch.sample_rows, batch.prompt_logprob_rows,
+                   batch.prompt_logprob_targets, batch.prompt_logprob_top):
         _put(out, values)
     _put_nested(out, batch.single_tables)
     _put(out, [v for p in batch.prompts for v in (p.start, p.num_queries, p.context_len)])
@@ -39,10 +40,12 @@ def encode(batch: StepBatch) -> list[int]:
 def decode(values: list[int]) -> StepBatch:
     reader = _Reader(values)
     token_ids, positions, slot_mapping, single_rows, context_lens, sample_rows = (reader.list() for _ in range(6))
+    prompt_logprob_rows, targets, top = (reader.list() for _ in range(3))
     tables = reader.nested()
     spans, slots = reader.list(), reader.nested()
     prompts = [PromptPlan(spans[i], spans[i + 1], spans[i + 2], slots[i // 3] or None) for i in range(0, len(spans), 3)]
-    return StepBatch(token_ids, positions, slot_mapping, single_rows, context_lens, tables, prompts, sample_rows)
+    return StepBatch(token_ids, positions, slot_mapping, single_rows, context_lens, tables, prompts, sample_rows,
+                     prompt_logprob_rows, targets, top)
 
 
 def _put(out: list[int], values: list[int]) -> None:

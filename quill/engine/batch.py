@@ -35,6 +35,11 @@ class StepBatch:
     single_tables: list[list[int]] = field(default_factory=list)  # per single row, its KV blocks
     prompts: list[PromptPlan] = field(default_factory=list)
     sample_rows: list[int] = field(default_factory=list)  # rows whose logits come back
+    # Rows whose logits score the next prompt token (`SamplingParams.prompt_logprobs`): that token,
+    # and how many alternatives to report, per row.
+    prompt_logprob_rows: list[int] = field(default_factory=list)
+    prompt_logprob_targets: list[int] = field(default_factory=list)
+    prompt_logprob_top: list[int] = field(default_factory=list)
 
 
 class StepChannel(Protocol):

@@ -202,7 +202,10 @@ class Engine:
             return []
         # Masks are filled on a worker while the model runs (see quill/structured/decoding.py).
         mask_job = self.structured.start(batch.requests, batch.num_new_tokens) if self.structured else None
-        to_sample, logits = self.runner.execute(batch.requests, batch.num_new_tokens)
+        step = self.runner.execute(batch.requests, batch.num_new_tokens)
+        for request, records in step.prompt_logprobs:
+            request.prompt_logprobs.extend(records)
+        to_sample, logits = step.to_sample, step.logits
         now = time.perf_counter()
         num_prefill = 0
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
@@ -255,6 +258,8 @@ class Engine:
         delta = ""
         finish_reason = error = None
         new_token_ids = []
+        if request.params.max_tokens == 0:  # the prompt alone (scoring it): the token sampled is dropped
+            token_ids, finish_reason = [], "length"
         for token_id, logprob in zip(token_ids, logprobs):
             request.token_ids.append(token_id)
             new_token_ids.append(token_id)
@@ -290,6 +295,7 @@ class Engine:
             finished=finish_reason is not None, finish_reason=finish_reason,
             metrics=metrics, new_token_ids=new_token_ids,
             logprobs=request.logprobs if request.params.logprobs is not None else None, error=error,
+            prompt_logprobs=request.prompt_logprobs if request.params.prompt_logprobs is not None else None,
         )
 
     def _finish(self, request: Request, finish_reason: str, now: float) -> None:

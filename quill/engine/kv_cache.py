@@ -143,9 +143,10 @@ class KVCacheManager:
         """Block ids holding the longest cached prefix of the request's tokens.
 
         At least one token is always left to compute, because the model must run on the last
-        token to produce the next one's logits.
+        token to produce the next one's logits. A request that still needs its prompt's logprobs
+        computes every prompt token: it reads nothing from the cache.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.needs_prompt_logprobs:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         blocks: list[int] = []

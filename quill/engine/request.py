@@ -42,6 +42,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.logprobs: list = []  # one TokenLogprob per output token, when requested
+        # When requested, one per prompt token computed so far: None for the first (nothing
+        # predicts it), then a TokenLogprob for each (see ModelRunner.plan).
+        self.prompt_logprobs: list = [None] if params.prompt_logprobs is not None else []
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
 
     @property
@@ -64,6 +67,11 @@ class Request:
     def is_decoding(self) -> bool:
         """Every token but the last sampled one has its KV computed: the state drafts build on."""
         return self.num_computed_tokens == self.num_tokens - 1
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt logprobs were asked for and some are still to be computed."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_prefilling(self) -> bool:

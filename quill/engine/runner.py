@@ -16,6 +16,7 @@ parallelism, rank 0's runner sends each batch to the other ranks' runners (`quil
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from quill.errors import InvalidRequestError
 from quill.engine.batch import PromptPlan, StepBatch, StepChannel
 from quill.engine.decode_graphs import build_decode_runner
 from quill.engine.request import Request
+from quill.engine.sampler import TokenLogprob, token_logprobs
 from quill.hardware import return_freed_memory_to_os
 from quill.layers.attention import AttentionMetadata, PagedAttention, PromptSpan, SingleQueryRows
 from quill.layers.linear import prepare_linears_for_cpu
@@ -32,6 +34,21 @@ from quill.layers.matmul import describe_paths, kernel_path
 from quill.layers.quantized import KERNEL_ROW_BLOCK, QuantizedLinear
 
 log = logging.getLogger("quill")
+
+# Prompt-logprob rows turned into logits at a time: a chunk never holds [rows, vocab] logits all at
+# once (512 rows of Gemma 3's 262,144-token vocabulary would be 537 MB of float32).
+PROMPT_SCORING_ROWS = 64
+
+
+@dataclass
+class StepLogits:
+    """What a forward pass gives the engine: the logits of the requests that sample (one row each,
+    or one per position for a request verifying drafts), and the records of the prompt tokens
+    scored this step (`SamplingParams.prompt_logprobs`), per request, in prompt order."""
+
+    to_sample: list[Request]
+    logits: torch.Tensor
+    prompt_logprobs: list[tuple[Request, list[TokenLogprob]]] = field(default_factory=list)
 
 
 def kv_cache_dtype(requested: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -128,20 +145,28 @@ class ModelRunner:
         return request.block_ids[position // self.block_size] * self.block_size + position % self.block_size
 
     @torch.inference_mode()
-    def execute(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[list[Request], torch.Tensor]:
-        """Run one forward pass. Returns the requests to sample for and their logits: one row each,
-        or 1 + len(draft_token_ids) consecutive rows for a request verifying drafts."""
-        batch, to_sample = self.plan(requests, num_new_tokens)
-        if self.decode is not None and self.decode.takes(num_new_tokens):
+    def execute(self, requests: list[Request], num_new_tokens: list[int]) -> StepLogits:
+        """Run one forward pass: the logits of the requests to sample for (one row each, or 1 +
+        len(draft_token_ids) consecutive rows for a request verifying drafts), and prompt logprobs."""
+        batch, to_sample, scoring = self.plan(requests, num_new_tokens)
+        if self.decode is not None and self.decode.takes(num_new_tokens) and not scoring:
             hidden = self.decode.run(batch.token_ids, batch.positions, batch.slot_mapping, batch.single_tables,
                                      batch.single_context_lens)
-            return to_sample, self.model.compute_logits(hidden[batch.sample_rows])
-        return to_sample, self.run(batch)
+            return StepLogits(to_sample, self.model.compute_logits(hidden[batch.sample_rows]))
+        logits, records = self.run(batch)
+        scored, at = [], 0
+        for request, count in scoring:
+            scored.append((request, records[at:at + count]))
+            at += count
+        return StepLogits(to_sample, logits, scored)
 
-    def plan(self, requests: list[Request], num_new_tokens: list[int]) -> tuple[StepBatch, list[Request]]:
-        """The step as plain data, and the requests that get logits rows (in `sample_rows` order)."""
+    def plan(self, requests: list[Request], num_new_tokens: list[int]
+             ) -> tuple[StepBatch, list[Request], list[tuple[Request, int]]]:
+        """The step as plain data, the requests that get logits rows (in `sample_rows` order), and
+        those that score prompt tokens, with how many (in `prompt_logprob_rows` order)."""
         batch = StepBatch()
         to_sample: list[Request] = []
+        scoring: list[tuple[Request, int]] = []
         row = 0
         for request, num_new in zip(requests, num_new_tokens):
             start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
@@ -157,22 +182,25 @@ class ModelRunner:
                 batch.single_tables.extend([request.block_ids] * num_new)
             else:  # part of the context cached already: attention reads it all from there
                 batch.prompts.append(PromptPlan(row, num_new, end, self._context_slots(request, end) if start else None))
+            if request.needs_prompt_logprobs:
+                scoring.append((request, _plan_prompt_scoring(batch, request, row, start, end)))
             row += num_new
             if end >= request.num_tokens:
                 batch.sample_rows.extend(range(row - 1 - num_drafts, row))
                 to_sample.append(request)
-        return batch, to_sample
+        return batch, to_sample, scoring
 
     @torch.inference_mode()
-    def run(self, batch: StepBatch) -> torch.Tensor:
-        """One forward pass over `batch`; float32 logits of its `sample_rows`, on the model's device
-        (empty when none). With a step channel (tensor parallelism), the other ranks run the same batch."""
+    def run(self, batch: StepBatch) -> tuple[torch.Tensor, list[TokenLogprob]]:
+        """One forward pass over `batch`: float32 logits of its `sample_rows`, on the model's device
+        (empty when none), and the records of its `prompt_logprob_rows`. With a step channel (tensor
+        parallelism), the other ranks run the same batch."""
         if self.channel is None:
             return self._forward(batch)
         with self.channel.step(batch):
             return self._forward(batch)
 
-    def _forward(self, batch: StepBatch) -> torch.Tensor:
+    def _forward(self, batch: StepBatch) -> tuple[torch.Tensor, list[TokenLogprob]]:
         device = self.device
         single = None
         if batch.single_rows:
@@ -185,10 +213,19 @@ class ModelRunner:
         meta = AttentionMetadata(torch.tensor(batch.slot_mapping, device=device), single, prompts)
         hidden = self.model(torch.tensor(batch.token_ids, device=device),
                             torch.tensor(batch.positions, device=device), meta)
-        if not batch.sample_rows:
-            return hidden.new_empty((0, 0))
         # Logits stay where they were computed: a GPU samples them there (quill.engine.device_sampler).
-        return self.model.compute_logits(hidden[batch.sample_rows])
+        logits = self.model.compute_logits(hidden[batch.sample_rows]) if batch.sample_rows else hidden.new_empty((0, 0))
+        return logits, self._score_prompt_tokens(hidden, batch)
+
+    def _score_prompt_tokens(self, hidden: torch.Tensor, batch: StepBatch) -> list[TokenLogprob]:
+        """The records of `batch.prompt_logprob_rows`, PROMPT_SCORING_ROWS at a time. The head
+        computes every row alike, so a row scores the same here as if it were sampled from."""
+        rows, records = batch.prompt_logprob_rows, []
+        for at in range(0, len(rows), PROMPT_SCORING_ROWS):
+            piece = slice(at, at + PROMPT_SCORING_ROWS)
+            logits = self.model.compute_logits(hidden[rows[piece]])
+            records += token_logprobs(logits, batch.prompt_logprob_targets[piece], batch.prompt_logprob_top[piece])
+        return records
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits [tokens, vocab] at every position of `token_ids` prefilled alone, as one
@@ -205,4 +242,18 @@ class ModelRunner:
             batch.single_tables = [blocks] * num_tokens
         else:
             batch.prompts = [PromptPlan(0, num_tokens, num_tokens, None)]
-        return self.run(batch).cpu()
+        return self.run(batch)[0].cpu()
+
+
+def _plan_prompt_scoring(batch: StepBatch, request: Request, first_row: int, start: int, end: int) -> int:
+    """Add the rows of a request's positions start..end-1 (from `first_row` on) that score its next
+    prompt token, from the first not scored yet (a prompt recomputed after preemption is scored
+    once); returns how many. Position p's logits score prompt token p + 1."""
+    first = len(request.prompt_logprobs) - 1  # the position that scores the next token
+    assert start <= first, "prompt positions computed without scoring (the prefix cache skips such requests)"
+    last = min(end, request.num_prompt_tokens - 1)
+    for position in range(first, last):
+        batch.prompt_logprob_rows.append(first_row + position - start)
+        batch.prompt_logprob_targets.append(request.token_ids[position + 1])
+        batch.prompt_logprob_top.append(request.params.prompt_logprobs)
+    return max(0, last - first)

@@ -134,16 +134,20 @@ def logprob_records(raw_logits: torch.Tensor, requests: list[Request], tokens: l
     the chosen tokens' logprobs and the top k come back to the host (one copy each)."""
     rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
     records: list[TokenLogprob | None] = [None] * len(requests)
-    if not rows:
-        return records
-    device = raw_logits.device
-    logprobs = torch.log_softmax(raw_logits[torch.tensor(rows, device=device)], dim=-1)
-    max_top = max(requests[i].params.logprobs for i in rows)
-    top_values, top_ids = (t.tolist() for t in logprobs.topk(max(max_top, 1), dim=-1))
-    chosen = torch.tensor([tokens[i] for i in rows], device=device)[:, None]
-    chosen_logprobs = logprobs.gather(1, chosen)[:, 0].tolist()
-    for row, i in enumerate(rows):
-        k = requests[i].params.logprobs
-        top = list(zip(top_ids[row][:k], top_values[row][:k]))
-        records[i] = TokenLogprob(tokens[i], chosen_logprobs[row], top)
+    if rows:
+        chosen = token_logprobs(raw_logits[torch.tensor(rows, device=raw_logits.device)], [tokens[i] for i in rows],
+                                [requests[i].params.logprobs for i in rows])
+        for i, record in zip(rows, chosen):
+            records[i] = record
     return records
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """Each row's record of `tokens[row]` with its `tops[row]` most likely alternatives, from
+    logits [rows, vocab] on any device (only the numbers kept come back to the host)."""
+    device = logits.device
+    logprobs = torch.log_softmax(logits, dim=-1)
+    top_values, top_ids = (t.tolist() for t in logprobs.topk(max(max(tops), 1), dim=-1))
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=device)[:, None])[:, 0].tolist()
+    return [TokenLogprob(token, logprob, list(zip(ids[:k], values[:k])))
+            for token, logprob, ids, values, k in zip(tokens, chosen, top_ids, top_values, tops)]

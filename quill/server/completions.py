@@ -30,5 +30,6 @@ async def completion(server: ServerState, request: Request, body: CompletionRequ
     params = sampling_params(body, prompts, server.limits, server.config, constraint)
     echo = [server.prompts.text(p) if body.echo else "" for p in raw_prompts]
     head = Head(f"cmpl-{record.request_id}", server.model.name, int(time.time()), body.include_usage)
-    reply = CompletionReply(head, server.token_text, params.skip_special_tokens, logprobs=body.logprobs, echo=echo)
+    reply = CompletionReply(head, server.token_text, params.skip_special_tokens, logprobs=body.logprobs, echo=echo,
+                            prompts=prompts)
     return await respond(server, request, body, reply, prompts, params)

@@ -1,6 +1,6 @@
 """Logprobs in OpenAI's two shapes: `chat_logprobs` (chat completions: token, logprob, bytes and
 top alternatives) and `completion_logprobs` (legacy completions: parallel lists with text
-offsets). `TokenText` gives the bytes and text of single tokens, undoing byte-level (GPT-2) and
+offsets; `echoed_completion_logprobs` with the echoed prompt's tokens first). `TokenText` gives the bytes and text of single tokens, undoing byte-level (GPT-2) and
 SentencePiece piece encodings; impossible tokens are reported as -9999 since JSON has no infinity.
 """
 from __future__ import annotations
@@ -82,6 +82,19 @@ def chat_logprobs(text: TokenText, logprobs: list, top: int, skip_special: bool)
 
     return [{**entry(item.token_id, item.logprob), "top_logprobs": [entry(t, lp) for t, lp in item.top[:top]]}
             for item in logprobs or []]
+
+
+def echoed_completion_logprobs(text: TokenText, prompt_ids: list[int], prompt_logprobs: list, logprobs: list, k: int,
+                               skip_special: bool, completion_offset: int) -> tuple[dict, int]:
+    """An echoed completion's (or first chunk's) `logprobs`: the prompt's tokens from character 0
+    (the first with no logprob: nothing predicts it, so OpenAI reports null), then the
+    completion's from `completion_offset` (where its text starts after the echoed prompt); and
+    the offset after them."""
+    first = text.text(prompt_ids[0], skip_special)
+    prompt, _ = completion_logprobs(text, prompt_logprobs[1:], k, skip_special, len(first))
+    completion, offset = completion_logprobs(text, logprobs, k, skip_special, completion_offset)
+    firsts = {"tokens": first, "token_logprobs": None, "top_logprobs": None, "text_offset": 0}
+    return {key: [value, *prompt[key], *completion[key]] for key, value in firsts.items()}, offset
 
 
 def completion_logprobs(text: TokenText, logprobs: list, k: int, skip_special: bool, offset: int) -> tuple[dict, int]:

@@ -26,10 +26,11 @@ from quill.sampling_params import BOUNDS
 
 def bounded(name: str, **field) -> Any:
     """A field whose range is `SamplingParams`' (checked there; published here). An API bound of its
-    own (`le`) replaces the published maximum."""
+    own (`ge`, `le`) replaces the published minimum or maximum."""
     schema = BOUNDS[name].json_schema()
-    if "le" in field:
-        del schema["maximum"]
+    for bound, key in (("ge", "minimum"), ("le", "maximum")):
+        if bound in field:
+            schema.pop(key, None)
     return Field(**field, json_schema_extra=schema)
 
 
@@ -44,6 +45,7 @@ def _valid_unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]  # every string a request carries
+MAX_TOKENS_HELP = "defaults to the server's default_max_tokens (see /v1/models), at most the rest of the context window"
 
 
 class _Request(BaseModel):
@@ -95,9 +97,9 @@ class SamplingFields(_Request):
     """Parameters shared by chat and text completions (OpenAI's, then Quill's extensions)."""
 
     model: Text | None = Field(default=None, description="the served model name; defaults to the only model")
-    max_tokens: int | None = bounded("max_tokens", default=None,
-                                     description="defaults to the server's default_max_tokens (see /v1/models), "
-                                                 "at most the rest of the context window")
+    # 0 is the prompt alone: a text completion that `echo`es it with its logprobs scores it. A chat
+    # and a response answer with at least one token (their models say so).
+    max_tokens: int | None = bounded("max_tokens", default=None, description=MAX_TOKENS_HELP)
     # OpenAI's API stops at 2 (SamplingParams allows up to 100 for the Python API).
     temperature: float | None = bounded("temperature", default=None, ge=0.0, le=2.0)
     top_p: float | None = bounded("top_p", default=None)
@@ -180,6 +182,10 @@ class SamplingFields(_Request):
         """`SamplingParams.logprobs`: None (off) or how many alternatives to report per token."""
         raise NotImplementedError
 
+    def requested_prompt_logprobs(self) -> int | None:
+        """`SamplingParams.prompt_logprobs`: the same for the prompt's tokens (None: off)."""
+        return None
+
 
 class TextContentPart(_Request):
     type: Literal["text"]
@@ -251,7 +257,9 @@ class NamedToolChoice(_Request):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = bounded("max_tokens", default=None, description="the newer name of max_tokens")
+    max_tokens: int | None = bounded("max_tokens", default=None, ge=1, description=MAX_TOKENS_HELP)
+    max_completion_tokens: int | None = bounded("max_tokens", default=None, ge=1,
+                                                description="the newer name of max_tokens")
     logprobs: bool | None = False
     top_logprobs: int | None = bounded("logprobs", default=None)
     add_generation_prompt: bool | None = True
@@ -264,8 +272,10 @@ class ChatCompletionRequest(SamplingFields):
     modalities: Any = None
     web_search_options: Any = None
     reasoning_effort: Any = None
+    prompt_logprobs: Any = None
     REFUSED = {"audio": "audio output", "modalities": "output other than text", "web_search_options": "web search",
-               "reasoning_effort": "reasoning effort (the models served here have no such setting)"}
+               "reasoning_effort": "reasoning effort (the models served here have no such setting)",
+               "prompt_logprobs": "vLLM's prompt_logprobs (a text completion with echo and logprobs scores its prompt)"}
 
     @field_validator("modalities", mode="before")
     @classmethod
@@ -317,7 +327,9 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     best_of: int | None = None
     suffix: Any = None
-    REFUSED = {"suffix": "inserting text before a suffix"}
+    prompt_logprobs: Any = None
+    REFUSED = {"suffix": "inserting text before a suffix",
+               "prompt_logprobs": "vLLM's prompt_logprobs field (echo with logprobs scores the prompt, as OpenAI's API does)"}
     # Declared to be refused: a text completion has no tools (chat has).
     tools: Any = None
     tool_choice: Any = None
@@ -339,6 +351,10 @@ class CompletionRequest(SamplingFields):
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs
+
+    def requested_prompt_logprobs(self) -> int | None:
+        """An echoed prompt comes with its logprobs too (the first token has none: nothing predicts it)."""
+        return self.logprobs if self.echo else None
 
 
 class TokenizeRequest(_Request):
@@ -376,9 +392,8 @@ class ResponsesRequest(SamplingFields):
 
     input: Text | Annotated[list[dict[str, Any]], Field(min_length=1)]
     instructions: Text | None = None
-    max_output_tokens: int | None = bounded("max_tokens", default=None,
-                                            description="defaults to the server's default_max_tokens (see /v1/models), "
-                                                        "at most the rest of the context window")
+    max_tokens: int | None = bounded("max_tokens", default=None, ge=1, description=MAX_TOKENS_HELP)
+    max_output_tokens: int | None = bounded("max_tokens", default=None, ge=1, description=MAX_TOKENS_HELP)
     metadata: dict[Text, Text] | None = None
     store: bool | None = True
     previous_response_id: Text | None = None

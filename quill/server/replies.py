@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 
 from quill import __version__
 from quill.server.errors import APIError
-from quill.server.logprobs import TokenText, chat_logprobs, completion_logprobs
+from quill.server.logprobs import TokenText, chat_logprobs, completion_logprobs, echoed_completion_logprobs
 from quill.server.runs import Choice, Run, Update
 from quill.server.structured import NO_TOOLS, ToolPlan
 from quill.structured.tool_calls import ToolCallParser
@@ -200,10 +200,11 @@ class CompletionReply(Reply):
     chunk_object = "text_completion"
 
     def __init__(self, head: Head, token_text: TokenText, skip_special: bool, logprobs: int | None,
-                 echo: list[str]) -> None:
+                 echo: list[str], prompts: list[list[int]]) -> None:
         super().__init__(head, token_text, skip_special)
         self.logprobs = logprobs
         self.echo = echo  # per prompt: its text when echoed, else ""
+        self.prompts = prompts  # token ids: an echoed prompt's logprobs start with its first token
         self.shape = {"logprobs": logprobs, "echo": echo}
         self._offsets: dict[int, int] = {}  # per started choice: characters sent before its next token
 
@@ -213,7 +214,7 @@ class CompletionReply(Reply):
             prefix = self.echo[c.prompt_index]
             logprobs = None
             if self.logprobs is not None:
-                logprobs, _ = self._logprobs(c.logprobs, len(prefix))
+                logprobs, _ = self._logprobs(c, c.logprobs, len(prefix), echoing=True)
             choices.append({"index": c.index, "text": prefix + c.text, "logprobs": logprobs,
                             "finish_reason": c.finish_reason})
         return choices
@@ -221,7 +222,8 @@ class CompletionReply(Reply):
     def live(self, update: Update) -> list[dict]:
         choice = update.choice
         text = update.delta
-        if choice.index not in self._offsets:  # its first output: echo the prompt
+        echoing = choice.index not in self._offsets
+        if echoing:  # its first output: echo the prompt (with its logprobs, when asked for)
             prefix = self.echo[choice.prompt_index]
             text = prefix + text
             self._offsets[choice.index] = len(prefix)
@@ -230,7 +232,8 @@ class CompletionReply(Reply):
             return []
         logprobs = None
         if update.new_logprobs is not None:
-            logprobs, self._offsets[choice.index] = self._logprobs(update.new_logprobs, self._offsets[choice.index])
+            logprobs, self._offsets[choice.index] = self._logprobs(choice, update.new_logprobs,
+                                                                   self._offsets[choice.index], echoing)
         return [_completion_entry(choice.index, text, logprobs, finish_reason)]
 
     def aborted(self, choice: Choice) -> list[dict]:
@@ -241,7 +244,12 @@ class CompletionReply(Reply):
         for choice in choices:
             yield _completion_entry(choice["index"], choice["text"], choice["logprobs"], choice["finish_reason"])
 
-    def _logprobs(self, logprobs: list, offset: int) -> tuple[dict, int]:
+    def _logprobs(self, choice: Choice, logprobs: list, offset: int, echoing: bool) -> tuple[dict, int]:
+        """The `logprobs` of these records of `choice`, from character `offset` of its text (the
+        echoed prompt's first where this part echoes it and they were computed), and the offset after."""
+        if echoing and choice.prompt_logprobs is not None:
+            return echoed_completion_logprobs(self.token_text, self.prompts[choice.prompt_index], choice.prompt_logprobs,
+                                              logprobs, self.logprobs, self.skip_special, offset)
         return completion_logprobs(self.token_text, logprobs, self.logprobs, self.skip_special, offset)
 
 

@@ -23,6 +23,7 @@ class Choice:
     prompt_index: int
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None  # when asked for (complete with the choice's first output)
     text: str = ""
     finish_reason: str | None = None  # None until it finishes ("abort" is never set here)
     metrics: RequestMetrics | None = None  # the engine's, as of the latest output
@@ -133,6 +134,8 @@ class Run:
         first = choice.last_output_time is None
         gap = None if first else now - choice.last_output_time
         choice.last_output_time = now
+        if first and output.prompt_logprobs is not None:
+            choice.prompt_logprobs = list(output.prompt_logprobs)
         start = len(choice.token_ids)
         choice.token_ids.extend(output.new_token_ids)
         new_logprobs = None

@@ -5,8 +5,8 @@ so `SamplingParams` applies its own rules to it; adding such a field to the prot
 change. The structured-output fields come from `response_format`/`structured_outputs`/`tools`
 (`structured.py`), passed in as `constraint`. Three fields are worked out here: `max_tokens` (the
 server's default when the client sets none, fitted to the context window, and the server's cap),
-`min_tokens` (clamped to a max_tokens the client did not choose) and `logprobs` (each endpoint says
-how many it asked for). What depends on the model is checked with the engine's
+`min_tokens` (clamped to a max_tokens the client did not choose), `logprobs` and `prompt_logprobs`
+(each endpoint says how many it asked for). What depends on the model is checked with the engine's
 `EngineLimits` before the request is admitted: a request the engine would refuse never waits in
 the queue.
 """
@@ -21,7 +21,8 @@ from quill.server.protocol import SamplingFields
 
 SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
 # Worked out from other fields: by this function, or (the constraint) by the endpoint's structured.py.
-DERIVED = frozenset({"max_tokens", "min_tokens", "logprobs", "json_schema", "json_object", "regex", "choice", "grammar"})
+DERIVED = frozenset({"max_tokens", "min_tokens", "logprobs", "prompt_logprobs", "json_schema", "json_object", "regex",
+                     "choice", "grammar"})
 
 
 def default_max_tokens(config: ServerConfig) -> int:
@@ -48,7 +49,8 @@ def sampling_params(body: SamplingFields, prompts: list[list[int]], limits: Engi
         min_tokens = min(min_tokens, max_tokens)
     passed = {name: value for name in SAMPLING_FIELDS - DERIVED
               if (value := getattr(body, name, None)) is not None}
-    params = SamplingParams(**passed, **(constraint or {}), max_tokens=max_tokens, min_tokens=min_tokens, logprobs=body.requested_logprobs())
+    params = SamplingParams(**passed, **(constraint or {}), max_tokens=max_tokens, min_tokens=min_tokens,
+                            logprobs=body.requested_logprobs(), prompt_logprobs=body.requested_prompt_logprobs())
     for prompt_ids in prompts:
         limits.check_request(prompt_ids, params)
     return params

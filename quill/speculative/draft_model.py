@@ -9,6 +9,7 @@ times one token at a time, all requests batched together.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -65,7 +66,7 @@ class DraftModelDrafter:
             if not active:
                 break
             mirrors = [m for _, m in active]
-            _, logits = self.runner.execute(mirrors, num_new if step == 0 else [1] * len(mirrors))
+            logits = self.runner.execute(mirrors, num_new if step == 0 else [1] * len(mirrors)).logits
             for mirror in mirrors:
                 mirror.num_computed_tokens = mirror.num_tokens
             for (i, mirror), token, row in zip(active, *self._draw(logits, mirrors)):
@@ -88,7 +89,10 @@ class DraftModelDrafter:
         still valid."""
         mirror = self._mirrors.get(request.request_id)
         if mirror is None:
-            mirror = Request(request.request_id, request.prompt_token_ids, request.params, request.generator)
+            params = request.params  # the draft scores no prompt: that is the target's answer
+            if params.prompt_logprobs is not None:
+                params = dataclasses.replace(params, prompt_logprobs=None)
+            mirror = Request(request.request_id, request.prompt_token_ids, params, request.generator)
             self._mirrors[request.request_id] = mirror
         valid = self._num_synced.get(request.request_id, 0)
         limit = min(mirror.num_computed_tokens, request.num_tokens - 1)
