@@ -30,7 +30,7 @@ from quill.engine.request import Request, RequestStatus
 from quill.engine.batch import StepChannel
 from quill.engine.runner import ModelRunner, int8_activations_for, kv_bytes_per_token, kv_cache_dtype
 from quill.engine.sampler import TokenLogprob, sample
-from quill.engine.scheduler import Scheduler
+from quill.engine.scheduler import ScheduledBatch, Scheduler
 from quill.errors import InvalidRequestError, StructuredOutputError
 from quill.outputs import RequestOutput
 from quill.sampling_params import SamplingParams
@@ -202,11 +202,23 @@ class Engine:
             return []
         # Masks are filled on a worker while the model runs (see quill/structured/decoding.py).
         mask_job = self.structured.start(batch.requests, batch.num_new_tokens) if self.structured else None
-        step = self.runner.execute(batch.requests, batch.num_new_tokens)
-        for request, records in step.prompt_logprobs:
-            request.prompt_logprobs.extend(records)
-        to_sample, logits = step.to_sample, step.logits
+        forward = self.runner.execute(batch.requests, batch.num_new_tokens)
         now = time.perf_counter()
+        num_prefill = self._record_computed(batch, forward.prompt_logprobs)
+        to_sample = forward.to_sample
+        outputs = [self._append_tokens(request, tokens, logprobs, now) for request, (tokens, logprobs)
+                   in zip(to_sample, self._sample(to_sample, forward.logits, mask_job))]
+        if self.speculator is not None:
+            self.speculator.propose([r for r in to_sample if r.status is RequestStatus.RUNNING],
+                                    self.structured.draft_prefix if self.structured else None)
+        self._account_step_time(time.perf_counter() - started, num_prefill, batch.total_tokens)
+        return outputs
+
+    def _record_computed(self, batch: ScheduledBatch, scored: list[tuple[Request, list[TokenLogprob]]]) -> int:
+        """Mark the step's tokens computed (their full blocks cached) and keep the prompt tokens it
+        scored; returns how many of its tokens were prompt tokens."""
+        for request, records in scored:
+            request.prompt_logprobs.extend(records)
         num_prefill = 0
         for request, num_new in zip(batch.requests, batch.num_new_tokens):
             request.num_computed_tokens += num_new - len(request.draft_token_ids)  # drafts count once accepted
@@ -214,13 +226,7 @@ class Engine:
             if request.num_computed_tokens <= request.num_prompt_tokens:
                 num_prefill += num_new
         self._num_prompt_tokens += num_prefill
-        outputs = [self._append_tokens(request, tokens, logprobs, now)
-                   for request, (tokens, logprobs) in zip(to_sample, self._sample(to_sample, logits, mask_job))]
-        if self.speculator is not None:
-            self.speculator.propose([r for r in to_sample if r.status is RequestStatus.RUNNING],
-                                    self.structured.draft_prefix if self.structured else None)
-        self._account_step_time(time.perf_counter() - started, num_prefill, batch.total_tokens)
-        return outputs
+        return num_prefill
 
     def _account_step_time(self, seconds: float, num_prefill: int, num_tokens: int) -> None:
         """Split a step's time between prefill and decode in proportion to their rows: every row
