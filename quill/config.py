@@ -123,7 +123,7 @@ class EngineConfig:
 
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise InvalidRequestError(f"unsupported dtype {self.dtype!r}; use float32 or bfloat16")
+            raise InvalidRequestError(f"unsupported dtype {self.dtype!r}; use float32, bfloat16 or float16")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise InvalidRequestError(f"unsupported kv_cache_dtype {self.kv_cache_dtype!r}; "
                                       f"use one of {', '.join(KV_CACHE_DTYPES)}")

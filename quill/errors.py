@@ -69,3 +69,14 @@ class StructuredOutputError(InvalidRequestError):
 
     def __init__(self, message: str, *, param: str, code: str | None = None) -> None:
         super().__init__(message, param=param, code=code)
+
+
+def check_unicode(text: str, param: str | None = None) -> str:
+    """`text`, if all of it can be written as UTF-8. A lone surrogate (JSON's "\\ud800", or a byte
+    a shell could not decode, as Python hands it on) cannot: no tokenizer, log or client takes one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"The text has a lone surrogate (U+{ord(text[exc.start]):04X}) at character "
+                                  f"{exc.start}, which is not valid Unicode.", param=param, code="invalid_value") from None
+    return text

@@ -114,7 +114,8 @@ class LLM:
         return self.stream(self._chat_prompt(messages, chat_template, tools), params)
 
     def _chat_prompt(self, messages: Messages, chat_template: str | None, tools: list[dict] | None) -> list[int]:
-        return self.tokenizer.encode_chat(messages, chat_template=chat_template or self.chat_template, tools=tools)
+        template = self.chat_template if chat_template is None else chat_template  # "" is a template, if an odd one
+        return self.tokenizer.encode_chat(messages, chat_template=template, tools=tools)
 
     def _run_to_completion(self, request_ids: list[str]) -> list[RequestOutput]:
         """Step until every request is done. With n > 1, a request's n outputs come in index order."""

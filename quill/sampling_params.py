@@ -7,6 +7,7 @@ What depends on the model (token ids within the vocabulary, the context window) 
 `quill.engine.limits.EngineLimits`'."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,8 +117,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.stop = _as_list(self.stop, "stop", "a string or a list of strings")
+        self.stop_token_ids = _as_list(self.stop_token_ids, "stop_token_ids", "a list of non-negative integers")
         self.logit_bias = _parse_logit_bias(self.logit_bias)
         self._check()
         if self.top_k == -1:
@@ -175,8 +176,19 @@ def _error(message: str, param: str) -> InvalidRequestError:
     return InvalidRequestError(message, param=param, code="invalid_value")
 
 
+def _as_list(value, name: str, rule: str) -> list:
+    """A list or tuple field as a list (None: empty), or the field's error."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise _invalid(name, rule, value)
+    return list(value)
+
+
 def _parse_logit_bias(bias) -> dict[int, float]:
     """Token ids (JSON object keys are strings) -> biases in [-100, 100]."""
+    if bias is not None and not isinstance(bias, Mapping):
+        raise _invalid("logit_bias", "an object of token id -> bias", bias)
     parsed = {}
     for key, value in (bias or {}).items():
         try:

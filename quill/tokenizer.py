@@ -29,7 +29,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from quill.errors import ChatTemplateError, ModelLoadError, UnsupportedModelError
+from quill.errors import ChatTemplateError, ModelLoadError, UnsupportedModelError, check_unicode
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special tokens written in the text (`<|im_start|>`) become single ids."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            check_unicode(text, "prompt")  # the usual cause, said plainly: a lone surrogate
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -105,6 +105,22 @@ def server_url(tiny_model_dir):
         yield server.url
 
 
+def test_a_repeated_bench_is_never_answered_from_the_response_cache(server_url, capsys):
+    """The workload is the same every run and greedy: without `Cache-Control: no-store` the second
+    run would measure Quill's response cache, not its engine."""
+    argv = ["bench", "--url", server_url, "--concurrency", "2", "--num-requests", "2", "--max-tokens", "3",
+            "--prompt-words", "4"]
+    assert cli.main(argv) == 0 and cli.main(argv) == 0
+    metrics = httpx.get(f"{server_url}/metrics").text
+    hits = [line for line in metrics.splitlines() if line.startswith("quill:response_cache_hits_total")]
+    assert hits and all(float(line.split()[-1]) == 0 for line in hits), hits
+
+
+def test_bench_reports_a_server_it_cannot_reach_in_one_line(capsys):
+    assert cli.main(["bench", "--url", "http://127.0.0.1:9", "--concurrency", "1", "--num-requests", "1"]) == 2
+    assert "cannot list the models of http://127.0.0.1:9" in capsys.readouterr().err
+
+
 def test_bench_against_a_live_server_writes_report_and_plots(server_url, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["bench", "--url", server_url, "--concurrency", "1,3", "--num-requests", "3", "--max-tokens", "5",

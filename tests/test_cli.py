@@ -182,6 +182,17 @@ def test_invalid_sampling_value_exits_2(fake_llm, capsys):
 def test_unreadable_chat_template_exits_2(capsys, tmp_path):
     assert cli.main(["run", "m", "hi", "--chat-template", str(tmp_path / "missing.jinja")]) == 2
     assert "error: cannot read chat template" in capsys.readouterr().err
+    (tmp_path / "binary.jinja").write_bytes(b"\xff\xfe{{ x }}")
+    assert cli.main(["run", "m", "hi", "--chat-template", str(tmp_path / "binary.jinja")]) == 2
+    assert "error: cannot read chat template" in capsys.readouterr().err
+
+
+def test_an_empty_chat_template_is_refused_rather_than_replaced_by_the_models(fake_llm, capsys, tmp_path):
+    (tmp_path / "empty.jinja").write_text("  \n")
+    for command in (["run", "m", "hi"], ["chat", "m"]):
+        assert cli.main([*command, "--chat-template", str(tmp_path / "empty.jinja")]) == 2
+        assert "is empty" in capsys.readouterr().err
+    assert fake_llm.calls == []
 
 
 def test_chat_keeps_history_and_resets(fake_llm, monkeypatch, capsys):
@@ -198,6 +209,16 @@ def test_chat_keeps_history_and_resets(fake_llm, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert captured.out == "Hello, world\n" * 3
     assert captured.err.count("TTFT") == 3 and "conversation cleared" in captured.err
+
+
+def test_chat_commands_never_reach_the_model(fake_llm, monkeypatch, capsys):
+    """A mistyped command is reported, not sent; // sends a message that starts with /."""
+    lines = iter(["/rest", "/RESET", "//etc is a folder", "/EXIT", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    assert cli.main(["chat", "smollm2"]) == 0
+    assert [messages for _, messages, _ in fake_llm.calls] == [[{"role": "user", "content": "/etc is a folder"}]]
+    err = capsys.readouterr().err
+    assert "unknown command '/rest'" in err and "conversation cleared" in err
 
 
 def test_chat_ends_on_eof(fake_llm, monkeypatch):
@@ -239,3 +260,12 @@ def test_batching_limits_must_be_positive(flag, capsys):
         cli.build_parser().parse_args(["serve", "smollm2", flag, "0"])
     assert info.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [("--port", "70000"), ("--max-queue", "0"), ("--shutdown-grace", "-1"),
+                                           ("--stream-idle-timeout", "-1"), ("--request-timeout", "0"),
+                                           ("--hourly-cost", "-1"), ("--response-cache-entries", "0")])
+def test_serve_refuses_bad_limits_before_loading_the_model(monkeypatch, capsys, option, value):
+    monkeypatch.setattr(common, "load_llm", lambda args: pytest.fail("the model was loaded"))
+    assert cli.main(["serve", "m", option, value]) == 2
+    assert f"error: {option} must be" in capsys.readouterr().err

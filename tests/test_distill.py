@@ -131,12 +131,17 @@ def test_different_tokenizers_are_refused(tiny_model_with_tokenizer, tmp_path):
                 FAST, token_sequences=BATCH, progress=False)
 
 
-def test_different_vocabularies_are_refused(tiny_model_dir, tmp_path):
+def test_different_vocabularies_are_refused_before_anything_is_written(tiny_model_dir, tmp_path):
+    """A GGUF student is first written out as a float directory: not before the refusal."""
     import tiny_models
+    from quill.optimize.quantize import quantize_checkpoint
 
     other = tiny_models.build_llama(tmp_path / "bigger", vocab_size=384)
+    quantize_checkpoint(other, tmp_path / "bigger.gguf", "f32", with_tokenizer=False, progress=False)
     with pytest.raises(DistillError, match="different vocabularies"):
-        distill(tiny_model_dir("llama"), other, tmp_path / "o", FAST, token_sequences=BATCH, progress=False)
+        distill(tiny_model_dir("llama"), tmp_path / "bigger.gguf", tmp_path / "o", FAST, token_sequences=BATCH,
+                progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("change, message", [

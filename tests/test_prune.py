@@ -313,3 +313,13 @@ def test_prune_command_reports_bad_options(tiny_model_with_tokenizer, tmp_path, 
                  "--mlp-keep", "0"]) == 2
     assert "--mlp-keep must be a fraction" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tiny_model_dir, tmp_path):
+    from quill.optimize.prune import prune_checkpoint
+
+    (tmp_path / "taken.gguf").mkdir()
+    (tmp_path / "a_file").write_text("")  # where a Hugging Face directory would go
+    for output in (tmp_path / "missing" / "out.gguf", tmp_path / "taken.gguf", tmp_path / "a_file"):
+        with pytest.raises(PruneError, match="cannot write the output"):
+            prune_checkpoint(tiny_model_dir("llama"), output, PruneOptions(mlp_keep=0.5), progress=False)

@@ -171,6 +171,12 @@ def test_cli_rejects_bad_options(source, tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["missing/out.gguf", "."])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(source, tmp_path, capsys, where):
+    assert main(["quantize", str(source), "-o", str(tmp_path / where), "--type", "q8_0", "-q"]) == 2
+    assert "cannot write the output" in capsys.readouterr().err and not list(tmp_path.rglob("*.partial"))
+
+
 def test_cli_rejects_an_unknown_type(source, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["quantize", str(source), "-o", str(tmp_path / "out.gguf"), "--type", "q3_k"])

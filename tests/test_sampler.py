@@ -64,7 +64,7 @@ def test_rows_use_their_own_parameters():
 @pytest.mark.parametrize("field, value", [
     ("max_tokens", -1), ("max_tokens", -5), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5),
     ("min_p", 2.0), ("top_k", -3), ("seed", "x"), ("stop", [""]), ("stop", ["s"] * 17), ("stop", ["s" * 257]),
-    ("stop_token_ids", [-1]),
+    ("stop_token_ids", [-1]), ("stop", 5), ("stop_token_ids", 5), ("logit_bias", [1, 2]),  # wrong kinds: typed too
 ])
 def test_invalid_sampling_params_raise(field, value):
     with pytest.raises(InvalidRequestError, match=field):

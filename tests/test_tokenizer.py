@@ -209,3 +209,15 @@ def test_load_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="not a valid tokenizer"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["a\ud800b", "caf\udce9"])  # JSON's escape; a byte the shell could not decode
+def test_a_lone_surrogate_is_a_clear_error_naming_the_prompt(text):
+    from quill.errors import InvalidRequestError
+
+    tokenizer = Tokenizer.from_gguf_metadata(tiny_sentencepiece_metadata())
+    with pytest.raises(InvalidRequestError, match="lone surrogate") as caught:
+        tokenizer.encode(text)
+    assert caught.value.param == "prompt"
+    with pytest.raises(InvalidRequestError, match="lone surrogate"):
+        tokenizer.encode_chat([{"role": "user", "content": text}], chat_template="{{ messages[0]['content'] }}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from quill.bench.workload import RequestSpec
+from quill.errors import QuillError
 
 
 @dataclass
@@ -42,10 +43,15 @@ class Target:
 
 
 async def fetch_model(client: httpx.AsyncClient) -> str:
-    """The first model the server lists."""
-    response = await client.get("/v1/models")
-    response.raise_for_status()
-    return response.json()["data"][0]["id"]
+    """The first model the server lists; a QuillError that says why when it lists none."""
+    try:
+        response = await client.get("/v1/models")
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+        detail = f"HTTP {exc.response.status_code}" if isinstance(exc, httpx.HTTPStatusError) else str(exc) or repr(exc)
+        raise QuillError(f"cannot list the models of {client.base_url} ({detail}); is the server up, and does it "
+                         "need --api-key? (--model names the model without asking)") from None
 
 
 def request_body(target: Target, spec: RequestSpec) -> tuple[str, dict]:

@@ -168,7 +168,9 @@ def _measure(url: str, label: str | None, sweep: Sweep) -> dict:
 async def _measure_async(url: str, label: str | None, sweep: Sweep) -> dict:
     args = sweep.args
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # Every request reaches the engine: the workload repeats from run to run, and a response cache
+    # (Quill's answers repeated greedy requests) would flatter the figures. Servers without one ignore it.
+    headers = {"Cache-Control": "no-store", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=httpx.Timeout(args.timeout, connect=30),
                                  limits=httpx.Limits(max_connections=sweep.most_in_flight + 4)) as client:
         model = args.model or await fetch_model(client)

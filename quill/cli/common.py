@@ -97,9 +97,12 @@ def read_chat_template(args: argparse.Namespace) -> str | None:
     if not args.chat_template:
         return None
     try:
-        return Path(args.chat_template).read_text(encoding="utf-8")
-    except OSError as exc:
+        text = Path(args.chat_template).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise ChatTemplateError(f"cannot read chat template {args.chat_template}: {exc}") from exc
+    if not text.strip():  # not "no template": the model's own would answer instead, unasked
+        raise ChatTemplateError(f"chat template {args.chat_template} is empty")
+    return text
 
 
 def load_llm(args: argparse.Namespace):

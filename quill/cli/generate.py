@@ -34,7 +34,8 @@ def add_commands(commands) -> None:
         parents=[common.model_options(), _chat_options(), _sampling_options()],
         help="chat interactively with a model",
         description="Multi-turn chat in the terminal. Each answer streams, then TTFT, decode speed and token "
-        "counts are shown on stderr. Type /reset to start over, /exit or Ctrl-D to quit. "
+        "counts are shown on stderr. Type /reset to start over, /exit or Ctrl-D to quit (a message that starts "
+        "with / is sent with // in front). "
         "Needs a chat template: the model's own, or --chat-template FILE.",
     )
     chat.set_defaults(func=_cmd_chat)
@@ -110,25 +111,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_HELP = "Type /reset to start over, /exit or Ctrl-D to quit; start a message with // to send one beginning with /."
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     params = _sampling_params(args)
     template = common.read_chat_template(args)
     llm = common.load_llm(args)
     _require_chat_template(llm, template, args.model)
     messages = _system_messages(args)
-    print("Type /reset to start over, /exit or Ctrl-D to quit.", file=sys.stderr)
+    print(CHAT_HELP, file=sys.stderr)
     while True:
         try:
             text = input(">>> ").strip()
         except EOFError:
             print(file=sys.stderr)
             return 0
-        if text == "/exit":
+        command = text.lower() if text.startswith("/") and not text.startswith("//") else None
+        if command == "/exit":
             return 0
-        if text == "/reset":
+        if command == "/reset":
             messages = _system_messages(args)
             print(common.dim("(conversation cleared)"), file=sys.stderr)
             continue
+        if command is not None:  # a typo must not reach the model as a message
+            print(f"unknown command {text.split()[0]!r}. {CHAT_HELP}", file=sys.stderr)
+            continue
+        text = text[1:] if text.startswith("//") else text
         if not text:
             continue
         messages.append({"role": "user", "content": text})

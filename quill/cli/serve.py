@@ -16,7 +16,8 @@ def add_commands(commands) -> None:
         parents=[common.model_options()],
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over HTTP with the OpenAI API (/v1/chat/completions, /v1/completions, "
-        "/v1/models) plus /tokenize, /detokenize, /health, /version and /metrics, and a chat page at / (--no-ui "
+        "/v1/responses, /v1/models) plus /v1/usage, /tokenize, /detokenize, /health, /version and /metrics, and a "
+        "chat page at / (--no-ui "
         "turns it off). SIGTERM or Ctrl-C stops "
         "accepting requests and gives in-flight ones --shutdown-grace seconds. One JSON line per request is "
         "logged to stderr. Repeated deterministic requests (temperature 0, or a seed) are answered from a "
@@ -123,6 +124,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     for name in ("max_tokens_cap", "default_max_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InvalidRequestError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.shutdown_grace < 0:
+        raise InvalidRequestError(f"--shutdown-grace must be >= 0, got {args.shutdown_grace}")
     if args.stream_idle_timeout < 0:
         raise InvalidRequestError(f"--stream-idle-timeout must be >= 0, got {args.stream_idle_timeout}")
     if args.request_timeout is not None and args.request_timeout <= 0:

@@ -191,14 +191,14 @@ def check_same_tokenizer(teacher: Path, student: Path, teacher_config: ModelConf
         raise DistillError(f"teacher {teacher} and student {student} use different tokenizers")
 
 
-def _training_student(student: Path, work: Path, device: torch.device):
-    """transformers' module for the student, and its config (a GGUF or quantized student goes
-    through a float Hugging Face directory under `work` first)."""
+def _training_student(checkpoint, student: Path, work: Path, device: torch.device):
+    """transformers' module for the student (its `checkpoint`, loaded from `student`), and its
+    config and directory (a GGUF or quantized student goes through a float Hugging Face directory
+    under `work` first)."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise DistillError("quill distill trains with transformers: pip install 'quill[train]'") from None
-    checkpoint = load_checkpoint(student, torch.float32)
     if checkpoint.config.output_token_ids:
         raise DistillError("the student's output vocabulary is trimmed; distil first, then --trim-vocab")
     if checkpoint.format != "safetensors":
@@ -223,8 +223,10 @@ def distill(teacher: str | Path, student: str | Path, output: str | Path, option
     teacher_path, student_path, output = resolve_model(teacher), resolve_model(student), Path(output)
     teacher_config = load_checkpoint(teacher_path, keep_quantized=True).config
     device = _training_device(options.device)
-    model, student_config, student_path = _training_student(student_path, output, device)
-    check_same_tokenizer(teacher_path, student_path, teacher_config, student_config)
+    student_checkpoint = load_checkpoint(student_path, torch.float32)
+    # before anything is written: a student of another vocabulary must not leave a float copy behind
+    check_same_tokenizer(teacher_path, student_path, teacher_config, student_checkpoint.config)
+    model, student_config, student_path = _training_student(student_checkpoint, student_path, output, device)
     if token_sequences is None:
         token_sequences = _training_sequences(teacher_path, options, data, generate)
     cache = Path(cache or output / "checkpoint" / "teacher-topk.safetensors")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from quill.errors import InvalidRequestError
 from quill.models.loader import load_model
 from quill.optimize.evaluate import corpus_path, scoring_runner
+from quill.paths import written_whole
 from quill.tokenizer import Tokenizer
 
 
@@ -108,10 +109,9 @@ def teacher_targets(teacher: str | Path, tokens: torch.Tensor, k: int, cache: Pa
         ids.append(top.indices)
     targets = TeacherTargets(tokens, torch.stack(values), torch.stack(ids))
     cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache.with_name(cache.name + ".partial")  # renamed when whole: an interrupted write leaves no cache
-    save_file({"tokens": tokens.contiguous(), "top_logits": targets.top_logits.contiguous(),
-               "top_ids": targets.top_ids.to(torch.int32).contiguous()}, str(partial), metadata={"key": key})
-    partial.replace(cache)
+    with written_whole(cache) as partial:  # an interrupted write leaves no cache
+        save_file({"tokens": tokens.contiguous(), "top_logits": targets.top_logits.contiguous(),
+                   "top_ids": targets.top_ids.to(torch.int32).contiguous()}, str(partial), metadata={"key": key})
     return targets
 
 

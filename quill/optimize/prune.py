@@ -46,6 +46,7 @@ from quill.optimize.calibrate import (DEFAULT_CALIBRATION_TOKENS, LOSS_RANKING_T
                                       layers_to_drop_by_loss, measure)
 from quill.optimize.gguf_tokenizer import checkpoint_tokenizer
 from quill.optimize.hf_export import save_hf_directory
+from quill.paths import unwritable_reason, written_whole
 from quill.tokenizer import Tokenizer, load_tokenizer
 from quill.weights.checkpoint import Checkpoint
 from quill.weights.gguf_export import write_gguf
@@ -373,6 +374,10 @@ def prune_checkpoint(source: str | Path, output: str | Path, options: PruneOptio
     path, output = resolve_model(source), Path(output)
     if output.resolve() == path.resolve():
         raise PruneError("the output would overwrite the source checkpoint")
+    reason = unwritable_reason(output) if output.suffix == ".gguf" else (
+        f"{output} is a file, not a directory" if output.exists() and not output.is_dir() else None)
+    if reason is not None:
+        raise PruneError(f"cannot write the output: {reason}")
     checkpoint = load_checkpoint(path, torch.float32)
     check_options(options, checkpoint.config)
     tokenizer = load_tokenizer(path)
@@ -399,12 +404,8 @@ def generation_tokens(tokenizer: Tokenizer) -> frozenset[int]:
 def save_checkpoint(output: Path, config: ModelConfig, tensors: dict, source: Checkpoint) -> None:
     """A Hugging Face directory, or a float32 GGUF file (with the source's tokenizer) for a .gguf path."""
     if output.suffix == ".gguf":
-        partial = output.with_name(output.name + ".partial")
-        try:
+        with written_whole(output) as partial:
             write_gguf(partial, FAMILIES.named(config.architecture), config, tensors,
                        checkpoint_tokenizer(source).metadata)
-            partial.replace(output)
-        finally:
-            partial.unlink(missing_ok=True)
     else:
         save_hf_directory(output, config, tensors, source.path)

@@ -37,6 +37,7 @@ from quill.layers.quantized import INT4_GROUP_SIZES, quantize_per_channel_int8
 from quill.models.loader import load_checkpoint
 from quill.models.registry import FAMILIES
 from quill.optimize import EMBEDDING_TYPES, FLOAT_TYPES, QUANT_TYPES
+from quill.paths import unwritable_reason, written_whole
 from quill.weights.gguf import read_gguf_tensor_types
 from quill.weights.gguf_export import write_gguf
 from quill.optimize.gguf_tokenizer import checkpoint_tokenizer
@@ -151,13 +152,9 @@ def quantize_checkpoint(source: str | Path, output: str | Path, qtype: str, *, g
     with tqdm(total=len(checkpoint.tensors), unit="tensor", desc=f"quantizing to {qtype}", disable=not progress,
               leave=False) as bar:
         policy = _TensorPolicy(qtype, group_size, embeddings, bar)
-        partial = output.with_name(output.name + ".partial")  # a crash must not leave a plausible file
-        try:
+        with written_whole(output) as partial:
             write_gguf(partial, FAMILIES.named(checkpoint.config.architecture), checkpoint.config, checkpoint.tensors,
                        tokenizer_metadata, tensor_type=policy)
-            partial.replace(output)
-        finally:
-            partial.unlink(missing_ok=True)
     return QuantizeSummary(source, output, _size(source), output.stat().st_size, tokenizer is not None,
                            policy.tensor_types, policy.fallbacks, tokenizer.notes if tokenizer else [])
 
@@ -178,11 +175,13 @@ def _check_options(source: Path, output: Path, qtype: str, group_size: int | Non
     group_size = group_size or 32
     if group_size not in INT4_GROUP_SIZES:
         raise QuantizationError(f"int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))} "
-                                f"(what PyTorch's int4 kernel takes), got {group_size}")
+                                f"(what every int4 path takes, PyTorch's fallback kernel included), got {group_size}")
     if not source.exists():
         raise QuantizationError(f"source checkpoint does not exist: {source}")
     if output.resolve() == source.resolve():
         raise QuantizationError("the output would overwrite the source checkpoint")
+    if (reason := unwritable_reason(output)) is not None:
+        raise QuantizationError(f"cannot write the output: {reason}")
     if source.is_file():
         quantized = sorted({t for t in read_gguf_tensor_types(source).values() if t not in _FLOAT_TYPES})
         if quantized and not allow_requantize:

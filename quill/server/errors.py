@@ -61,7 +61,8 @@ def shutting_down() -> APIError:
 def deadline_exceeded(seconds: float) -> APIError:
     """A request that ran past the server's `request_timeout`."""
     return APIError(504, f"The request did not finish within the server's deadline of {seconds:g} seconds "
-                         "(--request-timeout). Ask for fewer tokens, or stream the answer.",
+                         "(--request-timeout). Ask for fewer tokens; a streamed answer shows those that came "
+                         "before the deadline.",
                     type="timeout", code="request_timeout")
 
 

@@ -30,7 +30,7 @@ class Prompts:
 
     @property
     def chat_template(self) -> str | None:
-        return self.config.chat_template or self.default_chat_template
+        return self.default_chat_template if self.config.chat_template is None else self.config.chat_template
 
     async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                           tools: list[dict] | None = None) -> list[int]:

@@ -20,7 +20,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from quill.errors import InvalidRequestError
+from quill.errors import InvalidRequestError, check_unicode
 from quill.sampling_params import BOUNDS
 
 
@@ -34,17 +34,7 @@ def bounded(name: str, **field) -> Any:
     return Field(**field, json_schema_extra=schema)
 
 
-def _valid_unicode(text: str) -> str:
-    """JSON may escape a lone surrogate (\\ud800); no tokenizer, log or client can take one."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequestError(f"The text has a lone surrogate (U+{ord(text[exc.start]):04X}) at character "
-                                  f"{exc.start}, which is not valid Unicode.", code="invalid_value") from None
-    return text
-
-
-Text = Annotated[str, AfterValidator(_valid_unicode)]  # every string a request carries
+Text = Annotated[str, AfterValidator(check_unicode)]  # every string a request carries (JSON may escape \ud800)
 MAX_TOKENS_HELP = "defaults to the server's default_max_tokens (see /v1/models), at most the rest of the context window"
 
 
