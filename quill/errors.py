@@ -67,6 +67,8 @@ class StructuredOutputError(InvalidRequestError):
     """A structured-output constraint (JSON schema, regex, choice, grammar, tools) is invalid or
     uses a feature the grammar matcher does not support. `param` names the field at fault."""
 
+    code = "invalid_value"
+
     def __init__(self, message: str, *, param: str, code: str | None = None) -> None:
         super().__init__(message, param=param, code=code)
 

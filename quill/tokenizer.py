@@ -499,6 +499,13 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
+def check_chat_template(source: str) -> str:
+    """`source`, if it compiles as a chat template: a syntax error is the server's configuration to
+    fix, said at start-up, not a fault of each client's messages later."""
+    _compile_template(source)
+    return source
+
+
 @lru_cache(maxsize=32)
 def _compile_template(source: str) -> jinja2.Template:
     # Same environment as transformers' apply_chat_template, so templates render identically.

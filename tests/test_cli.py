@@ -185,6 +185,9 @@ def test_unreadable_chat_template_exits_2(capsys, tmp_path):
     (tmp_path / "binary.jinja").write_bytes(b"\xff\xfe{{ x }}")
     assert cli.main(["run", "m", "hi", "--chat-template", str(tmp_path / "binary.jinja")]) == 2
     assert "error: cannot read chat template" in capsys.readouterr().err
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content }")  # said before serving, not per request
+    assert cli.main(["serve", "m", "--chat-template", str(tmp_path / "broken.jinja")]) == 2
+    assert "is not valid Jinja2 (line 1)" in capsys.readouterr().err
 
 
 def test_an_empty_chat_template_is_refused_rather_than_replaced_by_the_models(fake_llm, capsys, tmp_path):

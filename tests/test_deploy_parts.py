@@ -231,6 +231,11 @@ def test_replica_options_without_replicas_are_refused(capsys):
     assert "give one of them" in capsys.readouterr().err
     assert main(["serve", "m", "--replicas", "2", "--min-replicas", "1"]) != 0
     assert "need --max-replicas" in capsys.readouterr().err
+    assert main(["serve", "m", "--min-replicas", "2"]) != 0
+    assert "add --max-replicas N" in capsys.readouterr().err
+    assert main(["serve", "m", "--max-replicas", "1", "--min-replicas", "2"]) != 0  # pydantic's rule, in one line
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid replica options: ") and err.count("\n") == 1 and "pydantic.dev" not in err
 
 
 def test_replica_options_become_cluster_settings():

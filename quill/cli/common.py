@@ -102,7 +102,12 @@ def read_chat_template(args: argparse.Namespace) -> str | None:
         raise ChatTemplateError(f"cannot read chat template {args.chat_template}: {exc}") from exc
     if not text.strip():  # not "no template": the model's own would answer instead, unasked
         raise ChatTemplateError(f"chat template {args.chat_template} is empty")
-    return text
+    from quill.tokenizer import check_chat_template
+
+    try:
+        return check_chat_template(text)
+    except ChatTemplateError as exc:
+        raise ChatTemplateError(f"chat template {args.chat_template}: {exc}") from None
 
 
 def load_llm(args: argparse.Namespace):

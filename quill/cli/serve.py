@@ -193,7 +193,10 @@ def replicated(args: argparse.Namespace) -> bool:
         return True
     given = [f"--{name.replace('_', '-')}" for name in _REPLICA_OPTIONS if getattr(args, name) is not None]
     if given:
-        raise InvalidRequestError(f"{', '.join(given)} only apply to replicas: add --replicas N (or --max-replicas N)")
+        autoscaling_only = {"--min-replicas", "--target-ongoing-requests"}.issuperset(given)
+        raise InvalidRequestError(f"{', '.join(given)} only apply to replicas: add "
+                                  + ("--max-replicas N (they set how replicas autoscale)" if autoscaling_only
+                                     else "--replicas N (or --max-replicas N)"))
     return False
 
 
@@ -227,6 +230,8 @@ def cluster_settings(args: argparse.Namespace, config):
     try:
         return ClusterSettings(model=args.model, engine=common.llm_options(args), server=config, replicas=args.replicas or 1,
                                autoscaling=autoscaling, routing={"policy": args.routing or "prefix"}, **given)
-    except ValidationError as exc:
-        raise InvalidRequestError(f"invalid replica options: {exc}") from None
+    except ValidationError as exc:  # the first problem, in one line (pydantic's text adds a URL per error)
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidRequestError(f"invalid replica options: {where}: {first['msg']}") from None
 

@@ -143,15 +143,21 @@ def validation_error(errors: Sequence[dict]) -> APIError:
     if kind == "missing" and param is None:
         return APIError(400, "The request body is missing: send a JSON object.")
     message = error.get("msg", "invalid value")
-    if param == "prompt" and len(loc) > 1:  # no branch of the union matched: say what is accepted
-        return APIError(400, "Invalid 'prompt': expected a string, a list of strings, a list of token ids "
-                             "or a list of lists of token ids, none of them empty.",
-                        param="prompt", code="invalid_value")
+    if param in _UNIONS and len(loc) > 1:  # no branch of the union matched: say what is accepted
+        return APIError(400, f"Invalid '{param}': expected {_UNIONS[param]}.", param=param, code="invalid_value")
     if param is None:
         return APIError(400, f"Invalid request body: {message}")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     code = "missing_required_parameter" if kind == "missing" else "invalid_value"
     return APIError(400, f"Invalid '{param}': {message}.{more}", param=param, code=code)
+
+
+# Fields that take one of several shapes: when none matches, what they accept (pydantic would list
+# each branch's complaint: "Input should be a valid string (and 1 more problems)").
+_UNIONS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids, none of them empty",
+    "input": "a string, or a non-empty list of input items",
+}
 
 
 def _param(loc: list) -> str | None:
