@@ -142,10 +142,28 @@ def test_malformed_messages(tiny, messages):
 
 def test_tool_call_message_without_content_is_accepted(tiny):
     call = {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    messages = [{"role": "assistant", "content": None, "tool_calls": [call]}]
+    messages = [{"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "1", "content": "42"}]
     # A template with tool support sees no content (templates without get quill.structured.tool_messages' fallback).
     template = "{% if tools %}{% endif %}{% for m in messages %}{{ m.content is defined }}{% endfor %}"
-    assert tiny.apply_chat_template(messages, chat_template=template) == "False"
+    assert tiny.apply_chat_template(messages, chat_template=template) == "FalseTrue"
+
+
+@pytest.mark.parametrize("messages, fault", [
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "zzz", "content": "x"}],
+     "result of tool call 'zzz', which the assistant message before it did not make"),
+    ([{"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                                           {"id": "b", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "a", "content": "1"}, {"role": "user", "content": "and?"}],
+     "the tool calls of message 0 have no results before message 2: 'b'"),
+    ([{"role": "user", "content": "hi"},
+      {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
+     "the tool calls of message 1 have no results: 'a'"),
+])
+def test_tool_results_must_answer_the_calls_before_them(tiny, messages, fault):
+    """OpenAI's rule: otherwise the model would see a conversation that never happened."""
+    with pytest.raises(ChatTemplateError, match=fault):
+        tiny.apply_chat_template(messages, chat_template="{% for m in messages %}{{ m.role }}{% endfor %}")
 
 
 def test_extra_template_variables(tiny):

@@ -314,6 +314,7 @@ def _without_deltas(events: list[dict]) -> list[str]:
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
     ({"input": [{"role": "user", "content": 3}]}, "input[0].content"),
     ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+    ({"input": [{"type": "function_call_output", "call_id": "call_zzz", "output": "x"}]}, "input"),  # answers no call
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x" * 5000}, "input"),

@@ -40,13 +40,39 @@ def messages_for_template(messages: Sequence[Mapping[str, Any]], tools: Any,
                           chat_template: str | None) -> tuple[list[dict[str, Any]], list[dict] | None]:
     """The messages (checked dicts, see `quill.tokenizer`) and `tools` to render: see the module
     docstring. `tools` is None when the template gets the fallback prompt instead (or when there
-    are none). A malformed tool call is a ChatTemplateError naming the message."""
+    are none). A malformed tool call, or calls and results that do not pair up, is a
+    ChatTemplateError naming the message."""
     messages = [_with_parsed_arguments(i, m) for i, m in enumerate(messages)]
     uses_tools = bool(tools) or any(isinstance(m, Mapping) and (m.get("role") == "tool" or m.get("tool_calls"))
                                     for m in messages)
+    if uses_tools:
+        _check_results_answer_calls(messages)
     if not uses_tools or template_supports_tools(chat_template):
         return messages, (list(tools) if tools else None)
     return _fallback_messages(messages, check_tools(tools) if tools else []), None
+
+
+def _check_results_answer_calls(messages: list[dict[str, Any]]) -> None:
+    """OpenAI's rule: the tool messages right after an assistant's calls answer each of them, and
+    nothing else is a tool message. A result for no call, or a call left unanswered, would show the
+    model a conversation that never happened."""
+    pending: dict[str, int] = {}  # call id -> the message that made the call
+    for index, message in enumerate(messages):
+        if message.get("role") == "tool":
+            call_id = message.get("tool_call_id")
+            if call_id not in pending:
+                raise ChatTemplateError(f"message {index} is the result of tool call {call_id!r}, which the assistant "
+                                        "message before it did not make (or another result answered already)")
+            del pending[call_id]
+            continue
+        if pending:
+            raise ChatTemplateError(f"the tool calls of message {min(pending.values())} have no results before "
+                                    f"message {index}: {', '.join(map(repr, pending))}")
+        if message.get("role") == "assistant":
+            pending = {call.get("id"): index for call in message.get("tool_calls") or ()}
+    if pending:
+        raise ChatTemplateError(f"the tool calls of message {min(pending.values())} have no results: "
+                                f"{', '.join(map(repr, pending))}")
 
 
 def _with_parsed_arguments(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
