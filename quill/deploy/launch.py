@@ -11,6 +11,7 @@ after Ray has retried every replica, and the replicas load the one local file in
 pulling it. A cluster's nodes may see other paths, so there the replicas resolve it themselves."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
@@ -40,7 +41,8 @@ def serve_cluster(settings: ClusterSettings, *, host: str, port: int, ray_addres
     if local:
         settings = settings.model_copy(update={"model": str(resolve_model(settings.model))})
     _check_port_free(host, port)  # before minutes of starting replicas, not after
-    ray.init(address=ray_address, include_dashboard=False if local else None, logging_level=logging.WARNING)
+    with _sigterm_blocked_in_children() if local else contextlib.nullcontext():
+        ray.init(address=ray_address, include_dashboard=False if local else None, logging_level=logging.WARNING)
     try:
         settings.check_fits(ray.cluster_resources())
         serve.start(proxy_location="Disabled")  # this process serves HTTP
@@ -85,6 +87,21 @@ def _check_port_free(host: str, port: int) -> None:
             probe.bind((host, port))
         except OSError as exc:
             raise DeploymentStartError(f"cannot serve on {host}:{port}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def _sigterm_blocked_in_children():
+    """Start the local Ray instance with SIGTERM blocked, a mask its daemons (GCS, raylet) and the
+    replicas they start inherit. They share this process's group, so a SIGTERM sent to the group
+    (`timeout`, `kill -- -PGID`, systemd's default KillMode) stopped them before this process had
+    drained anything, and its shutdown then waited a minute for a GCS that was gone. Now the
+    signal reaches this process alone, which drains as on a SIGTERM to its own PID; Ray stops
+    its daemons with SIGKILL, and they die with this process (Ray's fate sharing) in any case."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _stop_on_signals() -> threading.Event:

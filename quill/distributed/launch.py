@@ -100,6 +100,9 @@ def _stop(processes: mp.ProcessContext | None, timeout: float) -> None:
         process.join(timeout)
         if process.is_alive():
             process.terminate()
+            process.join(10)
+        if process.is_alive():  # SIGTERM blocked (a rank started inside a Ray replica: deploy/launch.py)
+            process.kill()
             process.join()
 
 
