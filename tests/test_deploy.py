@@ -404,6 +404,34 @@ def test_quill_serve_replicas_joins_a_cluster_and_stops_on_sigterm(cluster, chat
     assert app_status() is None  # its application was deleted; the cluster it joined keeps running
 
 
+def test_a_sigterm_to_the_whole_process_group_drains_a_local_instance(chat_model):
+    """`timeout`, `kill -- -PGID` and systemd signal the group, Ray's daemons included: the stream in
+    flight still finishes, and the server exits promptly (it used to wait a minute for a dead GCS)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "quill.cli", "serve", str(chat_model), "--dtype", "float32", "--replicas", "1",
+               "--threads-per-replica", "1", "--port", str(port), "--served-model-name", MODEL]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local instance of its own
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        wait_for(lambda: process.poll() is not None or httpx.get(f"{base}/health", timeout=5).status_code == 200,
+                 180, "quill serve --replicas to start")
+        assert process.poll() is None, process.stderr.read()
+        stream = client(base).completions.create(model=MODEL, prompt="Hello", max_tokens=60, temperature=0,
+                                                 stream=True, extra_body={"ignore_eos": True})
+        first = next(iter(stream))
+        os.killpg(process.pid, signal.SIGTERM)
+        started = time.monotonic()
+        finishes = [first.choices[0].finish_reason] + [c.choices[0].finish_reason for c in stream if c.choices]
+        assert finishes[-1] == "length"  # drained, not cut
+        assert process.wait(timeout=60) == 0 and time.monotonic() - started < 45
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
 def test_quill_serve_replicas_refuses_a_missing_model_before_starting_ray():
     command = [sys.executable, "-m", "quill.cli", "serve", "/nonexistent/model.gguf", "--replicas", "2",
                "--port", str(free_port())]
