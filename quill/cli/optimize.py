@@ -26,7 +26,8 @@ def _add_quantize_command(commands) -> None:
         description="Weight-only quantization of a float checkpoint (a Hugging Face directory or an F32/F16/BF16 "
         "GGUF file) into a GGUF file. q8_0, q4_0 and q4_1 are GGML's standard block types (32 weights a block), "
         "which llama.cpp loads too; int8 (one scale per output row) and int4 (a scale and offset per group of "
-        "--group-size columns) are Quill's own format, run by its C kernels (PyTorch's where no C compiler is found). f32, f16 and bf16 "
+        "--group-size columns) are Quill's own format, run by its C kernels (PyTorch's where no C compiler is "
+        "found). f32, f16 and bf16 "
         "convert without quantizing. Norms and biases stay F32. The file carries the source's tokenizer and chat "
         "template (a Hugging Face tokenizer.json is converted as llama.cpp's converter does), so Quill and "
         "llama.cpp run it by itself; a tokenizer GGUF cannot describe is an error.",

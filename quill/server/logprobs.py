@@ -1,7 +1,8 @@
-"""Logprobs in OpenAI's two shapes: `chat_logprobs` (chat completions: token, logprob, bytes and
-top alternatives) and `completion_logprobs` (legacy completions: parallel lists with text
-offsets; `echoed_completion_logprobs` with the echoed prompt's tokens first). `TokenText` gives the bytes and text of single tokens, undoing byte-level (GPT-2) and
-SentencePiece piece encodings; impossible tokens are reported as -9999 since JSON has no infinity.
+"""Logprobs in OpenAI's two shapes: `chat_logprobs` (chat completions: token, logprob, bytes and top
+alternatives) and `completion_logprobs` (legacy completions: parallel lists with text offsets;
+`echoed_completion_logprobs` with the echoed prompt's tokens first). `TokenText` gives the bytes and
+text of single tokens, undoing byte-level (GPT-2) and SentencePiece piece encodings; impossible
+tokens are reported as -9999 since JSON has no infinity.
 """
 from __future__ import annotations
 

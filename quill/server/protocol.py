@@ -36,6 +36,8 @@ def bounded(name: str, **field) -> Any:
 
 Text = Annotated[str, AfterValidator(check_unicode)]  # every string a request carries (JSON may escape \ud800)
 MAX_TOKENS_HELP = "defaults to the server's default_max_tokens (see /v1/models), at most the rest of the context window"
+# vLLM's field, refused where chat and text completions would otherwise ignore it: the API's own way is `echo`.
+VLLM_PROMPT_LOGPROBS = "vLLM's prompt_logprobs field (a text completion with echo and logprobs scores its prompt)"
 
 
 class _Request(BaseModel):
@@ -265,7 +267,7 @@ class ChatCompletionRequest(SamplingFields):
     prompt_logprobs: Any = None
     REFUSED = {"audio": "audio output", "modalities": "output other than text", "web_search_options": "web search",
                "reasoning_effort": "reasoning effort (the models served here have no such setting)",
-               "prompt_logprobs": "vLLM's prompt_logprobs (a text completion with echo and logprobs scores its prompt)"}
+               "prompt_logprobs": VLLM_PROMPT_LOGPROBS}
 
     @field_validator("modalities", mode="before")
     @classmethod
@@ -318,8 +320,7 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
     suffix: Any = None
     prompt_logprobs: Any = None
-    REFUSED = {"suffix": "inserting text before a suffix",
-               "prompt_logprobs": "vLLM's prompt_logprobs field (echo with logprobs scores the prompt, as OpenAI's API does)"}
+    REFUSED = {"suffix": "inserting text before a suffix", "prompt_logprobs": VLLM_PROMPT_LOGPROBS}
     # Declared to be refused: a text completion has no tools (chat has).
     tools: Any = None
     tool_choice: Any = None

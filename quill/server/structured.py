@@ -10,7 +10,8 @@ the Responses API):
   the chat template is given, the grammar that `tool_choice` requires ("required" and a named
   function force a valid call, "auto" lets the model choose text or calls and makes a started call
   a valid one, "none" shows no tools and constrains nothing), and the call format the answer is
-  parsed in (`quill/structured/tools.py`, parsed by `tool_calls.py`: the template's own, else the Hermes-style fallback).
+  parsed in (formats in `quill/structured/tools.py`, the parser in `tool_calls.py`: the
+  template's own, else the Hermes-style fallback).
 - `plan_chat(...)`: both for one chat-like request (tools, tool_choice, parallel_tool_calls,
   response_format, structured_outputs, chat template): the `ToolPlan` and the constraint fields,
   with the rule that joins them (one grammar per request: tools that may be called exclude an

@@ -169,7 +169,8 @@ def _auto_grammar(tools: list[Tool], parallel: bool, tool_format: str) -> str:
         return (f"start: TEXT | {calls}\nTEXT: /[^{{](?s:.*)/\n"
                 f"call: {_json(call_schema(tools, 'parameters'))}\n")
     if tool_format == "mistral":
-        return (f"start: TEXT | head {_json(_call_array(tools, parallel))}\nhead[lazy]: TEXT_BEFORE {_lark_string(MISTRAL_OPEN)}\n"
+        return (f"start: TEXT | head {_json(_call_array(tools, parallel))}\n"
+                f"head[lazy]: TEXT_BEFORE {_lark_string(MISTRAL_OPEN)}\n"
                 f"TEXT_BEFORE: /(?s:.*)/\nTEXT: {_without(MISTRAL_OPEN)}\n")
     # Text runs until the opener (a lazy trigger); then a valid call is forced.
     calls = "call+" if parallel else "call"
